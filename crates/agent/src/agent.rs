@@ -1,0 +1,50 @@
+//! The [`Agent`] trait: what a worker role does with one task attempt.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use flotilla_llm::LlmError;
+use flotilla_protocol::{OutputError, TaskMessage, TaskOutput};
+
+/// A task attempt could not produce an output.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// A transient failure (provider down, rate limited): leave the task for
+    /// redelivery.
+    #[error("transient failure: {0}")]
+    Transient(String),
+    /// The attempt produced something unusable; the orchestrator may retry the task
+    /// with the reason.
+    #[error("unusable output: {0}")]
+    Unusable(String),
+}
+
+impl From<LlmError> for AgentError {
+    fn from(e: LlmError) -> Self {
+        match e {
+            LlmError::RateLimited { .. } | LlmError::Unavailable(_) => {
+                AgentError::Transient(e.to_string())
+            }
+            LlmError::BadResponse(_) | LlmError::Refused(_) => AgentError::Unusable(e.to_string()),
+        }
+    }
+}
+
+impl From<OutputError> for AgentError {
+    fn from(e: OutputError) -> Self {
+        AgentError::Unusable(e.to_string())
+    }
+}
+
+/// The future an [`Agent`] returns.
+pub type AgentFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<TaskOutput, AgentError>> + Send + 'a>>;
+
+/// What a worker role does with one task attempt. The runtime handles claiming,
+/// validation, commit, acks and notification; an agent only turns a task into an
+/// output. Implementations must be safe to run more than once for the same task
+/// (at-least-once delivery).
+pub trait Agent: Send + Sync {
+    /// Runs one attempt of `task`.
+    fn run<'a>(&'a self, task: &'a TaskMessage) -> AgentFuture<'a>;
+}

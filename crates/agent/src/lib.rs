@@ -1,0 +1,16 @@
+//! Flotilla agents: the [`Agent`] trait, the role-pool [`Worker`] runtime, and the
+//! built-in [`LlmAgent`].
+//!
+//! # Layout
+//! - [`agent`]: the `Agent` trait and its error.
+//! - [`llm_agent`]: an agent that asks an LLM, with structured output.
+//! - [`worker`]: the pool process: pull, claim, run, validate, commit, notify, ack;
+//!   and the shared helpers every inbox consumer uses to open and settle deliveries.
+
+pub mod agent;
+pub mod llm_agent;
+pub mod worker;
+
+pub use agent::{Agent, AgentError, AgentFuture};
+pub use llm_agent::LlmAgent;
+pub use worker::{VerdictError, Worker, open_inbox_delivery, settle};

@@ -1,0 +1,337 @@
+//! The role-pool worker runtime: pulls task attempts from the role's shared consumer,
+//! claims each by compare-and-set on its task record, runs the [`Agent`], validates and
+//! commits the output by compare-and-set, notifies the orchestrator, and only then acks.
+//!
+//! Every step is idempotent, so a crash anywhere leads to redelivery and the same final
+//! state: a redelivered attempt whose record is already committed only re-sends the
+//! (de-duplicated) notification; a holder whose claim was taken over is fenced off by
+//! the record's revision and attempt.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use flotilla_bus::{Bus, Delivery, KvError, Outgoing, PoolConsumer, PoolSettings, PublishError};
+use flotilla_protocol::subject::keys;
+use flotilla_protocol::{
+    AgentId, ErrorCode, InboxMessage, MessageId, ParsedSubject, ResultMessage, Role, TaskMessage,
+    TaskOutcome, TaskRecord, TaskRunState, TraceParent, V1, decode, epoch_ms,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::agent::{Agent, AgentError};
+
+/// What to do with a delivery after handling it.
+#[derive(Debug)]
+pub(crate) enum Verdict {
+    /// Handled (or a harmless duplicate): ack.
+    Ack,
+    /// Transient failure: redeliver after the delay.
+    Retry(Duration, String),
+    /// Poison: dead-letter with the code.
+    Poison(ErrorCode, String),
+}
+
+impl From<KvError> for Verdict {
+    fn from(e: KvError) -> Self {
+        match e {
+            KvError::Corrupt { .. } => Verdict::Poison(ErrorCode::Malformed, e.to_string()),
+            other => Verdict::Retry(Duration::from_millis(500), other.to_string()),
+        }
+    }
+}
+
+impl From<PublishError> for Verdict {
+    fn from(e: PublishError) -> Self {
+        Verdict::Retry(Duration::from_millis(500), e.to_string())
+    }
+}
+
+/// Applies a verdict to a delivery. Shared by every consumer loop.
+pub async fn settle(bus: &Bus, d: &Delivery, verdict: Result<(), VerdictError>) {
+    let res = match verdict.map_err(|e| e.0) {
+        Ok(()) | Err(Verdict::Ack) => d.ack(bus).await,
+        Err(Verdict::Retry(delay, why)) => {
+            tracing::debug!(reason = %why, ?delay, "redelivering later");
+            d.nak(delay).await
+        }
+        Err(Verdict::Poison(code, why)) => {
+            tracing::warn!(code = %code, reason = %why, subject = d.subject(), "dead-lettering message");
+            d.dead_letter(bus, code, &why).await
+        }
+    };
+    if let Err(e) = res {
+        tracing::warn!(error = %e, "could not settle delivery; it will be redelivered");
+    }
+}
+
+/// A handler's failure, carrying what to do with the message.
+#[derive(Debug)]
+pub struct VerdictError(pub(crate) Verdict);
+
+impl VerdictError {
+    /// Redeliver after `delay`.
+    pub fn retry(delay: Duration, why: impl Into<String>) -> Self {
+        Self(Verdict::Retry(delay, why.into()))
+    }
+    /// Dead-letter with `code`.
+    pub fn poison(code: ErrorCode, why: impl Into<String>) -> Self {
+        Self(Verdict::Poison(code, why.into()))
+    }
+    /// Nothing to do: ack and drop (a duplicate or fenced message).
+    pub fn drop_it() -> Self {
+        Self(Verdict::Ack)
+    }
+}
+
+impl<E: Into<Verdict>> From<E> for VerdictError {
+    fn from(e: E) -> Self {
+        Self(e.into())
+    }
+}
+
+/// Parses and validates an inbox delivery for `role`: the subject must be an inbox of
+/// `role`, the body must decode, and body and subject must agree.
+pub fn open_inbox_delivery(
+    bus: &Bus,
+    d: &Delivery,
+    role: &Role,
+) -> Result<InboxMessage, VerdictError> {
+    let (session, subject_role) = match bus.names().parse(d.subject()) {
+        Ok(ParsedSubject::Inbox { session, role }) => (session, role),
+        Ok(_) | Err(_) => {
+            return Err(VerdictError::poison(
+                ErrorCode::Malformed,
+                format!("not an inbox subject: {}", d.subject()),
+            ));
+        }
+    };
+    if &subject_role != role {
+        return Err(VerdictError::poison(
+            ErrorCode::UnknownRole,
+            format!("delivered to the {role} pool from the {subject_role} inbox"),
+        ));
+    }
+    let msg: InboxMessage = decode(d.payload(), bus.config().max_payload)
+        .map_err(|e| VerdictError::poison(e.code(), e.to_string()))?;
+    msg.check_route(&session, role)
+        .map_err(|e| VerdictError::poison(e.code(), e.to_string()))?;
+    Ok(msg)
+}
+
+/// A role pool process.
+pub struct Worker {
+    bus: Bus,
+    role: Role,
+    agent_id: AgentId,
+    agent: Arc<dyn Agent>,
+    settings: PoolSettings,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("role", &self.role)
+            .field("agent_id", &self.agent_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Worker {
+    /// A worker of `role` running `agent`.
+    pub fn new(bus: Bus, role: Role, agent: Arc<dyn Agent>, settings: PoolSettings) -> Self {
+        let agent_id = AgentId::generate(&role);
+        Self {
+            bus,
+            role,
+            agent_id,
+            agent,
+            settings,
+        }
+    }
+
+    /// This process's agent id.
+    pub fn agent_id(&self) -> &AgentId {
+        &self.agent_id
+    }
+
+    /// Serves the role until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), flotilla_bus::ConsumerError> {
+        let consumer = PoolConsumer::for_role(&self.bus, &self.role, self.settings.clone()).await?;
+        tracing::info!(role = %self.role, agent = %self.agent_id, "worker pool process started");
+        let this = Arc::new(self);
+        let bus = this.bus.clone();
+        consumer
+            .run(bus, shutdown, move |d| {
+                let this = this.clone();
+                async move {
+                    let verdict = this.handle(&d).await;
+                    settle(&this.bus, &d, verdict).await;
+                }
+            })
+            .await;
+        Ok(())
+    }
+
+    async fn handle(&self, d: &Delivery) -> Result<(), VerdictError> {
+        let msg = open_inbox_delivery(&self.bus, d, &self.role)?;
+        let InboxMessage::Task(task) = msg else {
+            return Err(VerdictError::poison(
+                ErrorCode::UnknownRole,
+                "only task messages go to worker inboxes",
+            ));
+        };
+        let trace = d.trace();
+        let span = tracing::info_span!(
+            "task",
+            session = %task.session_id,
+            role = %task.role,
+            task = %task.task_id,
+            attempt = task.attempt,
+            agent = %self.agent_id,
+            trace_id = trace.map(|t| t.trace_id_hex()).unwrap_or_default(),
+        );
+        self.run_task(task, trace).instrument(span).await
+    }
+
+    async fn run_task(
+        &self,
+        task: TaskMessage,
+        trace: Option<TraceParent>,
+    ) -> Result<(), VerdictError> {
+        let records = self.bus.sessions();
+        let key = keys::task(&task.session_id, &task.task_id);
+        // Claim.
+        let mut claimed_rev = None;
+        for _ in 0..8 {
+            let Some((rec, rev)) = records.get::<TaskRecord>(&key).await? else {
+                return Err(VerdictError::poison(
+                    ErrorCode::UnknownSession,
+                    format!("no task record {key}: unknown session or task"),
+                ));
+            };
+            if rec.role != task.role {
+                return Err(VerdictError::poison(
+                    ErrorCode::WrongSession,
+                    "task record is for another role",
+                ));
+            }
+            if rec.attempt > task.attempt {
+                tracing::info!(current = rec.attempt, "stale attempt fenced off");
+                return Ok(());
+            }
+            if rec.attempt < task.attempt {
+                return Err(VerdictError::retry(
+                    Duration::from_millis(200),
+                    "task record not yet at this attempt",
+                ));
+            }
+            if matches!(rec.state, TaskRunState::Done | TaskRunState::Failed) {
+                // Committed earlier (we crashed before acking): re-send the notice.
+                let outcome = match rec.state {
+                    TaskRunState::Done => TaskOutcome::Completed,
+                    _ => TaskOutcome::Failed {
+                        reason: rec.error.clone().unwrap_or_default(),
+                    },
+                };
+                self.notify(&task, outcome, trace).await?;
+                return Ok(());
+            }
+            let mut next = rec.clone();
+            next.state = TaskRunState::Running;
+            next.holder = Some(self.agent_id.clone());
+            next.updated_ms = epoch_ms(SystemTime::now());
+            match records.update(&key, &next, rev).await {
+                Ok(r) => {
+                    claimed_rev = Some(r);
+                    break;
+                }
+                Err(KvError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let Some(claimed_rev) = claimed_rev else {
+            return Err(VerdictError::retry(
+                Duration::from_millis(200),
+                "claim kept conflicting",
+            ));
+        };
+
+        // Run.
+        let result = self.agent.run(&task).await;
+        let (state, output, error, outcome) = match result {
+            Ok(output) => (
+                TaskRunState::Done,
+                Some(output),
+                None,
+                TaskOutcome::Completed,
+            ),
+            Err(AgentError::Transient(why)) => {
+                return Err(VerdictError::retry(Duration::from_secs(1), why));
+            }
+            Err(AgentError::Unusable(why)) => (
+                TaskRunState::Failed,
+                None,
+                Some(why.clone()),
+                TaskOutcome::Failed { reason: why },
+            ),
+        };
+
+        // Commit, fenced by the claim's revision.
+        let committed = TaskRecord {
+            v: V1,
+            session_id: task.session_id.clone(),
+            task_id: task.task_id.clone(),
+            role: task.role.clone(),
+            attempt: task.attempt,
+            state,
+            holder: Some(self.agent_id.clone()),
+            output,
+            error,
+            updated_ms: epoch_ms(SystemTime::now()),
+        };
+        match records.update(&key, &committed, claimed_rev).await {
+            Ok(_) => {}
+            Err(KvError::Conflict { .. }) => {
+                tracing::warn!("claim was taken over while running; result fenced off");
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.notify(&task, outcome, trace).await?;
+        Ok(())
+    }
+
+    /// Tells the orchestrator the attempt ended (de-duplicated by message id).
+    async fn notify(
+        &self,
+        task: &TaskMessage,
+        outcome: TaskOutcome,
+        trace: Option<TraceParent>,
+    ) -> Result<(), VerdictError> {
+        let msg = InboxMessage::Result(ResultMessage {
+            v: V1,
+            session_id: task.session_id.clone(),
+            task_id: task.task_id.clone(),
+            role: task.role.clone(),
+            attempt: task.attempt,
+            outcome,
+        });
+        let payload = serde_json::to_vec(&msg)
+            .map_err(|e| VerdictError::retry(Duration::from_secs(1), e.to_string()))?;
+        let out = Outgoing {
+            subject: self
+                .bus
+                .names()
+                .inbox(&task.session_id, &Role::orchestrator()),
+            msg_id: MessageId::result(&task.session_id, &task.task_id, task.attempt),
+            session: Some(task.session_id.clone()),
+            attempt: Some(task.attempt),
+            trace,
+            payload: Bytes::from(payload),
+        };
+        self.bus.publish(&out).await?;
+        Ok(())
+    }
+}

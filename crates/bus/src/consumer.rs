@@ -1,0 +1,221 @@
+//! The durable pull consumer a role pool shares, and the pull loop that feeds a
+//! handler with bounded concurrency.
+//!
+//! All processes serving a role bind the same durable consumer, so work spreads across
+//! them and a message one process does not ack in time goes to another: that process
+//! is the backup agent.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::Bus;
+use crate::delivery::Delivery;
+use crate::metrics::Counters;
+use flotilla_protocol::Role;
+
+/// Binding the consumer failed: check the topology, then retry.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot bind consumer {name}: {detail}")]
+pub struct ConsumerError {
+    /// Consumer name.
+    pub name: String,
+    /// The cause.
+    pub detail: String,
+}
+
+/// How a pool consumes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolSettings {
+    /// How long a delivered message may go unacknowledged before the server gives it
+    /// to another process of the pool.
+    #[serde(with = "humantime_serde")]
+    pub ack_wait: Duration,
+    /// Deliveries before a message is given up on (then dead-lettered).
+    pub max_deliver: i64,
+    /// Messages handled at once by one process.
+    pub concurrency: usize,
+    /// Longest a pull request waits for messages.
+    #[serde(with = "humantime_serde")]
+    pub fetch_expiry: Duration,
+    /// How long shutdown waits for in-flight handlers.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            ack_wait: Duration::from_secs(12),
+            max_deliver: 5,
+            concurrency: 256,
+            fetch_expiry: Duration::from_secs(1),
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A bound durable pull consumer.
+#[derive(Debug)]
+pub struct PoolConsumer {
+    consumer: PullConsumer,
+    settings: PoolSettings,
+    name: String,
+}
+
+impl PoolConsumer {
+    /// The consumer of `role`'s inboxes across every session.
+    pub async fn for_role(
+        bus: &Bus,
+        role: &Role,
+        settings: PoolSettings,
+    ) -> Result<Self, ConsumerError> {
+        let names = bus.names();
+        Self::bind(
+            bus,
+            names.stream_inbox(),
+            names.role_consumer(role),
+            names.inbox_of_role(role),
+            settings,
+        )
+        .await
+    }
+
+    /// The consumer of the durable submit queue, shared by every `serve`.
+    pub async fn for_submit(bus: &Bus, settings: PoolSettings) -> Result<Self, ConsumerError> {
+        let names = bus.names();
+        Self::bind(
+            bus,
+            names.stream_submit(),
+            names.submit_consumer(),
+            names.submit(),
+            settings,
+        )
+        .await
+    }
+
+    async fn bind(
+        bus: &Bus,
+        stream: String,
+        name: String,
+        filter: String,
+        settings: PoolSettings,
+    ) -> Result<Self, ConsumerError> {
+        let err = |detail: String| ConsumerError {
+            name: name.clone(),
+            detail,
+        };
+        let stream = bus
+            .js
+            .get_stream(&stream)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let config = pull::Config {
+            durable_name: Some(name.clone()),
+            filter_subject: filter,
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: settings.ack_wait,
+            max_deliver: settings.max_deliver,
+            max_ack_pending: 100_000,
+            max_waiting: 4096,
+            ..Default::default()
+        };
+        let consumer = stream
+            .get_or_create_consumer::<pull::Config>(&name, config)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        Ok(Self {
+            consumer,
+            settings,
+            name,
+        })
+    }
+
+    /// Pulls until `shutdown`, running `handler` on each delivery with at most
+    /// `concurrency` in flight; on shutdown stops pulling and waits up to the drain
+    /// timeout for handlers to finish (unfinished ones are redelivered elsewhere).
+    pub async fn run<F, Fut>(self, bus: Bus, shutdown: CancellationToken, handler: F)
+    where
+        F: Fn(Delivery) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        let limit = self.settings.concurrency.max(1);
+        let permits = Arc::new(Semaphore::new(limit));
+        let mut backoff = Duration::from_millis(100);
+        'pull: while !shutdown.is_cancelled() {
+            // Wait for at least one free slot before asking for work.
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            };
+            let want = (permits.available_permits() + 1).min(128);
+            let batch = self
+                .consumer
+                .batch()
+                .max_messages(want)
+                .expires(self.settings.fetch_expiry)
+                .messages()
+                .await;
+            let mut batch = match batch {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(consumer = %self.name, error = %e, "pull failed, retrying");
+                    drop(first);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            let mut first = Some(first);
+            loop {
+                let next = tokio::select! {
+                    _ = shutdown.cancelled() => break 'pull,
+                    n = batch.next() => n,
+                };
+                let msg = match next {
+                    None => break,
+                    Some(Ok(m)) => m,
+                    Some(Err(e)) => {
+                        tracing::debug!(consumer = %self.name, error = %e, "pull batch ended");
+                        break;
+                    }
+                };
+                let permit = match first.take() {
+                    Some(p) => p,
+                    None => match permits.clone().acquire_owned().await {
+                        Ok(p) => p,
+                        Err(_) => break 'pull,
+                    },
+                };
+                let delivery = Delivery::new(msg);
+                if delivery.delivered() > 1 {
+                    Counters::inc(&bus.counters.redelivered);
+                }
+                let h = handler.clone();
+                tokio::spawn(async move {
+                    h(delivery).await;
+                    drop(permit);
+                });
+            }
+        }
+        // Drain: wait for in-flight handlers, bounded.
+        let all = u32::try_from(limit).unwrap_or(u32::MAX);
+        let drained =
+            tokio::time::timeout(self.settings.drain_timeout, permits.acquire_many(all)).await;
+        if drained.is_err() {
+            tracing::warn!(consumer = %self.name, "drain timed out; unfinished messages will be redelivered");
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! One delivery of a JetStream message to a consumer, with what a handler may do with
+//! it: ack, nak with a delay, report progress, or dead-letter it.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind};
+use bytes::Bytes;
+use flotilla_protocol::{ErrorCode, TraceParent, headers};
+
+use crate::Bus;
+use crate::metrics::Counters;
+
+/// Acknowledging failed; the server will redeliver after the ack wait.
+#[derive(Debug, thiserror::Error)]
+#[error("could not acknowledge: {0}")]
+pub struct AckError(String);
+
+/// A delivered message.
+#[derive(Debug)]
+pub struct Delivery {
+    msg: jetstream::Message,
+    delivered: u64,
+    stream_sequence: u64,
+}
+
+impl Delivery {
+    /// Wraps a message pulled from a consumer.
+    pub fn new(msg: jetstream::Message) -> Self {
+        let (delivered, stream_sequence) = msg
+            .info()
+            .map(|i| (i.delivered.max(1) as u64, i.stream_sequence))
+            .unwrap_or((1, 0));
+        Self {
+            msg,
+            delivered,
+            stream_sequence,
+        }
+    }
+
+    /// The subject it was published to.
+    pub fn subject(&self) -> &str {
+        self.msg.subject.as_str()
+    }
+
+    /// The body.
+    pub fn payload(&self) -> &Bytes {
+        &self.msg.payload
+    }
+
+    /// How many times it has been delivered (1 on first delivery).
+    pub fn delivered(&self) -> u64 {
+        self.delivered
+    }
+
+    /// Its sequence in the stream.
+    pub fn stream_sequence(&self) -> u64 {
+        self.stream_sequence
+    }
+
+    /// A header value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str())
+    }
+
+    /// The sender's trace context, if it sent a valid one.
+    pub fn trace(&self) -> Option<TraceParent> {
+        self.header(headers::TRACEPARENT)
+            .and_then(|v| TraceParent::parse(v).ok())
+    }
+
+    /// Done: remove it from the work queue.
+    pub async fn ack(&self, bus: &Bus) -> Result<(), AckError> {
+        self.msg.ack().await.map_err(|e| AckError(e.to_string()))?;
+        Counters::inc(&bus.counters.acked);
+        Ok(())
+    }
+
+    /// Not now: redeliver after `delay`.
+    pub async fn nak(&self, delay: Duration) -> Result<(), AckError> {
+        self.msg
+            .ack_with(AckKind::Nak(Some(delay)))
+            .await
+            .map_err(|e| AckError(e.to_string()))
+    }
+
+    /// Still working: restart the ack wait.
+    pub async fn progress(&self) -> Result<(), AckError> {
+        self.msg
+            .ack_with(AckKind::Progress)
+            .await
+            .map_err(|e| AckError(e.to_string()))
+    }
+
+    /// Poison: copy it to the dead-letter queue with its reason, then terminate it so
+    /// it leaves the work queue. If the copy cannot be stored the message is left for
+    /// redelivery instead, so nothing is lost.
+    pub async fn dead_letter(
+        &self,
+        bus: &Bus,
+        code: ErrorCode,
+        detail: &str,
+    ) -> Result<(), AckError> {
+        let stream = bus.names().stream_inbox();
+        let info_stream = self
+            .msg
+            .info()
+            .map(|i| i.stream.to_owned())
+            .unwrap_or(stream);
+        let dlq_subject = format!(
+            "{}.dlq.{}.{}",
+            bus.names().prefix(),
+            info_stream,
+            code.as_str()
+        );
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(
+            headers::MSG_ID,
+            format!("dlq.{info_stream}.{}", self.stream_sequence).as_str(),
+        );
+        h.insert(headers::REASON, code.as_str());
+        let detail_line: String = detail
+            .chars()
+            .filter(|c| *c != '\r' && *c != '\n')
+            .take(512)
+            .collect();
+        h.insert(headers::DETAIL, detail_line.as_str());
+        h.insert(headers::ORIGIN_STREAM, info_stream.as_str());
+        h.insert(
+            headers::ORIGIN_SEQUENCE,
+            self.stream_sequence.to_string().as_str(),
+        );
+        h.insert(headers::DELIVERIES, self.delivered.to_string().as_str());
+        h.insert(headers::ORIGIN_SUBJECT, self.subject());
+        if let Some(tp) = self.header(headers::TRACEPARENT) {
+            h.insert(headers::TRACEPARENT, tp);
+        }
+        if let Some(s) = self.header(headers::SESSION) {
+            h.insert(headers::SESSION, s);
+        }
+        let stored = match bus
+            .js
+            .publish_with_headers(dlq_subject, h, self.msg.payload.clone())
+            .await
+        {
+            Ok(fut) => fut.await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = stored {
+            let _ = self.nak(Duration::from_secs(1)).await;
+            return Err(AckError(format!(
+                "dead-letter copy failed, left for redelivery: {e}"
+            )));
+        }
+        Counters::inc(&bus.counters.dead_lettered);
+        // `+TERM <reason>` ends redelivery and records the reason in the server's advisory.
+        if let Some(reply) = &self.msg.reply {
+            let body = format!("+TERM {}: {}", code.as_str(), detail_line);
+            bus.client
+                .publish(reply.clone(), body.into())
+                .await
+                .map_err(|e| AckError(e.to_string()))?;
+        }
+        Ok(())
+    }
+}

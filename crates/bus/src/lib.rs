@@ -1,0 +1,161 @@
+//! Flotilla's NATS layer: the only crate that talks to NATS directly.
+//!
+//! A [`Bus`] is one connection with its JetStream context, the [`Namespace`] every name
+//! derives from, the typed KV buckets, and the process's message counters.
+//!
+//! # Layout
+//! - [`config`]: [`BusConfig`], the connection and topology settings.
+//! - [`topology`]: idempotent, versioned bootstrap of streams and buckets.
+//! - [`publish`]: JetStream publish with `Nats-Msg-Id`, retry and backpressure.
+//! - [`kv`]: typed records changed by compare-and-set.
+//! - [`delivery`]: a pulled message and what a handler does with it (ack, nak, dead-letter).
+//! - [`consumer`]: the shared durable pull consumer of a role pool, and the pull loop.
+//! - [`metrics`]: message counters.
+//! - [`trace`]: span ids for W3C trace context.
+
+pub mod config;
+pub mod consumer;
+pub mod delivery;
+pub mod kv;
+pub mod metrics;
+pub mod publish;
+pub mod topology;
+pub mod trace;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use flotilla_protocol::Namespace;
+
+pub use config::BusConfig;
+pub use consumer::{ConsumerError, PoolConsumer, PoolSettings};
+pub use delivery::{AckError, Delivery};
+pub use kv::{KvError, Records};
+pub use metrics::{Counters, CountersSnapshot};
+pub use publish::{Outgoing, PublishError, Published};
+pub use topology::TopologyError;
+
+/// Connecting failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The prefix is not a valid namespace.
+    #[error(transparent)]
+    Prefix(#[from] flotilla_protocol::subject::InvalidPrefix),
+    /// The server could not be reached: check the URL, or start a server.
+    #[error("cannot connect to NATS at {url}: {source}")]
+    Connect {
+        /// The URL.
+        url: String,
+        /// The cause.
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    /// The topology does not match: see the error.
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+    /// A bucket could not be opened.
+    #[error("cannot open bucket {bucket}: {detail}")]
+    Bucket {
+        /// The bucket.
+        bucket: String,
+        /// The cause.
+        detail: String,
+    },
+}
+
+/// One process's handle on NATS. Cheap to clone.
+#[derive(Clone)]
+pub struct Bus {
+    /// The core client (requests, core subscriptions).
+    pub client: async_nats::Client,
+    /// The JetStream context.
+    pub js: jetstream::Context,
+    names: Namespace,
+    config: Arc<BusConfig>,
+    sessions: Records,
+    slots: Records,
+    /// Message counters of this process.
+    pub counters: Arc<Counters>,
+}
+
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bus")
+            .field("names", &self.names)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Bus {
+    /// Connects as `name` (the connection name the server shows), bootstraps the
+    /// topology, and opens the buckets.
+    pub async fn connect(
+        config: &BusConfig,
+        name: &str,
+        counters: Arc<Counters>,
+    ) -> Result<Self, ConnectError> {
+        let names = Namespace::new(&config.prefix)?;
+        let client = async_nats::ConnectOptions::new()
+            .name(name)
+            .connection_timeout(Duration::from_secs(5))
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connect(config.url.as_str())
+            .await
+            .map_err(|source| ConnectError::Connect {
+                url: config.url.clone(),
+                source,
+            })?;
+        // Flush so a wrong URL fails here, not at the first publish.
+        if let Err(e) = tokio::time::timeout(Duration::from_secs(10), client.flush()).await {
+            tracing::warn!(error = %e, url = %config.url, "nats not reachable yet");
+        }
+        let js = jetstream::ContextBuilder::new()
+            .timeout(config.publish_timeout)
+            .build(client.clone());
+        topology::ensure(&js, &names, config).await?;
+        let open = |bucket: String| {
+            let js = js.clone();
+            async move {
+                js.get_key_value(&bucket)
+                    .await
+                    .map_err(|e| ConnectError::Bucket {
+                        bucket: bucket.clone(),
+                        detail: e.to_string(),
+                    })
+            }
+        };
+        let sessions = Records::new(open(names.bucket_sessions()).await?, config.max_payload);
+        let slots = Records::new(open(names.bucket_slots()).await?, config.max_payload);
+        Ok(Self {
+            client,
+            js,
+            names,
+            config: Arc::new(config.clone()),
+            sessions,
+            slots,
+            counters,
+        })
+    }
+
+    /// The namespace every name derives from.
+    pub fn names(&self) -> &Namespace {
+        &self.names
+    }
+
+    /// The configuration it was built from.
+    pub fn config(&self) -> &BusConfig {
+        &self.config
+    }
+
+    /// Session and task records.
+    pub fn sessions(&self) -> &Records {
+        &self.sessions
+    }
+
+    /// Admission slots.
+    pub fn slots(&self) -> &Records {
+        &self.slots
+    }
+}

@@ -1,0 +1,65 @@
+//! Process-wide message counters, shared by every component of a process through an
+//! `Arc` (atomics only: no lock, no contention worth naming).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+
+/// Counters of message traffic.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Task messages published to worker inboxes.
+    pub dispatched: AtomicU64,
+    /// Inbox messages acknowledged after handling.
+    pub acked: AtomicU64,
+    /// Deliveries that were redeliveries (delivery count > 1).
+    pub redelivered: AtomicU64,
+    /// Messages moved to the dead-letter queue.
+    pub dead_lettered: AtomicU64,
+    /// Publishes the server reported as duplicates (de-duplicated by message id).
+    pub duplicates: AtomicU64,
+    /// Publishes refused because the target inbox was full.
+    pub backpressure: AtomicU64,
+    /// Publish attempts retried after a timeout or broken connection.
+    pub publish_retries: AtomicU64,
+}
+
+/// A copy of [`Counters`] at one moment.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct CountersSnapshot {
+    /// See [`Counters::dispatched`].
+    pub dispatched: u64,
+    /// See [`Counters::acked`].
+    pub acked: u64,
+    /// See [`Counters::redelivered`].
+    pub redelivered: u64,
+    /// See [`Counters::dead_lettered`].
+    pub dead_lettered: u64,
+    /// See [`Counters::duplicates`].
+    pub duplicates: u64,
+    /// See [`Counters::backpressure`].
+    pub backpressure: u64,
+    /// See [`Counters::publish_retries`].
+    pub publish_retries: u64,
+}
+
+impl Counters {
+    /// Adds one to `c`.
+    pub fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Reads every counter.
+    pub fn snapshot(&self) -> CountersSnapshot {
+        let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        CountersSnapshot {
+            dispatched: r(&self.dispatched),
+            acked: r(&self.acked),
+            redelivered: r(&self.redelivered),
+            dead_lettered: r(&self.dead_lettered),
+            duplicates: r(&self.duplicates),
+            backpressure: r(&self.backpressure),
+            publish_retries: r(&self.publish_retries),
+        }
+    }
+}

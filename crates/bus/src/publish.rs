@@ -1,0 +1,190 @@
+//! Publishing with de-duplication and retry.
+//!
+//! Every JetStream publish carries a `Nats-Msg-Id`. A publish whose acknowledgement
+//! times out may still have been stored, so it is retried with the same id and the
+//! server drops the copy. A full inbox is not an error to retry blindly: it comes back
+//! as [`PublishError::Full`] so the caller can apply backpressure.
+
+use std::error::Error as _;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::context::PublishErrorKind;
+use bytes::Bytes;
+use flotilla_protocol::{MessageId, SessionId, TraceParent, headers};
+
+use crate::Bus;
+use crate::metrics::Counters;
+
+/// JetStream error code: the subject holds `max_msgs_per_subject` messages and the
+/// stream discards new ones per subject.
+const SUBJECT_FULL: u64 = 10077;
+/// JetStream error code: the stream holds `max_msgs` and discards new ones.
+const STREAM_FULL: u64 = 10047;
+
+/// A message to publish.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// Subject.
+    pub subject: String,
+    /// De-duplication id.
+    pub msg_id: MessageId,
+    /// The session it belongs to, if any (sets `Flotilla-Session`).
+    pub session: Option<SessionId>,
+    /// Task attempt, if any (sets `Flotilla-Attempt`).
+    pub attempt: Option<u32>,
+    /// Trace context of the sender; a child span id is generated for this hop.
+    pub trace: Option<TraceParent>,
+    /// Body.
+    pub payload: Bytes,
+}
+
+impl Outgoing {
+    /// The NATS headers for this message.
+    pub fn headers(&self) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(headers::MSG_ID, self.msg_id.as_str());
+        let tp = match self.trace {
+            Some(t) => t.child(crate::trace::random_u64()),
+            None => crate::trace::new_root(),
+        };
+        h.insert(headers::TRACEPARENT, tp.to_string().as_str());
+        if let Some(s) = &self.session {
+            h.insert(headers::SESSION, s.as_str());
+        }
+        if let Some(a) = self.attempt {
+            h.insert(headers::ATTEMPT, a.to_string().as_str());
+        }
+        h
+    }
+}
+
+/// A stored publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    /// Stream sequence.
+    pub sequence: u64,
+    /// The server already had a message with this id (nothing new was stored).
+    pub duplicate: bool,
+}
+
+/// A publish failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The subject (an inbox) or the stream (the submit queue) is full: back off and
+    /// retry later.
+    #[error("{subject} is full")]
+    Full {
+        /// The subject.
+        subject: String,
+    },
+    /// No stream takes this subject: run the topology bootstrap.
+    #[error("no stream takes subject {subject}")]
+    NoStream {
+        /// The subject.
+        subject: String,
+    },
+    /// The server refused the message for good (too large, invalid subject).
+    #[error("publish to {subject} refused: {source}")]
+    Refused {
+        /// The subject.
+        subject: String,
+        /// The cause.
+        #[source]
+        source: async_nats::jetstream::context::PublishError,
+    },
+    /// No acknowledgement after every attempt; the message may or may not be stored.
+    /// Retrying with the same message id is safe.
+    #[error("publish to {subject} unacknowledged after {attempts} attempts: {source}")]
+    Unavailable {
+        /// The subject.
+        subject: String,
+        /// Attempts made.
+        attempts: u32,
+        /// The last cause.
+        #[source]
+        source: async_nats::jetstream::context::PublishError,
+    },
+}
+
+fn jetstream_code(e: &async_nats::jetstream::context::PublishError) -> Option<u64> {
+    e.source()
+        .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
+        .map(|je| je.error_code().0)
+}
+
+impl Bus {
+    /// Publishes `out` to JetStream, retrying with the same message id until
+    /// acknowledged or out of attempts.
+    pub async fn publish(&self, out: &Outgoing) -> Result<Published, PublishError> {
+        let headers = out.headers();
+        let attempts = self.config.publish_attempts.max(1);
+        let mut backoff = Duration::from_millis(50);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let res = match self
+                .js
+                .publish_with_headers(out.subject.clone(), headers.clone(), out.payload.clone())
+                .await
+            {
+                Ok(fut) => fut.await,
+                Err(e) => Err(e),
+            };
+            let err = match res {
+                Ok(ack) => {
+                    if ack.duplicate {
+                        Counters::inc(&self.counters.duplicates);
+                    }
+                    return Ok(Published {
+                        sequence: ack.sequence,
+                        duplicate: ack.duplicate,
+                    });
+                }
+                Err(e) => e,
+            };
+            match err.kind() {
+                PublishErrorKind::StreamNotFound => {
+                    return Err(PublishError::NoStream {
+                        subject: out.subject.clone(),
+                    });
+                }
+                PublishErrorKind::MaxPayloadExceeded
+                | PublishErrorKind::WrongLastMessageId
+                | PublishErrorKind::WrongLastSequence => {
+                    return Err(PublishError::Refused {
+                        subject: out.subject.clone(),
+                        source: err,
+                    });
+                }
+                PublishErrorKind::Other => match jetstream_code(&err) {
+                    Some(SUBJECT_FULL) | Some(STREAM_FULL) => {
+                        Counters::inc(&self.counters.backpressure);
+                        return Err(PublishError::Full {
+                            subject: out.subject.clone(),
+                        });
+                    }
+                    Some(_) => {
+                        return Err(PublishError::Refused {
+                            subject: out.subject.clone(),
+                            source: err,
+                        });
+                    }
+                    None => {}
+                },
+                _ => {}
+            }
+            if attempt >= attempts {
+                return Err(PublishError::Unavailable {
+                    subject: out.subject.clone(),
+                    attempts: attempt,
+                    source: err,
+                });
+            }
+            Counters::inc(&self.counters.publish_retries);
+            tracing::debug!(subject = %out.subject, msg_id = %out.msg_id, error = %err, "publish retry");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+}

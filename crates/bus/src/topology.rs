@@ -1,0 +1,268 @@
+//! Idempotent, versioned bootstrap of every stream and bucket.
+//!
+//! [`ensure`] creates what is missing and checks what exists. A stream or bucket whose
+//! existing configuration conflicts with ours is an error that names the field; it is
+//! never silently reconfigured.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_nats::jetstream::{
+    self, kv,
+    stream::{self, DiscardPolicy, RetentionPolicy, StorageType},
+};
+
+use crate::config::BusConfig;
+use flotilla_protocol::Namespace;
+
+/// The topology version written into every stream's metadata.
+pub const TOPOLOGY_VERSION: &str = "1";
+const VERSION_KEY: &str = "flotilla.topology";
+
+/// Bootstrapping failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    /// An existing stream or bucket differs from what this version of Flotilla needs.
+    /// Delete it (losing its data) or point this deployment at another prefix.
+    #[error(
+        "{name} exists with {field} = {found}, flotilla needs {expected}; remove it or use another prefix"
+    )]
+    Conflict {
+        /// Stream or bucket name.
+        name: String,
+        /// The differing setting.
+        field: &'static str,
+        /// What it needs.
+        expected: String,
+        /// What exists.
+        found: String,
+    },
+    /// Talking to JetStream failed; retry.
+    #[error("jetstream request for {name} failed: {source}")]
+    Unavailable {
+        /// Stream or bucket name.
+        name: String,
+        /// The cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// What the streams must look like.
+pub(crate) fn stream_configs(ns: &Namespace, c: &BusConfig) -> Vec<stream::Config> {
+    let meta = HashMap::from([(VERSION_KEY.to_owned(), TOPOLOGY_VERSION.to_owned())]);
+    vec![
+        stream::Config {
+            name: ns.stream_submit(),
+            subjects: vec![ns.submit()],
+            retention: RetentionPolicy::WorkQueue,
+            max_messages: c.submit_queue_max,
+            discard: DiscardPolicy::New,
+            duplicate_window: c.duplicate_window,
+            storage: StorageType::File,
+            num_replicas: c.replicas,
+            max_consumers: 16,
+            metadata: meta.clone(),
+            description: Some("flotilla durable session submissions".into()),
+            ..Default::default()
+        },
+        stream::Config {
+            name: ns.stream_inbox(),
+            subjects: vec![ns.inbox_all()],
+            retention: RetentionPolicy::WorkQueue,
+            max_messages_per_subject: c.inbox_bound,
+            discard: DiscardPolicy::New,
+            discard_new_per_subject: true,
+            duplicate_window: c.duplicate_window,
+            storage: StorageType::File,
+            num_replicas: c.replicas,
+            max_consumers: 256,
+            metadata: meta.clone(),
+            description: Some("flotilla agent inboxes".into()),
+            ..Default::default()
+        },
+        stream::Config {
+            name: ns.stream_events(),
+            subjects: vec![ns.events_all()],
+            retention: RetentionPolicy::Limits,
+            max_age: c.events_max_age,
+            duplicate_window: c.duplicate_window,
+            storage: StorageType::File,
+            num_replicas: c.replicas,
+            max_consumers: 10_000,
+            metadata: meta.clone(),
+            description: Some("flotilla session event logs".into()),
+            ..Default::default()
+        },
+        stream::Config {
+            name: ns.stream_dlq(),
+            subjects: vec![ns.dlq_all()],
+            retention: RetentionPolicy::Limits,
+            duplicate_window: c.duplicate_window,
+            storage: StorageType::File,
+            num_replicas: c.replicas,
+            max_consumers: 256,
+            metadata: meta,
+            description: Some("flotilla dead letters".into()),
+            ..Default::default()
+        },
+    ]
+}
+
+pub(crate) fn bucket_configs(ns: &Namespace, c: &BusConfig) -> Vec<kv::Config> {
+    vec![
+        kv::Config {
+            bucket: ns.bucket_sessions(),
+            description: "flotilla session and task records".into(),
+            history: 1,
+            max_age: c.records_max_age,
+            storage: StorageType::File,
+            num_replicas: c.replicas,
+            ..Default::default()
+        },
+        kv::Config {
+            bucket: ns.bucket_slots(),
+            description: "flotilla admission slots".into(),
+            history: 1,
+            storage: StorageType::File,
+            num_replicas: c.replicas,
+            ..Default::default()
+        },
+    ]
+}
+
+fn stream_missing(e: &jetstream::context::GetStreamError) -> bool {
+    matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(je) if je.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
+}
+
+fn unavailable(name: &str, e: impl std::error::Error + Send + Sync + 'static) -> TopologyError {
+    TopologyError::Unavailable {
+        name: name.to_owned(),
+        source: Box::new(e),
+    }
+}
+
+fn check<T: PartialEq + std::fmt::Debug>(
+    name: &str,
+    field: &'static str,
+    expected: T,
+    found: T,
+) -> Result<(), TopologyError> {
+    if expected == found {
+        Ok(())
+    } else {
+        Err(TopologyError::Conflict {
+            name: name.to_owned(),
+            field,
+            expected: format!("{expected:?}"),
+            found: format!("{found:?}"),
+        })
+    }
+}
+
+/// The server reports "no limit" as -1 whatever was sent (0 or -1).
+fn unlimited(v: i64) -> i64 {
+    if v <= 0 { -1 } else { v }
+}
+
+fn compare_stream(want: &stream::Config, have: &stream::Config) -> Result<(), TopologyError> {
+    let n = &want.name;
+    check(n, "subjects", &want.subjects, &have.subjects)?;
+    check(n, "retention", want.retention, have.retention)?;
+    check(n, "discard", want.discard, have.discard)?;
+    check(
+        n,
+        "discard_new_per_subject",
+        want.discard_new_per_subject,
+        have.discard_new_per_subject,
+    )?;
+    check(
+        n,
+        "max_messages_per_subject",
+        unlimited(want.max_messages_per_subject),
+        unlimited(have.max_messages_per_subject),
+    )?;
+    check(n, "storage", want.storage, have.storage)?;
+    check(
+        n,
+        "metadata.flotilla.topology",
+        want.metadata.get(VERSION_KEY),
+        have.metadata.get(VERSION_KEY),
+    )?;
+    if have.duplicate_window < want.duplicate_window {
+        return Err(TopologyError::Conflict {
+            name: n.clone(),
+            field: "duplicate_window",
+            expected: format!(">= {:?}", want.duplicate_window),
+            found: format!("{:?}", have.duplicate_window),
+        });
+    }
+    Ok(())
+}
+
+/// Creates every stream and bucket that is missing and checks the ones that exist.
+/// Safe to run concurrently from many processes.
+pub async fn ensure(
+    js: &jetstream::Context,
+    ns: &Namespace,
+    c: &BusConfig,
+) -> Result<(), TopologyError> {
+    for want in stream_configs(ns, c) {
+        ensure_stream(js, &want).await?;
+    }
+    for want in bucket_configs(ns, c) {
+        let stream_name = format!("KV_{}", want.bucket);
+        match js.get_stream(&stream_name).await {
+            Ok(mut s) => {
+                let info = s.info().await.map_err(|e| unavailable(&stream_name, e))?;
+                let have = &info.config;
+                check(
+                    &want.bucket,
+                    "history",
+                    want.history,
+                    have.max_messages_per_subject,
+                )?;
+                check(&want.bucket, "max_age", want.max_age, have.max_age)?;
+            }
+            Err(e) if stream_missing(&e) => {
+                match js.create_key_value(want.clone()).await {
+                    Ok(_) => {}
+                    Err(e) => {
+                        // Lost a creation race: accept it if the winner's config matches.
+                        if js.get_key_value(&want.bucket).await.is_err() {
+                            return Err(unavailable(&want.bucket, e));
+                        }
+                    }
+                }
+            }
+            Err(e) => return Err(unavailable(&stream_name, e)),
+        }
+    }
+    Ok(())
+}
+
+async fn ensure_stream(
+    js: &jetstream::Context,
+    want: &stream::Config,
+) -> Result<(), TopologyError> {
+    for _ in 0..3 {
+        match js.get_stream(&want.name).await {
+            Ok(mut s) => {
+                let info = s.info().await.map_err(|e| unavailable(&want.name, e))?;
+                return compare_stream(want, &info.config);
+            }
+            Err(e) if stream_missing(&e) => match js.create_stream(want.clone()).await {
+                Ok(_) => return Ok(()),
+                Err(e) => {
+                    tracing::debug!(stream = %want.name, error = %e, "create raced, re-checking");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Err(e) => return Err(unavailable(&want.name, e)),
+        }
+    }
+    Err(TopologyError::Unavailable {
+        name: want.name.clone(),
+        source: "could not create or read the stream".into(),
+    })
+}

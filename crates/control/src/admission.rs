@@ -1,0 +1,352 @@
+//! Admission: turning an [`OpenSession`] into an open session, or into an explicit
+//! rejection.
+//!
+//! Two doors lead here: the `<p>.session.open` NATS micro endpoint (request/reply,
+//! immediate answer) and the durable `<p>.submit` queue (a full pool leaves the
+//! submission queued and retries it after `retry_after_ms`). Both call
+//! [`Admission::admit`]:
+//!
+//! 1. validate the request (typed [`ErrorCode`] on failure);
+//! 2. take a slot ([`SlotTable`]) or answer `pool_full` with `retry_after_ms`;
+//! 3. create the session record (status `planning`, with the `opened` event in its outbox);
+//! 4. publish the `start` message to the session's orchestrator inbox.
+//!
+//! Opening the same session id twice with the same task is idempotent.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use flotilla_agent::{VerdictError, settle};
+use flotilla_bus::{Bus, Delivery, KvError, Outgoing, PoolConsumer};
+use flotilla_protocol::subject::keys;
+use flotilla_protocol::{
+    Effect, ErrorCode, EventBody, InboxMessage, MessageId, OpenReply, OpenSession, Role,
+    SessionCounters, SessionId, SessionRecord, SessionStatus, StartMessage, V1, decode, epoch_ms,
+};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::SessionConfig;
+use crate::slots::{SlotError, SlotTable};
+
+/// A rejection: what goes back to the client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct Rejection {
+    /// Wire code.
+    pub code: ErrorCode,
+    /// Detail.
+    pub message: String,
+    /// For `pool_full`: when to retry.
+    pub retry_after_ms: Option<u64>,
+}
+
+impl Rejection {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            retry_after_ms: None,
+        }
+    }
+
+    /// The reply to send.
+    pub fn reply(&self) -> OpenReply {
+        OpenReply::Rejected {
+            v: V1,
+            code: self.code,
+            message: self.message.clone(),
+            retry_after_ms: self.retry_after_ms,
+        }
+    }
+}
+
+impl From<KvError> for Rejection {
+    fn from(e: KvError) -> Self {
+        Rejection::new(ErrorCode::Unavailable, e.to_string())
+    }
+}
+
+/// The admission logic shared by the service endpoint and the submit queue.
+#[derive(Debug, Clone)]
+pub struct Admission {
+    bus: Bus,
+    config: Arc<SessionConfig>,
+    slots: SlotTable,
+}
+
+impl Admission {
+    /// Admission over `slots`.
+    pub fn new(bus: Bus, config: SessionConfig, slots: SlotTable) -> Self {
+        Self {
+            bus,
+            config: Arc::new(config),
+            slots,
+        }
+    }
+
+    /// The slot table.
+    pub fn slots(&self) -> &SlotTable {
+        &self.slots
+    }
+
+    fn roles_for(&self, req: &OpenSession) -> Result<Vec<Role>, Rejection> {
+        req.validate()
+            .map_err(|e| Rejection::new(e.code(), e.to_string()))?;
+        let roles = if req.roles.is_empty() {
+            self.config.roles.clone()
+        } else {
+            req.roles.clone()
+        };
+        if let Some(unknown) = roles.iter().find(|r| !self.config.roles.contains(r)) {
+            return Err(Rejection::new(
+                ErrorCode::UnknownRole,
+                format!(
+                    "role {unknown} is not configured (configured: {})",
+                    self.config
+                        .roles
+                        .iter()
+                        .map(|r| r.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+        if roles.len() < self.config.min_roles || roles.len() > self.config.max_roles {
+            return Err(Rejection::new(
+                ErrorCode::Invalid,
+                format!(
+                    "a session needs {}-{} worker roles, got {}",
+                    self.config.min_roles,
+                    self.config.max_roles,
+                    roles.len()
+                ),
+            ));
+        }
+        Ok(roles)
+    }
+
+    /// Opens a session for `req`, or says why not.
+    pub async fn admit(&self, req: &OpenSession) -> Result<SessionId, Rejection> {
+        let roles = self.roles_for(req)?;
+        let session = req.session_id.clone().unwrap_or_else(SessionId::generate);
+        let key = keys::session(&session);
+        if let Some((existing, _)) = self.bus.sessions().get::<SessionRecord>(&key).await? {
+            return self.same_session(existing, req);
+        }
+        let slot = match self.slots.acquire(&session).await {
+            Ok(n) => n,
+            Err(SlotError::Full {
+                size,
+                retry_after_ms,
+            }) => {
+                return Err(Rejection {
+                    code: ErrorCode::PoolFull,
+                    message: format!("all {size} session slots are taken"),
+                    retry_after_ms: Some(retry_after_ms),
+                });
+            }
+            Err(SlotError::Kv(e)) => return Err(e.into()),
+        };
+        let now = epoch_ms(SystemTime::now());
+        let trace = flotilla_bus::trace::new_root();
+        let record = SessionRecord {
+            v: V1,
+            session_id: session.clone(),
+            task: req.task.clone(),
+            roles: roles.clone(),
+            status: SessionStatus::Planning,
+            slot,
+            traceparent: trace.to_string(),
+            opened_ms: now,
+            updated_ms: now,
+            tasks: Vec::new(),
+            answer: None,
+            failure: None,
+            outbox: vec![Effect::Emit {
+                id: "opened".to_owned(),
+                body: EventBody::Opened {
+                    task: req.task.clone(),
+                    roles,
+                },
+            }],
+            counters: SessionCounters::default(),
+        };
+        match self.bus.sessions().create(&key, &record).await {
+            Ok(_) => {}
+            Err(KvError::Exists { .. }) => {
+                // Raced with an identical request: theirs won.
+                let _ = self.slots.release(slot, &session).await;
+                return match self.bus.sessions().get::<SessionRecord>(&key).await? {
+                    Some((existing, _)) => self.same_session(existing, req),
+                    None => Err(Rejection::new(
+                        ErrorCode::Unavailable,
+                        "session record vanished; retry",
+                    )),
+                };
+            }
+            Err(e) => {
+                let _ = self.slots.release(slot, &session).await;
+                return Err(e.into());
+            }
+        }
+        let span =
+            tracing::info_span!("admit", session = %session, trace_id = %trace.trace_id_hex());
+        let _g = span.enter();
+        if let Err(e) = self.publish_start(&session, trace).await {
+            // Undo, so the client can simply retry.
+            let _ = self.bus.sessions().delete(&key, None).await;
+            let _ = self.slots.release(slot, &session).await;
+            return Err(Rejection::new(ErrorCode::Unavailable, e.to_string()));
+        }
+        tracing::info!(slot, "session opened");
+        Ok(session)
+    }
+
+    fn same_session(
+        &self,
+        existing: SessionRecord,
+        req: &OpenSession,
+    ) -> Result<SessionId, Rejection> {
+        if existing.task == req.task {
+            Ok(existing.session_id)
+        } else {
+            Err(Rejection::new(
+                ErrorCode::Invalid,
+                format!(
+                    "session id {} is already in use for another task",
+                    existing.session_id
+                ),
+            ))
+        }
+    }
+
+    async fn publish_start(
+        &self,
+        session: &SessionId,
+        trace: flotilla_protocol::TraceParent,
+    ) -> Result<(), flotilla_bus::PublishError> {
+        let msg = InboxMessage::Start(StartMessage {
+            v: V1,
+            session_id: session.clone(),
+        });
+        let payload = serde_json::to_vec(&msg).unwrap_or_default();
+        self.bus
+            .publish(&Outgoing {
+                subject: self.bus.names().inbox(session, &Role::orchestrator()),
+                msg_id: MessageId::start(session),
+                session: Some(session.clone()),
+                attempt: None,
+                trace: Some(trace),
+                payload: Bytes::from(payload),
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// Decodes a raw request and admits it.
+    pub async fn admit_bytes(&self, payload: &[u8]) -> OpenReply {
+        let req: OpenSession = match decode(payload, self.bus.config().max_payload) {
+            Ok(r) => r,
+            Err(e) => return Rejection::new(e.code(), e.to_string()).reply(),
+        };
+        match self.admit(&req).await {
+            Ok(session_id) => OpenReply::Accepted { v: V1, session_id },
+            Err(r) => r.reply(),
+        }
+    }
+
+    /// Serves `<p>.session.open` as a NATS micro service until `shutdown`.
+    pub async fn serve_endpoint(
+        self,
+        shutdown: CancellationToken,
+    ) -> Result<(), async_nats::Error> {
+        use async_nats::service::ServiceExt;
+        let names = self.bus.names().clone();
+        let service = self
+            .bus
+            .client
+            .service_builder()
+            .description("Flotilla admission: open a session, or be told the pool is full")
+            .start(names.service_name(), env!("CARGO_PKG_VERSION"))
+            .await?;
+        let mut endpoint = service
+            .endpoint_builder()
+            .name("open")
+            .add(names.session_open())
+            .await?;
+        let limit = Arc::new(tokio::sync::Semaphore::new(1024));
+        loop {
+            let req = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = endpoint.next() => match r { Some(r) => r, None => break },
+            };
+            let Ok(permit) = limit.clone().acquire_owned().await else {
+                break;
+            };
+            let this = self.clone();
+            tokio::spawn(async move {
+                let reply = this.admit_bytes(&req.message.payload).await;
+                let body = Bytes::from(serde_json::to_vec(&reply).unwrap_or_default());
+                let mut headers = async_nats::HeaderMap::new();
+                if let OpenReply::Rejected { code, message, .. } = &reply {
+                    // NATS micro convention, so generic tools see the error too.
+                    headers.insert("Nats-Service-Error", message.as_str());
+                    headers.insert(
+                        "Nats-Service-Error-Code",
+                        code.status().to_string().as_str(),
+                    );
+                }
+                if let Err(e) = req.respond_with_headers(Ok(body), headers).await {
+                    tracing::debug!(error = %e, "could not reply to open request");
+                }
+                drop(permit);
+            });
+        }
+        let _ = service.stop().await;
+        Ok(())
+    }
+
+    /// Consumes the durable submit queue until `shutdown`. A submission must carry its
+    /// `session_id`; a full pool leaves it queued and retries after `retry_after_ms`.
+    pub async fn serve_queue(
+        self,
+        settings: flotilla_bus::PoolSettings,
+        shutdown: CancellationToken,
+    ) -> Result<(), flotilla_bus::ConsumerError> {
+        let consumer = PoolConsumer::for_submit(&self.bus, settings).await?;
+        let bus = self.bus.clone();
+        consumer
+            .run(bus, shutdown, move |d: Delivery| {
+                let this = self.clone();
+                async move {
+                    let verdict = this.handle_submission(&d).await;
+                    settle(&this.bus, &d, verdict).await;
+                }
+            })
+            .await;
+        Ok(())
+    }
+
+    async fn handle_submission(&self, d: &Delivery) -> Result<(), VerdictError> {
+        let req: OpenSession = decode(d.payload(), self.bus.config().max_payload)
+            .map_err(|e| VerdictError::poison(e.code(), e.to_string()))?;
+        if req.session_id.is_none() {
+            return Err(VerdictError::poison(
+                ErrorCode::Invalid,
+                "a submission must carry its session_id",
+            ));
+        }
+        match self.admit(&req).await {
+            Ok(_) => Ok(()),
+            Err(r) => match r.code {
+                ErrorCode::PoolFull | ErrorCode::Unavailable => Err(VerdictError::retry(
+                    Duration::from_millis(r.retry_after_ms.unwrap_or(1000)),
+                    r.message,
+                )),
+                code => Err(VerdictError::poison(code, r.message)),
+            },
+        }
+    }
+}

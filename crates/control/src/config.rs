@@ -1,0 +1,105 @@
+//! The control plane's configuration.
+
+use std::time::Duration;
+
+use flotilla_bus::PoolSettings;
+use flotilla_protocol::Role;
+use serde::{Deserialize, Serialize};
+
+/// Session shape and admission.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionConfig {
+    /// Worker roles a session may use; a session without explicit roles gets all of them.
+    pub roles: Vec<Role>,
+    /// Fewest worker roles a session may have.
+    pub min_roles: usize,
+    /// Most worker roles a session may have.
+    pub max_roles: usize,
+    /// Task messages in flight per session at once; the rest wait in the record.
+    pub max_in_flight: usize,
+    /// Attempts per task before it fails for good (a failed attempt is retried with
+    /// its reason).
+    pub max_task_attempts: u32,
+    /// Sessions open at once across every `serve` instance.
+    pub pool_size: u32,
+    /// `retry_after_ms` given with a "pool full" rejection before any session has
+    /// ended to measure the real rate from.
+    pub retry_after_ms: u64,
+    /// Model the orchestrator plans and synthesizes with.
+    pub orchestrator_model: String,
+    /// How often slots are reconciled against session records (leaks from crashes).
+    #[serde(with = "humantime_serde")]
+    pub reconcile_every: Duration,
+    /// A slot without a live session record for this long is reclaimed.
+    #[serde(with = "humantime_serde")]
+    pub slot_grace: Duration,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        // Invariant: these literals are valid role names (covered by a unit test).
+        #[allow(clippy::expect_used)]
+        let role = |r: &str| Role::parse(r).expect("literal role name is valid");
+        Self {
+            roles: vec![
+                role("research"),
+                role("analysis"),
+                role("writing"),
+                role("review"),
+            ],
+            min_roles: 3,
+            max_roles: 5,
+            max_in_flight: 3,
+            max_task_attempts: 3,
+            pool_size: 600,
+            retry_after_ms: 1000,
+            orchestrator_model: "sim-small".to_owned(),
+            reconcile_every: Duration::from_secs(30),
+            slot_grace: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Everything `flotilla serve` runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    /// Sessions and admission.
+    pub session: SessionConfig,
+    /// The orchestrator pool's consumer settings.
+    pub orchestrator: PoolSettings,
+    /// The submit queue consumer's settings.
+    pub submit: PoolSettings,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            session: SessionConfig::default(),
+            orchestrator: PoolSettings {
+                concurrency: 1024,
+                max_deliver: 50,
+                ..PoolSettings::default()
+            },
+            submit: PoolSettings {
+                concurrency: 64,
+                max_deliver: -1,
+                ..PoolSettings::default()
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn defaults_are_valid() {
+        let c = super::ControlConfig::default();
+        assert_eq!(c.session.roles.len(), 4);
+        assert!(
+            c.session.min_roles <= c.session.roles.len()
+                && c.session.roles.len() <= c.session.max_roles
+        );
+    }
+}

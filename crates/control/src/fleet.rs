@@ -1,0 +1,94 @@
+//! A whole Flotilla in one process: `serve` plus one worker pool process per role, each
+//! on its own NATS connection, as `flotilla demo`, `flotilla bench` and the tests run it.
+
+use std::sync::Arc;
+
+use flotilla_agent::{LlmAgent, Worker};
+use flotilla_bus::{Bus, BusConfig, ConnectError, Counters, PoolSettings};
+use flotilla_llm::LlmClient;
+use flotilla_protocol::Role;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ControlConfig;
+use crate::serve::Serve;
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct FleetSpec {
+    /// NATS and topology.
+    pub bus: BusConfig,
+    /// Control plane.
+    pub control: ControlConfig,
+    /// `serve` processes.
+    pub serve_instances: usize,
+    /// Worker processes per role.
+    pub workers_per_role: usize,
+    /// Worker consumer settings.
+    pub worker: PoolSettings,
+    /// Model the workers use.
+    pub worker_model: String,
+}
+
+/// A running in-process fleet.
+#[derive(Debug)]
+pub struct Fleet {
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+    /// Counters shared by every component of the fleet.
+    pub counters: Arc<Counters>,
+}
+
+impl Fleet {
+    /// Starts `serve` instances and worker pools for every configured role.
+    pub async fn start(spec: FleetSpec, llm: Arc<dyn LlmClient>) -> Result<Self, ConnectError> {
+        let shutdown = CancellationToken::new();
+        let counters = Arc::new(Counters::default());
+        let mut tasks = JoinSet::new();
+        for i in 0..spec.serve_instances.max(1) {
+            let bus =
+                Bus::connect(&spec.bus, &format!("flotilla-serve-{i}"), counters.clone()).await?;
+            let serve = Serve::new(bus, llm.clone(), spec.control.clone());
+            let s = shutdown.child_token();
+            tasks.spawn(async move {
+                if let Err(e) = serve.run(s).await {
+                    tracing::error!(error = %e, "serve stopped");
+                }
+            });
+        }
+        for role in &spec.control.session.roles {
+            for i in 0..spec.workers_per_role.max(1) {
+                let bus = Bus::connect(
+                    &spec.bus,
+                    &format!("flotilla-agent-{role}-{i}"),
+                    counters.clone(),
+                )
+                .await?;
+                let agent = Arc::new(LlmAgent::new(
+                    role.clone(),
+                    spec.worker_model.clone(),
+                    llm.clone(),
+                ));
+                let worker = Worker::new(bus, role.clone(), agent, spec.worker.clone());
+                let s = shutdown.child_token();
+                let role: Role = role.clone();
+                tasks.spawn(async move {
+                    if let Err(e) = worker.run(s).await {
+                        tracing::error!(role = %role, error = %e, "worker stopped");
+                    }
+                });
+            }
+        }
+        Ok(Self {
+            shutdown,
+            tasks,
+            counters,
+        })
+    }
+
+    /// Stops everything and waits for the drain.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+}

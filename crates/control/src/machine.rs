@@ -1,0 +1,380 @@
+//! The session state machine: pure functions from (record, input) to the next record,
+//! with the effects to perform written into the record's outbox. No I/O, no clock:
+//! `now` is an input.
+//!
+//! ```text
+//! planning --plan--> running --all tasks done--> synthesizing --answer--> completed
+//!     \                 \--a task failed for good-----------------------> failed
+//!      \--plan invalid too often------------------------------------------> failed
+//! ```
+
+use flotilla_protocol::{
+    Answer, Effect, EventBody, Plan, PlannedTask, ResultMessage, SessionOutcome, SessionRecord,
+    SessionStatus, TaskEntry, TaskId, TaskOutcome, TaskState,
+};
+
+/// What became of a result message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResultVerdict {
+    /// Accepted as the task's result.
+    Accepted,
+    /// The attempt failed; the task will be retried.
+    Retrying,
+    /// The attempt failed and the task has no attempts left.
+    Failed,
+    /// A duplicate of an already handled result: nothing changed.
+    Duplicate,
+    /// For an attempt that is no longer current: fenced off.
+    Stale,
+    /// Names a task or role the session does not have: a forged or misrouted message.
+    Foreign(String),
+}
+
+fn emit(rec: &mut SessionRecord, id: String, body: EventBody) {
+    rec.outbox.push(Effect::Emit { id, body });
+}
+
+/// Applies an accepted plan: the task table, the `planned` event, and the first
+/// dispatches.
+pub fn on_planned(rec: &mut SessionRecord, plan: &Plan, max_in_flight: usize, now: u64) {
+    rec.tasks = plan
+        .subtasks
+        .iter()
+        .enumerate()
+        .map(|(i, s)| TaskEntry {
+            task_id: TaskId::nth(i + 1),
+            role: s.role.clone(),
+            instruction: s.instruction.clone(),
+            state: TaskState::Pending,
+            attempt: 0,
+        })
+        .collect();
+    rec.status = SessionStatus::Running;
+    rec.updated_ms = now;
+    let tasks = rec
+        .tasks
+        .iter()
+        .map(|t| PlannedTask {
+            task_id: t.task_id.clone(),
+            role: t.role.clone(),
+            instruction: t.instruction.clone(),
+        })
+        .collect();
+    emit(rec, "planned".into(), EventBody::Planned { tasks });
+    fill(rec, max_in_flight);
+}
+
+/// Ends the session as failed.
+pub fn fail(rec: &mut SessionRecord, failure: String, now: u64) {
+    rec.status = SessionStatus::Failed;
+    rec.failure = Some(failure.clone());
+    rec.updated_ms = now;
+    emit(
+        rec,
+        "done".into(),
+        EventBody::Done {
+            outcome: SessionOutcome::Failed,
+            answer: None,
+            failure: Some(failure),
+            duration_ms: now.saturating_sub(rec.opened_ms),
+        },
+    );
+    rec.outbox.push(Effect::ReleaseSlot);
+}
+
+/// Dispatches pending tasks while fewer than `max_in_flight` are dispatched.
+pub fn fill(rec: &mut SessionRecord, max_in_flight: usize) {
+    let mut in_flight = rec
+        .tasks
+        .iter()
+        .filter(|t| t.state == TaskState::Dispatched)
+        .count();
+    for i in 0..rec.tasks.len() {
+        if in_flight >= max_in_flight {
+            break;
+        }
+        if rec.tasks[i].state == TaskState::Pending {
+            let t = &mut rec.tasks[i];
+            t.state = TaskState::Dispatched;
+            t.attempt += 1;
+            let (task_id, attempt) = (t.task_id.clone(), t.attempt);
+            rec.counters.dispatched += 1;
+            rec.outbox.push(Effect::Dispatch { task_id, attempt });
+            in_flight += 1;
+        }
+    }
+}
+
+/// Applies a worker's result.
+pub fn on_result(
+    rec: &mut SessionRecord,
+    r: &ResultMessage,
+    max_in_flight: usize,
+    max_attempts: u32,
+    now: u64,
+) -> ResultVerdict {
+    if rec.status != SessionStatus::Running {
+        return ResultVerdict::Duplicate;
+    }
+    let Some(idx) = rec.tasks.iter().position(|t| t.task_id == r.task_id) else {
+        return ResultVerdict::Foreign(format!("session has no task {}", r.task_id));
+    };
+    let task = &rec.tasks[idx];
+    if task.role != r.role {
+        return ResultVerdict::Foreign(format!(
+            "task {} belongs to role {}, not {}",
+            r.task_id, task.role, r.role
+        ));
+    }
+    if r.attempt != task.attempt || task.state != TaskState::Dispatched {
+        if task.state == TaskState::Done && r.attempt == task.attempt {
+            return ResultVerdict::Duplicate;
+        }
+        let (tid, role) = (task.task_id.clone(), task.role.clone());
+        if r.attempt < task.attempt {
+            rec.counters.rejected += 1;
+            emit(
+                rec,
+                format!("result.{}.{}", tid, r.attempt),
+                EventBody::Result {
+                    task_id: tid,
+                    role,
+                    attempt: r.attempt,
+                    accepted: false,
+                    reason: Some("stale attempt fenced off".into()),
+                },
+            );
+            return ResultVerdict::Stale;
+        }
+        return ResultVerdict::Duplicate;
+    }
+    let (tid, role, attempt) = (task.task_id.clone(), task.role.clone(), task.attempt);
+    rec.updated_ms = now;
+    let verdict = match &r.outcome {
+        TaskOutcome::Completed => {
+            rec.tasks[idx].state = TaskState::Done;
+            rec.counters.accepted += 1;
+            emit(
+                rec,
+                format!("result.{tid}.{attempt}"),
+                EventBody::Result {
+                    task_id: tid,
+                    role,
+                    attempt,
+                    accepted: true,
+                    reason: None,
+                },
+            );
+            ResultVerdict::Accepted
+        }
+        TaskOutcome::Failed { reason } => {
+            rec.counters.rejected += 1;
+            emit(
+                rec,
+                format!("result.{tid}.{attempt}"),
+                EventBody::Result {
+                    task_id: tid.clone(),
+                    role: role.clone(),
+                    attempt,
+                    accepted: false,
+                    reason: Some(reason.clone()),
+                },
+            );
+            if attempt < max_attempts {
+                rec.tasks[idx].state = TaskState::Pending;
+                ResultVerdict::Retrying
+            } else {
+                rec.tasks[idx].state = TaskState::Failed;
+                ResultVerdict::Failed
+            }
+        }
+    };
+    if let Some(failed) = rec.tasks.iter().find(|t| t.state == TaskState::Failed) {
+        let why = format!(
+            "task {} ({}) failed after {} attempts: {}",
+            failed.task_id,
+            failed.role,
+            failed.attempt,
+            match &r.outcome {
+                TaskOutcome::Failed { reason } => reason.as_str(),
+                TaskOutcome::Completed => "failed",
+            }
+        );
+        fail(rec, why, now);
+        return verdict;
+    }
+    fill(rec, max_in_flight);
+    if rec.tasks.iter().all(|t| t.state == TaskState::Done) {
+        rec.status = SessionStatus::Synthesizing;
+    }
+    verdict
+}
+
+/// Completes the session with its answer.
+pub fn on_synthesized(rec: &mut SessionRecord, answer: Answer, now: u64) {
+    rec.status = SessionStatus::Completed;
+    rec.updated_ms = now;
+    rec.answer = Some(answer.clone());
+    emit(
+        rec,
+        "done".into(),
+        EventBody::Done {
+            outcome: SessionOutcome::Completed,
+            answer: Some(answer),
+            failure: None,
+            duration_ms: now.saturating_sub(rec.opened_ms),
+        },
+    );
+    rec.outbox.push(Effect::ReleaseSlot);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_protocol::{Role, SessionCounters, SessionId, Subtask, V1};
+
+    fn record(roles: &[&str]) -> SessionRecord {
+        SessionRecord {
+            v: V1,
+            session_id: SessionId::parse("s1").unwrap(),
+            task: "T".into(),
+            roles: roles.iter().map(|r| Role::parse(*r).unwrap()).collect(),
+            status: SessionStatus::Planning,
+            slot: 0,
+            traceparent: String::new(),
+            opened_ms: 1000,
+            updated_ms: 1000,
+            tasks: vec![],
+            answer: None,
+            failure: None,
+            outbox: vec![],
+            counters: SessionCounters::default(),
+        }
+    }
+
+    fn plan(rec: &SessionRecord) -> Plan {
+        Plan {
+            subtasks: rec
+                .roles
+                .iter()
+                .map(|r| Subtask {
+                    role: r.clone(),
+                    instruction: format!("do {r}"),
+                })
+                .collect(),
+        }
+    }
+
+    fn result(rec: &SessionRecord, i: usize, attempt: u32, outcome: TaskOutcome) -> ResultMessage {
+        ResultMessage {
+            v: V1,
+            session_id: rec.session_id.clone(),
+            task_id: rec.tasks[i].task_id.clone(),
+            role: rec.tasks[i].role.clone(),
+            attempt,
+            outcome,
+        }
+    }
+
+    fn dispatches(rec: &SessionRecord) -> usize {
+        rec.outbox
+            .iter()
+            .filter(|e| matches!(e, Effect::Dispatch { .. }))
+            .count()
+    }
+
+    #[test]
+    fn respects_in_flight_cap_and_completes() {
+        let mut rec = record(&["a", "b", "c", "d"]);
+        let p = plan(&rec);
+        on_planned(&mut rec, &p, 3, 1100);
+        assert_eq!(dispatches(&rec), 3);
+        assert_eq!(rec.tasks[3].state, TaskState::Pending);
+        rec.outbox.clear();
+        let r = result(&rec, 0, 1, TaskOutcome::Completed);
+        assert_eq!(on_result(&mut rec, &r, 3, 3, 1200), ResultVerdict::Accepted);
+        assert_eq!(
+            dispatches(&rec),
+            1,
+            "the fourth task goes out when the first ends"
+        );
+        assert_eq!(
+            on_result(&mut rec, &r, 3, 3, 1200),
+            ResultVerdict::Duplicate
+        );
+        for i in 1..4 {
+            let r = result(&rec, i, 1, TaskOutcome::Completed);
+            assert_eq!(on_result(&mut rec, &r, 3, 3, 1300), ResultVerdict::Accepted);
+        }
+        assert_eq!(rec.status, SessionStatus::Synthesizing);
+        on_synthesized(
+            &mut rec,
+            Answer {
+                summary: "s".into(),
+                sections: vec![],
+            },
+            2000,
+        );
+        assert_eq!(rec.status, SessionStatus::Completed);
+        assert!(rec.outbox.contains(&Effect::ReleaseSlot));
+    }
+
+    #[test]
+    fn failed_attempts_retry_then_fail_visibly() {
+        let mut rec = record(&["a", "b", "c"]);
+        let p = plan(&rec);
+        on_planned(&mut rec, &p, 3, 1100);
+        for attempt in 1..=2 {
+            let r = result(
+                &rec,
+                1,
+                attempt,
+                TaskOutcome::Failed {
+                    reason: "no artifacts".into(),
+                },
+            );
+            assert_eq!(on_result(&mut rec, &r, 3, 3, 1200), ResultVerdict::Retrying);
+            assert_eq!(rec.tasks[1].attempt, attempt + 1);
+        }
+        let stale = result(&rec, 1, 1, TaskOutcome::Completed);
+        assert_eq!(
+            on_result(&mut rec, &stale, 3, 3, 1200),
+            ResultVerdict::Stale
+        );
+        let r = result(
+            &rec,
+            1,
+            3,
+            TaskOutcome::Failed {
+                reason: "no artifacts".into(),
+            },
+        );
+        assert_eq!(on_result(&mut rec, &r, 3, 3, 1300), ResultVerdict::Failed);
+        assert_eq!(rec.status, SessionStatus::Failed);
+        let failure = rec.failure.clone().unwrap();
+        assert!(
+            failure.contains("t2") && failure.contains("no artifacts"),
+            "{failure}"
+        );
+    }
+
+    #[test]
+    fn foreign_results_change_nothing() {
+        let mut rec = record(&["a", "b", "c"]);
+        let p = plan(&rec);
+        on_planned(&mut rec, &p, 3, 1100);
+        let before = rec.clone();
+        let mut r = result(&rec, 0, 1, TaskOutcome::Completed);
+        r.role = Role::parse("b").unwrap();
+        assert!(matches!(
+            on_result(&mut rec, &r, 3, 3, 1200),
+            ResultVerdict::Foreign(_)
+        ));
+        r.task_id = TaskId::parse("t9").unwrap();
+        assert!(matches!(
+            on_result(&mut rec, &r, 3, 3, 1200),
+            ResultVerdict::Foreign(_)
+        ));
+        assert_eq!(rec, before);
+    }
+}

@@ -1,0 +1,430 @@
+//! The orchestrator agent: the `orchestrator` role pool, served by `flotilla serve`.
+//!
+//! It consumes `<p>.s.*.in.orchestrator` on one durable consumer shared by every
+//! `serve` instance, so a session's orchestration continues on another instance when
+//! one dies. Each message drives the session's state machine ([`crate::machine`]) by
+//! compare-and-set on the session record; the effects of a transition (dispatches,
+//! events, slot release) are committed in the record's outbox in the same write and
+//! performed afterwards with deterministic message ids, so a crash between the write
+//! and the effects is repaired by whoever handles the session next.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use flotilla_agent::{VerdictError, open_inbox_delivery, settle};
+use flotilla_bus::{Bus, Counters, Delivery, KvError, Outgoing, PoolConsumer, PublishError};
+use flotilla_llm::LlmClient;
+use flotilla_protocol::subject::keys;
+use flotilla_protocol::{
+    Answer, AnswerSection, DEFAULT_MAX_PAYLOAD, Effect, ErrorCode, Event, EventBody, InboxMessage,
+    MessageId, Plan, ResultMessage, Role, SessionId, SessionRecord, SessionStatus, TaskId,
+    TaskMessage, TaskRecord, TaskRunState, TaskState, TraceParent, V1, decode, epoch_ms,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::config::ControlConfig;
+use crate::machine::{self, ResultVerdict};
+use crate::prompts;
+use crate::slots;
+
+/// How many times a plan is asked for before the session fails.
+const PLAN_ATTEMPTS: usize = 3;
+/// Compare-and-set rounds before handing the message back for redelivery.
+const CAS_ROUNDS: usize = 32;
+
+enum Input {
+    Start,
+    Result(ResultMessage),
+}
+
+/// The orchestrator pool process.
+#[derive(Clone)]
+pub struct Orchestrator {
+    bus: Bus,
+    llm: Arc<dyn LlmClient>,
+    config: Arc<ControlConfig>,
+}
+
+impl std::fmt::Debug for Orchestrator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Orchestrator").finish_non_exhaustive()
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Synthesis {
+    summary: String,
+}
+
+fn now() -> u64 {
+    epoch_ms(SystemTime::now())
+}
+
+impl Orchestrator {
+    /// An orchestrator planning and synthesizing with `llm`.
+    pub fn new(bus: Bus, llm: Arc<dyn LlmClient>, config: Arc<ControlConfig>) -> Self {
+        Self { bus, llm, config }
+    }
+
+    /// Serves the orchestrator role until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), flotilla_bus::ConsumerError> {
+        let consumer = PoolConsumer::for_role(
+            &self.bus,
+            &Role::orchestrator(),
+            self.config.orchestrator.clone(),
+        )
+        .await?;
+        let bus = self.bus.clone();
+        consumer
+            .run(bus, shutdown, move |d: Delivery| {
+                let this = self.clone();
+                async move {
+                    let verdict = this.handle(&d).await;
+                    settle(&this.bus, &d, verdict).await;
+                }
+            })
+            .await;
+        Ok(())
+    }
+
+    async fn handle(&self, d: &Delivery) -> Result<(), VerdictError> {
+        let msg = open_inbox_delivery(&self.bus, d, &Role::orchestrator())?;
+        let session = msg.session_id().clone();
+        let input = match msg {
+            InboxMessage::Start(_) => Input::Start,
+            InboxMessage::Result(r) => Input::Result(r),
+            InboxMessage::Task(_) => {
+                return Err(VerdictError::poison(
+                    ErrorCode::UnknownRole,
+                    "task messages do not go to the orchestrator",
+                ));
+            }
+        };
+        let span = tracing::info_span!(
+            "orchestrate",
+            session = %session,
+            role = "orchestrator",
+            task = match &input { Input::Result(r) => r.task_id.as_str().to_owned(), Input::Start => String::new() },
+            trace_id = d.trace().map(|t| t.trace_id_hex()).unwrap_or_default(),
+        );
+        self.drive(&session, input).instrument(span).await
+    }
+
+    async fn drive(&self, session: &SessionId, input: Input) -> Result<(), VerdictError> {
+        let records = self.bus.sessions();
+        let key = keys::session(session);
+        let cfg = &self.config.session;
+        let mut input = Some(input);
+        for _ in 0..CAS_ROUNDS {
+            let Some((mut rec, rev)) = records.get::<SessionRecord>(&key).await? else {
+                return Err(VerdictError::poison(
+                    ErrorCode::UnknownSession,
+                    format!("no session {session}"),
+                ));
+            };
+            if !rec.outbox.is_empty() {
+                self.perform(&rec).await?;
+                rec.outbox.clear();
+                match records.update(&key, &rec, rev).await {
+                    Ok(_) | Err(KvError::Conflict { .. }) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let mut changed = match (&input, rec.status) {
+                (Some(Input::Start), SessionStatus::Planning) => {
+                    match self.plan(&rec).await? {
+                        Ok(plan) => machine::on_planned(&mut rec, &plan, cfg.max_in_flight, now()),
+                        Err(why) => machine::fail(&mut rec, why, now()),
+                    }
+                    true
+                }
+                (Some(Input::Result(r)), _) => {
+                    match machine::on_result(
+                        &mut rec,
+                        r,
+                        cfg.max_in_flight,
+                        cfg.max_task_attempts,
+                        now(),
+                    ) {
+                        ResultVerdict::Duplicate => false,
+                        ResultVerdict::Foreign(why) => {
+                            return Err(VerdictError::poison(ErrorCode::WrongSession, why));
+                        }
+                        v => {
+                            tracing::info!(verdict = ?v, task = %r.task_id, attempt = r.attempt, "result");
+                            true
+                        }
+                    }
+                }
+                _ => false,
+            };
+            if !changed && rec.status == SessionStatus::Synthesizing {
+                let answer = self.synthesize(&rec).await?;
+                machine::on_synthesized(&mut rec, answer, now());
+                changed = true;
+            }
+            if !changed {
+                return Ok(());
+            }
+            match records.update(&key, &rec, rev).await {
+                Ok(new_rev) => {
+                    self.perform(&rec).await?;
+                    if rec.status.is_terminal() {
+                        tracing::info!(status = ?rec.status, "session ended");
+                    }
+                    rec.outbox.clear();
+                    // Best effort: a conflict means someone else will perform and clear.
+                    let _ = records.update(&key, &rec, new_rev).await;
+                    if rec.status == SessionStatus::Synthesizing {
+                        input = None;
+                        continue;
+                    }
+                    return Ok(());
+                }
+                Err(KvError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(VerdictError::retry(
+            Duration::from_millis(100),
+            "session record kept changing",
+        ))
+    }
+
+    /// Asks for a plan, up to [`PLAN_ATTEMPTS`] times; `Ok(Err(why))` when every plan
+    /// was invalid (the session fails), `Err` for a transient failure (redeliver).
+    async fn plan(&self, rec: &SessionRecord) -> Result<Result<Plan, String>, VerdictError> {
+        let model = &self.config.session.orchestrator_model;
+        let mut feedback: Option<String> = None;
+        for _ in 0..PLAN_ATTEMPTS {
+            let req = prompts::plan(model, rec, feedback.as_deref());
+            let completion = self
+                .llm
+                .complete(&req)
+                .await
+                .map_err(|e| VerdictError::retry(Duration::from_secs(1), e.to_string()))?;
+            let why = match decode::<Plan>(completion.content.as_bytes(), DEFAULT_MAX_PAYLOAD) {
+                Ok(plan) => match plan.validate(&rec.roles, self.config.session.max_roles) {
+                    Ok(()) => return Ok(Ok(plan)),
+                    Err(e) => e.to_string(),
+                },
+                Err(e) => e.to_string(),
+            };
+            tracing::warn!(reason = %why, "plan rejected");
+            feedback = Some(why);
+        }
+        Ok(Err(format!(
+            "no valid plan after {PLAN_ATTEMPTS} attempts: {}",
+            feedback.unwrap_or_default()
+        )))
+    }
+
+    async fn synthesize(&self, rec: &SessionRecord) -> Result<Answer, VerdictError> {
+        let mut sections = Vec::with_capacity(rec.tasks.len());
+        for t in rec.tasks.iter().filter(|t| t.state == TaskState::Done) {
+            let Some((tr, _)) = self
+                .bus
+                .sessions()
+                .get::<TaskRecord>(&keys::task(&rec.session_id, &t.task_id))
+                .await?
+            else {
+                return Err(VerdictError::retry(
+                    Duration::from_millis(500),
+                    "task record missing",
+                ));
+            };
+            match (tr.attempt == t.attempt, tr.state, tr.output) {
+                (true, TaskRunState::Done, Some(output)) => sections.push(AnswerSection {
+                    task_id: t.task_id.clone(),
+                    role: t.role.clone(),
+                    output,
+                }),
+                _ => {
+                    return Err(VerdictError::retry(
+                        Duration::from_millis(500),
+                        format!(
+                            "task {} has no committed output for attempt {}",
+                            t.task_id, t.attempt
+                        ),
+                    ));
+                }
+            }
+        }
+        let results: Vec<(String, _)> = sections
+            .iter()
+            .map(|s| (s.role.to_string(), s.output.clone()))
+            .collect();
+        let req = prompts::synthesis(&self.config.session.orchestrator_model, rec, &results);
+        let completion = self
+            .llm
+            .complete(&req)
+            .await
+            .map_err(|e| VerdictError::retry(Duration::from_secs(1), e.to_string()))?;
+        let s: Synthesis =
+            decode(completion.content.as_bytes(), DEFAULT_MAX_PAYLOAD).map_err(|e| {
+                VerdictError::retry(Duration::from_secs(1), format!("synthesis unusable: {e}"))
+            })?;
+        Ok(Answer {
+            summary: s.summary,
+            sections,
+        })
+    }
+
+    /// Performs a record's outbox. Every effect is idempotent.
+    async fn perform(&self, rec: &SessionRecord) -> Result<(), VerdictError> {
+        let trace = TraceParent::parse(&rec.traceparent).ok();
+        for effect in &rec.outbox {
+            match effect {
+                Effect::Dispatch { task_id, attempt } => {
+                    self.dispatch(rec, task_id, *attempt, trace).await?
+                }
+                Effect::Emit { id, body } => {
+                    emit(&self.bus, &rec.session_id, id, body.clone(), trace).await?
+                }
+                Effect::ReleaseSlot => slots::release(&self.bus, rec.slot, &rec.session_id).await?,
+            }
+        }
+        Ok(())
+    }
+
+    async fn dispatch(
+        &self,
+        rec: &SessionRecord,
+        task_id: &TaskId,
+        attempt: u32,
+        trace: Option<TraceParent>,
+    ) -> Result<(), VerdictError> {
+        let Some(entry) = rec.tasks.iter().find(|t| &t.task_id == task_id) else {
+            return Ok(());
+        };
+        // The task record must be at this attempt before the message can be claimed.
+        let key = keys::task(&rec.session_id, task_id);
+        let fresh = TaskRecord {
+            v: V1,
+            session_id: rec.session_id.clone(),
+            task_id: task_id.clone(),
+            role: entry.role.clone(),
+            attempt,
+            state: TaskRunState::Queued,
+            holder: None,
+            output: None,
+            error: None,
+            updated_ms: now(),
+        };
+        let records = self.bus.sessions();
+        let mut ready = false;
+        for _ in 0..8 {
+            match records.get::<TaskRecord>(&key).await? {
+                None => match records.create(&key, &fresh).await {
+                    Ok(_) => {
+                        ready = true;
+                        break;
+                    }
+                    Err(KvError::Exists { .. }) => continue,
+                    Err(e) => return Err(e.into()),
+                },
+                Some((cur, _)) if cur.attempt >= attempt => {
+                    ready = true;
+                    break;
+                }
+                Some((_, rev)) => match records.update(&key, &fresh, rev).await {
+                    Ok(_) => {
+                        ready = true;
+                        break;
+                    }
+                    Err(KvError::Conflict { .. }) => continue,
+                    Err(e) => return Err(e.into()),
+                },
+            }
+        }
+        if !ready {
+            return Err(VerdictError::retry(
+                Duration::from_millis(200),
+                "task record kept changing",
+            ));
+        }
+        let msg = InboxMessage::Task(TaskMessage {
+            v: V1,
+            session_id: rec.session_id.clone(),
+            task_id: task_id.clone(),
+            role: entry.role.clone(),
+            attempt,
+            instruction: entry.instruction.clone(),
+            context: rec.task.clone(),
+        });
+        let out = Outgoing {
+            subject: self.bus.names().inbox(&rec.session_id, &entry.role),
+            msg_id: MessageId::task(&rec.session_id, task_id, attempt),
+            session: Some(rec.session_id.clone()),
+            attempt: Some(attempt),
+            trace,
+            payload: Bytes::from(serde_json::to_vec(&msg).unwrap_or_default()),
+        };
+        match self.bus.publish(&out).await {
+            Ok(p) => {
+                if !p.duplicate {
+                    Counters::inc(&self.bus.counters.dispatched);
+                }
+            }
+            Err(PublishError::Full { .. }) => {
+                // Backpressure: the effect stays in the outbox and is retried later.
+                let body = EventBody::Backpressure {
+                    task_id: task_id.clone(),
+                    role: entry.role.clone(),
+                    attempt,
+                };
+                let id = format!("backpressure.{task_id}.{attempt}.{}", now() / 1000);
+                emit(&self.bus, &rec.session_id, &id, body, trace).await?;
+                return Err(VerdictError::retry(
+                    Duration::from_millis(500),
+                    format!("inbox of {} is full", entry.role),
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let body = EventBody::Dispatched {
+            task_id: task_id.clone(),
+            role: entry.role.clone(),
+            attempt,
+        };
+        emit(
+            &self.bus,
+            &rec.session_id,
+            &format!("dispatched.{task_id}.{attempt}"),
+            body,
+            trace,
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// Publishes one event of a session with message id `<sid>.ev.<id>`.
+pub async fn emit(
+    bus: &Bus,
+    session: &SessionId,
+    id: &str,
+    body: EventBody,
+    trace: Option<TraceParent>,
+) -> Result<(), PublishError> {
+    let kind = body.kind();
+    let event = Event {
+        v: V1,
+        session_id: session.clone(),
+        at_ms: now(),
+        body,
+    };
+    bus.publish(&Outgoing {
+        subject: bus.names().event(session, kind),
+        msg_id: MessageId::event(session, id),
+        session: Some(session.clone()),
+        attempt: None,
+        trace,
+        payload: Bytes::from(serde_json::to_vec(&event).unwrap_or_default()),
+    })
+    .await
+    .map(|_| ())
+}

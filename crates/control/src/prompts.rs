@@ -1,0 +1,75 @@
+//! The orchestrator's prompts. The user message is always a JSON object, which real
+//! models read well and the simulated provider parses.
+
+use flotilla_llm::{ChatMessage, CompletionRequest, ResponseFormat, schema};
+use flotilla_protocol::{SessionRecord, TaskOutput};
+
+fn schema_of(file: &str) -> serde_json::Value {
+    flotilla_protocol::schema::all()
+        .into_iter()
+        .find(|(n, _)| *n == file)
+        .and_then(|(_, s)| serde_json::from_str(&s).ok())
+        .unwrap_or_default()
+}
+
+/// Asks for a plan: one subtask per worker role, in a sensible order.
+pub fn plan(model: &str, rec: &SessionRecord, feedback: Option<&str>) -> CompletionRequest {
+    let mut input = serde_json::json!({
+        "task": rec.task,
+        "roles": rec.roles,
+    });
+    if let Some(f) = feedback {
+        input["previous_plan_rejected_because"] = serde_json::Value::String(f.to_owned());
+    }
+    CompletionRequest {
+        model: model.to_owned(),
+        messages: vec![
+            ChatMessage::system(
+                "You are the orchestrator of a team of specialist agents. Split the user's task into \
+                 subtasks, one per listed role, each with a precise instruction. Use only the listed roles.",
+            ),
+            ChatMessage::user(input.to_string()),
+        ],
+        response_format: Some(ResponseFormat {
+            name: schema::PLAN.to_owned(),
+            schema: schema_of("plan.json"),
+        }),
+        max_tokens: Some(2048),
+    }
+}
+
+/// Asks for the final answer from the workers' results.
+pub fn synthesis(
+    model: &str,
+    rec: &SessionRecord,
+    results: &[(String, TaskOutput)],
+) -> CompletionRequest {
+    let input = serde_json::json!({
+        "task": rec.task,
+        "results": results.iter().map(|(role, out)| serde_json::json!({
+            "role": role,
+            "summary": out.summary,
+            "artifacts": out.artifacts,
+        })).collect::<Vec<_>>(),
+    });
+    CompletionRequest {
+        model: model.to_owned(),
+        messages: vec![
+            ChatMessage::system(
+                "You are the orchestrator of a team of specialist agents. Write the final answer to the \
+                 user's task from your team's results. Answer with JSON: {\"summary\": string}.",
+            ),
+            ChatMessage::user(input.to_string()),
+        ],
+        response_format: Some(ResponseFormat {
+            name: schema::SYNTHESIS.to_owned(),
+            schema: serde_json::json!({
+                "type": "object",
+                "properties": {"summary": {"type": "string"}},
+                "required": ["summary"],
+                "additionalProperties": false
+            }),
+        }),
+        max_tokens: Some(4096),
+    }
+}

@@ -1,0 +1,112 @@
+//! `flotilla serve`: admission (endpoint and submit queue), the orchestrator pool, and
+//! slot reconciliation, as one process.
+
+use std::sync::Arc;
+
+use flotilla_bus::Bus;
+use flotilla_llm::LlmClient;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::admission::Admission;
+use crate::config::ControlConfig;
+use crate::orchestrator::Orchestrator;
+use crate::slots::SlotTable;
+
+/// A component of `serve` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Loading the slot view failed: NATS is unreachable.
+    #[error("cannot watch admission slots: {0}")]
+    Slots(#[from] flotilla_bus::KvError),
+    /// A consumer could not be bound: check the topology.
+    #[error(transparent)]
+    Consumer(#[from] flotilla_bus::ConsumerError),
+    /// The admission endpoint could not be registered.
+    #[error("admission endpoint failed: {0}")]
+    Endpoint(String),
+}
+
+/// The control plane of one `serve` process.
+#[derive(Clone)]
+pub struct Serve {
+    bus: Bus,
+    llm: Arc<dyn LlmClient>,
+    config: Arc<ControlConfig>,
+}
+
+impl std::fmt::Debug for Serve {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Serve").finish_non_exhaustive()
+    }
+}
+
+impl Serve {
+    /// A control plane over `bus`, planning with `llm`.
+    pub fn new(bus: Bus, llm: Arc<dyn LlmClient>, config: ControlConfig) -> Self {
+        Self {
+            bus,
+            llm,
+            config: Arc::new(config),
+        }
+    }
+
+    /// Runs until `shutdown`, then drains.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ServeError> {
+        let cfg = &self.config.session;
+        let slots = SlotTable::new(self.bus.clone(), cfg.pool_size, cfg.retry_after_ms);
+        slots.watch(shutdown.child_token()).await?;
+        let admission = Admission::new(self.bus.clone(), cfg.clone(), slots.clone());
+        let mut tasks: JoinSet<Result<(), ServeError>> = JoinSet::new();
+
+        let (a, s) = (admission.clone(), shutdown.child_token());
+        tasks.spawn(async move {
+            a.serve_endpoint(s)
+                .await
+                .map_err(|e| ServeError::Endpoint(e.to_string()))
+        });
+        let (a, s, settings) = (
+            admission,
+            shutdown.child_token(),
+            self.config.submit.clone(),
+        );
+        tasks.spawn(async move { Ok(a.serve_queue(settings, s).await?) });
+        let orch = Orchestrator::new(self.bus.clone(), self.llm.clone(), self.config.clone());
+        let s = shutdown.child_token();
+        tasks.spawn(async move { Ok(orch.run(s).await?) });
+
+        let (every, grace, s) = (cfg.reconcile_every, cfg.slot_grace, shutdown.child_token());
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = s.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(every) => {}
+                }
+                if let Err(e) = slots.reconcile(grace).await {
+                    tracing::warn!(error = %e, "slot reconciliation failed");
+                }
+            }
+        });
+        tracing::info!("serve started");
+
+        let mut first_err = None;
+        while let Some(res) = tasks.join_next().await {
+            match res {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "serve component failed; shutting down");
+                    first_err.get_or_insert(e);
+                    shutdown.cancel();
+                }
+                Err(join) => {
+                    tracing::error!(error = %join, "serve component panicked; shutting down");
+                    shutdown.cancel();
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! The provider-neutral request/response model and the [`LlmClient`] trait.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Who said a chat message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChatRole {
+    /// Instructions.
+    System,
+    /// The input.
+    User,
+    /// A previous model turn.
+    Assistant,
+}
+
+/// One chat message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// Speaker.
+    pub role: ChatRole,
+    /// Text.
+    pub content: String,
+}
+
+impl ChatMessage {
+    /// A system message.
+    pub fn system(content: impl Into<String>) -> Self {
+        Self {
+            role: ChatRole::System,
+            content: content.into(),
+        }
+    }
+    /// A user message.
+    pub fn user(content: impl Into<String>) -> Self {
+        Self {
+            role: ChatRole::User,
+            content: content.into(),
+        }
+    }
+}
+
+/// Structured output requested from the model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResponseFormat {
+    /// Schema name (see [`crate::schema`]).
+    pub name: String,
+    /// JSON Schema the output must follow.
+    pub schema: serde_json::Value,
+}
+
+/// A completion request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompletionRequest {
+    /// Model name.
+    pub model: String,
+    /// The conversation.
+    pub messages: Vec<ChatMessage>,
+    /// Structured output, if required.
+    pub response_format: Option<ResponseFormat>,
+    /// Ceiling on completion tokens.
+    pub max_tokens: Option<u32>,
+}
+
+/// Token usage reported for a call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Prompt tokens.
+    pub prompt_tokens: u32,
+    /// Completion tokens.
+    pub completion_tokens: u32,
+}
+
+impl Usage {
+    /// Prompt plus completion.
+    pub fn total(&self) -> u32 {
+        self.prompt_tokens + self.completion_tokens
+    }
+}
+
+/// A completion.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    /// The text (JSON when a response format was requested).
+    pub content: String,
+    /// Token usage.
+    pub usage: Usage,
+}
+
+/// A call failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LlmError {
+    /// The provider is rate limiting: wait `retry_after` and retry.
+    #[error("rate limited, retry after {retry_after:?}")]
+    RateLimited {
+        /// How long the provider asked to wait.
+        retry_after: Option<Duration>,
+    },
+    /// The provider failed or could not be reached: retry later.
+    #[error("provider unavailable: {0}")]
+    Unavailable(String),
+    /// The provider answered with something unusable: repair or fail the attempt.
+    #[error("unusable response: {0}")]
+    BadResponse(String),
+    /// The request itself is wrong (bad model, too long): do not retry.
+    #[error("request refused: {0}")]
+    Refused(String),
+}
+
+/// The future a [`LlmClient`] returns.
+pub type LlmFuture<'a> = Pin<Box<dyn Future<Output = Result<Completion, LlmError>> + Send + 'a>>;
+
+/// Anything that completes chat requests. Object-safe, so agents hold an
+/// `Arc<dyn LlmClient>` and tests swap the provider.
+pub trait LlmClient: Send + Sync {
+    /// Completes `request`.
+    fn complete<'a>(&'a self, request: &'a CompletionRequest) -> LlmFuture<'a>;
+}

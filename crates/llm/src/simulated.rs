@@ -1,0 +1,322 @@
+//! The simulated provider: deterministic for a seed, with configurable latency and
+//! token usage, producing valid plans, task outputs with artifacts, and syntheses.
+//!
+//! The user message of each Flotilla prompt is a JSON object (see the prompt builders
+//! in the agent and control crates); the simulator reads it to produce output that
+//! refers to the real task, role and instruction, so tests can check that every answer
+//! holds its own session's work and nothing else. Randomness comes from a hash of the
+//! seed and the request, so the same request always gets the same answer and latency,
+//! whatever the scheduling.
+
+use std::time::Duration;
+
+use flotilla_protocol::{Artifact, Plan, Role, Subtask, TaskOutput};
+use serde::{Deserialize, Serialize};
+
+use crate::client::{Completion, CompletionRequest, LlmClient, LlmError, LlmFuture, Usage};
+use crate::schema;
+
+/// Simulated provider settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimConfig {
+    /// Seed: the same seed and request give the same output and latency.
+    pub seed: u64,
+    /// Mean latency of a call, in milliseconds.
+    pub latency_ms: u64,
+    /// Latency spread: each call takes `latency_ms x (1 ± jitter)`, uniformly.
+    pub jitter: f64,
+    /// Completion tokens per call: uniformly between these two.
+    pub completion_tokens: (u32, u32),
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            seed: 7,
+            latency_ms: 200,
+            jitter: 0.5,
+            completion_tokens: (80, 400),
+        }
+    }
+}
+
+/// A deterministic PRNG (SplitMix64) seeded from the request.
+#[derive(Debug, Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn range(&mut self, lo: u32, hi: u32) -> u32 {
+        if hi <= lo {
+            return lo;
+        }
+        lo + (self.next() % u64::from(hi - lo + 1)) as u32
+    }
+}
+
+/// FNV-1a: a stable hash (unlike `std`'s, which is randomized per process).
+fn fnv1a(seed: u64, parts: &[&str]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed;
+    for p in parts {
+        for b in p.bytes().chain(std::iter::once(0xff)) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// The simulated provider.
+#[derive(Debug, Clone, Default)]
+pub struct SimulatedProvider {
+    config: SimConfig,
+}
+
+#[derive(Deserialize)]
+struct PlanInput {
+    task: String,
+    roles: Vec<Role>,
+}
+
+#[derive(Deserialize)]
+struct WorkInput {
+    role: String,
+    task_id: String,
+    instruction: String,
+}
+
+#[derive(Deserialize)]
+struct SynthesisInput {
+    task: String,
+    results: Vec<SynthesisItem>,
+}
+
+#[derive(Deserialize)]
+struct SynthesisItem {
+    role: String,
+    summary: String,
+}
+
+impl SimulatedProvider {
+    /// A provider with these settings.
+    pub fn new(config: SimConfig) -> Self {
+        Self { config }
+    }
+
+    /// The latency and output for `request`, without waiting.
+    pub fn respond(&self, request: &CompletionRequest) -> Result<(Duration, Completion), LlmError> {
+        let texts: Vec<&str> = request
+            .messages
+            .iter()
+            .map(|m| m.content.as_str())
+            .collect();
+        let mut rng = Rng(fnv1a(self.config.seed, &texts));
+        let jitter = self.config.jitter.clamp(0.0, 1.0);
+        let factor = 1.0 + jitter * (2.0 * rng.unit() - 1.0);
+        let latency = Duration::from_micros(
+            (self.config.latency_ms as f64 * 1000.0 * factor).max(0.0) as u64,
+        );
+        let input = request
+            .messages
+            .iter()
+            .rev()
+            .find(|m| m.role == crate::client::ChatRole::User)
+            .map(|m| m.content.as_str())
+            .ok_or_else(|| LlmError::Refused("no user message".into()))?;
+        let name = request.response_format.as_ref().map(|f| f.name.as_str());
+        let bad = |e: serde_json::Error| {
+            LlmError::Refused(format!("simulator cannot read its input: {e}"))
+        };
+        let content = match name {
+            Some(schema::PLAN) => {
+                let p: PlanInput = serde_json::from_str(input).map_err(bad)?;
+                let plan = Plan {
+                    subtasks: p
+                        .roles
+                        .iter()
+                        .map(|r| Subtask {
+                            role: r.clone(),
+                            instruction: format!(
+                                "As the {r} specialist, handle your part of: {}",
+                                p.task
+                            ),
+                        })
+                        .collect(),
+                };
+                serde_json::to_string(&plan).map_err(|e| LlmError::BadResponse(e.to_string()))?
+            }
+            Some(schema::TASK_OUTPUT) => {
+                let w: WorkInput = serde_json::from_str(input).map_err(bad)?;
+                let n = 1 + (rng.next() % 3) as usize;
+                let out = TaskOutput {
+                    summary: format!("{} result for {}: {}", w.role, w.task_id, w.instruction),
+                    artifacts: (1..=n)
+                        .map(|i| Artifact {
+                            name: format!("{}-{}-{i}", w.role, w.task_id),
+                            kind: ["note", "table", "citation"][i % 3].to_owned(),
+                            content: format!(
+                                "[{}#{:08x}] {}",
+                                w.role,
+                                rng.next() as u32,
+                                w.instruction
+                            ),
+                        })
+                        .collect(),
+                };
+                serde_json::to_string(&out).map_err(|e| LlmError::BadResponse(e.to_string()))?
+            }
+            Some(schema::SYNTHESIS) => {
+                let s: SynthesisInput = serde_json::from_str(input).map_err(bad)?;
+                let parts: Vec<String> = s
+                    .results
+                    .iter()
+                    .map(|r| format!("{}: {}", r.role, r.summary))
+                    .collect();
+                serde_json::json!({
+                    "summary": format!("Answer to \"{}\", from {} specialists. {}", s.task, s.results.len(), parts.join(" | "))
+                })
+                .to_string()
+            }
+            _ => format!("simulated reply #{:08x}", rng.next() as u32),
+        };
+        let prompt_tokens = texts.iter().map(|t| t.len() as u32 / 4 + 1).sum();
+        let (lo, hi) = self.config.completion_tokens;
+        let completion_tokens = rng.range(lo, hi);
+        Ok((
+            latency,
+            Completion {
+                content,
+                usage: Usage {
+                    prompt_tokens,
+                    completion_tokens,
+                },
+            },
+        ))
+    }
+}
+
+impl LlmClient for SimulatedProvider {
+    fn complete<'a>(&'a self, request: &'a CompletionRequest) -> LlmFuture<'a> {
+        Box::pin(async move {
+            let (latency, completion) = self.respond(request)?;
+            if !latency.is_zero() {
+                tokio::time::sleep(latency).await;
+            }
+            Ok(completion)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::{ChatMessage, ResponseFormat};
+
+    fn req(name: &str, input: serde_json::Value) -> CompletionRequest {
+        CompletionRequest {
+            model: "sim".into(),
+            messages: vec![
+                ChatMessage::system("s"),
+                ChatMessage::user(input.to_string()),
+            ],
+            response_format: Some(ResponseFormat {
+                name: name.into(),
+                schema: serde_json::json!({}),
+            }),
+            max_tokens: None,
+        }
+    }
+
+    #[test]
+    fn deterministic_for_a_seed() {
+        let p = SimulatedProvider::new(SimConfig::default());
+        let r = req(
+            schema::TASK_OUTPUT,
+            serde_json::json!({"role":"research","task_id":"t1","instruction":"x"}),
+        );
+        let a = p.respond(&r).unwrap();
+        let b = p.respond(&r).unwrap();
+        assert_eq!(a, b);
+        let other = SimulatedProvider::new(SimConfig {
+            seed: 8,
+            ..SimConfig::default()
+        });
+        assert_ne!(a.1.content, other.respond(&r).unwrap().1.content);
+    }
+
+    #[test]
+    fn outputs_are_valid() {
+        let p = SimulatedProvider::new(SimConfig::default());
+        let roles = ["research", "analysis", "writing"];
+        let plan = p
+            .respond(&req(
+                schema::PLAN,
+                serde_json::json!({"task":"T","roles":roles}),
+            ))
+            .unwrap()
+            .1;
+        let plan: Plan = serde_json::from_str(&plan.content).unwrap();
+        let roles: Vec<Role> = roles.iter().map(|r| Role::parse(*r).unwrap()).collect();
+        plan.validate(&roles, 5).unwrap();
+        let out = p
+            .respond(&req(
+                schema::TASK_OUTPUT,
+                serde_json::json!({"role":"research","task_id":"t1","instruction":"dig"}),
+            ))
+            .unwrap()
+            .1;
+        let out: TaskOutput = serde_json::from_str(&out.content).unwrap();
+        out.validate().unwrap();
+        assert!(out.artifacts.iter().all(|a| a.content.contains("dig")));
+    }
+
+    #[test]
+    fn latency_within_configured_spread() {
+        let p = SimulatedProvider::new(SimConfig {
+            latency_ms: 100,
+            jitter: 0.2,
+            ..SimConfig::default()
+        });
+        for i in 0..50 {
+            let (lat, c) = p
+                .respond(&req(
+                    schema::TASK_OUTPUT,
+                    serde_json::json!({"role":"r","task_id":format!("t{i}"),"instruction":"i"}),
+                ))
+                .unwrap();
+            assert!(
+                lat >= Duration::from_millis(80) && lat <= Duration::from_millis(120),
+                "{lat:?}"
+            );
+            assert!((80..=400).contains(&c.usage.completion_tokens));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn complete_waits_the_latency() {
+        let p = SimulatedProvider::new(SimConfig {
+            latency_ms: 1000,
+            jitter: 0.0,
+            ..SimConfig::default()
+        });
+        let r = req(
+            schema::SYNTHESIS,
+            serde_json::json!({"task":"T","results":[{"role":"a","summary":"s"}]}),
+        );
+        let start = tokio::time::Instant::now();
+        let c = p.complete(&r).await.unwrap();
+        assert_eq!(start.elapsed(), Duration::from_millis(1000));
+        assert!(c.content.contains("Answer to"));
+    }
+}

@@ -1,0 +1,168 @@
+//! Session events: the session's log on `<p>.s.<sid>.ev.<kind>`, kept in the events
+//! stream. The `done` event carries the final answer.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{Role, SessionId, TaskId};
+use crate::output::Answer;
+use crate::version::V1;
+
+/// The `<kind>` token of an event subject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventKindName {
+    /// `opened`
+    Opened,
+    /// `planned`
+    Planned,
+    /// `dispatched`
+    Dispatched,
+    /// `backpressure`
+    Backpressure,
+    /// `result`
+    Result,
+    /// `done`
+    Done,
+}
+
+impl EventKindName {
+    /// Every kind.
+    pub const ALL: [EventKindName; 6] = [
+        EventKindName::Opened,
+        EventKindName::Planned,
+        EventKindName::Dispatched,
+        EventKindName::Backpressure,
+        EventKindName::Result,
+        EventKindName::Done,
+    ];
+
+    /// The subject token.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKindName::Opened => "opened",
+            EventKindName::Planned => "planned",
+            EventKindName::Dispatched => "dispatched",
+            EventKindName::Backpressure => "backpressure",
+            EventKindName::Result => "result",
+            EventKindName::Done => "done",
+        }
+    }
+
+    /// Parses a subject token.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+/// How a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionOutcome {
+    /// Every task produced an accepted result and the answer was synthesized.
+    Completed,
+    /// The session could not finish; `failure` says why.
+    Failed,
+}
+
+/// A task as planned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlannedTask {
+    /// Task id.
+    pub task_id: TaskId,
+    /// Worker role.
+    pub role: Role,
+    /// What to do.
+    pub instruction: String,
+}
+
+/// What happened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum EventBody {
+    /// The session was admitted.
+    Opened {
+        /// The user's task.
+        task: String,
+        /// Its worker roles.
+        roles: Vec<Role>,
+    },
+    /// The orchestrator planned the session.
+    Planned {
+        /// The tasks, in dispatch order.
+        tasks: Vec<PlannedTask>,
+    },
+    /// A task attempt was published to its worker inbox.
+    Dispatched {
+        /// Task.
+        task_id: TaskId,
+        /// Role.
+        role: Role,
+        /// Attempt.
+        attempt: u32,
+    },
+    /// A worker inbox was full; the task waits and is retried.
+    Backpressure {
+        /// Task.
+        task_id: TaskId,
+        /// Role.
+        role: Role,
+        /// Attempt.
+        attempt: u32,
+    },
+    /// A task attempt's result reached the orchestrator.
+    Result {
+        /// Task.
+        task_id: TaskId,
+        /// Role.
+        role: Role,
+        /// Attempt.
+        attempt: u32,
+        /// Whether it was accepted as the task's result.
+        accepted: bool,
+        /// Why not, when not accepted.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// The session ended.
+    Done {
+        /// How.
+        outcome: SessionOutcome,
+        /// The answer, when completed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        answer: Option<Answer>,
+        /// Why it failed, when failed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        failure: Option<String>,
+        /// From admission to this event.
+        duration_ms: u64,
+    },
+}
+
+impl EventBody {
+    /// The subject token for this event.
+    pub fn kind(&self) -> EventKindName {
+        match self {
+            EventBody::Opened { .. } => EventKindName::Opened,
+            EventBody::Planned { .. } => EventKindName::Planned,
+            EventBody::Dispatched { .. } => EventKindName::Dispatched,
+            EventBody::Backpressure { .. } => EventKindName::Backpressure,
+            EventBody::Result { .. } => EventKindName::Result,
+            EventBody::Done { .. } => EventKindName::Done,
+        }
+    }
+}
+
+/// One entry of a session's event log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Event {
+    /// Protocol version (1).
+    pub v: V1,
+    /// The session.
+    pub session_id: SessionId,
+    /// Wall-clock time, milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// What happened.
+    pub body: EventBody,
+}

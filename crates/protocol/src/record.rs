@@ -1,0 +1,184 @@
+//! Records in the sessions KV bucket (`<p>-sessions`): the session record at key
+//! `<sid>` and one task record per task at `<sid>.t.<task>`. Every change is a
+//! compare-and-set on the key's revision.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::event::EventBody;
+use crate::ids::{AgentId, Role, SessionId, TaskId};
+use crate::output::{Answer, TaskOutput};
+use crate::version::V1;
+
+/// Where a session is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionStatus {
+    /// Admitted; the orchestrator has not planned it yet.
+    Planning,
+    /// Tasks are being dispatched and run.
+    Running,
+    /// Every task ended; the orchestrator is writing the answer.
+    Synthesizing,
+    /// Ended with an answer.
+    Completed,
+    /// Ended without one.
+    Failed,
+}
+
+impl SessionStatus {
+    /// True once the session has ended.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, SessionStatus::Completed | SessionStatus::Failed)
+    }
+}
+
+/// A task as the orchestrator tracks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    /// Planned, waiting for an in-flight slot (or for a full inbox to drain).
+    Pending,
+    /// Published to the worker inbox.
+    Dispatched,
+    /// Its result was accepted.
+    Done,
+    /// It failed for good.
+    Failed,
+}
+
+/// One row of the session's task table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TaskEntry {
+    /// Task id.
+    pub task_id: TaskId,
+    /// Worker role.
+    pub role: Role,
+    /// What to do.
+    pub instruction: String,
+    /// Where it is.
+    pub state: TaskState,
+    /// Current attempt (0 before the first dispatch).
+    pub attempt: u32,
+}
+
+/// A side effect the orchestrator has committed to but may not have performed yet.
+/// Effects are written into the record in the same compare-and-set as the state
+/// change that causes them, performed afterwards with deterministic message ids, and
+/// then cleared; whoever handles the session next performs any left over by a crash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "effect", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Effect {
+    /// Create the task record for `attempt` and publish the task message.
+    Dispatch {
+        /// Task.
+        task_id: TaskId,
+        /// Attempt.
+        attempt: u32,
+    },
+    /// Publish an event with message id `<sid>.ev.<id>`.
+    Emit {
+        /// De-duplication discriminator, unique within the session.
+        id: String,
+        /// The event.
+        body: EventBody,
+    },
+    /// Give the session's admission slot back.
+    ReleaseSlot,
+}
+
+/// Per-session counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SessionCounters {
+    /// Task messages published.
+    pub dispatched: u32,
+    /// Dispatches refused by a full inbox.
+    pub backpressure: u32,
+    /// Results accepted.
+    pub accepted: u32,
+    /// Results refused (stale attempt, failed validation).
+    pub rejected: u32,
+}
+
+/// The session record, key `<sid>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SessionRecord {
+    /// Protocol version (1).
+    pub v: V1,
+    /// The session.
+    pub session_id: SessionId,
+    /// The user's task.
+    pub task: String,
+    /// Worker roles.
+    pub roles: Vec<Role>,
+    /// Where it is.
+    pub status: SessionStatus,
+    /// The admission slot it holds until it ends.
+    pub slot: u32,
+    /// The session's W3C `traceparent` root.
+    pub traceparent: String,
+    /// Admission time, ms since the Unix epoch.
+    pub opened_ms: u64,
+    /// Last change, ms since the Unix epoch.
+    pub updated_ms: u64,
+    /// The task table, in plan order.
+    pub tasks: Vec<TaskEntry>,
+    /// The answer, once completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer: Option<Answer>,
+    /// Why it failed, once failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
+    /// Committed effects not yet performed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outbox: Vec<Effect>,
+    /// Counters.
+    #[serde(default)]
+    pub counters: SessionCounters,
+}
+
+/// Where a task attempt is, as workers see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskRunState {
+    /// Dispatched, not yet claimed.
+    Queued,
+    /// Claimed by `holder`.
+    Running,
+    /// Output committed.
+    Done,
+    /// The attempt failed.
+    Failed,
+}
+
+/// The task record, key `<sid>.t.<task>`: claimed and committed by compare-and-set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TaskRecord {
+    /// Protocol version (1).
+    pub v: V1,
+    /// Session.
+    pub session_id: SessionId,
+    /// Task.
+    pub task_id: TaskId,
+    /// Worker role.
+    pub role: Role,
+    /// The current attempt; results of older attempts are fenced off.
+    pub attempt: u32,
+    /// Where it is.
+    pub state: TaskRunState,
+    /// The process that claimed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<AgentId>,
+    /// The committed output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<TaskOutput>,
+    /// Why the attempt failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Last change, ms since the Unix epoch.
+    pub updated_ms: u64,
+}

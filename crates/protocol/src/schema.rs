@@ -1,0 +1,29 @@
+//! JSON Schemas of every wire type, generated from the Rust types. The checked-in
+//! copies live in `docs/schema/`; a test fails when they drift.
+
+use schemars::schema_for;
+
+use crate::{
+    Answer, Event, InboxMessage, OpenReply, OpenSession, Plan, SessionRecord, TaskOutput,
+    TaskRecord,
+};
+
+/// `(file name, pretty JSON)` for every schema.
+pub fn all() -> Vec<(&'static str, String)> {
+    let pretty = |s: schemars::Schema| {
+        let mut out = serde_json::to_string_pretty(&s).unwrap_or_default();
+        out.push('\n');
+        out
+    };
+    vec![
+        ("open_session.json", pretty(schema_for!(OpenSession))),
+        ("open_reply.json", pretty(schema_for!(OpenReply))),
+        ("inbox_message.json", pretty(schema_for!(InboxMessage))),
+        ("event.json", pretty(schema_for!(Event))),
+        ("session_record.json", pretty(schema_for!(SessionRecord))),
+        ("task_record.json", pretty(schema_for!(TaskRecord))),
+        ("plan.json", pretty(schema_for!(Plan))),
+        ("task_output.json", pretty(schema_for!(TaskOutput))),
+        ("answer.json", pretty(schema_for!(Answer))),
+    ]
+}

@@ -1,0 +1,320 @@
+//! Every subject, stream and bucket name Flotilla uses, built and parsed here only.
+//!
+//! A [`Namespace`] is a validated prefix (default `flotilla`). All names derive from
+//! it, so two deployments with different prefixes share a NATS account without
+//! seeing each other.
+//!
+//! | subject | meaning |
+//! |---|---|
+//! | `<p>.session.open` | admission service endpoint (request/reply) |
+//! | `<p>.submit` | durable submissions (stream `<P>_SUBMIT`) |
+//! | `<p>.s.<sid>.in.<role>` | an agent's inbox (stream `<P>_INBOX`) |
+//! | `<p>.s.<sid>.ev.<kind>` | a session's event log (stream `<P>_EVENTS`) |
+//! | `<p>.dlq.<stream>.<reason>` | dead letters (stream `<P>_DLQ`) |
+
+use std::fmt;
+
+use crate::event::EventKindName;
+use crate::ids::{InvalidId, Role, SessionId};
+
+/// A subject could not be parsed as one of Flotilla's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubjectError {
+    /// The subject does not start with this namespace's prefix or has an unknown shape.
+    #[error("subject {0:?} is not a flotilla subject of this namespace")]
+    Foreign(String),
+    /// The shape is right but a token is not a valid id.
+    #[error("subject {subject:?} has an invalid token: {source}")]
+    BadToken {
+        /// The subject.
+        subject: String,
+        /// The id error.
+        #[source]
+        source: InvalidId,
+    },
+    /// The event kind token is unknown.
+    #[error("subject {0:?} names an unknown event kind")]
+    UnknownEvent(String),
+}
+
+/// The prefix was not a valid subject token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid namespace prefix {0:?}: use 1-32 characters of a-z, 0-9, '_' or '-', starting with a letter"
+)]
+pub struct InvalidPrefix(pub String);
+
+/// A parsed Flotilla subject.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParsedSubject {
+    /// `<p>.session.open`
+    SessionOpen,
+    /// `<p>.submit`
+    Submit,
+    /// `<p>.s.<sid>.in.<role>`
+    Inbox {
+        /// Session.
+        session: SessionId,
+        /// Role whose inbox it is.
+        role: Role,
+    },
+    /// `<p>.s.<sid>.ev.<kind>`
+    Event {
+        /// Session.
+        session: SessionId,
+        /// Event kind.
+        kind: EventKindName,
+    },
+}
+
+/// The validated prefix from which every name derives.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Namespace {
+    prefix: String,
+    upper: String,
+}
+
+impl Default for Namespace {
+    fn default() -> Self {
+        Self {
+            prefix: "flotilla".to_owned(),
+            upper: "FLOTILLA".to_owned(),
+        }
+    }
+}
+
+impl fmt::Debug for Namespace {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Namespace({})", self.prefix)
+    }
+}
+
+impl Namespace {
+    /// Validates `prefix` (`[a-z][a-z0-9_-]{0,31}`).
+    pub fn new(prefix: &str) -> Result<Self, InvalidPrefix> {
+        let ok = !prefix.is_empty()
+            && prefix.len() <= 32
+            && prefix.starts_with(|c: char| c.is_ascii_lowercase())
+            && prefix
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+        if !ok {
+            return Err(InvalidPrefix(prefix.to_owned()));
+        }
+        Ok(Self {
+            prefix: prefix.to_owned(),
+            upper: prefix.to_ascii_uppercase().replace('-', "_"),
+        })
+    }
+
+    /// The prefix, e.g. `flotilla`.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    // ---- subjects -------------------------------------------------------------
+
+    /// Admission endpoint: `<p>.session.open`.
+    pub fn session_open(&self) -> String {
+        format!("{}.session.open", self.prefix)
+    }
+
+    /// Durable submissions: `<p>.submit`.
+    pub fn submit(&self) -> String {
+        format!("{}.submit", self.prefix)
+    }
+
+    /// One agent's inbox: `<p>.s.<sid>.in.<role>`.
+    pub fn inbox(&self, session: &SessionId, role: &Role) -> String {
+        format!("{}.s.{session}.in.{role}", self.prefix)
+    }
+
+    /// All inboxes of one role across sessions (a role pool's consumer filter).
+    pub fn inbox_of_role(&self, role: &Role) -> String {
+        format!("{}.s.*.in.{role}", self.prefix)
+    }
+
+    /// All inboxes (the inbox stream's subject).
+    pub fn inbox_all(&self) -> String {
+        format!("{}.s.*.in.*", self.prefix)
+    }
+
+    /// One event of a session: `<p>.s.<sid>.ev.<kind>`.
+    pub fn event(&self, session: &SessionId, kind: EventKindName) -> String {
+        format!("{}.s.{session}.ev.{}", self.prefix, kind.as_str())
+    }
+
+    /// Every event of one session.
+    pub fn events_of(&self, session: &SessionId) -> String {
+        format!("{}.s.{session}.ev.>", self.prefix)
+    }
+
+    /// Every event of every session (the events stream's subject).
+    pub fn events_all(&self) -> String {
+        format!("{}.s.*.ev.>", self.prefix)
+    }
+
+    /// The `done` event of every session.
+    pub fn done_all(&self) -> String {
+        format!("{}.s.*.ev.{}", self.prefix, EventKindName::Done.as_str())
+    }
+
+    /// Dead letters (the DLQ stream's subject).
+    pub fn dlq_all(&self) -> String {
+        format!("{}.dlq.>", self.prefix)
+    }
+
+    // ---- streams, consumers, buckets -------------------------------------------
+
+    /// Stream of durable submissions.
+    pub fn stream_submit(&self) -> String {
+        format!("{}_SUBMIT", self.upper)
+    }
+    /// Stream of every agent inbox.
+    pub fn stream_inbox(&self) -> String {
+        format!("{}_INBOX", self.upper)
+    }
+    /// Stream of session events.
+    pub fn stream_events(&self) -> String {
+        format!("{}_EVENTS", self.upper)
+    }
+    /// Stream of dead letters.
+    pub fn stream_dlq(&self) -> String {
+        format!("{}_DLQ", self.upper)
+    }
+    /// The durable consumer shared by a role pool.
+    pub fn role_consumer(&self, role: &Role) -> String {
+        format!("role-{role}")
+    }
+    /// The durable consumer of the submit queue, shared by every `serve`.
+    pub fn submit_consumer(&self) -> String {
+        "admission".to_owned()
+    }
+    /// KV bucket of session and task records.
+    pub fn bucket_sessions(&self) -> String {
+        format!("{}-sessions", self.prefix)
+    }
+    /// KV bucket of admission slots.
+    pub fn bucket_slots(&self) -> String {
+        format!("{}-slots", self.prefix)
+    }
+    /// NATS micro service name of the admission service.
+    pub fn service_name(&self) -> String {
+        format!("{}-admission", self.prefix)
+    }
+
+    // ---- parsing ----------------------------------------------------------------
+
+    /// Parses any subject built by this namespace.
+    pub fn parse(&self, subject: &str) -> Result<ParsedSubject, SubjectError> {
+        let foreign = || SubjectError::Foreign(subject.to_owned());
+        let rest = subject
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|r| r.strip_prefix('.'))
+            .ok_or_else(foreign)?;
+        let tokens: Vec<&str> = rest.split('.').collect();
+        let bad = |source| SubjectError::BadToken {
+            subject: subject.to_owned(),
+            source,
+        };
+        match tokens.as_slice() {
+            ["session", "open"] => Ok(ParsedSubject::SessionOpen),
+            ["submit"] => Ok(ParsedSubject::Submit),
+            ["s", sid, "in", role] => Ok(ParsedSubject::Inbox {
+                session: SessionId::parse(*sid).map_err(bad)?,
+                role: Role::parse(*role).map_err(bad)?,
+            }),
+            ["s", sid, "ev", kind] => Ok(ParsedSubject::Event {
+                session: SessionId::parse(*sid).map_err(bad)?,
+                kind: EventKindName::parse(kind)
+                    .ok_or_else(|| SubjectError::UnknownEvent(subject.to_owned()))?,
+            }),
+            _ => Err(foreign()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sid() -> impl Strategy<Value = SessionId> {
+        "[A-Za-z0-9_-]{1,64}".prop_map(|s| SessionId::parse(s).unwrap())
+    }
+    fn role() -> impl Strategy<Value = Role> {
+        "[a-z][a-z0-9_-]{0,31}".prop_map(|s| Role::parse(s).unwrap())
+    }
+    fn ns() -> impl Strategy<Value = Namespace> {
+        "[a-z][a-z0-9_-]{0,31}".prop_map(|s| Namespace::new(&s).unwrap())
+    }
+
+    proptest! {
+        #[test]
+        fn inbox_round_trips(ns in ns(), s in sid(), r in role()) {
+            let subject = ns.inbox(&s, &r);
+            prop_assert_eq!(ns.parse(&subject).unwrap(), ParsedSubject::Inbox { session: s, role: r });
+        }
+
+        #[test]
+        fn event_round_trips(ns in ns(), s in sid(), k in proptest::sample::select(EventKindName::ALL.to_vec())) {
+            let subject = ns.event(&s, k);
+            prop_assert_eq!(ns.parse(&subject).unwrap(), ParsedSubject::Event { session: s, kind: k });
+        }
+
+        #[test]
+        fn foreign_prefix_never_parses(s in sid(), r in role()) {
+            let a = Namespace::new("alpha").unwrap();
+            let b = Namespace::new("alphab").unwrap();
+            prop_assert!(a.parse(&b.inbox(&s, &r)).is_err());
+        }
+
+        #[test]
+        fn arbitrary_strings_never_panic(subject in ".{0,100}") {
+            let _ = Namespace::default().parse(&subject);
+        }
+    }
+
+    #[test]
+    fn fixed_subjects() {
+        let ns = Namespace::default();
+        assert_eq!(
+            ns.parse("flotilla.session.open").unwrap(),
+            ParsedSubject::SessionOpen
+        );
+        assert_eq!(ns.parse("flotilla.submit").unwrap(), ParsedSubject::Submit);
+        assert!(ns.parse("flotilla.s.a.b.in.research").is_err());
+        assert!(ns.parse("flotilla.s.abc.in.Research").is_err());
+        assert!(Namespace::new("Flotilla").is_err());
+        assert_eq!(
+            Namespace::new("my-app").unwrap().stream_inbox(),
+            "MY_APP_INBOX"
+        );
+    }
+}
+
+/// KV keys in the sessions and slots buckets (built here so keys and subjects share
+/// one module).
+pub mod keys {
+    use crate::ids::{SessionId, TaskId};
+
+    /// The session record: `<sid>`.
+    pub fn session(session: &SessionId) -> String {
+        session.as_str().to_owned()
+    }
+
+    /// A task record: `<sid>.t.<task>`.
+    pub fn task(session: &SessionId, task: &TaskId) -> String {
+        format!("{session}.t.{task}")
+    }
+
+    /// An admission slot: `slot.<n>`.
+    pub fn slot(n: u32) -> String {
+        format!("slot.{n}")
+    }
+
+    /// Parses an admission slot key.
+    pub fn parse_slot(key: &str) -> Option<u32> {
+        key.strip_prefix("slot.")?.parse().ok()
+    }
+}
