@@ -57,3 +57,133 @@ async fn one_session_completes_with_every_role() {
     assert_eq!(record.counters.accepted, 4);
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_sessions_stay_isolated() {
+    let t = TestFleet::start(spec("unused"), sim(20)).await;
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..200 {
+        let client = t.client.clone();
+        set.spawn(async move {
+            let marker = format!("topic-{i:03}-marker");
+            let res = client
+                .run(
+                    &format!("write a brief on {marker}"),
+                    Duration::from_secs(240),
+                )
+                .await;
+            (marker, res)
+        });
+    }
+    let mut seen = HashSet::new();
+    while let Some(joined) = set.join_next().await {
+        let (marker, res) = joined.expect("task ran");
+        let (finished, _) = res.unwrap_or_else(|e| panic!("{marker}: {e}"));
+        assert!(
+            seen.insert(finished.session_id.clone()),
+            "session ids are unique"
+        );
+        let EventBody::Done {
+            outcome, answer, ..
+        } = &finished.event.body
+        else {
+            panic!("not done");
+        };
+        assert_eq!(*outcome, SessionOutcome::Completed, "{marker}");
+        let answer = answer.as_ref().expect("answer");
+        assert_eq!(answer.sections.len(), 4, "{marker}: one section per role");
+        for s in &answer.sections {
+            // Every section is about this session's task, and no other marker leaks in.
+            assert!(
+                s.output.summary.contains(&marker),
+                "{marker}: {}",
+                s.output.summary
+            );
+            let others = s.output.summary.matches("topic-").count();
+            assert_eq!(
+                others, 1,
+                "{marker}: foreign content in {}",
+                s.output.summary
+            );
+            for a in &s.output.artifacts {
+                assert!(
+                    a.content.contains(&marker),
+                    "{marker}: artifact {}",
+                    a.content
+                );
+            }
+        }
+        assert!(answer.summary.contains(&marker));
+    }
+    assert_eq!(seen.len(), 200);
+    // Nothing is left unacknowledged in any inbox.
+    let left = eventually(Duration::from_secs(10), || async {
+        let mut s = t
+            .bus
+            .js
+            .get_stream(t.bus.names().stream_inbox())
+            .await
+            .ok()?;
+        let n = s.info().await.ok()?.state.messages;
+        (n == 0).then_some(n)
+    })
+    .await;
+    assert_eq!(left, Some(0), "every inbox message was acknowledged");
+    let c = t.fleet.as_ref().expect("fleet").counters.snapshot();
+    assert_eq!(c.dispatched, 800);
+    assert_eq!(c.dead_lettered, 0);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_message_carries_the_session_trace() {
+    use flotilla_protocol::{TraceParent, headers};
+    use futures::StreamExt;
+    let t = TestFleet::start(spec("unused"), sim(10)).await;
+    let mut sub = t.bus.client.subscribe("flotilla.s.>").await.unwrap();
+    t.bus.client.flush().await.unwrap();
+    let (finished, _) = t
+        .client
+        .run("trace me", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let (record, _) = t
+        .bus
+        .sessions()
+        .get::<SessionRecord>(&keys::session(&finished.session_id))
+        .await
+        .unwrap()
+        .unwrap();
+    let root = TraceParent::parse(&record.traceparent).unwrap();
+    let mut seen = 0;
+    let mut spans = HashSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, sub.next()).await {
+        let h = msg.headers.as_ref().expect("headers on every message");
+        let tp =
+            TraceParent::parse(h.get(headers::TRACEPARENT).expect("traceparent").as_str()).unwrap();
+        assert_eq!(
+            tp.trace_id, root.trace_id,
+            "{} is in the session's trace",
+            msg.subject
+        );
+        assert!(
+            h.get(headers::MSG_ID).is_some(),
+            "{} has a Nats-Msg-Id",
+            msg.subject
+        );
+        assert_eq!(
+            h.get(headers::SESSION).map(|v| v.as_str()),
+            Some(finished.session_id.as_str())
+        );
+        spans.insert(tp.span_id);
+        seen += 1;
+        if msg.subject.ends_with(".ev.done") {
+            break;
+        }
+    }
+    // start + 4 tasks + 4 results + events
+    assert!(seen >= 9, "saw {seen} messages");
+    assert!(spans.len() > seen / 2, "hops get their own span ids");
+    t.stop().await;
+}

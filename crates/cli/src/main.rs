@@ -1,1 +1,173 @@
-fn main() {}
+//! `flotilla`: run the control plane, agent pools, submit tasks, demo and bench.
+//!
+//! A thin binary: parse arguments, load the layered configuration, install tracing
+//! and signal handling, and call into the libraries.
+
+mod cmd;
+mod config;
+mod embedded;
+mod load;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use flotilla_protocol::{Role, SessionId};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+/// Flotilla: coordinates fleets of LLM agents over NATS JetStream.
+#[derive(Debug, Parser)]
+#[command(name = "flotilla", version, about)]
+struct Cli {
+    /// Configuration file (default: config/flotilla.toml if present).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// NATS URL; overrides `nats.url`. For demo and bench: use this server instead
+    /// of starting an embedded one.
+    #[arg(long, global = true)]
+    nats_url: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the control plane: admission, the submit queue and the orchestrator.
+    Serve,
+    /// Run a worker pool process for one role.
+    Agent {
+        /// The role to serve.
+        #[arg(long)]
+        role: Role,
+        /// Tasks handled at once by this process (overrides `worker.concurrency`).
+        #[arg(long)]
+        concurrency: Option<usize>,
+    },
+    /// Submit a task; prints the session id (and, with --wait, the answer).
+    Submit(SubmitArgs),
+    /// Start a private NATS, serve and a pool per role, and run sessions with a progress bar.
+    Demo(LoadArgs),
+    /// Load generators.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// Print a session record as JSON.
+    Session {
+        /// The session id.
+        session_id: SessionId,
+    },
+}
+
+#[derive(Debug, Args)]
+struct SubmitArgs {
+    /// The task, in natural language.
+    task: String,
+    /// Wait for the answer and print it.
+    #[arg(long)]
+    wait: bool,
+    /// Give up waiting after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout_s: u64,
+    /// Worker roles for the session (comma-separated; default: every configured role).
+    #[arg(long, value_delimiter = ',')]
+    roles: Vec<Role>,
+    /// Submit through the durable `<p>.submit` queue instead of the request/reply endpoint.
+    #[arg(long)]
+    queue: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Run sessions end to end and report latency and throughput.
+    Sessions(LoadArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+struct LoadArgs {
+    /// Sessions to run.
+    #[arg(long, default_value_t = 24)]
+    sessions: u64,
+    /// Sessions in flight at once (default: all of them, up to 64).
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// Mean simulated LLM latency per call, ms (overrides `llm.simulated.latency_ms`).
+    #[arg(long)]
+    llm_latency_ms: Option<u64>,
+    /// Worker processes per role.
+    #[arg(long, default_value_t = 2)]
+    workers_per_role: usize,
+    /// `serve` instances.
+    #[arg(long, default_value_t = 1)]
+    serve_instances: usize,
+    /// Give up on a session after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    session_timeout_s: u64,
+    /// Print the summary as one JSON object on the last line of stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+fn init_tracing(default: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Cancels the token on Ctrl-C or SIGTERM.
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(_) => {
+                        let _ = tokio::signal::ctrl_c().await;
+                        t.cancel();
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutting down");
+        t.cancel();
+    });
+    token
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut config = config::load(cli.config.as_deref())?;
+    if let Some(url) = &cli.nats_url {
+        config.nats.url = url.clone();
+    }
+    let quiet = matches!(
+        cli.command,
+        Command::Demo(_) | Command::Bench(_) | Command::Submit(_) | Command::Session { .. }
+    );
+    init_tracing(if quiet { "warn" } else { &config.log });
+    match cli.command {
+        Command::Serve => cmd::serve(config, shutdown_on_signal()).await,
+        Command::Agent { role, concurrency } => {
+            if let Some(c) = concurrency {
+                config.worker.concurrency = c;
+            }
+            cmd::agent(config, role, shutdown_on_signal()).await
+        }
+        Command::Submit(a) => cmd::submit(config, a).await,
+        Command::Demo(a) => cmd::load(config, a, cli.nats_url.is_some(), true).await,
+        Command::Bench(BenchCommand::Sessions(a)) => {
+            cmd::load(config, a, cli.nats_url.is_some(), false).await
+        }
+        Command::Session { session_id } => cmd::session(config, session_id).await,
+    }
+}

@@ -1,0 +1,178 @@
+//! `flotilla demo` and `flotilla bench sessions`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use flotilla_bus::{Bus, Counters};
+use flotilla_control::{Client, Fleet, FleetSpec};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::LoadArgs;
+use crate::config::Config;
+use crate::load::{self, Progress};
+
+const TOPICS: &[&str] = &[
+    "compare three open-source vector databases for a 50M-document search product",
+    "plan a zero-downtime migration of a payments service to a new region",
+    "assess the risks of adopting a four-day work week in a 200-person company",
+    "design an onboarding curriculum for new site-reliability engineers",
+    "evaluate battery chemistries for a municipal electric bus fleet",
+    "summarize the trade-offs of event sourcing for an order-management system",
+];
+
+pub(crate) async fn load(
+    mut config: Config,
+    a: LoadArgs,
+    external_nats: bool,
+    demo: bool,
+) -> anyhow::Result<()> {
+    if let Some(ms) = a.llm_latency_ms {
+        config.llm.simulated.latency_ms = ms;
+    }
+    let concurrency = a
+        .concurrency
+        .unwrap_or_else(|| (a.sessions as usize).clamp(1, 64));
+    let _server = if external_nats {
+        None
+    } else {
+        let server = crate::embedded::start(&config.embedded)?;
+        config.nats.url = server.url();
+        Some(server)
+    };
+    if demo {
+        println!(
+            "flotilla demo: {} sessions, {} at a time",
+            a.sessions, concurrency
+        );
+        println!(
+            "  nats          {} ({})",
+            config.nats.url,
+            if external_nats {
+                "external"
+            } else {
+                "embedded, JetStream, temporary store"
+            }
+        );
+        println!(
+            "  fleet         {} serve + {} worker processes for each of {} roles: {}",
+            a.serve_instances,
+            a.workers_per_role,
+            config.session.roles.len(),
+            config
+                .session
+                .roles
+                .iter()
+                .map(|r| r.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        println!(
+            "  llm           simulated, {} ms mean latency, seed {}",
+            config.llm.simulated.latency_ms, config.llm.simulated.seed
+        );
+    }
+    let llm = super::run::llm(&config);
+    let spec = FleetSpec {
+        bus: config.nats.clone(),
+        control: config.control(),
+        serve_instances: a.serve_instances,
+        workers_per_role: a.workers_per_role,
+        worker: config.worker.clone(),
+        worker_model: config.llm.worker_model.clone(),
+    };
+    let fleet = Fleet::start(spec, llm)
+        .await
+        .context("starting the fleet")?;
+    let counters = fleet.counters.clone();
+    let bus = Bus::connect(
+        &config.nats,
+        "flotilla-load-client",
+        Arc::new(Counters::default()),
+    )
+    .await?;
+    let client = Client::new(bus.client.clone(), bus.names().clone()).await?;
+
+    let progress = Arc::new(Progress::default());
+    let bar = if demo {
+        let bar = ProgressBar::new(a.sessions);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "  {bar:40.cyan/blue} {pos}/{len} sessions  {msg}  [{elapsed_precise}]",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        let (b, p) = (bar.clone(), progress.clone());
+        tokio::spawn(async move {
+            loop {
+                b.set_position(p.ended());
+                b.set_message(format!(
+                    "completed {} failed {} lost {}",
+                    p.completed.load(std::sync::atomic::Ordering::Relaxed),
+                    p.failed.load(std::sync::atomic::Ordering::Relaxed),
+                    p.lost.load(std::sync::atomic::Ordering::Relaxed)
+                ));
+                if b.is_finished() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        Some(bar)
+    } else {
+        None
+    };
+    let (results, elapsed) = load::run(
+        &client,
+        a.sessions,
+        concurrency,
+        Duration::from_secs(a.session_timeout_s),
+        progress.clone(),
+        |i| format!("{} (request #{i})", TOPICS[i as usize % TOPICS.len()]),
+    )
+    .await;
+    if let Some(bar) = bar {
+        bar.set_position(progress.ended());
+        bar.finish();
+    }
+    let lost_messages = load::quiet_inbox(&bus, Duration::from_secs(10)).await;
+    let summary = load::summarize(
+        results,
+        elapsed,
+        concurrency,
+        counters.snapshot(),
+        lost_messages,
+    );
+    fleet.stop().await;
+    summary.print_table();
+    if demo && let Some(f) = &summary.sample {
+        if let flotilla_protocol::EventBody::Done {
+            answer: Some(answer),
+            ..
+        } = &f.event.body
+        {
+            println!(
+                "\n  sample answer (session {}):\n    {}",
+                f.session_id, answer.summary
+            );
+            for s in &answer.sections {
+                println!(
+                    "    - {} / {}: {} artifact(s)",
+                    s.task_id,
+                    s.role,
+                    s.output.artifacts.len()
+                );
+            }
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    }
+    anyhow::ensure!(
+        summary.failed == 0 && summary.lost == 0,
+        "{} sessions failed, {} lost",
+        summary.failed,
+        summary.lost
+    );
+    Ok(())
+}

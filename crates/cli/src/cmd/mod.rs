@@ -1,0 +1,9 @@
+//! One function per subcommand.
+
+mod load;
+mod run;
+mod submit;
+
+pub(crate) use load::load;
+pub(crate) use run::{agent, serve, session};
+pub(crate) use submit::submit;

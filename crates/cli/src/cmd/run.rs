@@ -1,0 +1,99 @@
+//! `serve`, `agent` and `session`.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use flotilla_agent::{LlmAgent, Worker};
+use flotilla_bus::{Bus, Counters};
+use flotilla_control::Serve;
+use flotilla_llm::{LlmClient, SimulatedProvider};
+use flotilla_protocol::{Role, SessionId, SessionRecord, subject::keys};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, Provider};
+
+/// The configured LLM provider.
+pub(crate) fn llm(config: &Config) -> Arc<dyn LlmClient> {
+    match config.llm.provider {
+        Provider::Simulated => Arc::new(SimulatedProvider::new(config.llm.simulated.clone())),
+    }
+}
+
+fn process_name(kind: &str) -> String {
+    format!("flotilla-{kind}-{}", std::process::id())
+}
+
+pub(crate) async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let bus = Bus::connect(
+        &config.nats,
+        &process_name("serve"),
+        Arc::new(Counters::default()),
+    )
+    .await
+    .context("connecting to NATS")?;
+    tracing::info!(url = %config.nats.url, prefix = bus.names().prefix(), "connected");
+    Serve::new(bus, llm(&config), config.control())
+        .run(shutdown)
+        .await?;
+    Ok(())
+}
+
+pub(crate) async fn agent(
+    config: Config,
+    role: Role,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !role.is_orchestrator(),
+        "the orchestrator role is served by `flotilla serve`"
+    );
+    anyhow::ensure!(
+        config.session.roles.contains(&role),
+        "role {role} is not in session.roles ({})",
+        config
+            .session
+            .roles
+            .iter()
+            .map(|r| r.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let bus = Bus::connect(
+        &config.nats,
+        &process_name(&format!("agent-{role}")),
+        Arc::new(Counters::default()),
+    )
+    .await
+    .context("connecting to NATS")?;
+    let agent = Arc::new(LlmAgent::new(
+        role.clone(),
+        config.llm.worker_model.clone(),
+        llm(&config),
+    ));
+    Worker::new(bus, role, agent, config.worker.clone())
+        .run(shutdown)
+        .await?;
+    Ok(())
+}
+
+pub(crate) async fn session(config: Config, session: SessionId) -> anyhow::Result<()> {
+    let bus = Bus::connect(
+        &config.nats,
+        &process_name("cli"),
+        Arc::new(Counters::default()),
+    )
+    .await
+    .context("connecting to NATS")?;
+    match bus
+        .sessions()
+        .get::<SessionRecord>(&keys::session(&session))
+        .await?
+    {
+        Some((rec, rev)) => {
+            println!("{}", serde_json::to_string_pretty(&rec)?);
+            eprintln!("(revision {rev})");
+            Ok(())
+        }
+        None => anyhow::bail!("no session {session}"),
+    }
+}

@@ -1,0 +1,180 @@
+//! The binary's configuration, layered with figment: built-in defaults, then
+//! `config/flotilla.toml` (or `--config`), then `FLOTILLA_*` environment variables
+//! (`__` separates levels: `FLOTILLA_NATS__URL`, `FLOTILLA_SESSION__POOL_SIZE`), then
+//! command-line flags.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use flotilla_bus::{BusConfig, PoolSettings};
+use flotilla_control::{ControlConfig, SessionConfig};
+use flotilla_llm::SimConfig;
+use serde::{Deserialize, Serialize};
+
+/// Which LLM provider agents call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Provider {
+    /// The built-in deterministic simulator.
+    #[default]
+    Simulated,
+}
+
+/// LLM settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct LlmConfig {
+    /// Provider.
+    pub(crate) provider: Provider,
+    /// Model the worker roles use.
+    pub(crate) worker_model: String,
+    /// Simulated provider settings.
+    pub(crate) simulated: SimConfig,
+}
+
+impl Default for LlmConfig {
+    fn default() -> Self {
+        Self {
+            provider: Provider::Simulated,
+            worker_model: "sim-large".into(),
+            simulated: SimConfig::default(),
+        }
+    }
+}
+
+/// The embedded `nats-server` the demo starts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct EmbeddedConfig {
+    /// Path of the `nats-server` binary; searched for when unset.
+    pub(crate) nats_server_bin: Option<PathBuf>,
+}
+
+/// Everything the binary reads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct Config {
+    /// NATS connection and topology.
+    pub(crate) nats: BusConfig,
+    /// Sessions and admission.
+    pub(crate) session: SessionConfig,
+    /// The orchestrator pool's consumer.
+    pub(crate) orchestrator: PoolSettings,
+    /// The submit queue's consumer.
+    pub(crate) submit: PoolSettings,
+    /// Worker pools' consumers.
+    pub(crate) worker: PoolSettings,
+    /// LLM provider.
+    pub(crate) llm: LlmConfig,
+    /// The embedded server.
+    pub(crate) embedded: EmbeddedConfig,
+    /// Log filter (`RUST_LOG` syntax) when `RUST_LOG` is unset.
+    pub(crate) log: String,
+}
+
+impl Config {
+    /// The control plane's part.
+    pub(crate) fn control(&self) -> ControlConfig {
+        ControlConfig {
+            session: self.session.clone(),
+            orchestrator: self.orchestrator.clone(),
+            submit: self.submit.clone(),
+        }
+    }
+}
+
+fn defaults() -> Config {
+    let control = ControlConfig::default();
+    Config {
+        nats: BusConfig::default(),
+        session: control.session,
+        orchestrator: control.orchestrator,
+        submit: control.submit,
+        worker: PoolSettings::default(),
+        llm: LlmConfig::default(),
+        embedded: EmbeddedConfig::default(),
+        log: "info".into(),
+    }
+}
+
+/// Loads the layered configuration. `path` overrides the default file location; a
+/// missing default file is fine, a missing explicit one is an error.
+pub(crate) fn load(path: Option<&Path>) -> anyhow::Result<Config> {
+    let mut fig = Figment::from(Serialized::defaults(defaults()));
+    match path {
+        Some(p) => {
+            anyhow::ensure!(p.is_file(), "config file {} does not exist", p.display());
+            fig = fig.merge(Toml::file(p));
+        }
+        None => fig = fig.merge(Toml::file("config/flotilla.toml")),
+    }
+    fig = fig.merge(Env::prefixed("FLOTILLA_").split("__"));
+    let config: Config = fig.extract().context("invalid configuration")?;
+    validate(&config)?;
+    Ok(config)
+}
+
+/// Cross-field checks that serde cannot express.
+pub(crate) fn validate(c: &Config) -> anyhow::Result<()> {
+    let s = &c.session;
+    anyhow::ensure!(
+        s.min_roles >= 1 && s.min_roles <= s.max_roles,
+        "session.min_roles must be 1..=session.max_roles"
+    );
+    anyhow::ensure!(
+        s.roles.len() >= s.min_roles,
+        "session.roles lists {} roles, fewer than session.min_roles = {}",
+        s.roles.len(),
+        s.min_roles
+    );
+    anyhow::ensure!(
+        !s.roles.iter().any(|r| r.is_orchestrator()),
+        "session.roles must not include the orchestrator"
+    );
+    anyhow::ensure!(
+        s.max_in_flight >= 1,
+        "session.max_in_flight must be at least 1"
+    );
+    anyhow::ensure!(s.pool_size >= 1, "session.pool_size must be at least 1");
+    anyhow::ensure!(
+        c.nats.inbox_bound >= 1,
+        "nats.inbox_bound must be at least 1"
+    );
+    let window_needed =
+        c.worker.ack_wait * u32::try_from(c.worker.max_deliver.max(1)).unwrap_or(u32::MAX);
+    anyhow::ensure!(
+        c.nats.duplicate_window >= window_needed,
+        "nats.duplicate_window ({:?}) must cover worker.ack_wait x worker.max_deliver ({:?})",
+        c.nats.duplicate_window,
+        window_needed
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_file_overrides() {
+        validate(&defaults()).unwrap();
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "f.toml",
+                "[session]\npool_size = 7\n[nats]\nurl = \"nats://127.0.0.1:1\"\n",
+            )?;
+            jail.set_env("FLOTILLA_SESSION__POOL_SIZE", "9");
+            let c = load(Some(Path::new("f.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(c.session.pool_size, 9, "env beats the file");
+            assert_eq!(c.nats.url, "nats://127.0.0.1:1");
+            jail.create_file("bad.toml", "[session]\npool_sise = 7\n")?;
+            assert!(
+                load(Some(Path::new("bad.toml"))).is_err(),
+                "unknown keys are refused"
+            );
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,260 @@
+//! The session load generator behind `flotilla demo` and `flotilla bench sessions`:
+//! runs N sessions with C in flight through the real admission endpoint, and summarizes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use flotilla_bus::{Bus, CountersSnapshot};
+use flotilla_control::{Client, Finished, RunError};
+use serde::Serialize;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+/// How each session ended.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// Completed with an answer, after `rejections` "pool full" answers.
+    Completed(Finished, u32),
+    /// Ended without an answer, or refused.
+    Failed(String),
+    /// Admitted, but no `done` event in time.
+    Lost(String),
+}
+
+/// Live progress, read by the progress bar.
+#[derive(Debug, Default)]
+pub(crate) struct Progress {
+    /// Sessions completed.
+    pub(crate) completed: AtomicU64,
+    /// Sessions failed.
+    pub(crate) failed: AtomicU64,
+    /// Sessions lost.
+    pub(crate) lost: AtomicU64,
+}
+
+impl Progress {
+    /// Sessions ended so far.
+    pub(crate) fn ended(&self) -> u64 {
+        self.completed.load(Ordering::Relaxed)
+            + self.failed.load(Ordering::Relaxed)
+            + self.lost.load(Ordering::Relaxed)
+    }
+}
+
+/// The end-of-run summary (`--json` prints it as one line).
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Summary {
+    /// Sessions attempted.
+    pub(crate) sessions: u64,
+    /// Completed with an answer.
+    pub(crate) completed: u64,
+    /// Ended without an answer or refused.
+    pub(crate) failed: u64,
+    /// Admitted but never finished.
+    pub(crate) lost: u64,
+    /// Median session latency (first open request to `done` event), ms.
+    pub p50_ms: u64,
+    /// 99th percentile session latency, ms.
+    pub p99_ms: u64,
+    /// Slowest session, ms.
+    pub(crate) max_ms: u64,
+    /// Completed sessions per second of wall time.
+    pub(crate) sessions_per_s: f64,
+    /// Wall time of the run, ms.
+    pub(crate) elapsed_ms: u64,
+    /// Concurrency (sessions in flight).
+    pub(crate) concurrency: usize,
+    /// "Pool full" rejections answered (and retried) during the run.
+    pub(crate) rejections: u64,
+    /// Task messages published to worker inboxes.
+    pub(crate) dispatched: u64,
+    /// Inbox messages acknowledged.
+    pub(crate) acked: u64,
+    /// Redeliveries.
+    pub(crate) redelivered: u64,
+    /// Messages dead-lettered.
+    pub(crate) dead_lettered: u64,
+    /// Publishes de-duplicated by the server.
+    pub(crate) duplicates: u64,
+    /// Inbox messages still unacknowledged once the run was quiet (should be 0).
+    pub(crate) lost_messages: u64,
+    /// Example answer summary (first completed session).
+    #[serde(skip)]
+    pub(crate) sample: Option<Finished>,
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+/// Runs `sessions` sessions, `concurrency` at a time.
+pub(crate) async fn run(
+    client: &Client,
+    sessions: u64,
+    concurrency: usize,
+    timeout: Duration,
+    progress: Arc<Progress>,
+    task_text: impl Fn(u64) -> String,
+) -> (Vec<(Outcome, Duration)>, Duration) {
+    let permits = Arc::new(Semaphore::new(concurrency.max(1)));
+    let mut set = JoinSet::new();
+    let start = Instant::now();
+    for i in 0..sessions {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break;
+        };
+        let client = client.clone();
+        let text = task_text(i);
+        let progress = progress.clone();
+        set.spawn(async move {
+            let t0 = Instant::now();
+            let outcome = match client.run(&text, timeout).await {
+                Ok((f, rej)) if f.completed() => {
+                    progress.completed.fetch_add(1, Ordering::Relaxed);
+                    Outcome::Completed(f, rej)
+                }
+                Ok((f, _)) => {
+                    progress.failed.fetch_add(1, Ordering::Relaxed);
+                    Outcome::Failed(format!("{:?}", f.event.body))
+                }
+                Err(RunError::Lost(s)) => {
+                    progress.lost.fetch_add(1, Ordering::Relaxed);
+                    Outcome::Lost(s.to_string())
+                }
+                Err(e) => {
+                    progress.failed.fetch_add(1, Ordering::Relaxed);
+                    Outcome::Failed(e.to_string())
+                }
+            };
+            drop(permit);
+            (outcome, t0.elapsed())
+        });
+    }
+    let mut out = Vec::with_capacity(sessions as usize);
+    while let Some(r) = set.join_next().await {
+        if let Ok(r) = r {
+            out.push(r);
+        }
+    }
+    (out, start.elapsed())
+}
+
+/// Waits (up to `wait`) until the inbox stream is empty, and returns what is left.
+pub(crate) async fn quiet_inbox(bus: &Bus, wait: Duration) -> u64 {
+    let deadline = Instant::now() + wait;
+    loop {
+        let left = match bus.js.get_stream(bus.names().stream_inbox()).await {
+            Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(u64::MAX),
+            Err(_) => u64::MAX,
+        };
+        if left == 0 || Instant::now() >= deadline {
+            return left;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Builds the summary.
+pub(crate) fn summarize(
+    results: Vec<(Outcome, Duration)>,
+    elapsed: Duration,
+    concurrency: usize,
+    counters: CountersSnapshot,
+    lost_messages: u64,
+) -> Summary {
+    let mut lat: Vec<u64> = Vec::new();
+    let (mut completed, mut failed, mut lost, mut rejections) = (0, 0, 0, 0);
+    let mut sample = None;
+    let sessions = results.len() as u64;
+    for (o, d) in results {
+        match o {
+            Outcome::Completed(f, rej) => {
+                completed += 1;
+                rejections += u64::from(rej);
+                lat.push(d.as_millis() as u64);
+                sample.get_or_insert(f);
+            }
+            Outcome::Failed(why) => {
+                failed += 1;
+                tracing::warn!(reason = %why, "session failed");
+            }
+            Outcome::Lost(s) => {
+                lost += 1;
+                tracing::warn!(session = %s, "session lost");
+            }
+        }
+    }
+    lat.sort_unstable();
+    Summary {
+        sessions,
+        completed,
+        failed,
+        lost,
+        p50_ms: percentile(&lat, 0.50),
+        p99_ms: percentile(&lat, 0.99),
+        max_ms: lat.last().copied().unwrap_or(0),
+        sessions_per_s: completed as f64 / elapsed.as_secs_f64().max(1e-9),
+        elapsed_ms: elapsed.as_millis() as u64,
+        concurrency,
+        rejections,
+        dispatched: counters.dispatched,
+        acked: counters.acked,
+        redelivered: counters.redelivered,
+        dead_lettered: counters.dead_lettered,
+        duplicates: counters.duplicates,
+        lost_messages,
+        sample,
+    }
+}
+
+impl Summary {
+    /// The human-readable table.
+    pub(crate) fn print_table(&self) {
+        println!();
+        println!(
+            "  sessions      {:>8}   completed {:>8}   failed {:>6}   lost {:>6}",
+            self.sessions, self.completed, self.failed, self.lost
+        );
+        println!(
+            "  latency p50   {:>6} ms   p99 {:>8} ms   max {:>8} ms",
+            self.p50_ms, self.p99_ms, self.max_ms
+        );
+        println!(
+            "  throughput    {:>8.1} sessions/s over {:.1} s at concurrency {}",
+            self.sessions_per_s,
+            self.elapsed_ms as f64 / 1000.0,
+            self.concurrency
+        );
+        println!(
+            "  admission     {:>8} pool-full rejections retried",
+            self.rejections
+        );
+        println!(
+            "  messages      dispatched {} / acked {} / redelivered {} / dead-lettered {} / de-duplicated {} / unacked at end {}",
+            self.dispatched,
+            self.acked,
+            self.redelivered,
+            self.dead_lettered,
+            self.duplicates,
+            self.lost_messages
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile;
+
+    #[test]
+    fn percentiles() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&v, 0.5), 51);
+        assert_eq!(percentile(&v, 0.99), 99);
+        assert_eq!(percentile(&[], 0.5), 0);
+    }
+}

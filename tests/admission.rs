@@ -1,0 +1,333 @@
+//! Admission: the bounded pool, typed rejections of bad input, the submit queue, and
+//! the topology bootstrap.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use flotilla_bus::{Bus, BusConfig, Counters, TopologyError};
+use flotilla_control::Client;
+use flotilla_protocol::{ErrorCode, MessageId, OpenReply, OpenSession, Role, SessionId, headers};
+use flotilla_testkit::NatsServer;
+use flotilla_tests::{TestFleet, eventually, sim, spec};
+use std::sync::Arc;
+
+fn rejected(reply: &OpenReply) -> (ErrorCode, Option<u64>) {
+    match reply {
+        OpenReply::Rejected {
+            code,
+            retry_after_ms,
+            ..
+        } => (*code, *retry_after_ms),
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_pool_is_an_explicit_rejection_with_retry_after() {
+    let mut s = spec("unused");
+    s.control.session.pool_size = 2;
+    // Slow LLM: the first two sessions hold their slots for a while.
+    let t = TestFleet::start(s, sim(2_000)).await;
+    let timeout = Duration::from_secs(10);
+    let mut accepted = Vec::new();
+    for i in 0..2 {
+        match t
+            .client
+            .open(&OpenSession::new(format!("hold {i}")), timeout)
+            .await
+            .unwrap()
+        {
+            OpenReply::Accepted { session_id, .. } => accepted.push(session_id),
+            other => panic!("{other:?}"),
+        }
+    }
+    let started = tokio::time::Instant::now();
+    let reply = t
+        .client
+        .open(&OpenSession::new("one too many"), timeout)
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "answered promptly, not by timing out"
+    );
+    let (code, retry) = rejected(&reply);
+    assert_eq!(code, ErrorCode::PoolFull);
+    let retry = retry.expect("retry_after_ms is given");
+    assert!((50..=30_000).contains(&retry), "{retry}");
+    // After a session ends, its slot is free again and the retry succeeds.
+    let (finished, rejections) = t
+        .client
+        .run("patient", Duration::from_secs(120))
+        .await
+        .unwrap();
+    assert!(finished.completed());
+    assert!(rejections >= 1, "it was told to wait at least once");
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_open_requests_get_typed_errors_and_nothing_crashes() {
+    let t = TestFleet::start(spec("unused"), sim(10)).await;
+    let timeout = Duration::from_secs(10);
+    let cases: Vec<(&str, Vec<u8>, ErrorCode)> = vec![
+        (
+            "not json",
+            b"{this is not json".to_vec(),
+            ErrorCode::Malformed,
+        ),
+        (
+            "wrong type",
+            br#"{"v":1,"task":42}"#.to_vec(),
+            ErrorCode::Malformed,
+        ),
+        (
+            "unknown field",
+            br#"{"v":1,"task":"x","priority":"high"}"#.to_vec(),
+            ErrorCode::UnknownField,
+        ),
+        (
+            "wrong version",
+            br#"{"v":2,"task":"x"}"#.to_vec(),
+            ErrorCode::UnsupportedVersion,
+        ),
+        (
+            "no version",
+            br#"{"task":"x"}"#.to_vec(),
+            ErrorCode::UnsupportedVersion,
+        ),
+        (
+            "empty task",
+            br#"{"v":1,"task":"   "}"#.to_vec(),
+            ErrorCode::Invalid,
+        ),
+        (
+            "unknown role",
+            br#"{"v":1,"task":"x","roles":["research","analysis","astrology"]}"#.to_vec(),
+            ErrorCode::UnknownRole,
+        ),
+        (
+            "too few roles",
+            br#"{"v":1,"task":"x","roles":["research"]}"#.to_vec(),
+            ErrorCode::Invalid,
+        ),
+        (
+            "bad session id",
+            br#"{"v":1,"task":"x","session_id":"a.b"}"#.to_vec(),
+            ErrorCode::Malformed,
+        ),
+        (
+            "oversized",
+            {
+                let mut v = br#"{"v":1,"task":""#.to_vec();
+                v.extend(std::iter::repeat_n(b'x', 300 * 1024));
+                v.extend(br#""}"#);
+                v
+            },
+            ErrorCode::Oversized,
+        ),
+    ];
+    for (name, body, want) in cases {
+        let reply = t
+            .client
+            .open_raw(Bytes::from(body), timeout)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (code, _) = rejected(&reply);
+        assert_eq!(code, want, "{name}");
+    }
+    // The same session id for another task is refused; for the same task it is idempotent.
+    let sid = SessionId::generate();
+    let mut req = OpenSession::new("idempotent");
+    req.session_id = Some(sid.clone());
+    let done = t.client.watch(&sid);
+    for _ in 0..2 {
+        match t.client.open(&req, timeout).await.unwrap() {
+            OpenReply::Accepted { session_id, .. } => assert_eq!(session_id, sid),
+            other => panic!("{other:?}"),
+        }
+    }
+    req.task = "something else".into();
+    assert_eq!(
+        rejected(&t.client.open(&req, timeout).await.unwrap()).0,
+        ErrorCode::Invalid
+    );
+    tokio::time::timeout(Duration::from_secs(60), done)
+        .await
+        .unwrap()
+        .unwrap();
+    // A good session still completes with a subset of roles.
+    let mut req = OpenSession::new("still serving");
+    req.roles = ["research", "analysis", "writing"]
+        .iter()
+        .map(|r| Role::parse(*r).unwrap())
+        .collect();
+    let sid = SessionId::generate();
+    req.session_id = Some(sid.clone());
+    let done = t.client.watch(&sid);
+    assert!(matches!(
+        t.client.open(&req, timeout).await.unwrap(),
+        OpenReply::Accepted { .. }
+    ));
+    let event = tokio::time::timeout(Duration::from_secs(60), done)
+        .await
+        .unwrap()
+        .unwrap();
+    let flotilla_protocol::EventBody::Done {
+        answer: Some(a), ..
+    } = event.body
+    else {
+        panic!()
+    };
+    assert_eq!(a.sections.len(), 3);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_queue_admits_and_dead_letters_poison() {
+    let t = TestFleet::start(spec("unused"), sim(10)).await;
+    let names = t.bus.names().clone();
+    // A good durable submission completes.
+    let sid = SessionId::generate();
+    let mut req = OpenSession::new("queued task");
+    req.session_id = Some(sid.clone());
+    let done = t.client.watch(&sid);
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(headers::MSG_ID, MessageId::submit(&sid).as_str());
+    t.bus
+        .js
+        .publish_with_headers(
+            names.submit(),
+            h,
+            Bytes::from(serde_json::to_vec(&req).unwrap()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(60), done)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(
+        ev.body,
+        flotilla_protocol::EventBody::Done {
+            outcome: flotilla_protocol::SessionOutcome::Completed,
+            ..
+        }
+    ));
+    // Poison submissions go to the dead-letter stream with their reason.
+    for (body, reason) in [
+        (&b"\x00\xffgarbage"[..], "malformed"),
+        (&br#"{"v":1,"task":"no id"}"#[..], "invalid"),
+        (
+            &br#"{"v":1,"task":"x","extra":1,"session_id":"abc"}"#[..],
+            "unknown_field",
+        ),
+    ] {
+        t.bus
+            .js
+            .publish(names.submit(), Bytes::copy_from_slice(body))
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let dlq = eventually(Duration::from_secs(20), || async {
+            let mut s = t.bus.js.get_stream(names.stream_dlq()).await.ok()?;
+            let messages = s.info().await.ok()?.state.messages;
+            let last = s
+                .get_last_raw_message_by_subject(&format!(
+                    "{}.dlq.{}.{reason}",
+                    names.prefix(),
+                    names.stream_submit()
+                ))
+                .await
+                .ok()?;
+            Some((messages, last))
+        })
+        .await
+        .unwrap_or_else(|| panic!("{reason} reached the DLQ"));
+        let msg = dlq.1;
+        let h = msg.headers;
+        assert_eq!(h.get(headers::REASON).map(|v| v.as_str()), Some(reason));
+        assert_eq!(
+            h.get(headers::ORIGIN_STREAM).map(|v| v.as_str()),
+            Some(names.stream_submit().as_str())
+        );
+        assert!(h.get(headers::ORIGIN_SEQUENCE).is_some());
+        assert_eq!(h.get(headers::DELIVERIES).map(|v| v.as_str()), Some("1"));
+        assert_eq!(&msg.payload[..], body);
+    }
+    // Poison left the work queue.
+    let left = eventually(Duration::from_secs(10), || async {
+        let mut s = t.bus.js.get_stream(names.stream_submit()).await.ok()?;
+        let n = s.info().await.ok()?.state.messages;
+        (n == 0).then_some(n)
+    })
+    .await;
+    assert_eq!(left, Some(0));
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topology_is_idempotent_and_refuses_conflicts() {
+    let server = NatsServer::start().unwrap();
+    let config = BusConfig {
+        url: server.url(),
+        ..BusConfig::default()
+    };
+    // Twice, concurrently: both succeed.
+    let (a, b) = tokio::join!(
+        Bus::connect(&config, "a", Arc::new(Counters::default())),
+        Bus::connect(&config, "b", Arc::new(Counters::default()))
+    );
+    a.unwrap();
+    b.unwrap();
+    // Another deployment's idea of the inbox bound conflicts, with a clear error.
+    let other = BusConfig {
+        inbox_bound: 64,
+        ..config.clone()
+    };
+    let err = Bus::connect(&other, "c", Arc::new(Counters::default()))
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(
+            err,
+            flotilla_bus::ConnectError::Topology(TopologyError::Conflict {
+                field: "max_messages_per_subject",
+                ..
+            })
+        ),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("FLOTILLA_INBOX") && msg.contains("64") && msg.contains('8'),
+        "{msg}"
+    );
+    // A different prefix lives side by side.
+    let side = BusConfig {
+        prefix: "other".into(),
+        inbox_bound: 64,
+        ..config
+    };
+    let bus = Bus::connect(&side, "d", Arc::new(Counters::default()))
+        .await
+        .unwrap();
+    assert!(bus.js.get_stream("OTHER_INBOX").await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_service_is_a_clear_error() {
+    let server = NatsServer::start().unwrap();
+    let nats = async_nats::connect(server.url()).await.unwrap();
+    let client = Client::new(nats, flotilla_protocol::Namespace::default())
+        .await
+        .unwrap();
+    let err = client
+        .open(&OpenSession::new("anyone?"), Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("flotilla serve"), "{err}");
+}
