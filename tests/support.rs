@@ -1,6 +1,8 @@
 //! Shared fixtures for the integration tests: a real `nats-server` (started by the
 //! testkit on random ports with a temporary store) and an in-process fleet on it.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)] // test fixtures: a failed set-up should panic loudly
+
 use std::sync::Arc;
 use std::time::Duration;
 

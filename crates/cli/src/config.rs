@@ -158,6 +158,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API
     fn defaults_validate_and_file_overrides() {
         validate(&defaults()).unwrap();
         figment::Jail::expect_with(|jail| {

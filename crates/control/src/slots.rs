@@ -68,25 +68,27 @@ struct View {
 
 impl View {
     fn set(&mut self, n: u32, taken: bool) {
-        if let Some(t) = self.taken.get_mut(n as usize) {
-            if *t != taken {
-                *t = taken;
-                if taken {
-                    self.count += 1;
-                } else {
-                    self.count -= 1;
-                    let now = Instant::now();
-                    if let Some(prev) = self.last_free {
-                        let ms = now.duration_since(prev).as_secs_f64() * 1000.0;
-                        self.free_interval_ms = Some(match self.free_interval_ms {
-                            Some(avg) => 0.8 * avg + 0.2 * ms,
-                            None => ms,
-                        });
-                    }
-                    self.last_free = Some(now);
-                }
-            }
+        let Some(t) = self.taken.get_mut(n as usize) else {
+            return;
+        };
+        if *t == taken {
+            return;
         }
+        *t = taken;
+        if taken {
+            self.count += 1;
+            return;
+        }
+        self.count -= 1;
+        let now = Instant::now();
+        if let Some(prev) = self.last_free {
+            let ms = now.duration_since(prev).as_secs_f64() * 1000.0;
+            self.free_interval_ms = Some(match self.free_interval_ms {
+                Some(avg) => 0.8 * avg + 0.2 * ms,
+                None => ms,
+            });
+        }
+        self.last_free = Some(now);
     }
 }
 

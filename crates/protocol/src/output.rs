@@ -181,7 +181,7 @@ mod tests {
             }],
         };
         assert!(matches!(
-            p.validate(&[r.clone()], 5),
+            p.validate(std::slice::from_ref(&r), 5),
             Err(PlanError::ForeignRole(_))
         ));
         assert_eq!(

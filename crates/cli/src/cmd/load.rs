@@ -145,24 +145,24 @@ pub(crate) async fn load(
     );
     fleet.stop().await;
     summary.print_table();
-    if demo && let Some(f) = &summary.sample {
-        if let flotilla_protocol::EventBody::Done {
+    if demo
+        && let Some(f) = &summary.sample
+        && let flotilla_protocol::EventBody::Done {
             answer: Some(answer),
             ..
         } = &f.event.body
-        {
+    {
+        println!(
+            "\n  sample answer (session {}):\n    {}",
+            f.session_id, answer.summary
+        );
+        for s in &answer.sections {
             println!(
-                "\n  sample answer (session {}):\n    {}",
-                f.session_id, answer.summary
+                "    - {} / {}: {} artifact(s)",
+                s.task_id,
+                s.role,
+                s.output.artifacts.len()
             );
-            for s in &answer.sections {
-                println!(
-                    "    - {} / {}: {} artifact(s)",
-                    s.task_id,
-                    s.role,
-                    s.output.artifacts.len()
-                );
-            }
         }
     }
     if a.json {
