@@ -178,4 +178,40 @@ mod tests {
             Ok(())
         });
     }
+
+    fn leaf_keys(prefix: &str, v: &toml::Value, out: &mut Vec<String>) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    leaf_keys(&key, v, out);
+                }
+            }
+            _ => out.push(prefix.to_owned()),
+        }
+    }
+
+    #[test]
+    fn shipped_file_documents_every_key_with_its_default() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/flotilla.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let file: toml::Value = toml::from_str(&text).unwrap();
+        let defaults_value = toml::Value::try_from(defaults()).unwrap();
+        let (mut in_file, mut all) = (Vec::new(), Vec::new());
+        leaf_keys("", &file, &mut in_file);
+        leaf_keys("", &defaults_value, &mut all);
+        in_file.sort();
+        all.sort();
+        assert_eq!(in_file, all, "config/flotilla.toml must list every key");
+        let loaded: Config = Figment::from(Toml::file(&path)).extract().unwrap();
+        assert_eq!(
+            loaded,
+            defaults(),
+            "config/flotilla.toml must show the defaults"
+        );
+    }
 }
