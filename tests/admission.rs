@@ -331,3 +331,122 @@ async fn no_service_is_a_clear_error() {
         .unwrap_err();
     assert!(err.to_string().contains("flotilla serve"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbox_poison_is_dead_lettered_with_its_reason() {
+    let t = TestFleet::start(spec("unused"), sim(10)).await;
+    let names = t.bus.names().clone();
+    let research = Role::parse("research").unwrap();
+    let (done, _) = t
+        .client
+        .run("a real session", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let real = done.session_id.clone();
+    let ghost = SessionId::parse("no-such-session").unwrap();
+    let task = |sid: &SessionId, extra: &str| {
+        format!(
+            r#"{{"kind":"task","v":1,"session_id":"{sid}","task_id":"t1","role":"research","attempt":1,"instruction":"i","context":"c"{extra}}}"#
+        )
+        .into_bytes()
+    };
+    let orchestrator = Role::orchestrator();
+    let cases: Vec<(&str, String, Vec<u8>, &str)> = vec![
+        ("garbage", names.inbox(&ghost, &research), b"\x00\x01not json".to_vec(), "malformed"),
+        ("unknown field", names.inbox(&ghost, &research), task(&ghost, r#","urgent":true"#), "unknown_field"),
+        ("v2", names.inbox(&ghost, &research), task(&ghost, "").iter().copied().collect::<Vec<u8>>().replace_v2(), "unsupported_version"),
+        ("oversized", names.inbox(&ghost, &research), vec![b' '; 300 * 1024], "oversized"),
+        ("unknown session", names.inbox(&ghost, &research), task(&ghost, ""), "unknown_session"),
+        ("body names another session", names.inbox(&real, &research), task(&ghost, ""), "wrong_session"),
+        ("start on a worker inbox", names.inbox(&ghost, &research), format!(r#"{{"kind":"start","v":1,"session_id":"{ghost}"}}"#).into_bytes(), "unknown_role"),
+        ("task on the orchestrator inbox", names.inbox(&ghost, &orchestrator), task(&ghost, ""), "unknown_role"),
+        (
+            "forged result for a task the session lacks",
+            names.inbox(&real, &orchestrator),
+            format!(r#"{{"kind":"result","v":1,"session_id":"{real}","task_id":"t9","role":"research","attempt":1,"outcome":{{"status":"completed"}}}}"#).into_bytes(),
+            "wrong_session",
+        ),
+    ];
+    let mut dlq = t.bus.js.get_stream(names.stream_dlq()).await.unwrap();
+    for (name, subject, body, reason) in cases {
+        let before = dlq.info().await.unwrap().state.last_sequence;
+        t.bus
+            .js
+            .publish(subject.clone(), Bytes::from(body.clone()))
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let entry = eventually(Duration::from_secs(20), || async {
+            let mut s = t.bus.js.get_stream(names.stream_dlq()).await.ok()?;
+            let last = s.info().await.ok()?.state.last_sequence;
+            if last <= before {
+                return None;
+            }
+            s.get_raw_message(last).await.ok()
+        })
+        .await
+        .unwrap_or_else(|| panic!("{name}: no dead letter"));
+        assert_eq!(
+            entry.headers.get(headers::REASON).map(|v| v.as_str()),
+            Some(reason),
+            "{name}"
+        );
+        assert_eq!(
+            entry
+                .headers
+                .get(headers::ORIGIN_SUBJECT)
+                .map(|v| v.as_str()),
+            Some(subject.as_str()),
+            "{name}"
+        );
+        assert_eq!(
+            entry
+                .headers
+                .get(headers::ORIGIN_STREAM)
+                .map(|v| v.as_str()),
+            Some("FLOTILLA_INBOX"),
+            "{name}"
+        );
+        assert!(
+            entry
+                .headers
+                .get(headers::DETAIL)
+                .is_some_and(|d| !d.as_str().is_empty()),
+            "{name}"
+        );
+        assert_eq!(
+            &entry.payload[..],
+            &body[..],
+            "{name}: the payload is kept as it was"
+        );
+    }
+    // Nothing is left behind in the work queue, and the fleet still serves sessions.
+    let left = eventually(Duration::from_secs(10), || async {
+        let mut s = t.bus.js.get_stream(names.stream_inbox()).await.ok()?;
+        let n = s.info().await.ok()?.state.messages;
+        (n == 0).then_some(n)
+    })
+    .await;
+    assert_eq!(left, Some(0));
+    let (after, _) = t
+        .client
+        .run("still fine", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(after.completed());
+    t.stop().await;
+}
+
+trait ReplaceV2 {
+    fn replace_v2(self) -> Vec<u8>;
+}
+
+impl ReplaceV2 for Vec<u8> {
+    fn replace_v2(self) -> Vec<u8> {
+        String::from_utf8(self)
+            .unwrap()
+            .replacen(r#""v":1"#, r#""v":2"#, 1)
+            .into_bytes()
+    }
+}

@@ -113,9 +113,7 @@ pub fn on_result(
     max_attempts: u32,
     now: u64,
 ) -> ResultVerdict {
-    if rec.status != SessionStatus::Running {
-        return ResultVerdict::Duplicate;
-    }
+    // Forgery checks first: they hold whatever state the session is in.
     let Some(idx) = rec.tasks.iter().position(|t| t.task_id == r.task_id) else {
         return ResultVerdict::Foreign(format!("session has no task {}", r.task_id));
     };
@@ -125,6 +123,15 @@ pub fn on_result(
             "task {} belongs to role {}, not {}",
             r.task_id, task.role, r.role
         ));
+    }
+    if r.attempt > task.attempt {
+        return ResultVerdict::Foreign(format!(
+            "task {} has not reached attempt {}",
+            r.task_id, r.attempt
+        ));
+    }
+    if rec.status != SessionStatus::Running {
+        return ResultVerdict::Duplicate;
     }
     if r.attempt != task.attempt || task.state != TaskState::Dispatched {
         if task.state == TaskState::Done && r.attempt == task.attempt {
