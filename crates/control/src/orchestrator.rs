@@ -113,6 +113,13 @@ impl Orchestrator {
         self.drive(&session, input).instrument(span).await
     }
 
+    /// How long effects may sit in an outbox before another handler assumes their
+    /// writer died and performs them: half the ack wait, at most 5 s. The writer's own
+    /// message is redelivered only after the full ack wait, so by then they are stale.
+    fn outbox_stale_ms(&self) -> u64 {
+        (self.config.orchestrator.ack_wait.as_millis() as u64 / 2).clamp(1, 5_000)
+    }
+
     async fn drive(&self, session: &SessionId, input: Input) -> Result<(), VerdictError> {
         let records = self.bus.sessions();
         let key = keys::session(session);
@@ -125,13 +132,20 @@ impl Orchestrator {
                     format!("no session {session}"),
                 ));
             };
-            if !rec.outbox.is_empty() {
-                self.perform(&rec).await?;
-                rec.outbox.clear();
-                match records.update(&key, &rec, rev).await {
-                    Ok(_) | Err(KvError::Conflict { .. }) => continue,
-                    Err(e) => return Err(e.into()),
-                }
+            // Effects left by another handler: if they are stale their writer died, so
+            // perform them; if fresh, their writer is performing them right now.
+            let pending = rec.outbox.len();
+            let age = now().saturating_sub(rec.updated_ms);
+            if pending > 0 && age >= self.outbox_stale_ms() {
+                let effects = rec.outbox.clone();
+                tracing::info!(
+                    effects = pending,
+                    age_ms = age,
+                    "performing effects left by another handler"
+                );
+                self.perform(&rec, &effects).await?;
+                self.remove_effects(&key, &effects, None).await?;
+                continue;
             }
             let mut changed = match (&input, rec.status) {
                 (Some(Input::Start), SessionStatus::Planning) => {
@@ -167,17 +181,26 @@ impl Orchestrator {
                 changed = true;
             }
             if !changed {
+                if pending > 0 {
+                    // Nothing for us to do, but someone's effects are in flight: come
+                    // back when they are stale, in case their writer died.
+                    let wait = self.outbox_stale_ms().saturating_sub(age) + 1;
+                    return Err(VerdictError::retry(
+                        Duration::from_millis(wait),
+                        "waiting for another handler's effects",
+                    ));
+                }
                 return Ok(());
             }
             match records.update(&key, &rec, rev).await {
                 Ok(new_rev) => {
-                    self.perform(&rec).await?;
+                    let mine = rec.outbox[pending..].to_vec();
+                    self.perform(&rec, &mine).await?;
+                    self.remove_effects(&key, &mine, Some((rec.clone(), new_rev)))
+                        .await?;
                     if rec.status.is_terminal() {
                         tracing::info!(status = ?rec.status, "session ended");
                     }
-                    rec.outbox.clear();
-                    // Best effort: a conflict means someone else will perform and clear.
-                    let _ = records.update(&key, &rec, new_rev).await;
                     if rec.status == SessionStatus::Synthesizing {
                         input = None;
                         continue;
@@ -192,6 +215,41 @@ impl Orchestrator {
             Duration::from_millis(100),
             "session record kept changing",
         ))
+    }
+
+    /// Removes performed effects from the outbox, starting from `known` (the record as
+    /// this handler last wrote it) and re-reading on conflict.
+    async fn remove_effects(
+        &self,
+        key: &str,
+        done: &[Effect],
+        mut known: Option<(SessionRecord, u64)>,
+    ) -> Result<(), VerdictError> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        let records = self.bus.sessions();
+        for _ in 0..CAS_ROUNDS {
+            let current = match known.take() {
+                Some(k) => Some(k),
+                None => records.get::<SessionRecord>(key).await?,
+            };
+            let Some((mut rec, rev)) = current else {
+                return Ok(());
+            };
+            let before = rec.outbox.len();
+            rec.outbox.retain(|e| !done.contains(e));
+            if rec.outbox.len() == before {
+                return Ok(());
+            }
+            match records.update(key, &rec, rev).await {
+                Ok(_) => return Ok(()),
+                Err(KvError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // Harmless: whoever finds them stale performs them again (idempotently).
+        Ok(())
     }
 
     /// Asks for a plan, up to [`PLAN_ATTEMPTS`] times; `Ok(Err(why))` when every plan
@@ -273,10 +331,10 @@ impl Orchestrator {
         })
     }
 
-    /// Performs a record's outbox. Every effect is idempotent.
-    async fn perform(&self, rec: &SessionRecord) -> Result<(), VerdictError> {
+    /// Performs `effects` of `rec`'s outbox. Every effect is idempotent.
+    async fn perform(&self, rec: &SessionRecord, effects: &[Effect]) -> Result<(), VerdictError> {
         let trace = TraceParent::parse(&rec.traceparent).ok();
-        for effect in &rec.outbox {
+        for effect in effects {
             match effect {
                 Effect::Dispatch { task_id, attempt } => {
                     self.dispatch(rec, task_id, *attempt, trace).await?

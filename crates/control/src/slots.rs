@@ -101,6 +101,9 @@ pub struct SlotTable {
     view: Arc<Mutex<View>>,
 }
 
+/// Floor of `retry_after_ms`.
+const RETRY_AFTER_MIN_MS: u64 = 100;
+
 fn random_u64() -> u64 {
     let mut h = RandomState::new().build_hasher();
     h.write_u64(epoch_ms(SystemTime::now()));
@@ -188,13 +191,16 @@ impl SlotTable {
     }
 
     /// Suggested wait before retrying when full: the observed interval between frees
-    /// (so a client retrying after it likely finds a slot), clamped to 50 ms - 30 s.
+    /// (so a client retrying after it likely finds a slot), jittered, clamped to
+    /// 100 ms - 30 s so a crowd of waiting clients cannot flood admission.
     pub fn retry_after_ms(&self) -> u64 {
         let observed = self.with_view(|v| v.free_interval_ms);
         let ms = observed
             .map(|m| m.ceil() as u64)
             .unwrap_or(self.default_retry_after_ms);
-        ms.clamp(50, 30_000)
+        // Jitter (±25%) so rejected clients do not come back in lockstep.
+        let jittered = ms as f64 * (0.75 + 0.5 * (random_u64() % 1000) as f64 / 1000.0);
+        (jittered as u64).clamp(RETRY_AFTER_MIN_MS, 30_000)
     }
 
     /// Takes a free slot for `session`.
