@@ -3,7 +3,9 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use flotilla_protocol::{EventBody, SessionOutcome, SessionRecord, SessionStatus, subject::keys};
+use flotilla_protocol::{
+    Event, EventBody, EventKindName, SessionOutcome, SessionRecord, SessionStatus, subject::keys,
+};
 use flotilla_tests::{TestFleet, eventually, sim, spec};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -51,10 +53,36 @@ async fn one_session_completes_with_every_role() {
         r.outbox.is_empty().then_some(r)
     })
     .await
-    .expect("outbox drained");
+    .expect("the outbox drains once the effects are performed");
     assert_eq!(record.status, SessionStatus::Completed);
     assert_eq!(record.answer.as_ref(), Some(answer));
     assert_eq!(record.counters.accepted, 4);
+    // The event log tells the whole story.
+    let mut events = t
+        .bus
+        .js
+        .get_stream(t.bus.names().stream_events())
+        .await
+        .unwrap();
+    for kind in EventKindName::ALL {
+        if kind == EventKindName::Backpressure {
+            continue;
+        }
+        let subject = t.bus.names().event(&finished.session_id, kind);
+        let msg = events
+            .get_last_raw_message_by_subject(&subject)
+            .await
+            .unwrap_or_else(|e| panic!("no {} event: {e}", kind.as_str()));
+        let ev: Event = serde_json::from_slice(&msg.payload).unwrap();
+        assert_eq!(ev.body.kind(), kind);
+        assert_eq!(ev.session_id, finished.session_id);
+    }
+    let count = events.info().await.unwrap().state.messages;
+    assert_eq!(
+        count,
+        1 + 1 + 4 + 4 + 1,
+        "opened, planned, 4 dispatched, 4 results, done"
+    );
     t.stop().await;
 }
 

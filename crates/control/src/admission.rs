@@ -21,13 +21,14 @@ use flotilla_agent::{VerdictError, settle};
 use flotilla_bus::{Bus, Delivery, KvError, Outgoing, PoolConsumer};
 use flotilla_protocol::subject::keys;
 use flotilla_protocol::{
-    Effect, ErrorCode, EventBody, InboxMessage, MessageId, OpenReply, OpenSession, Role,
-    SessionCounters, SessionId, SessionRecord, SessionStatus, StartMessage, V1, decode, epoch_ms,
+    ErrorCode, EventBody, InboxMessage, MessageId, OpenReply, OpenSession, Role, SessionCounters,
+    SessionId, SessionRecord, SessionStatus, StartMessage, V1, decode, epoch_ms,
 };
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::SessionConfig;
+use crate::orchestrator::emit;
 use crate::slots::{SlotError, SlotTable};
 
 /// A rejection: what goes back to the client.
@@ -133,7 +134,7 @@ impl Admission {
         let session = req.session_id.clone().unwrap_or_else(SessionId::generate);
         let key = keys::session(&session);
         if let Some((existing, _)) = self.bus.sessions().get::<SessionRecord>(&key).await? {
-            return self.same_session(existing, req);
+            return self.same_session(existing, req).await;
         }
         let slot = match self.slots.acquire(&session).await {
             Ok(n) => n,
@@ -155,7 +156,7 @@ impl Admission {
             v: V1,
             session_id: session.clone(),
             task: req.task.clone(),
-            roles: roles.clone(),
+            roles,
             status: SessionStatus::Planning,
             slot,
             traceparent: trace.to_string(),
@@ -164,13 +165,7 @@ impl Admission {
             tasks: Vec::new(),
             answer: None,
             failure: None,
-            outbox: vec![Effect::Emit {
-                id: "opened".to_owned(),
-                body: EventBody::Opened {
-                    task: req.task.clone(),
-                    roles,
-                },
-            }],
+            outbox: Vec::new(),
             counters: SessionCounters::default(),
         };
         match self.bus.sessions().create(&key, &record).await {
@@ -179,7 +174,7 @@ impl Admission {
                 // Raced with an identical request: theirs won.
                 let _ = self.slots.release(slot, &session).await;
                 return match self.bus.sessions().get::<SessionRecord>(&key).await? {
-                    Some((existing, _)) => self.same_session(existing, req),
+                    Some((existing, _)) => self.same_session(existing, req).await,
                     None => Err(Rejection::new(
                         ErrorCode::Unavailable,
                         "session record vanished; retry",
@@ -201,15 +196,28 @@ impl Admission {
             return Err(Rejection::new(ErrorCode::Unavailable, e.to_string()));
         }
         tracing::info!(slot, "session opened");
+        // Informational; a failure here loses nothing the session needs.
+        let opened = EventBody::Opened {
+            task: req.task.clone(),
+            roles: record.roles.clone(),
+        };
+        if let Err(e) = emit(&self.bus, &session, "opened", opened, Some(trace)).await {
+            tracing::warn!(error = %e, "could not publish the opened event");
+        }
         Ok(session)
     }
 
-    fn same_session(
+    async fn same_session(
         &self,
         existing: SessionRecord,
         req: &OpenSession,
     ) -> Result<SessionId, Rejection> {
         if existing.task == req.task {
+            // A retry after a lost reply or a crash: make sure the session is started
+            // (the start message is de-duplicated by its id).
+            if existing.status == SessionStatus::Planning {
+                self.restart(&existing).await?;
+            }
             Ok(existing.session_id)
         } else {
             Err(Rejection::new(
@@ -220,6 +228,30 @@ impl Admission {
                 ),
             ))
         }
+    }
+
+    /// Re-sends `start` for a session still planning (de-duplicated by message id).
+    pub async fn restart(&self, record: &SessionRecord) -> Result<(), Rejection> {
+        let trace = flotilla_protocol::TraceParent::parse(&record.traceparent)
+            .unwrap_or_else(|_| flotilla_bus::trace::new_root());
+        self.publish_start(&record.session_id, trace)
+            .await
+            .map_err(|e| Rejection::new(ErrorCode::Unavailable, e.to_string()))
+    }
+
+    /// Restarts a session by id if it is still planning.
+    pub async fn restart_if_planning(&self, session: &SessionId) -> Result<(), Rejection> {
+        if let Some((rec, _)) = self
+            .bus
+            .sessions()
+            .get::<SessionRecord>(&keys::session(session))
+            .await?
+            && rec.status == SessionStatus::Planning
+        {
+            tracing::warn!(session = %session, "session still planning long after admission; re-sending start");
+            self.restart(&rec).await?;
+        }
+        Ok(())
     }
 
     async fn publish_start(

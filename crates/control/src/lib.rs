@@ -28,4 +28,4 @@ pub use config::{ControlConfig, SessionConfig};
 pub use fleet::{Fleet, FleetSpec};
 pub use orchestrator::Orchestrator;
 pub use serve::{Serve, ServeError};
-pub use slots::{SlotError, SlotTable};
+pub use slots::{Reconciled, SlotError, SlotTable};

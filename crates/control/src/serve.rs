@@ -59,6 +59,7 @@ impl Serve {
         let admission = Admission::new(self.bus.clone(), cfg.clone(), slots.clone());
         let mut tasks: JoinSet<Result<(), ServeError>> = JoinSet::new();
 
+        let restarter = admission.clone();
         let (a, s) = (admission.clone(), shutdown.child_token());
         tasks.spawn(async move {
             a.serve_endpoint(s)
@@ -82,8 +83,15 @@ impl Serve {
                     _ = s.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(every) => {}
                 }
-                if let Err(e) = slots.reconcile(grace).await {
-                    tracing::warn!(error = %e, "slot reconciliation failed");
+                match slots.reconcile(grace).await {
+                    Ok(found) => {
+                        for session in &found.stuck_planning {
+                            if let Err(e) = restarter.restart_if_planning(session).await {
+                                tracing::warn!(session = %session, error = %e, "could not restart session");
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "slot reconciliation failed"),
                 }
             }
         });

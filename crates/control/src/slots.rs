@@ -10,7 +10,8 @@
 //!
 //! A slot is released when its session ends. A slot whose session record is missing
 //! or ended (an instance crashed between taking the slot and opening the session, or
-//! before releasing it) is reclaimed by [`SlotTable::reconcile`].
+//! before releasing it) is reclaimed by [`SlotTable::reconcile`], which also reports
+//! sessions stuck in planning so their `start` can be re-sent.
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use flotilla_bus::{Bus, KvError};
 use flotilla_protocol::subject::keys;
-use flotilla_protocol::{SessionId, SessionRecord, epoch_ms};
+use flotilla_protocol::{SessionId, SessionRecord, SessionStatus, epoch_ms};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -50,6 +51,15 @@ pub enum SlotError {
     /// The slots bucket could not be reached.
     #[error(transparent)]
     Kv(#[from] KvError),
+}
+
+/// What a reconciliation pass found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Slots given back.
+    pub reclaimed: u32,
+    /// Sessions still planning long after admission.
+    pub stuck_planning: Vec<SessionId>,
 }
 
 /// The local view: which slots look taken, and how fast slots are freed.
@@ -240,12 +250,13 @@ impl SlotTable {
     }
 
     /// Reclaims slots whose session ended or never got a record (crash leaks), if
-    /// taken longer ago than `grace`. Returns how many were reclaimed.
-    pub async fn reconcile(&self, grace: Duration) -> Result<u32, KvError> {
+    /// taken longer ago than `grace`, and finds sessions still planning after `grace`
+    /// (their `start` may have been lost to a crash) for the caller to restart.
+    pub async fn reconcile(&self, grace: Duration) -> Result<Reconciled, KvError> {
         let taken: Vec<u32> =
             self.with_view(|v| (0..self.size).filter(|n| v.taken[*n as usize]).collect());
         let now = epoch_ms(SystemTime::now());
-        let mut reclaimed = 0;
+        let mut out = Reconciled::default();
         for n in taken {
             let key = keys::slot(n);
             let Some((slot, rev)) = self.bus.slots().get::<SlotValue>(&key).await? else {
@@ -261,14 +272,19 @@ impl SlotTable {
                 .await?;
             let dead = match record {
                 None => true,
-                Some((r, _)) => r.status.is_terminal() || r.slot != n,
+                Some((r, _)) => {
+                    if r.status == SessionStatus::Planning && r.slot == n {
+                        out.stuck_planning.push(r.session_id);
+                    }
+                    r.status.is_terminal() || r.slot != n
+                }
             };
             if dead && self.bus.slots().delete(&key, Some(rev)).await.is_ok() {
                 tracing::info!(slot = n, session = %slot.session_id, "reclaimed leaked slot");
-                reclaimed += 1;
+                out.reclaimed += 1;
             }
         }
-        Ok(reclaimed)
+        Ok(out)
     }
 }
 
