@@ -1,6 +1,8 @@
 //! The `flotilla` binary as separate OS processes: `serve`, one `agent` per role,
 //! `submit --wait`, and `demo --json` on its embedded server.
 
+#![allow(clippy::expect_used)] // helpers of a test binary: failing to spawn should panic
+
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
