@@ -444,3 +444,120 @@ fn v2(body: Vec<u8>) -> Vec<u8> {
         .replacen(r#""v":1"#, r#""v":2"#, 1)
         .into_bytes()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_leaks_are_reconciled() {
+    use flotilla_control::{Admission, SlotTable, slots::SlotValue};
+    use flotilla_protocol::{SessionCounters, SessionRecord, SessionStatus, V1, subject::keys};
+    let t = TestFleet::start(spec("unused"), sim(10)).await;
+    let slots = SlotTable::new(t.bus.clone(), 600, 1000);
+    slots
+        .watch(tokio_util::sync::CancellationToken::new())
+        .await
+        .unwrap();
+    let long_ago = flotilla_protocol::epoch_ms(std::time::SystemTime::now()) - 600_000;
+    // 1. A slot taken by an instance that died before writing the session record.
+    let ghost = SessionId::generate();
+    let leaked = SlotValue {
+        v: V1,
+        session_id: ghost.clone(),
+        taken_ms: long_ago,
+    };
+    t.bus.slots().create(&keys::slot(5), &leaked).await.unwrap();
+    // 2. A session whose instance died after writing the record, before sending `start`.
+    let stuck = SessionId::generate();
+    t.bus
+        .slots()
+        .create(
+            &keys::slot(6),
+            &SlotValue {
+                v: V1,
+                session_id: stuck.clone(),
+                taken_ms: long_ago,
+            },
+        )
+        .await
+        .unwrap();
+    let record = SessionRecord {
+        v: V1,
+        session_id: stuck.clone(),
+        task: "stuck before start".into(),
+        roles: ["research", "analysis", "writing"]
+            .iter()
+            .map(|r| Role::parse(*r).unwrap())
+            .collect(),
+        status: SessionStatus::Planning,
+        slot: 6,
+        traceparent: flotilla_bus::trace::new_root().to_string(),
+        opened_ms: long_ago,
+        updated_ms: long_ago,
+        tasks: vec![],
+        answer: None,
+        failure: None,
+        outbox: vec![],
+        counters: SessionCounters::default(),
+    };
+    t.bus
+        .sessions()
+        .create(&keys::session(&stuck), &record)
+        .await
+        .unwrap();
+    let done = t.client.watch(&stuck);
+    // The view catches up with the two slots.
+    eventually(Duration::from_secs(5), || async {
+        (slots.taken() >= 2).then_some(())
+    })
+    .await
+    .unwrap();
+
+    let found = slots.reconcile(Duration::from_secs(1)).await.unwrap();
+    assert_eq!(found.reclaimed, 1, "the slot without a record is reclaimed");
+    assert_eq!(found.stuck_planning, vec![stuck.clone()]);
+    assert!(
+        t.bus
+            .slots()
+            .get::<SlotValue>(&keys::slot(5))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        t.bus
+            .slots()
+            .get::<SlotValue>(&keys::slot(6))
+            .await
+            .unwrap()
+            .is_some()
+    );
+
+    let admission = Admission::new(
+        t.bus.clone(),
+        flotilla_control::SessionConfig::default(),
+        slots.clone(),
+    );
+    admission.restart_if_planning(&stuck).await.unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(60), done)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(
+        event.body,
+        flotilla_protocol::EventBody::Done {
+            outcome: flotilla_protocol::SessionOutcome::Completed,
+            ..
+        }
+    ));
+    // Its slot is released when it ends.
+    let freed = eventually(Duration::from_secs(10), || async {
+        t.bus
+            .slots()
+            .get::<SlotValue>(&keys::slot(6))
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(freed.is_some());
+    t.stop().await;
+}
