@@ -50,7 +50,7 @@ impl LlmAgent {
 
     /// The request this agent sends for `task`.
     pub fn request(&self, task: &TaskMessage) -> CompletionRequest {
-        let input = serde_json::json!({
+        let mut input = serde_json::json!({
             "session_id": task.session_id,
             "task_id": task.task_id,
             "role": task.role,
@@ -58,6 +58,9 @@ impl LlmAgent {
             "instruction": task.instruction,
             "context": task.context,
         });
+        if let Some(f) = &task.feedback {
+            input["previous_attempt_rejected_because"] = serde_json::Value::String(f.clone());
+        }
         CompletionRequest {
             model: self.model.clone(),
             messages: vec![

@@ -14,8 +14,8 @@ use bytes::Bytes;
 use flotilla_bus::{Bus, Delivery, KvError, Outgoing, PoolConsumer, PoolSettings, PublishError};
 use flotilla_protocol::subject::keys;
 use flotilla_protocol::{
-    AgentId, ErrorCode, InboxMessage, MessageId, ParsedSubject, ResultMessage, Role, TaskMessage,
-    TaskOutcome, TaskRecord, TaskRunState, TraceParent, V1, decode, epoch_ms,
+    AgentId, ErrorCode, EventBody, InboxMessage, MessageId, ParsedSubject, ResultMessage, Role,
+    TaskMessage, TaskOutcome, TaskRecord, TaskRunState, TraceParent, V1, decode, epoch_ms,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -238,6 +238,20 @@ impl Worker {
                 self.notify(&task, outcome, trace).await?;
                 return Ok(());
             }
+            if rec.state == TaskRunState::Running && rec.holder.as_ref() != Some(&self.agent_id) {
+                // Someone claimed it. Take over only once their claim is older than the
+                // ack wait (they are presumed dead); until then this is a duplicate
+                // delivery, and it comes back when the claim would have expired.
+                let age = epoch_ms(SystemTime::now()).saturating_sub(rec.updated_ms);
+                let ack_wait = self.settings.ack_wait.as_millis() as u64;
+                if age < ack_wait {
+                    return Err(VerdictError::retry(
+                        Duration::from_millis(ack_wait - age + 50),
+                        format!("claimed by {:?} {age} ms ago", rec.holder),
+                    ));
+                }
+                tracing::warn!(holder = ?rec.holder, age_ms = age, "taking over a stale claim");
+            }
             let mut next = rec.clone();
             next.state = TaskRunState::Running;
             next.holder = Some(self.agent_id.clone());
@@ -295,6 +309,20 @@ impl Worker {
             Ok(_) => {}
             Err(KvError::Conflict { .. }) => {
                 tracing::warn!("claim was taken over while running; result fenced off");
+                let body = EventBody::Result {
+                    task_id: task.task_id.clone(),
+                    role: task.role.clone(),
+                    attempt: task.attempt,
+                    accepted: false,
+                    reason: Some(format!(
+                        "fenced: {} lost its claim to another holder",
+                        self.agent_id
+                    )),
+                };
+                let id = format!("fenced.{}.{}.{}", task.task_id, task.attempt, self.agent_id);
+                if let Err(e) = self.bus.emit(&task.session_id, &id, body, trace).await {
+                    tracing::warn!(error = %e, "could not log the fenced result");
+                }
                 return Ok(());
             }
             Err(e) => return Err(e.into()),

@@ -11,7 +11,9 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::jetstream::context::PublishErrorKind;
 use bytes::Bytes;
-use flotilla_protocol::{MessageId, SessionId, TraceParent, headers};
+use flotilla_protocol::{
+    Event, EventBody, MessageId, SessionId, TraceParent, V1, epoch_ms, headers,
+};
 
 use crate::Bus;
 use crate::metrics::Counters;
@@ -186,5 +188,35 @@ impl Bus {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(1));
         }
+    }
+}
+
+impl Bus {
+    /// Publishes one event of `session` with message id `<sid>.ev.<id>` (`id` unique
+    /// within the session, so a repeat is de-duplicated).
+    pub async fn emit(
+        &self,
+        session: &SessionId,
+        id: &str,
+        body: EventBody,
+        trace: Option<TraceParent>,
+    ) -> Result<(), PublishError> {
+        let kind = body.kind();
+        let event = Event {
+            v: V1,
+            session_id: session.clone(),
+            at_ms: epoch_ms(std::time::SystemTime::now()),
+            body,
+        };
+        self.publish(&Outgoing {
+            subject: self.names().event(session, kind),
+            msg_id: MessageId::event(session, id),
+            session: Some(session.clone()),
+            attempt: None,
+            trace,
+            payload: Bytes::from(serde_json::to_vec(&event).unwrap_or_default()),
+        })
+        .await
+        .map(|_| ())
     }
 }

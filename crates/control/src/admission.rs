@@ -28,7 +28,6 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::SessionConfig;
-use crate::orchestrator::emit;
 use crate::slots::{SlotError, SlotTable};
 
 /// A rejection: what goes back to the client.
@@ -201,7 +200,7 @@ impl Admission {
             task: req.task.clone(),
             roles: record.roles.clone(),
         };
-        if let Err(e) = emit(&self.bus, &session, "opened", opened, Some(trace)).await {
+        if let Err(e) = self.bus.emit(&session, "opened", opened, Some(trace)).await {
             tracing::warn!(error = %e, "could not publish the opened event");
         }
         Ok(session)

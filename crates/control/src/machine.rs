@@ -47,6 +47,7 @@ pub fn on_planned(rec: &mut SessionRecord, plan: &Plan, max_in_flight: usize, no
             instruction: s.instruction.clone(),
             state: TaskState::Pending,
             attempt: 0,
+            last_error: None,
         })
         .collect();
     rec.status = SessionStatus::Running;
@@ -187,6 +188,7 @@ pub fn on_result(
                     reason: Some(reason.clone()),
                 },
             );
+            rec.tasks[idx].last_error = Some(reason.clone());
             if attempt < max_attempts {
                 rec.tasks[idx].state = TaskState::Pending;
                 ResultVerdict::Retrying

@@ -17,7 +17,7 @@ use flotilla_bus::{Bus, Counters, Delivery, KvError, Outgoing, PoolConsumer, Pub
 use flotilla_llm::LlmClient;
 use flotilla_protocol::subject::keys;
 use flotilla_protocol::{
-    Answer, AnswerSection, DEFAULT_MAX_PAYLOAD, Effect, ErrorCode, Event, EventBody, InboxMessage,
+    Answer, AnswerSection, DEFAULT_MAX_PAYLOAD, Effect, ErrorCode, EventBody, InboxMessage,
     MessageId, Plan, ResultMessage, Role, SessionId, SessionRecord, SessionStatus, TaskId,
     TaskMessage, TaskRecord, TaskRunState, TaskState, TraceParent, V1, decode, epoch_ms,
 };
@@ -340,7 +340,9 @@ impl Orchestrator {
                     self.dispatch(rec, task_id, *attempt, trace).await?
                 }
                 Effect::Emit { id, body } => {
-                    emit(&self.bus, &rec.session_id, id, body.clone(), trace).await?
+                    self.bus
+                        .emit(&rec.session_id, id, body.clone(), trace)
+                        .await?
                 }
                 Effect::ReleaseSlot => slots::release(&self.bus, rec.slot, &rec.session_id).await?,
             }
@@ -412,6 +414,7 @@ impl Orchestrator {
             attempt,
             instruction: entry.instruction.clone(),
             context: rec.task.clone(),
+            feedback: entry.last_error.clone(),
         });
         let out = Outgoing {
             subject: self.bus.names().inbox(&rec.session_id, &entry.role),
@@ -435,7 +438,7 @@ impl Orchestrator {
                     attempt,
                 };
                 let id = format!("backpressure.{task_id}.{attempt}.{}", now() / 1000);
-                emit(&self.bus, &rec.session_id, &id, body, trace).await?;
+                self.bus.emit(&rec.session_id, &id, body, trace).await?;
                 return Err(VerdictError::retry(
                     Duration::from_millis(500),
                     format!("inbox of {} is full", entry.role),
@@ -448,41 +451,14 @@ impl Orchestrator {
             role: entry.role.clone(),
             attempt,
         };
-        emit(
-            &self.bus,
-            &rec.session_id,
-            &format!("dispatched.{task_id}.{attempt}"),
-            body,
-            trace,
-        )
-        .await?;
+        self.bus
+            .emit(
+                &rec.session_id,
+                &format!("dispatched.{task_id}.{attempt}"),
+                body,
+                trace,
+            )
+            .await?;
         Ok(())
     }
-}
-
-/// Publishes one event of a session with message id `<sid>.ev.<id>`.
-pub async fn emit(
-    bus: &Bus,
-    session: &SessionId,
-    id: &str,
-    body: EventBody,
-    trace: Option<TraceParent>,
-) -> Result<(), PublishError> {
-    let kind = body.kind();
-    let event = Event {
-        v: V1,
-        session_id: session.clone(),
-        at_ms: now(),
-        body,
-    };
-    bus.publish(&Outgoing {
-        subject: bus.names().event(session, kind),
-        msg_id: MessageId::event(session, id),
-        session: Some(session.clone()),
-        attempt: None,
-        trace,
-        payload: Bytes::from(serde_json::to_vec(&event).unwrap_or_default()),
-    })
-    .await
-    .map(|_| ())
 }

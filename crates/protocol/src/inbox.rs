@@ -40,6 +40,9 @@ pub struct TaskMessage {
     pub instruction: String,
     /// The user's task, for context.
     pub context: String,
+    /// Why the previous attempt was not accepted, so this one can do better.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feedback: Option<String>,
 }
 
 /// How a task attempt ended, as the worker reports it.

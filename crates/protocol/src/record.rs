@@ -61,6 +61,9 @@ pub struct TaskEntry {
     pub state: TaskState,
     /// Current attempt (0 before the first dispatch).
     pub attempt: u32,
+    /// Why the last attempt was not accepted (sent with the next attempt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 /// A side effect the orchestrator has committed to but may not have performed yet.
