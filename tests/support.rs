@@ -25,6 +25,7 @@ pub fn spec(url: &str) -> FleetSpec {
         serve_instances: 1,
         workers_per_role: 1,
         worker: PoolSettings::default(),
+        roles: Default::default(),
         worker_model: "sim-worker".into(),
     }
 }
@@ -92,5 +93,117 @@ where
             return None;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// What a scripted call does.
+#[derive(Debug, Clone)]
+pub enum Action {
+    /// Answer as the simulator would.
+    Pass,
+    /// Wait, then answer as the simulator would, with `tag` appended to every artifact.
+    Late(Duration, String),
+    /// Answer with this content instead.
+    Replace(String),
+    /// Fail with this error.
+    Fail(flotilla_llm::LlmError),
+}
+
+/// One call as the script sees it.
+#[derive(Debug, Clone)]
+pub struct Call {
+    /// Structured-output schema name, if any.
+    pub schema: Option<String>,
+    /// The user message parsed as JSON (Flotilla's prompts are JSON).
+    pub input: serde_json::Value,
+    /// How many calls with the same (schema, role, task_id, attempt) came before.
+    pub nth: usize,
+}
+
+impl Call {
+    /// A string field of the input.
+    pub fn field(&self, name: &str) -> &str {
+        self.input[name].as_str().unwrap_or("")
+    }
+}
+
+type Script = dyn Fn(&Call) -> Action + Send + Sync;
+
+/// The simulated provider with a script that can delay, replace or fail calls, and a
+/// record of every call. Deterministic: the script sees each call's content and count.
+pub struct Scripted {
+    inner: SimulatedProvider,
+    script: Box<Script>,
+    /// Every call made, in order.
+    pub calls: std::sync::Mutex<Vec<Call>>,
+}
+
+impl Scripted {
+    /// Wraps the simulator (`latency_ms` mean) with `script`.
+    pub fn new(latency_ms: u64, script: impl Fn(&Call) -> Action + Send + Sync + 'static) -> Arc<Self> {
+        Arc::new(Self {
+            inner: SimulatedProvider::new(SimConfig {
+                latency_ms,
+                ..SimConfig::default()
+            }),
+            script: Box::new(script),
+            calls: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Calls made with this schema for this task id.
+    pub fn count(&self, schema: &str, task_id: &str) -> usize {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.schema.as_deref() == Some(schema) && c.field("task_id") == task_id)
+            .count()
+    }
+}
+
+impl LlmClient for Scripted {
+    fn complete<'a>(&'a self, request: &'a flotilla_llm::CompletionRequest) -> flotilla_llm::LlmFuture<'a> {
+        Box::pin(async move {
+            let schema = request.response_format.as_ref().map(|f| f.name.clone());
+            let input: serde_json::Value = request
+                .messages
+                .last()
+                .and_then(|m| serde_json::from_str(&m.content).ok())
+                .unwrap_or_default();
+            let call = {
+                let mut calls = self.calls.lock().unwrap();
+                let same = |c: &Call| {
+                    c.schema == schema
+                        && c.input["session_id"] == input["session_id"]
+                        && c.input["role"] == input["role"]
+                        && c.input["task_id"] == input["task_id"]
+                        && c.input["attempt"] == input["attempt"]
+                };
+                let nth = calls.iter().filter(|c| same(c)).count();
+                let call = Call { schema, input, nth };
+                calls.push(call.clone());
+                call
+            };
+            match (self.script)(&call) {
+                Action::Pass => self.inner.complete(request).await,
+                Action::Late(wait, tag) => {
+                    tokio::time::sleep(wait).await;
+                    let mut c = self.inner.complete(request).await?;
+                    let mut out: flotilla_protocol::TaskOutput = serde_json::from_str(&c.content).unwrap();
+                    for a in &mut out.artifacts {
+                        a.content.push_str(&tag);
+                    }
+                    c.content = serde_json::to_string(&out).unwrap();
+                    Ok(c)
+                }
+                Action::Replace(content) => {
+                    let mut c = self.inner.complete(request).await?;
+                    c.content = content;
+                    Ok(c)
+                }
+                Action::Fail(e) => Err(e),
+            }
+        })
     }
 }

@@ -62,6 +62,34 @@ impl Default for PoolSettings {
     }
 }
 
+/// Per-role changes to the worker pool settings (`[roles.<role>]` in the config):
+/// what is set replaces the `[worker]` value.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolOverrides {
+    /// See [`PoolSettings::ack_wait`].
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub ack_wait: Option<Duration>,
+    /// See [`PoolSettings::max_deliver`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_deliver: Option<i64>,
+    /// See [`PoolSettings::concurrency`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<usize>,
+}
+
+impl PoolOverrides {
+    /// `base` with these changes.
+    pub fn apply(&self, base: &PoolSettings) -> PoolSettings {
+        PoolSettings {
+            ack_wait: self.ack_wait.unwrap_or(base.ack_wait),
+            max_deliver: self.max_deliver.unwrap_or(base.max_deliver),
+            concurrency: self.concurrency.unwrap_or(base.concurrency),
+            ..base.clone()
+        }
+    }
+}
+
 /// A bound durable pull consumer.
 #[derive(Debug)]
 pub struct PoolConsumer {
@@ -96,6 +124,19 @@ impl PoolConsumer {
             names.stream_submit(),
             names.submit_consumer(),
             names.submit(),
+            settings,
+        )
+        .await
+    }
+
+    /// The dead-letter mover's consumer of captured max-deliveries advisories.
+    pub async fn for_advisories(bus: &Bus, settings: PoolSettings) -> Result<Self, ConsumerError> {
+        let names = bus.names();
+        Self::bind(
+            bus,
+            names.stream_advisories(),
+            names.dlq_mover_consumer(),
+            String::new(),
             settings,
         )
         .await

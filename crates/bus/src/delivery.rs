@@ -104,58 +104,29 @@ impl Delivery {
         code: ErrorCode,
         detail: &str,
     ) -> Result<(), AckError> {
-        let stream = bus.names().stream_inbox();
-        let info_stream = self
+        let stream = self
             .msg
             .info()
             .map(|i| i.stream.to_owned())
-            .unwrap_or(stream);
-        let dlq_subject = format!(
-            "{}.dlq.{}.{}",
-            bus.names().prefix(),
-            info_stream,
-            code.as_str()
-        );
-        let mut h = async_nats::HeaderMap::new();
-        h.insert(
-            headers::MSG_ID,
-            format!("dlq.{info_stream}.{}", self.stream_sequence).as_str(),
-        );
-        h.insert(headers::REASON, code.as_str());
-        let detail_line: String = detail
-            .chars()
-            .filter(|c| *c != '\r' && *c != '\n')
-            .take(512)
-            .collect();
-        h.insert(headers::DETAIL, detail_line.as_str());
-        h.insert(headers::ORIGIN_STREAM, info_stream.as_str());
-        h.insert(
-            headers::ORIGIN_SEQUENCE,
-            self.stream_sequence.to_string().as_str(),
-        );
-        h.insert(headers::DELIVERIES, self.delivered.to_string().as_str());
-        h.insert(headers::ORIGIN_SUBJECT, self.subject());
-        if let Some(tp) = self.header(headers::TRACEPARENT) {
-            h.insert(headers::TRACEPARENT, tp);
-        }
-        if let Some(s) = self.header(headers::SESSION) {
-            h.insert(headers::SESSION, s);
-        }
-        let stored = match bus
-            .js
-            .publish_with_headers(dlq_subject, h, self.msg.payload.clone())
-            .await
-        {
-            Ok(fut) => fut.await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
+            .unwrap_or_else(|_| bus.names().stream_inbox());
+        let letter = DeadLetter {
+            stream,
+            sequence: self.stream_sequence,
+            deliveries: self.delivered,
+            subject: self.subject().to_owned(),
+            reason: code.as_str().to_owned(),
+            detail: detail.to_owned(),
+            traceparent: self.header(headers::TRACEPARENT).map(str::to_owned),
+            session: self.header(headers::SESSION).map(str::to_owned),
+            payload: self.msg.payload.clone(),
         };
-        if let Err(e) = stored {
+        if let Err(e) = bus.store_dead_letter(&letter).await {
             let _ = self.nak(Duration::from_secs(1)).await;
             return Err(AckError(format!(
                 "dead-letter copy failed, left for redelivery: {e}"
             )));
         }
-        Counters::inc(&bus.counters.dead_lettered);
+        let detail_line = letter.detail_line();
         // `+TERM <reason>` ends redelivery and records the reason in the server's advisory.
         if let Some(reply) = &self.msg.reply {
             let body = format!("+TERM {}: {}", code.as_str(), detail_line);
@@ -163,6 +134,73 @@ impl Delivery {
                 .publish(reply.clone(), body.into())
                 .await
                 .map_err(|e| AckError(e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+/// A message on its way to the dead-letter stream.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// The stream it came from.
+    pub stream: String,
+    /// Its sequence there.
+    pub sequence: u64,
+    /// How often it had been delivered.
+    pub deliveries: u64,
+    /// The subject it was published to.
+    pub subject: String,
+    /// Why (an error code name, or `max_deliveries`).
+    pub reason: String,
+    /// Human-readable detail.
+    pub detail: String,
+    /// Its trace context, if any.
+    pub traceparent: Option<String>,
+    /// Its session header, if any.
+    pub session: Option<String>,
+    /// The payload, unchanged.
+    pub payload: Bytes,
+}
+
+impl DeadLetter {
+    /// The detail as one header-safe line of at most 512 characters.
+    pub fn detail_line(&self) -> String {
+        self.detail
+            .chars()
+            .filter(|c| *c != '\r' && *c != '\n')
+            .take(512)
+            .collect()
+    }
+}
+
+impl Bus {
+    /// Stores `letter` in the dead-letter stream under `<p>.dlq.<stream>.<reason>`, with
+    /// message id `dlq.<stream>.<sequence>` so a repeat is de-duplicated.
+    pub async fn store_dead_letter(&self, letter: &DeadLetter) -> Result<(), String> {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(
+            headers::MSG_ID,
+            format!("dlq.{}.{}", letter.stream, letter.sequence).as_str(),
+        );
+        h.insert(headers::REASON, letter.reason.as_str());
+        h.insert(headers::DETAIL, letter.detail_line().as_str());
+        h.insert(headers::ORIGIN_STREAM, letter.stream.as_str());
+        h.insert(headers::ORIGIN_SEQUENCE, letter.sequence.to_string().as_str());
+        h.insert(headers::DELIVERIES, letter.deliveries.to_string().as_str());
+        h.insert(headers::ORIGIN_SUBJECT, letter.subject.as_str());
+        if let Some(tp) = &letter.traceparent {
+            h.insert(headers::TRACEPARENT, tp.as_str());
+        }
+        if let Some(s) = &letter.session {
+            h.insert(headers::SESSION, s.as_str());
+        }
+        let subject = self.names().dlq(&letter.stream, &letter.reason);
+        let ack = match self.js.publish_with_headers(subject, h, letter.payload.clone()).await {
+            Ok(fut) => fut.await.map_err(|e| e.to_string())?,
+            Err(e) => return Err(e.to_string()),
+        };
+        if !ack.duplicate {
+            Counters::inc(&self.counters.dead_lettered);
         }
         Ok(())
     }

@@ -29,8 +29,8 @@ use async_nats::jetstream;
 use flotilla_protocol::Namespace;
 
 pub use config::BusConfig;
-pub use consumer::{ConsumerError, PoolConsumer, PoolSettings};
-pub use delivery::{AckError, Delivery};
+pub use consumer::{ConsumerError, PoolConsumer, PoolOverrides, PoolSettings};
+pub use delivery::{AckError, DeadLetter, Delivery};
 pub use kv::{KvError, Records};
 pub use metrics::{Counters, CountersSnapshot};
 pub use publish::{Outgoing, PublishError, Published};

@@ -102,8 +102,23 @@ pub(crate) fn stream_configs(ns: &Namespace, c: &BusConfig) -> Vec<stream::Confi
             storage: StorageType::File,
             num_replicas: c.replicas,
             max_consumers: 256,
-            metadata: meta,
+            metadata: meta.clone(),
             description: Some("flotilla dead letters".into()),
+            ..Default::default()
+        },
+        stream::Config {
+            name: ns.stream_advisories(),
+            subjects: vec![
+                ns.max_deliveries_advisory(&ns.stream_inbox()),
+                ns.max_deliveries_advisory(&ns.stream_submit()),
+            ],
+            retention: RetentionPolicy::WorkQueue,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            storage: StorageType::File,
+            num_replicas: c.replicas,
+            max_consumers: 16,
+            metadata: meta,
+            description: Some("max-deliveries advisories of flotilla work queues, for the dead-letter mover".into()),
             ..Default::default()
         },
     ]

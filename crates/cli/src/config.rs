@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
-use flotilla_bus::{BusConfig, PoolSettings};
+use std::collections::BTreeMap;
+
+use flotilla_bus::{BusConfig, PoolOverrides, PoolSettings};
+use flotilla_protocol::Role;
 use flotilla_control::{ControlConfig, SessionConfig};
 use flotilla_llm::SimConfig;
 use serde::{Deserialize, Serialize};
@@ -66,6 +69,8 @@ pub(crate) struct Config {
     pub(crate) submit: PoolSettings,
     /// Worker pools' consumers.
     pub(crate) worker: PoolSettings,
+    /// Per-role changes to `worker` (`[roles.<role>]`).
+    pub(crate) roles: BTreeMap<Role, PoolOverrides>,
     /// LLM provider.
     pub(crate) llm: LlmConfig,
     /// The embedded server.
@@ -75,6 +80,11 @@ pub(crate) struct Config {
 }
 
 impl Config {
+    /// The consumer settings of `role`'s pool: `[worker]` with `[roles.<role>]` applied.
+    pub(crate) fn pool(&self, role: &Role) -> PoolSettings {
+        self.roles.get(role).map(|o| o.apply(&self.worker)).unwrap_or_else(|| self.worker.clone())
+    }
+
     /// The control plane's part.
     pub(crate) fn control(&self) -> ControlConfig {
         ControlConfig {
@@ -93,6 +103,7 @@ fn defaults() -> Config {
         orchestrator: control.orchestrator,
         submit: control.submit,
         worker: PoolSettings::default(),
+        roles: BTreeMap::new(),
         llm: LlmConfig::default(),
         embedded: EmbeddedConfig::default(),
         log: "info".into(),
@@ -142,14 +153,22 @@ pub(crate) fn validate(c: &Config) -> anyhow::Result<()> {
         c.nats.inbox_bound >= 1,
         "nats.inbox_bound must be at least 1"
     );
-    let window_needed =
-        c.worker.ack_wait * u32::try_from(c.worker.max_deliver.max(1)).unwrap_or(u32::MAX);
-    anyhow::ensure!(
-        c.nats.duplicate_window >= window_needed,
-        "nats.duplicate_window ({:?}) must cover worker.ack_wait x worker.max_deliver ({:?})",
-        c.nats.duplicate_window,
-        window_needed
-    );
+    for role in c.roles.keys() {
+        anyhow::ensure!(
+            c.session.roles.contains(role),
+            "[roles.{role}] configures a role that is not in session.roles"
+        );
+    }
+    for role in &c.session.roles {
+        let p = c.pool(role);
+        let window_needed = p.ack_wait * u32::try_from(p.max_deliver.max(1)).unwrap_or(u32::MAX);
+        anyhow::ensure!(
+            c.nats.duplicate_window >= window_needed,
+            "nats.duplicate_window ({:?}) must cover ack_wait x max_deliver of role {role} ({:?})",
+            c.nats.duplicate_window,
+            window_needed
+        );
+    }
     Ok(())
 }
 

@@ -140,8 +140,9 @@ impl Client {
     }
 
     /// Opens a session for `task` and waits for its end, retrying after
-    /// `retry_after_ms` while the pool is full. Returns the `done` event, the time
-    /// spent waiting for admission, and how many rejections came first.
+    /// `retry_after_ms` while the pool is full, and with the same session id when a
+    /// request goes unanswered. Returns the `done` event and how many "pool full"
+    /// rejections came first.
     pub async fn run(&self, task: &str, timeout: Duration) -> Result<(Finished, u32), RunError> {
         let session = SessionId::generate();
         let mut req = OpenSession::new(task);
@@ -151,7 +152,19 @@ impl Client {
         let mut rejections = 0;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match self.open(&req, left.min(Duration::from_secs(30))).await? {
+            let reply = match self.open(&req, left.min(Duration::from_secs(30))).await {
+                Ok(r) => r,
+                // A serve instance died with our request, or none is up yet: the session
+                // id is ours, so asking again is idempotent.
+                Err(ClientError::Timeout(_) | ClientError::NoService(_))
+                    if tokio::time::Instant::now() + Duration::from_millis(500) < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            match reply {
                 OpenReply::Accepted { .. } => break,
                 OpenReply::Rejected {
                     code: ErrorCode::PoolFull | ErrorCode::Unavailable,

@@ -16,6 +16,8 @@ pub struct SessionConfig {
     pub min_roles: usize,
     /// Most worker roles a session may have.
     pub max_roles: usize,
+    /// Most tasks a plan may have.
+    pub max_tasks: usize,
     /// Task messages in flight per session at once; the rest wait in the record.
     pub max_in_flight: usize,
     /// Attempts per task before it fails for good (a failed attempt is retried with
@@ -50,6 +52,7 @@ impl Default for SessionConfig {
             ],
             min_roles: 3,
             max_roles: 5,
+            max_tasks: 10,
             max_in_flight: 3,
             max_task_attempts: 3,
             pool_size: 600,
@@ -79,7 +82,9 @@ impl Default for ControlConfig {
             session: SessionConfig::default(),
             orchestrator: PoolSettings {
                 concurrency: 1024,
-                max_deliver: 50,
+                // Orchestrator messages are never given up on: poison is terminated
+                // explicitly, and backpressure naks must not exhaust a bound.
+                max_deliver: -1,
                 ..PoolSettings::default()
             },
             submit: PoolSettings {

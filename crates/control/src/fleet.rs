@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use flotilla_agent::{LlmAgent, Worker};
-use flotilla_bus::{Bus, BusConfig, ConnectError, Counters, PoolSettings};
+use std::collections::BTreeMap;
+
+use flotilla_bus::{Bus, BusConfig, ConnectError, Counters, PoolOverrides, PoolSettings};
 use flotilla_llm::LlmClient;
 use flotilla_protocol::Role;
 use tokio::task::JoinSet;
@@ -26,6 +28,8 @@ pub struct FleetSpec {
     pub workers_per_role: usize,
     /// Worker consumer settings.
     pub worker: PoolSettings,
+    /// Per-role changes to `worker`.
+    pub roles: BTreeMap<Role, PoolOverrides>,
     /// Model the workers use.
     pub worker_model: String,
 }
@@ -69,7 +73,8 @@ impl Fleet {
                     spec.worker_model.clone(),
                     llm.clone(),
                 ));
-                let worker = Worker::new(bus, role.clone(), agent, spec.worker.clone());
+                let settings = spec.roles.get(role).map(|o| o.apply(&spec.worker)).unwrap_or_else(|| spec.worker.clone());
+                let worker = Worker::new(bus, role.clone(), agent, settings);
                 let s = shutdown.child_token();
                 let role: Role = role.clone();
                 tasks.spawn(async move {

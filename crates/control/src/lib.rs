@@ -8,6 +8,7 @@
 //! - [`machine`]: the session state machine, pure and unit-tested.
 //! - [`orchestrator`]: the orchestrator role pool driving that machine over NATS.
 //! - [`prompts`]: the orchestrator's LLM prompts.
+//! - [`dlq`]: the dead-letter mover (max deliveries) and `dlq ls|show|replay`.
 //! - [`serve`]: all of the above as one process.
 //! - [`client`]: open sessions and wait for their answers.
 //! - [`fleet`]: `serve` and a worker pool per role in one process (demo, bench, tests).
@@ -15,6 +16,7 @@
 pub mod admission;
 pub mod client;
 pub mod config;
+pub mod dlq;
 pub mod fleet;
 pub mod machine;
 pub mod orchestrator;

@@ -265,7 +265,7 @@ impl Orchestrator {
                 .await
                 .map_err(|e| VerdictError::retry(Duration::from_secs(1), e.to_string()))?;
             let why = match decode::<Plan>(completion.content.as_bytes(), DEFAULT_MAX_PAYLOAD) {
-                Ok(plan) => match plan.validate(&rec.roles, self.config.session.max_roles) {
+                Ok(plan) => match plan.validate(&rec.roles, self.config.session.max_tasks) {
                     Ok(()) => return Ok(Ok(plan)),
                     Err(e) => e.to_string(),
                 },
@@ -424,27 +424,43 @@ impl Orchestrator {
             trace,
             payload: Bytes::from(serde_json::to_vec(&msg).unwrap_or_default()),
         };
-        match self.bus.publish(&out).await {
-            Ok(p) => {
-                if !p.duplicate {
-                    Counters::inc(&self.bus.counters.dispatched);
+        // A full inbox is backpressure: log it once, then retry with backoff for up to
+        // half the ack wait; past that, hand the message back (the effect stays in
+        // the outbox and is performed on a later pass).
+        let deadline = tokio::time::Instant::now() + self.config.orchestrator.ack_wait / 2;
+        let mut backoff = Duration::from_millis(50);
+        let mut logged = false;
+        loop {
+            match self.bus.publish(&out).await {
+                Ok(p) => {
+                    if !p.duplicate {
+                        Counters::inc(&self.bus.counters.dispatched);
+                    }
+                    break;
                 }
+                Err(PublishError::Full { .. }) => {
+                    if !logged {
+                        logged = true;
+                        let body = EventBody::Backpressure {
+                            task_id: task_id.clone(),
+                            role: entry.role.clone(),
+                            attempt,
+                        };
+                        let id = format!("backpressure.{task_id}.{attempt}.{}", now());
+                        self.bus.emit(&rec.session_id, &id, body, trace).await?;
+                        tracing::info!(task = %task_id, role = %entry.role, "inbox full, backing off");
+                    }
+                    if tokio::time::Instant::now() + backoff > deadline {
+                        return Err(VerdictError::retry(
+                            Duration::from_millis(500),
+                            format!("inbox of {} is full", entry.role),
+                        ));
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => return Err(e.into()),
             }
-            Err(PublishError::Full { .. }) => {
-                // Backpressure: the effect stays in the outbox and is retried later.
-                let body = EventBody::Backpressure {
-                    task_id: task_id.clone(),
-                    role: entry.role.clone(),
-                    attempt,
-                };
-                let id = format!("backpressure.{task_id}.{attempt}.{}", now() / 1000);
-                self.bus.emit(&rec.session_id, &id, body, trace).await?;
-                return Err(VerdictError::retry(
-                    Duration::from_millis(500),
-                    format!("inbox of {} is full", entry.role),
-                ));
-            }
-            Err(e) => return Err(e.into()),
         }
         let body = EventBody::Dispatched {
             task_id: task_id.clone(),

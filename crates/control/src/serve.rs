@@ -76,6 +76,10 @@ impl Serve {
         let s = shutdown.child_token();
         tasks.spawn(async move { Ok(orch.run(s).await?) });
 
+        let mover = crate::dlq::DeadLetterMover::new(self.bus.clone());
+        let s = shutdown.child_token();
+        tasks.spawn(async move { Ok(mover.run(s).await?) });
+
         let (every, grace, s) = (cfg.reconcile_every, cfg.slot_grace, shutdown.child_token());
         tasks.spawn(async move {
             loop {

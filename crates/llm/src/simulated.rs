@@ -28,6 +28,8 @@ pub struct SimConfig {
     pub jitter: f64,
     /// Completion tokens per call: uniformly between these two.
     pub completion_tokens: (u32, u32),
+    /// Subtasks per role in a plan (more than 1 makes several tasks share an inbox).
+    pub subtasks_per_role: u32,
 }
 
 impl Default for SimConfig {
@@ -37,6 +39,7 @@ impl Default for SimConfig {
             latency_ms: 200,
             jitter: 0.5,
             completion_tokens: (80, 400),
+            subtasks_per_role: 1,
         }
     }
 }
@@ -141,16 +144,19 @@ impl SimulatedProvider {
         let content = match name {
             Some(schema::PLAN) => {
                 let p: PlanInput = serde_json::from_str(input).map_err(bad)?;
+                let rounds = self.config.subtasks_per_role.max(1);
+                let (roles, task) = (&p.roles, p.task.as_str());
                 let plan = Plan {
-                    subtasks: p
-                        .roles
-                        .iter()
-                        .map(|r| Subtask {
-                            role: r.clone(),
-                            instruction: format!(
-                                "As the {r} specialist, handle your part of: {}",
-                                p.task
-                            ),
+                    subtasks: (1..=rounds)
+                        .flat_map(|n| {
+                            roles.iter().map(move |r| Subtask {
+                                role: r.clone(),
+                                instruction: if rounds == 1 {
+                                    format!("As the {r} specialist, handle your part of: {task}")
+                                } else {
+                                    format!("As the {r} specialist, handle part {n} of: {task}")
+                                },
+                            })
                         })
                         .collect(),
                 };

@@ -164,6 +164,16 @@ impl Namespace {
         format!("{}.dlq.>", self.prefix)
     }
 
+    /// One dead letter's subject: `<p>.dlq.<stream>.<code>`.
+    pub fn dlq(&self, stream: &str, code: &str) -> String {
+        format!("{}.dlq.{stream}.{code}", self.prefix)
+    }
+
+    /// The server's advisory when a message of `stream` exhausts its deliveries.
+    pub fn max_deliveries_advisory(&self, stream: &str) -> String {
+        format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.*")
+    }
+
     // ---- streams, consumers, buckets -------------------------------------------
 
     /// Stream of durable submissions.
@@ -181,6 +191,14 @@ impl Namespace {
     /// Stream of dead letters.
     pub fn stream_dlq(&self) -> String {
         format!("{}_DLQ", self.upper)
+    }
+    /// Stream capturing the server's max-deliveries advisories for our work queues.
+    pub fn stream_advisories(&self) -> String {
+        format!("{}_ADVISORIES", self.upper)
+    }
+    /// The durable consumer of the advisories stream (the dead-letter mover).
+    pub fn dlq_mover_consumer(&self) -> String {
+        "dlq-mover".to_owned()
     }
     /// The durable consumer shared by a role pool.
     pub fn role_consumer(&self, role: &Role) -> String {

@@ -79,6 +79,7 @@ pub(crate) async fn load(
         serve_instances: a.serve_instances,
         workers_per_role: a.workers_per_role,
         worker: config.worker.clone(),
+        roles: config.roles.clone(),
         worker_model: config.llm.worker_model.clone(),
     };
     let fleet = Fleet::start(spec, llm)

@@ -70,7 +70,8 @@ pub(crate) async fn agent(
         config.llm.worker_model.clone(),
         llm(&config),
     ));
-    Worker::new(bus, role, agent, config.worker.clone())
+    let settings = config.pool(&role);
+    Worker::new(bus, role, agent, settings)
         .run(shutdown)
         .await?;
     Ok(())

@@ -1,0 +1,250 @@
+//! Dead letters: the mover that takes messages which exhausted their deliveries out of
+//! the work queues, and the operations behind `flotilla dlq ls|show|replay`.
+//!
+//! The server announces an exhausted message with a core NATS advisory
+//! (`$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.<stream>.<consumer>`). Core messages
+//! are lost when nobody listens, so the advisories stream captures them and every
+//! `serve` shares one durable consumer on it. For each advisory the mover copies the
+//! message into the dead-letter stream (reason `max_deliveries`, message id
+//! `dlq.<stream>.<seq>`), deletes it from the work queue, and, for a task, tells the
+//! orchestrator the attempt failed so the session retries it or fails visibly instead of
+//! waiting forever. Every step is idempotent, so a crash anywhere is safe.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use flotilla_agent::{VerdictError, settle};
+use flotilla_bus::{Bus, DeadLetter, Delivery, Outgoing, PoolConsumer, PoolSettings};
+use flotilla_protocol::{
+    DEFAULT_MAX_PAYLOAD, InboxMessage, MessageId, ResultMessage, Role, TaskOutcome, V1, decode,
+    headers,
+};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+/// The reason recorded for messages that exhausted their deliveries.
+pub const MAX_DELIVERIES: &str = "max_deliveries";
+
+/// The fields of a max-deliveries advisory the mover uses.
+#[derive(Debug, Deserialize)]
+struct Advisory {
+    stream: String,
+    consumer: String,
+    stream_seq: u64,
+    deliveries: u64,
+}
+
+/// Moves exhausted messages to the dead-letter stream.
+#[derive(Debug, Clone)]
+pub struct DeadLetterMover {
+    bus: Bus,
+}
+
+impl DeadLetterMover {
+    /// A mover over `bus`.
+    pub fn new(bus: Bus) -> Self {
+        Self { bus }
+    }
+
+    /// Runs until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), flotilla_bus::ConsumerError> {
+        let settings = PoolSettings {
+            max_deliver: -1,
+            concurrency: 16,
+            ..PoolSettings::default()
+        };
+        let consumer = PoolConsumer::for_advisories(&self.bus, settings).await?;
+        let bus = self.bus.clone();
+        consumer
+            .run(bus, shutdown, move |d: Delivery| {
+                let this = self.clone();
+                async move {
+                    let verdict = this.handle(&d).await;
+                    settle(&this.bus, &d, verdict).await;
+                }
+            })
+            .await;
+        Ok(())
+    }
+
+    async fn handle(&self, d: &Delivery) -> Result<(), VerdictError> {
+        let Ok(adv) = serde_json::from_slice::<Advisory>(d.payload()) else {
+            tracing::warn!("unreadable max-deliveries advisory dropped");
+            return Ok(());
+        };
+        let names = self.bus.names();
+        if adv.stream != names.stream_inbox() && adv.stream != names.stream_submit() {
+            return Ok(());
+        }
+        let retry = |e: String| VerdictError::retry(Duration::from_secs(1), e);
+        let stream = self.bus.js.get_stream(&adv.stream).await.map_err(|e| retry(e.to_string()))?;
+        let msg = match stream.get_raw_message(adv.stream_seq).await {
+            Ok(m) => m,
+            // Already moved (or acked late): nothing to do.
+            Err(_) => return Ok(()),
+        };
+        let letter = DeadLetter {
+            stream: adv.stream.clone(),
+            sequence: adv.stream_seq,
+            deliveries: adv.deliveries,
+            subject: msg.subject.to_string(),
+            reason: MAX_DELIVERIES.to_owned(),
+            detail: format!(
+                "delivered {} times to consumer {} without an acknowledgement",
+                adv.deliveries, adv.consumer
+            ),
+            traceparent: msg.headers.get(headers::TRACEPARENT).map(|v| v.to_string()),
+            session: msg.headers.get(headers::SESSION).map(|v| v.to_string()),
+            payload: msg.payload.clone(),
+        };
+        self.bus.store_dead_letter(&letter).await.map_err(retry)?;
+        tracing::warn!(stream = %adv.stream, seq = adv.stream_seq, subject = %letter.subject, "dead-lettered after max deliveries");
+        // A task that can never be delivered is a failed attempt: the orchestrator
+        // retries it or fails the session naming it.
+        if let Ok(InboxMessage::Task(task)) = decode::<InboxMessage>(&msg.payload, DEFAULT_MAX_PAYLOAD) {
+            let result = InboxMessage::Result(ResultMessage {
+                v: V1,
+                session_id: task.session_id.clone(),
+                task_id: task.task_id.clone(),
+                role: task.role.clone(),
+                attempt: task.attempt,
+                outcome: TaskOutcome::Failed {
+                    reason: format!("dead-lettered after {} deliveries", adv.deliveries),
+                },
+            });
+            self.bus
+                .publish(&Outgoing {
+                    subject: names.inbox(&task.session_id, &Role::orchestrator()),
+                    msg_id: MessageId::result(&task.session_id, &task.task_id, task.attempt),
+                    session: Some(task.session_id.clone()),
+                    attempt: Some(task.attempt),
+                    trace: letter.traceparent.as_deref().and_then(|t| flotilla_protocol::TraceParent::parse(t).ok()),
+                    payload: Bytes::from(serde_json::to_vec(&result).unwrap_or_default()),
+                })
+                .await?;
+        }
+        match stream.delete_message(adv.stream_seq).await {
+            Ok(_) => Ok(()),
+            // Gone already: fine.
+            Err(e) if e.to_string().contains("not found") => Ok(()),
+            Err(e) => Err(retry(e.to_string())),
+        }
+    }
+}
+
+/// One entry of the dead-letter stream.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeadLetterEntry {
+    /// Its sequence in the dead-letter stream (what `show` and `replay` take).
+    pub seq: u64,
+    /// When it was dead-lettered (RFC 3339).
+    pub time: String,
+    /// Why.
+    pub reason: String,
+    /// Detail.
+    pub detail: String,
+    /// The subject it was first published to.
+    pub subject: String,
+    /// The stream and sequence it came from.
+    pub origin: String,
+    /// Deliveries before it was dead-lettered.
+    pub deliveries: u64,
+    /// The payload (lossy UTF-8).
+    pub payload: String,
+}
+
+/// A dead-letter operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DlqError {
+    /// No such entry.
+    #[error("no dead letter with sequence {0}")]
+    NotFound(u64),
+    /// The entry has no original subject to replay to.
+    #[error("dead letter {0} does not say where it came from")]
+    NoOrigin(u64),
+    /// NATS failed: retry.
+    #[error("nats: {0}")]
+    Nats(String),
+}
+
+fn entry(seq: u64, m: &async_nats::jetstream::message::StreamMessage) -> DeadLetterEntry {
+    let h = |name: &str| m.headers.get(name).map(|v| v.to_string()).unwrap_or_default();
+    DeadLetterEntry {
+        seq,
+        time: m.time.to_string(),
+        reason: h(headers::REASON),
+        detail: h(headers::DETAIL),
+        subject: h(headers::ORIGIN_SUBJECT),
+        origin: format!("{}#{}", h(headers::ORIGIN_STREAM), h(headers::ORIGIN_SEQUENCE)),
+        deliveries: h(headers::DELIVERIES).parse().unwrap_or(0),
+        payload: String::from_utf8_lossy(&m.payload).into_owned(),
+    }
+}
+
+/// The newest `limit` dead letters, oldest first.
+pub async fn list(bus: &Bus, limit: usize) -> Result<Vec<DeadLetterEntry>, DlqError> {
+    let mut stream = bus
+        .js
+        .get_stream(bus.names().stream_dlq())
+        .await
+        .map_err(|e| DlqError::Nats(e.to_string()))?;
+    let (first, last) = {
+        let info = stream.info().await.map_err(|e| DlqError::Nats(e.to_string()))?;
+        (info.state.first_sequence, info.state.last_sequence)
+    };
+    let mut out = Vec::new();
+    let mut seq = last;
+    while seq >= first && seq > 0 && out.len() < limit {
+        if let Ok(m) = stream.get_raw_message(seq).await {
+            out.push(entry(seq, &m));
+        }
+        seq -= 1;
+    }
+    out.reverse();
+    Ok(out)
+}
+
+/// One dead letter.
+pub async fn show(bus: &Bus, seq: u64) -> Result<DeadLetterEntry, DlqError> {
+    let stream = bus
+        .js
+        .get_stream(bus.names().stream_dlq())
+        .await
+        .map_err(|e| DlqError::Nats(e.to_string()))?;
+    let m = stream.get_raw_message(seq).await.map_err(|_| DlqError::NotFound(seq))?;
+    Ok(entry(seq, &m))
+}
+
+/// Publishes a dead letter back to the subject it came from (as a new message) and
+/// removes it from the dead-letter stream.
+pub async fn replay(bus: &Bus, seq: u64) -> Result<String, DlqError> {
+    let stream = bus
+        .js
+        .get_stream(bus.names().stream_dlq())
+        .await
+        .map_err(|e| DlqError::Nats(e.to_string()))?;
+    let m = stream.get_raw_message(seq).await.map_err(|_| DlqError::NotFound(seq))?;
+    let subject = m
+        .headers
+        .get(headers::ORIGIN_SUBJECT)
+        .map(|v| v.to_string())
+        .ok_or(DlqError::NoOrigin(seq))?;
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(headers::MSG_ID, format!("replay.{}.{seq}", bus.names().stream_dlq()).as_str());
+    for name in [headers::TRACEPARENT, headers::SESSION, headers::ATTEMPT] {
+        if let Some(v) = m.headers.get(name) {
+            h.insert(name, v.as_str());
+        }
+    }
+    bus.js
+        .publish_with_headers(subject.clone(), h, m.payload.clone())
+        .await
+        .map_err(|e| DlqError::Nats(e.to_string()))?
+        .await
+        .map_err(|e| DlqError::Nats(e.to_string()))?;
+    stream
+        .delete_message(seq)
+        .await
+        .map_err(|e| DlqError::Nats(e.to_string()))?;
+    Ok(subject)
+}
