@@ -1,6 +1,8 @@
 //! Admission: the bounded pool, typed rejections of bad input, the submit queue, and
 //! the topology bootstrap.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: failures should panic
+
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -8,7 +10,7 @@ use flotilla_bus::{Bus, BusConfig, Counters, TopologyError};
 use flotilla_control::Client;
 use flotilla_protocol::{ErrorCode, MessageId, OpenReply, OpenSession, Role, SessionId, headers};
 use flotilla_testkit::NatsServer;
-use flotilla_tests::{TestFleet, eventually, sim, spec};
+use flotilla_tests::{TestFleet, eventually, inbox_is_empty, sim, spec};
 use std::sync::Arc;
 
 fn rejected(reply: &OpenReply) -> (ErrorCode, Option<u64>) {
@@ -276,36 +278,41 @@ async fn topology_is_idempotent_and_refuses_conflicts() {
         url: server.url(),
         ..BusConfig::default()
     };
+    let research = Role::parse("research").unwrap();
     // Twice, concurrently: both succeed.
     let (a, b) = tokio::join!(
         Bus::connect(&config, "a", Arc::new(Counters::default())),
         Bus::connect(&config, "b", Arc::new(Counters::default()))
     );
-    a.unwrap();
-    b.unwrap();
-    // Another deployment's idea of the inbox bound conflicts, with a clear error.
-    let other = BusConfig {
-        inbox_bound: 64,
-        ..config.clone()
-    };
-    let err = Bus::connect(&other, "c", Arc::new(Counters::default()))
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let (x, y) = tokio::join!(a.ensure_inbox(&research), b.ensure_inbox(&research));
+    x.unwrap();
+    y.unwrap();
+    // Another deployment's idea of the role's inbox bound conflicts, with a clear error.
+    let mut other = config.clone();
+    other.role_inbox_bounds.insert(research.clone(), 64);
+    let c = Bus::connect(&other, "c", Arc::new(Counters::default()))
         .await
-        .unwrap_err();
+        .unwrap();
+    let err = c.ensure_inbox(&research).await.unwrap_err();
     let msg = err.to_string();
     assert!(
         matches!(
             err,
-            flotilla_bus::ConnectError::Topology(TopologyError::Conflict {
+            TopologyError::Conflict {
                 field: "max_messages_per_subject",
                 ..
-            })
+            }
         ),
         "{msg}"
     );
     assert!(
-        msg.contains("FLOTILLA_INBOX") && msg.contains("64") && msg.contains('8'),
+        msg.contains("FLOTILLA_INBOX_research") && msg.contains("64") && msg.contains('8'),
         "{msg}"
     );
+    // Other roles are unaffected, and each role's bound is its own.
+    let analysis = Role::parse("analysis").unwrap();
+    c.ensure_inbox(&analysis).await.unwrap();
     // A different prefix lives side by side.
     let side = BusConfig {
         prefix: "other".into(),
@@ -315,7 +322,20 @@ async fn topology_is_idempotent_and_refuses_conflicts() {
     let bus = Bus::connect(&side, "d", Arc::new(Counters::default()))
         .await
         .unwrap();
-    assert!(bus.js.get_stream("OTHER_INBOX").await.is_ok());
+    bus.ensure_inbox(&research).await.unwrap();
+    let mut s = bus.js.get_stream("OTHER_INBOX_research").await.unwrap();
+    assert_eq!(s.info().await.unwrap().config.max_messages_per_subject, 64);
+    // The advisories stream captures every role's max-deliveries advisories.
+    let mut adv = a.js.get_stream("FLOTILLA_ADVISORIES").await.unwrap();
+    let subjects = adv.info().await.unwrap().config.subjects.clone();
+    for role in ["research", "analysis"] {
+        assert!(
+            subjects
+                .iter()
+                .any(|s| s.contains(&format!("FLOTILLA_INBOX_{role}"))),
+            "{subjects:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -405,7 +425,7 @@ async fn inbox_poison_is_dead_lettered_with_its_reason() {
                 .headers
                 .get(headers::ORIGIN_STREAM)
                 .map(|v| v.as_str()),
-            Some("FLOTILLA_INBOX"),
+            Some(names.stream_inbox(&inbox_role(&names, &subject)).as_str()),
             "{name}"
         );
         assert!(
@@ -422,13 +442,7 @@ async fn inbox_poison_is_dead_lettered_with_its_reason() {
         );
     }
     // Nothing is left behind in the work queue, and the fleet still serves sessions.
-    let left = eventually(Duration::from_secs(10), || async {
-        let mut s = t.bus.js.get_stream(names.stream_inbox()).await.ok()?;
-        let n = s.info().await.ok()?.state.messages;
-        (n == 0).then_some(n)
-    })
-    .await;
-    assert_eq!(left, Some(0));
+    assert!(inbox_is_empty(&t.bus).await);
     let (after, _) = t
         .client
         .run("still fine", Duration::from_secs(60))
@@ -560,4 +574,11 @@ async fn crash_leaks_are_reconciled() {
     .await;
     assert!(freed.is_some());
     t.stop().await;
+}
+
+fn inbox_role(names: &flotilla_protocol::Namespace, subject: &str) -> Role {
+    match names.parse(subject).unwrap() {
+        flotilla_protocol::ParsedSubject::Inbox { role, .. } => role,
+        other => panic!("{other:?}"),
+    }
 }

@@ -2,21 +2,28 @@
 //! duplicate deliveries, validation tied to the ack, dead letters after max deliveries,
 //! and backpressure from bounded inboxes.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: failures should panic
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use flotilla_llm::{LlmClient, LlmError, schema};
 use flotilla_protocol::{
-    Event, EventBody, InboxMessage, Role, SessionOutcome, SessionRecord, SessionStatus, TaskRecord, headers,
-    subject::keys,
+    Event, EventBody, InboxMessage, Role, SessionOutcome, SessionRecord, SessionStatus, TaskRecord,
+    headers, subject::keys,
 };
-use flotilla_tests::{Action, Scripted, TestFleet, eventually, spec};
+use flotilla_tests::{Action, Scripted, TestFleet, eventually, inbox_is_empty, spec};
 use futures::StreamExt;
 
 /// Every event of a session, in order.
 async fn events(t: &TestFleet, sid: &flotilla_protocol::SessionId) -> Vec<Event> {
-    let stream = t.bus.js.get_stream(t.bus.names().stream_events()).await.unwrap();
+    let stream = t
+        .bus
+        .js
+        .get_stream(t.bus.names().stream_events())
+        .await
+        .unwrap();
     let consumer = stream
         .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
             filter_subject: t.bus.names().events_of(sid),
@@ -26,7 +33,8 @@ async fn events(t: &TestFleet, sid: &flotilla_protocol::SessionId) -> Vec<Event>
         .unwrap();
     let mut out = Vec::new();
     let mut msgs = consumer.messages().await.unwrap();
-    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_millis(500), msgs.next()).await {
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_millis(500), msgs.next()).await
+    {
         out.push(serde_json::from_slice(&m.payload).unwrap());
     }
     out
@@ -38,21 +46,15 @@ fn accepted_results(evs: &[Event], task: &str) -> usize {
         .count()
 }
 
-async fn inbox_is_empty(t: &TestFleet) -> bool {
-    eventually(Duration::from_secs(15), || async {
-        let mut s = t.bus.js.get_stream(t.bus.names().stream_inbox()).await.ok()?;
-        (s.info().await.ok()?.state.messages == 0).then_some(())
-    })
-    .await
-    .is_some()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_holder_is_fenced_off() {
     // The first attempt at the research task sleeps well past the ack wait, then answers
     // with a tagged output; any later call answers at once.
     let llm = Scripted::new(10, |c| {
-        if c.schema.as_deref() == Some(schema::TASK_OUTPUT) && c.field("role") == "research" && c.nth == 0 {
+        if c.schema.as_deref() == Some(schema::TASK_OUTPUT)
+            && c.field("role") == "research"
+            && c.nth == 0
+        {
             Action::Late(Duration::from_secs(4), " LATE".into())
         } else {
             Action::Pass
@@ -62,12 +64,30 @@ async fn a_late_holder_is_fenced_off() {
     s.workers_per_role = 2;
     s.worker.ack_wait = Duration::from_secs(1);
     let t = TestFleet::start(s, llm.clone() as Arc<dyn LlmClient>).await;
-    let (done, _) = t.client.run("fencing drill", Duration::from_secs(60)).await.unwrap();
+    let (done, _) = t
+        .client
+        .run("fencing drill", Duration::from_secs(60))
+        .await
+        .unwrap();
     assert!(done.completed());
-    let EventBody::Done { answer: Some(answer), .. } = &done.event.body else { panic!() };
-    let research = answer.sections.iter().find(|s| s.role.as_str() == "research").unwrap();
+    let EventBody::Done {
+        answer: Some(answer),
+        ..
+    } = &done.event.body
+    else {
+        panic!()
+    };
+    let research = answer
+        .sections
+        .iter()
+        .find(|s| s.role.as_str() == "research")
+        .unwrap();
     assert!(
-        research.output.artifacts.iter().all(|a| !a.content.contains("LATE")),
+        research
+            .output
+            .artifacts
+            .iter()
+            .all(|a| !a.content.contains("LATE")),
         "the answer holds the current holder's result only"
     );
     // The late holder wakes up, fails to commit, and says so in the event log.
@@ -79,7 +99,11 @@ async fn a_late_holder_is_fenced_off() {
     })
     .await
     .expect("a fenced result is logged");
-    assert_eq!(accepted_results(&fenced, "t1"), 1, "exactly one accepted result for the task");
+    assert_eq!(
+        accepted_results(&fenced, "t1"),
+        1,
+        "exactly one accepted result for the task"
+    );
     let (rec, _) = t
         .bus
         .sessions()
@@ -87,8 +111,15 @@ async fn a_late_holder_is_fenced_off() {
         .await
         .unwrap()
         .unwrap();
-    assert!(rec.output.unwrap().artifacts.iter().all(|a| !a.content.contains("LATE")), "the late write was rejected");
-    assert!(inbox_is_empty(&t).await);
+    assert!(
+        rec.output
+            .unwrap()
+            .artifacts
+            .iter()
+            .all(|a| !a.content.contains("LATE")),
+        "the late write was rejected"
+    );
+    assert!(inbox_is_empty(&t.bus).await);
     t.stop().await;
 }
 
@@ -101,22 +132,52 @@ async fn a_duplicate_delivery_has_one_effect() {
     let t = TestFleet::start(s, llm.clone() as Arc<dyn LlmClient>).await;
     // Catch the research task as it is dispatched and deliver a second copy of it
     // (another message id, so the server stores it as a new message).
-    let mut sub = t.bus.client.subscribe("flotilla.s.*.in.research").await.unwrap();
+    let mut sub = t
+        .bus
+        .client
+        .subscribe("flotilla.s.*.in.research")
+        .await
+        .unwrap();
     t.bus.client.flush().await.unwrap();
     let client = t.client.clone();
-    let run = tokio::spawn(async move { client.run("say it twice", Duration::from_secs(60)).await });
-    let original = tokio::time::timeout(Duration::from_secs(30), sub.next()).await.unwrap().unwrap();
+    let run =
+        tokio::spawn(async move { client.run("say it twice", Duration::from_secs(60)).await });
+    let original = tokio::time::timeout(Duration::from_secs(30), sub.next())
+        .await
+        .unwrap()
+        .unwrap();
     let mut h = async_nats::HeaderMap::new();
     h.insert(headers::MSG_ID, "a-different-id");
-    t.bus.js.publish_with_headers(original.subject.clone(), h, original.payload.clone()).await.unwrap().await.unwrap();
+    t.bus
+        .js
+        .publish_with_headers(original.subject.clone(), h, original.payload.clone())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
     let (done, _) = run.await.unwrap().unwrap();
     assert!(done.completed());
-    assert!(inbox_is_empty(&t).await, "the duplicate was handled and acked");
-    let InboxMessage::Task(task) = serde_json::from_slice(&original.payload).unwrap() else { panic!() };
-    assert_eq!(llm.count(schema::TASK_OUTPUT, task.task_id.as_str()), 1, "the agent ran once");
+    assert!(
+        inbox_is_empty(&t.bus).await,
+        "the duplicate was handled and acked"
+    );
+    let InboxMessage::Task(task) = serde_json::from_slice(&original.payload).unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        llm.count(schema::TASK_OUTPUT, task.task_id.as_str()),
+        1,
+        "the agent ran once"
+    );
     let evs = events(&t, &done.session_id).await;
     assert_eq!(accepted_results(&evs, task.task_id.as_str()), 1);
-    let (rec, _) = t.bus.sessions().get::<SessionRecord>(&keys::session(&done.session_id)).await.unwrap().unwrap();
+    let (rec, _) = t
+        .bus
+        .sessions()
+        .get::<SessionRecord>(&keys::session(&done.session_id))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(rec.counters.accepted, 4);
     t.stop().await;
 }
@@ -131,43 +192,79 @@ async fn invalid_results_are_retried_with_the_reason_then_fail_visibly() {
             Action::Replace(no_artifacts.into())
         }
         (Some(schema::TASK_OUTPUT), "writing") if c.field("context").contains("hopeless") => {
-            Action::Replace(r#"{"summary":"done","artifacts":[{"name":"x","kind":"note","content":"y"}]}"#.into())
+            Action::Replace(
+                r#"{"summary":"done","artifacts":[{"name":"x","kind":"note","content":"y"}]}"#
+                    .into(),
+            )
         }
         _ => Action::Pass,
     });
     let t = TestFleet::start(spec("unused"), llm.clone() as Arc<dyn LlmClient>).await;
-    let (done, _) = t.client.run("retry until right", Duration::from_secs(60)).await.unwrap();
+    let (done, _) = t
+        .client
+        .run("retry until right", Duration::from_secs(60))
+        .await
+        .unwrap();
     assert!(done.completed());
     let evs = events(&t, &done.session_id).await;
     let rejected: Vec<_> = evs
         .iter()
         .filter_map(|e| match &e.body {
-            EventBody::Result { task_id, accepted: false, reason, attempt, .. } if task_id.as_str() == "t4" => {
-                Some((*attempt, reason.clone().unwrap_or_default()))
-            }
+            EventBody::Result {
+                task_id,
+                accepted: false,
+                reason,
+                attempt,
+                ..
+            } if task_id.as_str() == "t4" => Some((*attempt, reason.clone().unwrap_or_default())),
             _ => None,
         })
         .collect();
     assert_eq!(rejected.len(), 2, "{rejected:?}");
-    assert!(rejected.iter().all(|(_, r)| r.contains("no artifacts")), "{rejected:?}");
+    assert!(
+        rejected.iter().all(|(_, r)| r.contains("no artifacts")),
+        "{rejected:?}"
+    );
     // The retry told the agent why the previous attempt failed.
     let calls = llm.calls.lock().unwrap().clone();
     let third = calls
         .iter()
         .find(|c| c.field("role") == "review" && c.input["attempt"] == 3)
         .expect("a third attempt");
-    assert!(third.field("previous_attempt_rejected_because").contains("no artifacts"));
+    assert!(
+        third
+            .field("previous_attempt_rejected_because")
+            .contains("no artifacts")
+    );
 
     // A task that never produces a valid result fails the session, naming it and why.
-    let (failed, _) = t.client.run("a hopeless request", Duration::from_secs(60)).await.unwrap();
-    let EventBody::Done { outcome, failure, .. } = &failed.event.body else { panic!() };
+    let (failed, _) = t
+        .client
+        .run("a hopeless request", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let EventBody::Done {
+        outcome, failure, ..
+    } = &failed.event.body
+    else {
+        panic!()
+    };
     assert_eq!(*outcome, SessionOutcome::Failed);
     let failure = failure.clone().unwrap();
-    assert!(failure.contains("t3") && failure.contains("writing") && failure.contains("says nothing"), "{failure}");
-    let (rec, _) = t.bus.sessions().get::<SessionRecord>(&keys::session(&failed.session_id)).await.unwrap().unwrap();
+    assert!(
+        failure.contains("t3") && failure.contains("writing") && failure.contains("says nothing"),
+        "{failure}"
+    );
+    let (rec, _) = t
+        .bus
+        .sessions()
+        .get::<SessionRecord>(&keys::session(&failed.session_id))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(rec.status, SessionStatus::Failed);
     assert_eq!(rec.failure.as_deref(), Some(failure.as_str()));
-    assert!(inbox_is_empty(&t).await);
+    assert!(inbox_is_empty(&t.bus).await);
     t.stop().await;
 }
 
@@ -186,11 +283,23 @@ async fn exhausted_deliveries_are_dead_lettered_and_the_session_fails_visibly() 
     s.worker.max_deliver = 2;
     s.control.session.max_task_attempts = 2;
     let t = TestFleet::start(s, llm.clone() as Arc<dyn LlmClient>).await;
-    let (done, _) = t.client.run("analysis is down", Duration::from_secs(90)).await.unwrap();
-    let EventBody::Done { outcome, failure, .. } = &done.event.body else { panic!() };
+    let (done, _) = t
+        .client
+        .run("analysis is down", Duration::from_secs(90))
+        .await
+        .unwrap();
+    let EventBody::Done {
+        outcome, failure, ..
+    } = &done.event.body
+    else {
+        panic!()
+    };
     assert_eq!(*outcome, SessionOutcome::Failed);
     let failure = failure.clone().unwrap();
-    assert!(failure.contains("t2") && failure.contains("dead-lettered after 2 deliveries"), "{failure}");
+    assert!(
+        failure.contains("t2") && failure.contains("dead-lettered after 2 deliveries"),
+        "{failure}"
+    );
     // Both attempts are in the dead-letter stream with their reason, out of the work queue.
     let names = t.bus.names().clone();
     let mut dlq = t.bus.js.get_stream(names.stream_dlq()).await.unwrap();
@@ -198,23 +307,43 @@ async fn exhausted_deliveries_are_dead_lettered_and_the_session_fails_visibly() 
     let mut attempts = Vec::new();
     for seq in 1..=last {
         let m = dlq.get_raw_message(seq).await.unwrap();
-        assert_eq!(m.headers.get(headers::REASON).map(|v| v.as_str()), Some("max_deliveries"));
-        assert_eq!(m.headers.get(headers::DELIVERIES).map(|v| v.as_str()), Some("2"));
-        let InboxMessage::Task(task) = serde_json::from_slice(&m.payload).unwrap() else { panic!() };
+        assert_eq!(
+            m.headers.get(headers::REASON).map(|v| v.as_str()),
+            Some("max_deliveries")
+        );
+        assert_eq!(
+            m.headers.get(headers::DELIVERIES).map(|v| v.as_str()),
+            Some("2")
+        );
+        let InboxMessage::Task(task) = serde_json::from_slice(&m.payload).unwrap() else {
+            panic!()
+        };
         assert_eq!(task.role, Role::parse("analysis").unwrap());
         attempts.push(task.attempt);
     }
     assert_eq!(attempts, vec![1, 2]);
-    assert!(inbox_is_empty(&t).await, "dead letters left the work queue");
+    assert!(
+        inbox_is_empty(&t.bus).await,
+        "dead letters left the work queue"
+    );
     // flotilla dlq's operations see them, and a replay puts one back on its subject.
     let listed = flotilla_control::dlq::list(&t.bus, 10).await.unwrap();
     assert_eq!(listed.len(), 2);
-    assert!(listed.iter().all(|e| e.subject.ends_with(".in.analysis") && e.reason == "max_deliveries"));
-    let subject = flotilla_control::dlq::replay(&t.bus, listed[0].seq).await.unwrap();
+    assert!(
+        listed
+            .iter()
+            .all(|e| e.subject.ends_with(".in.analysis") && e.reason == "max_deliveries")
+    );
+    let subject = flotilla_control::dlq::replay(&t.bus, listed[0].seq)
+        .await
+        .unwrap();
     assert_eq!(subject, listed[0].subject);
-    assert_eq!(flotilla_control::dlq::list(&t.bus, 10).await.unwrap().len(), 1);
+    assert_eq!(
+        flotilla_control::dlq::list(&t.bus, 10).await.unwrap().len(),
+        1
+    );
     // The replayed attempt is stale (the session moved on): it is acked, not re-run.
-    assert!(inbox_is_empty(&t).await);
+    assert!(inbox_is_empty(&t.bus).await);
     t.stop().await;
 }
 
@@ -222,11 +351,13 @@ async fn exhausted_deliveries_are_dead_lettered_and_the_session_fails_visibly() 
 async fn full_inboxes_push_back_and_nothing_is_lost() {
     // Three tasks per role, six in flight, room for one message per inbox, one slow
     // worker per role handling one task at a time: dispatches hit full inboxes.
-    let llm: Arc<dyn LlmClient> = Arc::new(flotilla_llm::SimulatedProvider::new(flotilla_llm::SimConfig {
-        latency_ms: 150,
-        subtasks_per_role: 3,
-        ..Default::default()
-    }));
+    let llm: Arc<dyn LlmClient> = Arc::new(flotilla_llm::SimulatedProvider::new(
+        flotilla_llm::SimConfig {
+            latency_ms: 150,
+            subtasks_per_role: 3,
+            ..Default::default()
+        },
+    ));
     let mut s = spec("unused");
     s.bus.inbox_bound = 1;
     s.control.session.max_in_flight = 6;
@@ -242,17 +373,25 @@ async fn full_inboxes_push_back_and_nothing_is_lost() {
     while let Some(r) = set.join_next().await {
         let (done, _) = r.unwrap().unwrap();
         assert!(done.completed());
-        let EventBody::Done { answer: Some(a), .. } = &done.event.body else { panic!() };
+        let EventBody::Done {
+            answer: Some(a), ..
+        } = &done.event.body
+        else {
+            panic!()
+        };
         assert_eq!(a.sections.len(), 12, "every task completed");
         let evs = events(&t, &done.session_id).await;
-        backpressure += evs.iter().filter(|e| matches!(e.body, EventBody::Backpressure { .. })).count();
+        backpressure += evs
+            .iter()
+            .filter(|e| matches!(e.body, EventBody::Backpressure { .. }))
+            .count();
         for n in 1..=12 {
             assert_eq!(accepted_results(&evs, &format!("t{n}")), 1);
         }
     }
     assert!(backpressure > 0, "full inboxes were hit and logged");
     assert!(t.fleet.as_ref().unwrap().counters.snapshot().backpressure > 0);
-    assert!(inbox_is_empty(&t).await, "lost: 0");
+    assert!(inbox_is_empty(&t.bus).await, "lost: 0");
     let _ = Bytes::new();
     t.stop().await;
 }

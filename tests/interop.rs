@@ -1,6 +1,8 @@
 //! A Python client (nats-py, no Flotilla code) opens sessions through the documented
 //! wire protocol and reads their `done` events.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: failures should panic
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

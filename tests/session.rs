@@ -1,12 +1,14 @@
 //! A session end to end over a real nats-server.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: failures should panic
+
 use std::collections::HashSet;
 use std::time::Duration;
 
 use flotilla_protocol::{
     Event, EventBody, EventKindName, SessionOutcome, SessionRecord, SessionStatus, subject::keys,
 };
-use flotilla_tests::{TestFleet, eventually, sim, spec};
+use flotilla_tests::{TestFleet, eventually, inbox_is_empty, sim, spec};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_session_completes_with_every_role() {
@@ -145,18 +147,10 @@ async fn two_hundred_concurrent_sessions_stay_isolated() {
     }
     assert_eq!(seen.len(), 200);
     // Nothing is left unacknowledged in any inbox.
-    let left = eventually(Duration::from_secs(10), || async {
-        let mut s = t
-            .bus
-            .js
-            .get_stream(t.bus.names().stream_inbox())
-            .await
-            .ok()?;
-        let n = s.info().await.ok()?.state.messages;
-        (n == 0).then_some(n)
-    })
-    .await;
-    assert_eq!(left, Some(0), "every inbox message was acknowledged");
+    assert!(
+        inbox_is_empty(&t.bus).await,
+        "every inbox message was acknowledged"
+    );
     let c = t.fleet.as_ref().expect("fleet").counters.snapshot();
     assert_eq!(c.dispatched, 800);
     assert_eq!(c.dead_lettered, 0);

@@ -140,7 +140,10 @@ pub struct Scripted {
 
 impl Scripted {
     /// Wraps the simulator (`latency_ms` mean) with `script`.
-    pub fn new(latency_ms: u64, script: impl Fn(&Call) -> Action + Send + Sync + 'static) -> Arc<Self> {
+    pub fn new(
+        latency_ms: u64,
+        script: impl Fn(&Call) -> Action + Send + Sync + 'static,
+    ) -> Arc<Self> {
         Arc::new(Self {
             inner: SimulatedProvider::new(SimConfig {
                 latency_ms,
@@ -163,7 +166,10 @@ impl Scripted {
 }
 
 impl LlmClient for Scripted {
-    fn complete<'a>(&'a self, request: &'a flotilla_llm::CompletionRequest) -> flotilla_llm::LlmFuture<'a> {
+    fn complete<'a>(
+        &'a self,
+        request: &'a flotilla_llm::CompletionRequest,
+    ) -> flotilla_llm::LlmFuture<'a> {
         Box::pin(async move {
             let schema = request.response_format.as_ref().map(|f| f.name.clone());
             let input: serde_json::Value = request
@@ -190,7 +196,8 @@ impl LlmClient for Scripted {
                 Action::Late(wait, tag) => {
                     tokio::time::sleep(wait).await;
                     let mut c = self.inner.complete(request).await?;
-                    let mut out: flotilla_protocol::TaskOutput = serde_json::from_str(&c.content).unwrap();
+                    let mut out: flotilla_protocol::TaskOutput =
+                        serde_json::from_str(&c.content).unwrap();
                     for a in &mut out.artifacts {
                         a.content.push_str(&tag);
                     }
@@ -206,4 +213,14 @@ impl LlmClient for Scripted {
             }
         })
     }
+}
+
+/// Waits (up to 15 s) until every inbox stream is empty: every message was acked or
+/// dead-lettered, so nothing is lost.
+pub async fn inbox_is_empty(bus: &Bus) -> bool {
+    eventually(Duration::from_secs(15), || async {
+        (bus.inbox_backlog().await.ok()? == 0).then_some(())
+    })
+    .await
+    .is_some()
 }

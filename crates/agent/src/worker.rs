@@ -158,6 +158,13 @@ impl Worker {
 
     /// Serves the role until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), flotilla_bus::ConsumerError> {
+        self.bus
+            .ensure_inbox(&self.role)
+            .await
+            .map_err(|e| flotilla_bus::ConsumerError {
+                name: self.bus.names().stream_inbox(&self.role),
+                detail: e.to_string(),
+            })?;
         let consumer = PoolConsumer::for_role(&self.bus, &self.role, self.settings.clone()).await?;
         tracing::info!(role = %self.role, agent = %self.agent_id, "worker pool process started");
         let this = Arc::new(self);

@@ -14,9 +14,14 @@ pub struct BusConfig {
     pub prefix: String,
     /// Stream and bucket replicas (1 for a single server, 3 for a cluster).
     pub replicas: usize,
-    /// Messages one agent inbox (`<p>.s.<sid>.in.<role>`) may hold before publishes to it
-    /// are refused (backpressure).
+    /// Messages one worker inbox (`<p>.s.<sid>.in.<role>`) may hold before publishes to
+    /// it are refused (backpressure). Delivered but unacknowledged messages count.
     pub inbox_bound: i64,
+    /// The same for each session's orchestrator inbox; must exceed the tasks a session
+    /// has in flight, since every one of them reports back there.
+    pub orchestrator_inbox_bound: i64,
+    /// Per-role inbox bounds, replacing `inbox_bound` for those roles.
+    pub role_inbox_bounds: std::collections::BTreeMap<flotilla_protocol::Role, i64>,
     /// Submissions the durable submit queue may hold before publishes are refused.
     pub submit_queue_max: i64,
     /// How long session events are kept.
@@ -44,6 +49,8 @@ impl Default for BusConfig {
             prefix: "flotilla".to_owned(),
             replicas: 1,
             inbox_bound: 8,
+            orchestrator_inbox_bound: 64,
+            role_inbox_bounds: std::collections::BTreeMap::new(),
             submit_queue_max: 100_000,
             events_max_age: Duration::from_secs(24 * 3600),
             records_max_age: Duration::from_secs(7 * 24 * 3600),
@@ -51,6 +58,20 @@ impl Default for BusConfig {
             max_payload: flotilla_protocol::DEFAULT_MAX_PAYLOAD,
             publish_timeout: Duration::from_secs(5),
             publish_attempts: 6,
+        }
+    }
+}
+
+impl BusConfig {
+    /// The inbox bound of `role`.
+    pub fn inbox_bound_of(&self, role: &flotilla_protocol::Role) -> i64 {
+        if role.is_orchestrator() {
+            self.orchestrator_inbox_bound
+        } else {
+            self.role_inbox_bounds
+                .get(role)
+                .copied()
+                .unwrap_or(self.inbox_bound)
         }
     }
 }

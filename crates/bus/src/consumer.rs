@@ -108,7 +108,7 @@ impl PoolConsumer {
         let names = bus.names();
         Self::bind(
             bus,
-            names.stream_inbox(),
+            names.stream_inbox(role),
             names.role_consumer(role),
             names.inbox_of_role(role),
             settings,

@@ -108,7 +108,7 @@ impl Delivery {
             .msg
             .info()
             .map(|i| i.stream.to_owned())
-            .unwrap_or_else(|_| bus.names().stream_inbox());
+            .unwrap_or_else(|_| "unknown".to_owned());
         let letter = DeadLetter {
             stream,
             sequence: self.stream_sequence,
@@ -185,7 +185,10 @@ impl Bus {
         h.insert(headers::REASON, letter.reason.as_str());
         h.insert(headers::DETAIL, letter.detail_line().as_str());
         h.insert(headers::ORIGIN_STREAM, letter.stream.as_str());
-        h.insert(headers::ORIGIN_SEQUENCE, letter.sequence.to_string().as_str());
+        h.insert(
+            headers::ORIGIN_SEQUENCE,
+            letter.sequence.to_string().as_str(),
+        );
         h.insert(headers::DELIVERIES, letter.deliveries.to_string().as_str());
         h.insert(headers::ORIGIN_SUBJECT, letter.subject.as_str());
         if let Some(tp) = &letter.traceparent {
@@ -195,7 +198,11 @@ impl Bus {
             h.insert(headers::SESSION, s.as_str());
         }
         let subject = self.names().dlq(&letter.stream, &letter.reason);
-        let ack = match self.js.publish_with_headers(subject, h, letter.payload.clone()).await {
+        let ack = match self
+            .js
+            .publish_with_headers(subject, h, letter.payload.clone())
+            .await
+        {
             Ok(fut) => fut.await.map_err(|e| e.to_string())?,
             Err(e) => return Err(e.to_string()),
         };

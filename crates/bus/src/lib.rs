@@ -158,4 +158,38 @@ impl Bus {
     pub fn slots(&self) -> &Records {
         &self.slots
     }
+
+    /// Creates or checks `role`'s inbox stream (see [`topology::ensure_inbox`]).
+    pub async fn ensure_inbox(&self, role: &flotilla_protocol::Role) -> Result<(), TopologyError> {
+        topology::ensure_inbox(&self.js, &self.names, &self.config, role).await
+    }
+
+    /// Messages waiting or unacknowledged in every role's inboxes (0 when quiet).
+    pub async fn inbox_backlog(&self) -> Result<u64, TopologyError> {
+        use futures::StreamExt;
+        let prefix = self.names.stream_inbox_prefix();
+        let unavailable =
+            |name: &str, e: Box<dyn std::error::Error + Send + Sync>| TopologyError::Unavailable {
+                name: name.to_owned(),
+                source: e,
+            };
+        let mut names = self.js.stream_names();
+        let mut total = 0;
+        while let Some(name) = names.next().await {
+            let name = name.map_err(|e| unavailable(&prefix, Box::new(e)))?;
+            if name.starts_with(&prefix) {
+                let mut s = self
+                    .js
+                    .get_stream(&name)
+                    .await
+                    .map_err(|e| unavailable(&name, Box::new(e)))?;
+                let info = s
+                    .info()
+                    .await
+                    .map_err(|e| unavailable(&name, Box::new(e)))?;
+                total += info.state.messages;
+            }
+        }
+        Ok(total)
+    }
 }

@@ -13,7 +13,7 @@ use async_nats::jetstream::{
 };
 
 use crate::config::BusConfig;
-use flotilla_protocol::Namespace;
+use flotilla_protocol::{Namespace, Role};
 
 /// The topology version written into every stream's metadata.
 pub const TOPOLOGY_VERSION: &str = "1";
@@ -67,21 +67,6 @@ pub(crate) fn stream_configs(ns: &Namespace, c: &BusConfig) -> Vec<stream::Confi
             ..Default::default()
         },
         stream::Config {
-            name: ns.stream_inbox(),
-            subjects: vec![ns.inbox_all()],
-            retention: RetentionPolicy::WorkQueue,
-            max_messages_per_subject: c.inbox_bound,
-            discard: DiscardPolicy::New,
-            discard_new_per_subject: true,
-            duplicate_window: c.duplicate_window,
-            storage: StorageType::File,
-            num_replicas: c.replicas,
-            max_consumers: 256,
-            metadata: meta.clone(),
-            description: Some("flotilla agent inboxes".into()),
-            ..Default::default()
-        },
-        stream::Config {
             name: ns.stream_events(),
             subjects: vec![ns.events_all()],
             retention: RetentionPolicy::Limits,
@@ -108,17 +93,18 @@ pub(crate) fn stream_configs(ns: &Namespace, c: &BusConfig) -> Vec<stream::Confi
         },
         stream::Config {
             name: ns.stream_advisories(),
-            subjects: vec![
-                ns.max_deliveries_advisory(&ns.stream_inbox()),
-                ns.max_deliveries_advisory(&ns.stream_submit()),
-            ],
+            // Each role's inbox stream adds its own subject here (see `ensure_inbox`).
+            subjects: vec![ns.max_deliveries_advisory(&ns.stream_submit())],
             retention: RetentionPolicy::WorkQueue,
             max_age: Duration::from_secs(7 * 24 * 3600),
             storage: StorageType::File,
             num_replicas: c.replicas,
             max_consumers: 16,
             metadata: meta,
-            description: Some("max-deliveries advisories of flotilla work queues, for the dead-letter mover".into()),
+            description: Some(
+                "max-deliveries advisories of flotilla work queues, for the dead-letter mover"
+                    .into(),
+            ),
             ..Default::default()
         },
     ]
@@ -182,7 +168,19 @@ fn unlimited(v: i64) -> i64 {
 
 fn compare_stream(want: &stream::Config, have: &stream::Config) -> Result<(), TopologyError> {
     let n = &want.name;
-    check(n, "subjects", &want.subjects, &have.subjects)?;
+    if want.name.ends_with("_ADVISORIES") {
+        // Grows with the roles (see `ensure_inbox`): only ours must be there.
+        if let Some(missing) = want.subjects.iter().find(|s| !have.subjects.contains(s)) {
+            return Err(TopologyError::Conflict {
+                name: n.clone(),
+                field: "subjects",
+                expected: format!("to include {missing}"),
+                found: format!("{:?}", have.subjects),
+            });
+        }
+    } else {
+        check(n, "subjects", &want.subjects, &have.subjects)?;
+    }
     check(n, "retention", want.retention, have.retention)?;
     check(n, "discard", want.discard, have.discard)?;
     check(
@@ -279,5 +277,60 @@ async fn ensure_stream(
     Err(TopologyError::Unavailable {
         name: want.name.clone(),
         source: "could not create or read the stream".into(),
+    })
+}
+
+/// What one role's inbox stream must look like.
+pub(crate) fn inbox_config(ns: &Namespace, c: &BusConfig, role: &Role) -> stream::Config {
+    stream::Config {
+        name: ns.stream_inbox(role),
+        subjects: vec![ns.inbox_of_role(role)],
+        retention: RetentionPolicy::WorkQueue,
+        max_messages_per_subject: c.inbox_bound_of(role),
+        discard: DiscardPolicy::New,
+        discard_new_per_subject: true,
+        duplicate_window: c.duplicate_window,
+        storage: StorageType::File,
+        num_replicas: c.replicas,
+        max_consumers: 16,
+        metadata: HashMap::from([(VERSION_KEY.to_owned(), TOPOLOGY_VERSION.to_owned())]),
+        description: Some(format!("flotilla inboxes of role {role}")),
+        ..Default::default()
+    }
+}
+
+/// Creates or checks `role`'s inbox stream, and makes sure the advisories stream
+/// captures its max-deliveries advisories. Run by every process that serves or
+/// dispatches to the role.
+pub async fn ensure_inbox(
+    js: &jetstream::Context,
+    ns: &Namespace,
+    c: &BusConfig,
+    role: &Role,
+) -> Result<(), TopologyError> {
+    ensure_stream(js, &inbox_config(ns, c, role)).await?;
+    let adv = ns.stream_advisories();
+    let subject = ns.max_deliveries_advisory(&ns.stream_inbox(role));
+    // Read-modify-write of the subject list: re-check after updating, since another
+    // process may add its role at the same moment.
+    for _ in 0..10 {
+        let mut s = js
+            .get_stream(&adv)
+            .await
+            .map_err(|e| unavailable(&adv, e))?;
+        let info = s.info().await.map_err(|e| unavailable(&adv, e))?;
+        if info.config.subjects.contains(&subject) {
+            return Ok(());
+        }
+        let mut config = info.config.clone();
+        config.subjects.push(subject.clone());
+        if let Err(e) = js.update_stream(config).await {
+            tracing::debug!(error = %e, "advisories stream update raced, retrying");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Err(TopologyError::Unavailable {
+        name: adv,
+        source: "could not add the role's advisory subject".into(),
     })
 }

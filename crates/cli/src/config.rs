@@ -11,9 +11,9 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use std::collections::BTreeMap;
 
 use flotilla_bus::{BusConfig, PoolOverrides, PoolSettings};
-use flotilla_protocol::Role;
 use flotilla_control::{ControlConfig, SessionConfig};
 use flotilla_llm::SimConfig;
+use flotilla_protocol::Role;
 use serde::{Deserialize, Serialize};
 
 /// Which LLM provider agents call.
@@ -82,7 +82,10 @@ pub(crate) struct Config {
 impl Config {
     /// The consumer settings of `role`'s pool: `[worker]` with `[roles.<role>]` applied.
     pub(crate) fn pool(&self, role: &Role) -> PoolSettings {
-        self.roles.get(role).map(|o| o.apply(&self.worker)).unwrap_or_else(|| self.worker.clone())
+        self.roles
+            .get(role)
+            .map(|o| o.apply(&self.worker))
+            .unwrap_or_else(|| self.worker.clone())
     }
 
     /// The control plane's part.
@@ -153,7 +156,13 @@ pub(crate) fn validate(c: &Config) -> anyhow::Result<()> {
         c.nats.inbox_bound >= 1,
         "nats.inbox_bound must be at least 1"
     );
-    for role in c.roles.keys() {
+    anyhow::ensure!(
+        c.nats.orchestrator_inbox_bound > s.max_in_flight as i64,
+        "nats.orchestrator_inbox_bound ({}) must exceed session.max_in_flight ({}): every task in flight reports back there",
+        c.nats.orchestrator_inbox_bound,
+        s.max_in_flight
+    );
+    for role in c.roles.keys().chain(c.nats.role_inbox_bounds.keys()) {
         anyhow::ensure!(
             c.session.roles.contains(role),
             "[roles.{role}] configures a role that is not in session.roles"

@@ -148,10 +148,7 @@ pub(crate) async fn run(
 pub(crate) async fn quiet_inbox(bus: &Bus, wait: Duration) -> u64 {
     let deadline = Instant::now() + wait;
     loop {
-        let left = match bus.js.get_stream(bus.names().stream_inbox()).await {
-            Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(u64::MAX),
-            Err(_) => u64::MAX,
-        };
+        let left = bus.inbox_backlog().await.unwrap_or(u64::MAX);
         if left == 0 || Instant::now() >= deadline {
             return left;
         }

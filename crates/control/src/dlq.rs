@@ -73,11 +73,18 @@ impl DeadLetterMover {
             return Ok(());
         };
         let names = self.bus.names();
-        if adv.stream != names.stream_inbox() && adv.stream != names.stream_submit() {
+        if !adv.stream.starts_with(&names.stream_inbox_prefix())
+            && adv.stream != names.stream_submit()
+        {
             return Ok(());
         }
         let retry = |e: String| VerdictError::retry(Duration::from_secs(1), e);
-        let stream = self.bus.js.get_stream(&adv.stream).await.map_err(|e| retry(e.to_string()))?;
+        let stream = self
+            .bus
+            .js
+            .get_stream(&adv.stream)
+            .await
+            .map_err(|e| retry(e.to_string()))?;
         let msg = match stream.get_raw_message(adv.stream_seq).await {
             Ok(m) => m,
             // Already moved (or acked late): nothing to do.
@@ -101,7 +108,9 @@ impl DeadLetterMover {
         tracing::warn!(stream = %adv.stream, seq = adv.stream_seq, subject = %letter.subject, "dead-lettered after max deliveries");
         // A task that can never be delivered is a failed attempt: the orchestrator
         // retries it or fails the session naming it.
-        if let Ok(InboxMessage::Task(task)) = decode::<InboxMessage>(&msg.payload, DEFAULT_MAX_PAYLOAD) {
+        if let Ok(InboxMessage::Task(task)) =
+            decode::<InboxMessage>(&msg.payload, DEFAULT_MAX_PAYLOAD)
+        {
             let result = InboxMessage::Result(ResultMessage {
                 v: V1,
                 session_id: task.session_id.clone(),
@@ -118,7 +127,10 @@ impl DeadLetterMover {
                     msg_id: MessageId::result(&task.session_id, &task.task_id, task.attempt),
                     session: Some(task.session_id.clone()),
                     attempt: Some(task.attempt),
-                    trace: letter.traceparent.as_deref().and_then(|t| flotilla_protocol::TraceParent::parse(t).ok()),
+                    trace: letter
+                        .traceparent
+                        .as_deref()
+                        .and_then(|t| flotilla_protocol::TraceParent::parse(t).ok()),
                     payload: Bytes::from(serde_json::to_vec(&result).unwrap_or_default()),
                 })
                 .await?;
@@ -168,14 +180,23 @@ pub enum DlqError {
 }
 
 fn entry(seq: u64, m: &async_nats::jetstream::message::StreamMessage) -> DeadLetterEntry {
-    let h = |name: &str| m.headers.get(name).map(|v| v.to_string()).unwrap_or_default();
+    let h = |name: &str| {
+        m.headers
+            .get(name)
+            .map(|v| v.to_string())
+            .unwrap_or_default()
+    };
     DeadLetterEntry {
         seq,
         time: m.time.to_string(),
         reason: h(headers::REASON),
         detail: h(headers::DETAIL),
         subject: h(headers::ORIGIN_SUBJECT),
-        origin: format!("{}#{}", h(headers::ORIGIN_STREAM), h(headers::ORIGIN_SEQUENCE)),
+        origin: format!(
+            "{}#{}",
+            h(headers::ORIGIN_STREAM),
+            h(headers::ORIGIN_SEQUENCE)
+        ),
         deliveries: h(headers::DELIVERIES).parse().unwrap_or(0),
         payload: String::from_utf8_lossy(&m.payload).into_owned(),
     }
@@ -189,7 +210,10 @@ pub async fn list(bus: &Bus, limit: usize) -> Result<Vec<DeadLetterEntry>, DlqEr
         .await
         .map_err(|e| DlqError::Nats(e.to_string()))?;
     let (first, last) = {
-        let info = stream.info().await.map_err(|e| DlqError::Nats(e.to_string()))?;
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| DlqError::Nats(e.to_string()))?;
         (info.state.first_sequence, info.state.last_sequence)
     };
     let mut out = Vec::new();
@@ -211,7 +235,10 @@ pub async fn show(bus: &Bus, seq: u64) -> Result<DeadLetterEntry, DlqError> {
         .get_stream(bus.names().stream_dlq())
         .await
         .map_err(|e| DlqError::Nats(e.to_string()))?;
-    let m = stream.get_raw_message(seq).await.map_err(|_| DlqError::NotFound(seq))?;
+    let m = stream
+        .get_raw_message(seq)
+        .await
+        .map_err(|_| DlqError::NotFound(seq))?;
     Ok(entry(seq, &m))
 }
 
@@ -223,14 +250,20 @@ pub async fn replay(bus: &Bus, seq: u64) -> Result<String, DlqError> {
         .get_stream(bus.names().stream_dlq())
         .await
         .map_err(|e| DlqError::Nats(e.to_string()))?;
-    let m = stream.get_raw_message(seq).await.map_err(|_| DlqError::NotFound(seq))?;
+    let m = stream
+        .get_raw_message(seq)
+        .await
+        .map_err(|_| DlqError::NotFound(seq))?;
     let subject = m
         .headers
         .get(headers::ORIGIN_SUBJECT)
         .map(|v| v.to_string())
         .ok_or(DlqError::NoOrigin(seq))?;
     let mut h = async_nats::HeaderMap::new();
-    h.insert(headers::MSG_ID, format!("replay.{}.{seq}", bus.names().stream_dlq()).as_str());
+    h.insert(
+        headers::MSG_ID,
+        format!("replay.{}.{seq}", bus.names().stream_dlq()).as_str(),
+    );
     for name in [headers::TRACEPARENT, headers::SESSION, headers::ATTEMPT] {
         if let Some(v) = m.headers.get(name) {
             h.insert(name, v.as_str());

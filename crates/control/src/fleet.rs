@@ -44,7 +44,8 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    /// Starts `serve` instances and worker pools for every configured role.
+    /// Starts `serve` instances and worker pools for every configured role, and
+    /// returns once admission answers.
     pub async fn start(spec: FleetSpec, llm: Arc<dyn LlmClient>) -> Result<Self, ConnectError> {
         let shutdown = CancellationToken::new();
         let counters = Arc::new(Counters::default());
@@ -73,7 +74,11 @@ impl Fleet {
                     spec.worker_model.clone(),
                     llm.clone(),
                 ));
-                let settings = spec.roles.get(role).map(|o| o.apply(&spec.worker)).unwrap_or_else(|| spec.worker.clone());
+                let settings = spec
+                    .roles
+                    .get(role)
+                    .map(|o| o.apply(&spec.worker))
+                    .unwrap_or_else(|| spec.worker.clone());
                 let worker = Worker::new(bus, role.clone(), agent, settings);
                 let s = shutdown.child_token();
                 let role: Role = role.clone();
@@ -83,6 +88,18 @@ impl Fleet {
                     }
                 });
             }
+        }
+        // Ready when the admission service answers.
+        let probe = Bus::connect(&spec.bus, "flotilla-fleet-probe", counters.clone()).await?;
+        let ping = format!("$SRV.PING.{}", probe.names().service_name());
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        while tokio::time::Instant::now() < deadline {
+            let asked = probe.client.request(ping.clone(), bytes::Bytes::new());
+            if let Ok(Ok(_)) = tokio::time::timeout(std::time::Duration::from_secs(1), asked).await
+            {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         Ok(Self {
             shutdown,

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use flotilla_bus::Bus;
 use flotilla_llm::LlmClient;
+use flotilla_protocol::Role;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -22,6 +23,9 @@ pub enum ServeError {
     /// A consumer could not be bound: check the topology.
     #[error(transparent)]
     Consumer(#[from] flotilla_bus::ConsumerError),
+    /// An inbox stream conflicts or cannot be created.
+    #[error(transparent)]
+    Topology(#[from] flotilla_bus::TopologyError),
     /// The admission endpoint could not be registered.
     #[error("admission endpoint failed: {0}")]
     Endpoint(String),
@@ -54,6 +58,11 @@ impl Serve {
     /// Runs until `shutdown`, then drains.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ServeError> {
         let cfg = &self.config.session;
+        // The orchestrator's inboxes, and every worker role's, so tasks queue durably
+        // even before any agent of a role has started.
+        for role in std::iter::once(Role::orchestrator()).chain(cfg.roles.iter().cloned()) {
+            self.bus.ensure_inbox(&role).await?;
+        }
         let slots = SlotTable::new(self.bus.clone(), cfg.pool_size, cfg.retry_after_ms);
         slots.watch(shutdown.child_token()).await?;
         let admission = Admission::new(self.bus.clone(), cfg.clone(), slots.clone());

@@ -134,7 +134,8 @@ impl Namespace {
         format!("{}.s.*.in.{role}", self.prefix)
     }
 
-    /// All inboxes (the inbox stream's subject).
+    /// Every inbox of every role (for monitoring; each role's inboxes live in the
+    /// role's own stream, [`Namespace::stream_inbox`]).
     pub fn inbox_all(&self) -> String {
         format!("{}.s.*.in.*", self.prefix)
     }
@@ -180,9 +181,14 @@ impl Namespace {
     pub fn stream_submit(&self) -> String {
         format!("{}_SUBMIT", self.upper)
     }
-    /// Stream of every agent inbox.
-    pub fn stream_inbox(&self) -> String {
-        format!("{}_INBOX", self.upper)
+    /// The stream of one role's inboxes, `<P>_INBOX_<role>`: each role has its own, so
+    /// each has its own inbox bound and a flood for one role never fills another's.
+    pub fn stream_inbox(&self, role: &Role) -> String {
+        format!("{}_INBOX_{role}", self.upper)
+    }
+    /// The common prefix of every role's inbox stream.
+    pub fn stream_inbox_prefix(&self) -> String {
+        format!("{}_INBOX_", self.upper)
     }
     /// Stream of session events.
     pub fn stream_events(&self) -> String {
@@ -305,8 +311,10 @@ mod tests {
         assert!(ns.parse("flotilla.s.abc.in.Research").is_err());
         assert!(Namespace::new("Flotilla").is_err());
         assert_eq!(
-            Namespace::new("my-app").unwrap().stream_inbox(),
-            "MY_APP_INBOX"
+            Namespace::new("my-app")
+                .unwrap()
+                .stream_inbox(&Role::parse("research").unwrap()),
+            "MY_APP_INBOX_research"
         );
     }
 }
