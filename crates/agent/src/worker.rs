@@ -151,6 +151,12 @@ impl Worker {
         }
     }
 
+    /// Uses `id` as this process's agent id (the holder written into task records).
+    pub fn with_agent_id(mut self, id: AgentId) -> Self {
+        self.agent_id = id;
+        self
+    }
+
     /// This process's agent id.
     pub fn agent_id(&self) -> &AgentId {
         &self.agent_id

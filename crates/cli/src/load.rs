@@ -51,8 +51,10 @@ pub(crate) struct Summary {
     pub(crate) completed: u64,
     /// Ended without an answer or refused.
     pub(crate) failed: u64,
-    /// Admitted but never finished.
+    /// Lost sessions plus lost messages: must be 0.
     pub(crate) lost: u64,
+    /// Admitted but never finished.
+    pub(crate) lost_sessions: u64,
     /// Median session latency (first open request to `done` event), ms.
     pub p50_ms: u64,
     /// 99th percentile session latency, ms.
@@ -77,7 +79,7 @@ pub(crate) struct Summary {
     pub(crate) dead_lettered: u64,
     /// Publishes de-duplicated by the server.
     pub(crate) duplicates: u64,
-    /// Inbox messages still unacknowledged once the run was quiet (should be 0).
+    /// Inbox messages neither acknowledged nor dead-lettered once the run was quiet.
     pub(crate) lost_messages: u64,
     /// Example answer summary (first completed session).
     #[serde(skip)]
@@ -191,7 +193,8 @@ pub(crate) fn summarize(
         sessions,
         completed,
         failed,
-        lost,
+        lost: lost + lost_messages,
+        lost_sessions: lost,
         p50_ms: percentile(&lat, 0.50),
         p99_ms: percentile(&lat, 0.99),
         max_ms: lat.last().copied().unwrap_or(0),
@@ -215,7 +218,7 @@ impl Summary {
         println!();
         println!(
             "  sessions      {:>8}   completed {:>8}   failed {:>6}   lost {:>6}",
-            self.sessions, self.completed, self.failed, self.lost
+            self.sessions, self.completed, self.failed, self.lost_sessions
         );
         println!(
             "  latency p50   {:>6} ms   p99 {:>8} ms   max {:>8} ms",
@@ -232,7 +235,7 @@ impl Summary {
             self.rejections
         );
         println!(
-            "  messages      dispatched {} / acked {} / redelivered {} / dead-lettered {} / de-duplicated {} / unacked at end {}",
+            "  messages      dispatched {} / acked {} / redelivered {} / dead-lettered {} / de-duplicated {} / lost {}",
             self.dispatched,
             self.acked,
             self.redelivered,

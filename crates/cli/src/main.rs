@@ -50,6 +50,9 @@ enum Command {
     /// Load generators.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Dead letters: list, show, replay.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
     /// Print a session record as JSON.
     Session {
         /// The session id.
@@ -73,6 +76,29 @@ struct SubmitArgs {
     /// Submit through the durable `<p>.submit` queue instead of the request/reply endpoint.
     #[arg(long)]
     queue: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// List the newest dead letters.
+    Ls {
+        /// How many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one dead letter, payload included.
+    Show {
+        /// Its sequence in the dead-letter stream (from `ls`).
+        seq: u64,
+    },
+    /// Publish a dead letter back to its subject and remove it from the dead-letter stream.
+    Replay {
+        /// Its sequence in the dead-letter stream (from `ls`).
+        seq: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -150,18 +176,12 @@ async fn main() -> anyhow::Result<()> {
     if let Some(url) = &cli.nats_url {
         config.nats.url = url.clone();
     }
-    let quiet = matches!(
-        cli.command,
-        Command::Demo(_) | Command::Bench(_) | Command::Submit(_) | Command::Session { .. }
-    );
+    let quiet = !matches!(cli.command, Command::Serve | Command::Agent { .. });
     init_tracing(if quiet { "warn" } else { &config.log });
     match cli.command {
         Command::Serve => cmd::serve(config, shutdown_on_signal()).await,
         Command::Agent { role, concurrency } => {
-            if let Some(c) = concurrency {
-                config.worker.concurrency = c;
-            }
-            cmd::agent(config, role, shutdown_on_signal()).await
+            cmd::agent(config, role, concurrency, shutdown_on_signal()).await
         }
         Command::Submit(a) => cmd::submit(config, a).await,
         Command::Demo(a) => cmd::load(config, a, cli.nats_url.is_some(), true).await,
@@ -169,5 +189,6 @@ async fn main() -> anyhow::Result<()> {
             cmd::load(config, a, cli.nats_url.is_some(), false).await
         }
         Command::Session { session_id } => cmd::session(config, session_id).await,
+        Command::Dlq(c) => cmd::dlq(config, c).await,
     }
 }

@@ -1,9 +1,11 @@
 //! One function per subcommand.
 
+mod dlq;
 mod load;
 mod run;
 mod submit;
 
+pub(crate) use dlq::dlq;
 pub(crate) use load::load;
 pub(crate) use run::{agent, serve, session};
 pub(crate) use submit::submit;

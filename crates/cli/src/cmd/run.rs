@@ -7,7 +7,7 @@ use flotilla_agent::{LlmAgent, Worker};
 use flotilla_bus::{Bus, Counters};
 use flotilla_control::Serve;
 use flotilla_llm::{LlmClient, SimulatedProvider};
-use flotilla_protocol::{Role, SessionId, SessionRecord, subject::keys};
+use flotilla_protocol::{AgentId, Role, SessionId, SessionRecord, subject::keys};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Provider};
@@ -41,6 +41,7 @@ pub(crate) async fn serve(config: Config, shutdown: CancellationToken) -> anyhow
 pub(crate) async fn agent(
     config: Config,
     role: Role,
+    concurrency: Option<usize>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(
@@ -70,8 +71,14 @@ pub(crate) async fn agent(
         config.llm.worker_model.clone(),
         llm(&config),
     ));
-    let settings = config.pool(&role);
+    let mut settings = config.pool(&role);
+    if let Some(c) = concurrency {
+        settings.concurrency = c;
+    }
+    // The holder id in task records names the process: `<role>-<pid>`.
+    let id = AgentId::parse(format!("{role}-{}", std::process::id()))?;
     Worker::new(bus, role, agent, settings)
+        .with_agent_id(id)
         .run(shutdown)
         .await?;
     Ok(())

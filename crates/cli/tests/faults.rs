@@ -1,0 +1,252 @@
+//! Real faults against real processes: `flotilla serve` and `flotilla agent` run as
+//! separate OS processes and are killed with SIGKILL mid-task. Every session still
+//! completes, and exactly one result per task is accepted.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)] // test helpers: failures should panic
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_bus::{Bus, BusConfig, Counters};
+use flotilla_control::{Client, Finished};
+use flotilla_protocol::{
+    EventBody, SessionRecord, SessionStatus, TaskRecord, TaskRunState, TaskState, subject::keys,
+};
+use flotilla_testkit::NatsServer;
+
+const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
+
+/// Child processes, SIGKILLed on drop.
+struct Procs(HashMap<u32, Child>);
+
+impl Procs {
+    fn spawn(&mut self, args: &[&str], url: &str, env: &[(&str, &str)]) -> u32 {
+        let child = Command::new(BIN)
+            .args(args)
+            .args(["--nats-url", url])
+            .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("flotilla runs");
+        let pid = child.id();
+        self.0.insert(pid, child);
+        pid
+    }
+
+    /// SIGKILL, as a crash would.
+    fn kill9(&mut self, pid: u32) {
+        let mut c = self.0.remove(&pid).expect("a child of ours");
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in self.0.values_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+const ENV: &[(&str, &str)] = &[
+    ("FLOTILLA_LLM__SIMULATED__LATENCY_MS", "1500"),
+    ("FLOTILLA_LLM__SIMULATED__JITTER", "0.2"),
+    ("FLOTILLA_WORKER__ACK_WAIT", "2s"),
+    ("FLOTILLA_ORCHESTRATOR__ACK_WAIT", "2s"),
+];
+
+async fn inspector(url: &str) -> (Bus, Client) {
+    let config = BusConfig {
+        url: url.to_owned(),
+        ..BusConfig::default()
+    };
+    let bus = Bus::connect(&config, "fault-inspector", Arc::new(Counters::default()))
+        .await
+        .unwrap();
+    let client = Client::new(bus.client.clone(), bus.names().clone())
+        .await
+        .unwrap();
+    (bus, client)
+}
+
+fn start_sessions(client: &Client, n: usize, label: &str) -> tokio::task::JoinSet<Finished> {
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let c = client.clone();
+        let task = format!("{label} {i}");
+        set.spawn(async move { c.run(&task, Duration::from_secs(120)).await.unwrap().0 });
+    }
+    set
+}
+
+/// Every session completed, each task has exactly one accepted result, and nothing is
+/// left in any inbox.
+async fn check_all_completed(
+    bus: &Bus,
+    mut set: tokio::task::JoinSet<Finished>,
+    n: usize,
+) -> Vec<SessionRecord> {
+    let mut records = Vec::new();
+    while let Some(done) = set.join_next().await {
+        let done = done.unwrap();
+        assert!(done.completed(), "{:?}", done.event.body);
+        let EventBody::Done {
+            answer: Some(answer),
+            ..
+        } = &done.event.body
+        else {
+            panic!()
+        };
+        assert_eq!(answer.sections.len(), 4);
+        let (rec, _) = bus
+            .sessions()
+            .get::<SessionRecord>(&keys::session(&done.session_id))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(rec.status, SessionStatus::Completed);
+        assert_eq!(
+            rec.counters.accepted, 4,
+            "exactly one accepted result per task"
+        );
+        assert!(rec.tasks.iter().all(|t| t.state == TaskState::Done));
+        records.push(rec);
+    }
+    assert_eq!(records.len(), n);
+    let mut backlog = u64::MAX;
+    for _ in 0..100 {
+        backlog = bus.inbox_backlog().await.unwrap();
+        if backlog == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(backlog, 0, "lost: every inbox message was acked");
+    records
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_worker_process_task_completes_on_a_backup() {
+    let server = NatsServer::start().unwrap();
+    let url = server.url();
+    let mut procs = Procs(HashMap::new());
+    procs.spawn(&["serve"], &url, ENV);
+    let research = [
+        procs.spawn(&["agent", "--role", "research"], &url, ENV),
+        procs.spawn(&["agent", "--role", "research"], &url, ENV),
+    ];
+    for role in ["analysis", "writing", "review"] {
+        procs.spawn(&["agent", "--role", role], &url, ENV);
+    }
+    let (bus, client) = inspector(&url).await;
+    let n = 6;
+    let set = start_sessions(&client, n, "survive a crashed worker");
+
+    // Find a research task being run right now, and kill the process running it.
+    let (victim, held) = loop {
+        let mut holders: HashMap<String, Vec<String>> = HashMap::new();
+        let mut keys_list = bus.sessions().store().keys().await.unwrap();
+        use futures::StreamExt;
+        while let Some(Ok(key)) = keys_list.next().await {
+            if !key.contains(".t.") {
+                continue;
+            }
+            if let Ok(Some((rec, _))) = bus.sessions().get::<TaskRecord>(&key).await
+                && rec.state == TaskRunState::Running
+                && let Some(h) = rec.holder
+            {
+                holders.entry(h.to_string()).or_default().push(key);
+            }
+        }
+        let found = research.iter().find_map(|pid| {
+            holders
+                .get(&format!("research-{pid}"))
+                .map(|k| (*pid, k.clone()))
+        });
+        if let Some(f) = found {
+            break f;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    procs.kill9(victim);
+    let survivor = research.iter().find(|p| **p != victim).unwrap();
+
+    check_all_completed(&bus, set, n).await;
+    // The tasks the dead process held were finished by the other research process.
+    for key in held {
+        let (rec, _) = bus
+            .sessions()
+            .get::<TaskRecord>(&key)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(rec.state, TaskRunState::Done, "{key}");
+        assert_eq!(
+            rec.holder.unwrap().to_string(),
+            format!("research-{survivor}"),
+            "{key}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_serve_process_sessions_continue_on_the_other() {
+    let server = NatsServer::start().unwrap();
+    let url = server.url();
+    let mut procs = Procs(HashMap::new());
+    let serves = [
+        procs.spawn(&["serve"], &url, ENV),
+        procs.spawn(&["serve"], &url, ENV),
+    ];
+    for role in ["research", "analysis", "writing", "review"] {
+        procs.spawn(&["agent", "--role", role], &url, ENV);
+    }
+    let (bus, client) = inspector(&url).await;
+    let n = 8;
+    let set = start_sessions(&client, n, "survive a crashed control plane");
+    // Wait until every session is admitted and being planned, then kill one serve:
+    // it is in the middle of planning (a 1.5 s LLM call) for some of them.
+    loop {
+        let mut planning = 0;
+        let mut keys_list = bus.sessions().store().keys().await.unwrap();
+        use futures::StreamExt;
+        while let Some(Ok(key)) = keys_list.next().await {
+            if !key.contains(".t.") {
+                planning += 1;
+            }
+        }
+        if planning >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    procs.kill9(serves[0]);
+
+    check_all_completed(&bus, set, n).await;
+    // The killed instance's unfinished orchestrator messages were redelivered to the
+    // other: the consumer delivered more times than there are messages.
+    let stream = bus
+        .js
+        .get_stream(
+            bus.names()
+                .stream_inbox(&flotilla_protocol::Role::orchestrator()),
+        )
+        .await
+        .unwrap();
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+        stream.get_consumer("role-orchestrator").await.unwrap();
+    let info = consumer.info().await.unwrap();
+    assert!(
+        info.delivered.consumer_sequence > info.delivered.stream_sequence,
+        "redeliveries happened: {:?}",
+        info.delivered
+    );
+}
