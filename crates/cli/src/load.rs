@@ -77,8 +77,12 @@ pub(crate) struct Summary {
     pub(crate) redelivered: u64,
     /// Messages dead-lettered.
     pub(crate) dead_lettered: u64,
-    /// Publishes de-duplicated by the server.
+    /// Publishes the server de-duplicated by message id (harmless repeats).
+    pub(crate) deduplicated: u64,
+    /// Tasks with more than one accepted result (must be 0).
     pub(crate) duplicates: u64,
+    /// Processes killed by `--chaos`.
+    pub(crate) killed: u64,
     /// Inbox messages neither acknowledged nor dead-lettered once the run was quiet.
     pub(crate) lost_messages: u64,
     /// Example answer summary (first completed session).
@@ -206,7 +210,9 @@ pub(crate) fn summarize(
         acked: counters.acked,
         redelivered: counters.redelivered,
         dead_lettered: counters.dead_lettered,
-        duplicates: counters.duplicates,
+        deduplicated: counters.duplicates,
+        duplicates: 0,
+        killed: 0,
         lost_messages,
         sample,
     }
@@ -240,8 +246,12 @@ impl Summary {
             self.acked,
             self.redelivered,
             self.dead_lettered,
-            self.duplicates,
+            self.deduplicated,
             self.lost_messages
+        );
+        println!(
+            "  guarantees    duplicate results {}   processes killed {}",
+            self.duplicates, self.killed
         );
     }
 }
@@ -257,4 +267,22 @@ mod tests {
         assert_eq!(percentile(&v, 0.99), 99);
         assert_eq!(percentile(&[], 0.5), 0);
     }
+}
+
+/// Tasks with more than one accepted result, from the session records of `results`.
+pub(crate) async fn duplicate_results(bus: &Bus, results: &[(Outcome, Duration)]) -> u64 {
+    let mut dup = 0;
+    for (o, _) in results {
+        if let Outcome::Completed(f, _) = o
+            && let Ok(Some((rec, _))) = bus
+                .sessions()
+                .get::<flotilla_protocol::SessionRecord>(
+                    &flotilla_protocol::subject::keys::session(&f.session_id),
+                )
+                .await
+        {
+            dup += u64::from(rec.counters.accepted).saturating_sub(rec.tasks.len() as u64);
+        }
+    }
+    dup
 }

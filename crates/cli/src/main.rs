@@ -3,6 +3,7 @@
 //! A thin binary: parse arguments, load the layered configuration, install tracing
 //! and signal handling, and call into the libraries.
 
+mod chaos;
 mod cmd;
 mod config;
 mod embedded;
@@ -130,6 +131,13 @@ struct LoadArgs {
     /// Print the summary as one JSON object on the last line of stdout.
     #[arg(long)]
     json: bool,
+    /// Run the fleet as OS processes and SIGKILL a random one of these kinds every
+    /// --chaos-every-ms, restarting it (repeat the flag for both kinds).
+    #[arg(long, value_enum)]
+    chaos: Vec<chaos::Chaos>,
+    /// Interval between chaos kills.
+    #[arg(long, default_value_t = 3000)]
+    chaos_every_ms: u64,
 }
 
 fn init_tracing(default: &str) {

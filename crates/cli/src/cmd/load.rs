@@ -9,6 +9,7 @@ use flotilla_control::{Client, Fleet, FleetSpec};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::LoadArgs;
+use crate::chaos::{Chaos, ProcessFleet};
 use crate::config::Config;
 use crate::load::{self, Progress};
 
@@ -72,20 +73,29 @@ pub(crate) async fn load(
             config.llm.simulated.latency_ms, config.llm.simulated.seed
         );
     }
-    let llm = super::run::llm(&config);
-    let spec = FleetSpec {
-        bus: config.nats.clone(),
-        control: config.control(),
-        serve_instances: a.serve_instances,
-        workers_per_role: a.workers_per_role,
-        worker: config.worker.clone(),
-        roles: config.roles.clone(),
-        worker_model: config.llm.worker_model.clone(),
+    let fleet = if a.chaos.is_empty() {
+        let spec = FleetSpec {
+            bus: config.nats.clone(),
+            control: config.control(),
+            serve_instances: a.serve_instances,
+            workers_per_role: a.workers_per_role,
+            worker: config.worker.clone(),
+            roles: config.roles.clone(),
+            worker_model: config.llm.worker_model.clone(),
+        };
+        let fleet = Fleet::start(spec, super::run::llm(&config))
+            .await
+            .context("starting the fleet")?;
+        Running::InProcess(fleet)
+    } else {
+        let serves = if a.chaos.contains(&Chaos::KillServe) {
+            a.serve_instances.max(2)
+        } else {
+            a.serve_instances
+        };
+        let fleet = ProcessFleet::start(&config, serves, a.workers_per_role.max(2)).await?;
+        Running::Processes(fleet)
     };
-    let fleet = Fleet::start(spec, llm)
-        .await
-        .context("starting the fleet")?;
-    let counters = fleet.counters.clone();
     let bus = Bus::connect(
         &config.nats,
         "flotilla-load-client",
@@ -93,6 +103,9 @@ pub(crate) async fn load(
     )
     .await?;
     let client = Client::new(bus.client.clone(), bus.names().clone()).await?;
+    if let Running::Processes(f) = &fleet {
+        f.unleash(a.chaos.clone(), Duration::from_millis(a.chaos_every_ms));
+    }
 
     let progress = Arc::new(Progress::default());
     let bar = if demo {
@@ -136,15 +149,28 @@ pub(crate) async fn load(
         bar.set_position(progress.ended());
         bar.finish();
     }
-    let lost_messages = load::quiet_inbox(&bus, Duration::from_secs(10)).await;
-    let summary = load::summarize(
-        results,
-        elapsed,
-        concurrency,
-        counters.snapshot(),
-        lost_messages,
-    );
-    fleet.stop().await;
+    let killed = match &fleet {
+        Running::Processes(f) => f.killed.load(std::sync::atomic::Ordering::Relaxed),
+        Running::InProcess(_) => 0,
+    };
+    if let Running::Processes(f) = &fleet {
+        f.calm();
+    }
+    // Quiet: every inbox drained (killed holders' messages come back after the ack wait).
+    let quiet_wait = Duration::from_secs(if killed > 0 { 60 } else { 10 });
+    let lost_messages = load::quiet_inbox(&bus, quiet_wait).await;
+    let counters = match &fleet {
+        Running::InProcess(f) => f.counters.snapshot(),
+        Running::Processes(_) => crate::chaos::server_counters(&bus, lost_messages).await?,
+    };
+    let duplicates = load::duplicate_results(&bus, &results).await;
+    let mut summary = load::summarize(results, elapsed, concurrency, counters, lost_messages);
+    summary.duplicates = duplicates;
+    summary.killed = killed;
+    match fleet {
+        Running::InProcess(f) => f.stop().await,
+        Running::Processes(f) => f.stop().await,
+    }
     summary.print_table();
     if demo
         && let Some(f) = &summary.sample
@@ -170,10 +196,17 @@ pub(crate) async fn load(
         println!("{}", serde_json::to_string(&summary)?);
     }
     anyhow::ensure!(
-        summary.failed == 0 && summary.lost == 0,
-        "{} sessions failed, {} lost",
+        summary.failed == 0 && summary.lost == 0 && summary.duplicates == 0,
+        "{} sessions failed, {} lost, {} duplicate results",
         summary.failed,
-        summary.lost
+        summary.lost,
+        summary.duplicates
     );
     Ok(())
+}
+
+/// The fleet under load: in this process, or as child processes (chaos).
+enum Running {
+    InProcess(Fleet),
+    Processes(ProcessFleet),
 }
