@@ -256,19 +256,6 @@ impl Summary {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::percentile;
-
-    #[test]
-    fn percentiles() {
-        let v: Vec<u64> = (1..=100).collect();
-        assert_eq!(percentile(&v, 0.5), 51);
-        assert_eq!(percentile(&v, 0.99), 99);
-        assert_eq!(percentile(&[], 0.5), 0);
-    }
-}
-
 /// Tasks with more than one accepted result, from the session records of `results`.
 pub(crate) async fn duplicate_results(bus: &Bus, results: &[(Outcome, Duration)]) -> u64 {
     let mut dup = 0;
@@ -285,4 +272,17 @@ pub(crate) async fn duplicate_results(bus: &Bus, results: &[(Outcome, Duration)]
         }
     }
     dup
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile;
+
+    #[test]
+    fn percentiles() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&v, 0.5), 51);
+        assert_eq!(percentile(&v, 0.99), 99);
+        assert_eq!(percentile(&[], 0.5), 0);
+    }
 }
