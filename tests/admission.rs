@@ -441,6 +441,24 @@ async fn inbox_poison_is_dead_lettered_with_its_reason() {
             "{name}: the payload is kept as it was"
         );
     }
+    // An inbox of a role nobody configured has no stream: the publisher is told at once
+    // and nothing is stored anywhere.
+    let astrology = Role::parse("astrology").unwrap();
+    let refused = t
+        .bus
+        .publish(&flotilla_bus::Outgoing {
+            subject: names.inbox(&real, &astrology),
+            msg_id: flotilla_protocol::MessageId::start(&real),
+            session: Some(real.clone()),
+            attempt: None,
+            trace: None,
+            payload: Bytes::from(task(&real, "")),
+        })
+        .await;
+    assert!(
+        matches!(refused, Err(flotilla_bus::PublishError::NoStream { .. })),
+        "{refused:?}"
+    );
     // Nothing is left behind in the work queue, and the fleet still serves sessions.
     assert!(inbox_is_empty(&t.bus).await);
     let (after, _) = t

@@ -184,3 +184,41 @@ fn demo_runs_on_its_own_embedded_server() {
     assert!(v["p99_ms"].as_u64().unwrap() >= v["p50_ms"].as_u64().unwrap());
     assert!(stdout.contains("embedded"));
 }
+
+#[test]
+fn chaos_bench_kills_processes_and_loses_nothing() {
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "bench",
+        "sessions",
+        "--sessions",
+        "16",
+        "--concurrency",
+        "8",
+        "--llm-latency-ms",
+        "300",
+        "--chaos",
+        "kill-agents",
+        "--chaos",
+        "kill-serve",
+        "--chaos-every-ms",
+        "800",
+        "--json",
+    ])
+    .env("RUST_LOG", "warn")
+    .env("FLOTILLA_WORKER__ACK_WAIT", "2s")
+    .env("FLOTILLA_ORCHESTRATOR__ACK_WAIT", "2s");
+    let out = run_with_timeout(cmd, Duration::from_secs(240));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "chaos bench failed\nstdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(stdout.trim().lines().last().unwrap()).unwrap();
+    assert_eq!(v["completed"], 16, "{v}");
+    assert_eq!(v["lost"], 0, "{v}");
+    assert_eq!(v["duplicates"], 0, "{v}");
+    assert!(v["killed"].as_u64().unwrap() >= 1, "{v}");
+    assert_eq!(v["dispatched"], 64, "{v}");
+}
