@@ -325,6 +325,55 @@ async fn topology_is_idempotent_and_refuses_conflicts() {
     bus.ensure_inbox(&research).await.unwrap();
     let mut s = bus.js.get_stream("OTHER_INBOX_research").await.unwrap();
     assert_eq!(s.info().await.unwrap().config.max_messages_per_subject, 64);
+    // A pool's consumer carries its settings; a process configured differently is
+    // refused with a clear error instead of silently running with other settings.
+    let five = flotilla_bus::PoolSettings {
+        ack_wait: Duration::from_secs(5),
+        ..Default::default()
+    };
+    flotilla_bus::PoolConsumer::for_role(&a, &research, five.clone())
+        .await
+        .unwrap();
+    flotilla_bus::PoolConsumer::for_role(&b, &research, five)
+        .await
+        .unwrap();
+    let seven = flotilla_bus::PoolSettings {
+        ack_wait: Duration::from_secs(7),
+        ..Default::default()
+    };
+    let err = flotilla_bus::PoolConsumer::for_role(&b, &research, seven)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("ack_wait 5s") && err.to_string().contains("7s"),
+        "{err}"
+    );
+    let backoff = flotilla_bus::PoolSettings {
+        backoff: vec![Duration::from_secs(1), Duration::from_secs(4)],
+        max_deliver: 4,
+        ..Default::default()
+    };
+    flotilla_bus::PoolConsumer::for_role(&a, &analysis, backoff)
+        .await
+        .unwrap();
+    let stream = a.js.get_stream("FLOTILLA_INBOX_analysis").await.unwrap();
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+        stream.get_consumer("role-analysis").await.unwrap();
+    let info = consumer.info().await.unwrap();
+    assert_eq!(
+        info.config.backoff,
+        vec![Duration::from_secs(1), Duration::from_secs(4)]
+    );
+    assert_eq!(info.config.max_deliver, 4);
+    let too_many = flotilla_bus::PoolSettings {
+        backoff: vec![Duration::from_secs(1); 5],
+        max_deliver: 3,
+        ..Default::default()
+    };
+    let err = flotilla_bus::PoolConsumer::for_role(&a, &Role::parse("writing").unwrap(), too_many)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("must exceed"), "{err}");
     // The advisories stream captures every role's max-deliveries advisories.
     let mut adv = a.js.get_stream("FLOTILLA_ADVISORIES").await.unwrap();
     let subjects = adv.info().await.unwrap().config.subjects.clone();

@@ -256,7 +256,7 @@ impl Worker {
                 // ack wait (they are presumed dead); until then this is a duplicate
                 // delivery, and it comes back when the claim would have expired.
                 let age = epoch_ms(SystemTime::now()).saturating_sub(rec.updated_ms);
-                let ack_wait = self.settings.ack_wait.as_millis() as u64;
+                let ack_wait = self.settings.effective_ack_wait().as_millis() as u64;
                 if age < ack_wait {
                     return Err(VerdictError::retry(
                         Duration::from_millis(ack_wait - age + 50),

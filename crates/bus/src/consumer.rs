@@ -38,8 +38,13 @@ pub struct PoolSettings {
     /// to another process of the pool.
     #[serde(with = "humantime_serde")]
     pub ack_wait: Duration,
-    /// Deliveries before a message is given up on (then dead-lettered).
+    /// Deliveries before a message is given up on (then dead-lettered); -1 for no bound.
     pub max_deliver: i64,
+    /// Redelivery delays, one per delivery after the first (the last repeats); empty
+    /// means redeliver after `ack_wait`. When set, the server uses the first value as the
+    /// ack wait, and `max_deliver` must exceed the list's length.
+    #[serde(with = "durations")]
+    pub backoff: Vec<Duration>,
     /// Messages handled at once by one process.
     pub concurrency: usize,
     /// Longest a pull request waits for messages.
@@ -50,11 +55,85 @@ pub struct PoolSettings {
     pub drain_timeout: Duration,
 }
 
+impl PoolSettings {
+    /// How long a delivery may go unacknowledged before redelivery: the first backoff
+    /// value when there is one (the server uses it in place of `ack_wait`).
+    pub fn effective_ack_wait(&self) -> Duration {
+        self.backoff.first().copied().unwrap_or(self.ack_wait)
+    }
+
+    /// Checks the settings the server would refuse.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.backoff.is_empty()
+            && self.max_deliver != -1
+            && self.max_deliver <= self.backoff.len() as i64
+        {
+            return Err(format!(
+                "max_deliver ({}) must exceed the number of backoff delays ({})",
+                self.max_deliver,
+                self.backoff.len()
+            ));
+        }
+        if self.concurrency == 0 {
+            return Err("concurrency must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Serde for `Vec<Duration>` as human-readable strings (`["1s", "5s"]`).
+mod durations {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(v: &[Duration], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(|d| humantime::format_duration(*d).to_string()))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|s| humantime::parse_duration(s).map_err(serde::de::Error::custom))
+            .collect()
+    }
+}
+
+/// Serde for `Option<Vec<Duration>>` as human-readable strings.
+mod opt_durations {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(
+        v: &Option<Vec<Duration>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => super::durations::serialize(v, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Vec<Duration>>, D::Error> {
+        Option::<Vec<String>>::deserialize(d)?
+            .map(|v| {
+                v.iter()
+                    .map(|s| humantime::parse_duration(s).map_err(serde::de::Error::custom))
+                    .collect()
+            })
+            .transpose()
+    }
+}
+
 impl Default for PoolSettings {
     fn default() -> Self {
         Self {
             ack_wait: Duration::from_secs(12),
             max_deliver: 5,
+            backoff: Vec::new(),
             concurrency: 256,
             fetch_expiry: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(10),
@@ -73,6 +152,13 @@ pub struct PoolOverrides {
     /// See [`PoolSettings::max_deliver`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_deliver: Option<i64>,
+    /// See [`PoolSettings::backoff`].
+    #[serde(
+        default,
+        with = "opt_durations",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub backoff: Option<Vec<Duration>>,
     /// See [`PoolSettings::concurrency`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<usize>,
@@ -84,6 +170,7 @@ impl PoolOverrides {
         PoolSettings {
             ack_wait: self.ack_wait.unwrap_or(base.ack_wait),
             max_deliver: self.max_deliver.unwrap_or(base.max_deliver),
+            backoff: self.backoff.clone().unwrap_or_else(|| base.backoff.clone()),
             concurrency: self.concurrency.unwrap_or(base.concurrency),
             ..base.clone()
         }
@@ -153,6 +240,7 @@ impl PoolConsumer {
             name: name.clone(),
             detail,
         };
+        settings.validate().map_err(&err)?;
         let stream = bus
             .js
             .get_stream(&stream)
@@ -164,14 +252,47 @@ impl PoolConsumer {
             ack_policy: AckPolicy::Explicit,
             ack_wait: settings.ack_wait,
             max_deliver: settings.max_deliver,
+            backoff: settings.backoff.clone(),
             max_ack_pending: 100_000,
             max_waiting: 4096,
             ..Default::default()
         };
-        let consumer = stream
-            .get_or_create_consumer::<pull::Config>(&name, config)
+        let mut consumer: PullConsumer = stream
+            .get_or_create_consumer::<pull::Config>(&name, config.clone())
             .await
             .map_err(|e| err(e.to_string()))?;
+        // An existing consumer shared by the pool must be configured as this process is:
+        // say so clearly rather than run with settings nobody asked for.
+        let have = consumer
+            .info()
+            .await
+            .map_err(|e| err(e.to_string()))?
+            .config
+            .clone();
+        let unbounded = |v: i64| if v <= 0 { -1 } else { v };
+        let mismatch = if have.ack_wait != config.ack_wait && config.backoff.is_empty() {
+            Some(format!(
+                "ack_wait {:?}, this process wants {:?}",
+                have.ack_wait, config.ack_wait
+            ))
+        } else if unbounded(have.max_deliver) != unbounded(config.max_deliver) {
+            Some(format!(
+                "max_deliver {}, this process wants {}",
+                have.max_deliver, config.max_deliver
+            ))
+        } else if have.backoff != config.backoff {
+            Some(format!(
+                "backoff {:?}, this process wants {:?}",
+                have.backoff, config.backoff
+            ))
+        } else {
+            None
+        };
+        if let Some(m) = mismatch {
+            return Err(err(format!(
+                "the pool's consumer exists with {m}; give every process of the pool the same settings, or delete the consumer"
+            )));
+        }
         Ok(Self {
             consumer,
             settings,

@@ -170,10 +170,21 @@ pub(crate) fn validate(c: &Config) -> anyhow::Result<()> {
     }
     for role in &c.session.roles {
         let p = c.pool(role);
-        let window_needed = p.ack_wait * u32::try_from(p.max_deliver.max(1)).unwrap_or(u32::MAX);
+        p.validate()
+            .map_err(|e| anyhow::anyhow!("pool of role {role}: {e}"))?;
+        // The longest a message can keep coming back: every delivery's wait added up.
+        let window_needed: std::time::Duration = (0..p.max_deliver.max(1) as usize)
+            .map(|i| {
+                p.backoff
+                    .get(i)
+                    .or(p.backoff.last())
+                    .copied()
+                    .unwrap_or(p.ack_wait)
+            })
+            .sum();
         anyhow::ensure!(
             c.nats.duplicate_window >= window_needed,
-            "nats.duplicate_window ({:?}) must cover ack_wait x max_deliver of role {role} ({:?})",
+            "nats.duplicate_window ({:?}) must cover every redelivery of role {role}'s messages (ack_wait/backoff x max_deliver = {:?})",
             c.nats.duplicate_window,
             window_needed
         );

@@ -117,7 +117,7 @@ impl Orchestrator {
     /// writer died and performs them: half the ack wait, at most 5 s. The writer's own
     /// message is redelivered only after the full ack wait, so by then they are stale.
     fn outbox_stale_ms(&self) -> u64 {
-        (self.config.orchestrator.ack_wait.as_millis() as u64 / 2).clamp(1, 5_000)
+        (self.config.orchestrator.effective_ack_wait().as_millis() as u64 / 2).clamp(1, 5_000)
     }
 
     async fn drive(&self, session: &SessionId, input: Input) -> Result<(), VerdictError> {
@@ -427,7 +427,8 @@ impl Orchestrator {
         // A full inbox is backpressure: log it once, then retry with backoff for up to
         // half the ack wait; past that, hand the message back (the effect stays in
         // the outbox and is performed on a later pass).
-        let deadline = tokio::time::Instant::now() + self.config.orchestrator.ack_wait / 2;
+        let deadline =
+            tokio::time::Instant::now() + self.config.orchestrator.effective_ack_wait() / 2;
         let mut backoff = Duration::from_millis(50);
         let mut logged = false;
         loop {
