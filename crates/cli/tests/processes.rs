@@ -140,6 +140,61 @@ fn serve_agents_and_submit_as_separate_processes() {
     let out = run_with_timeout(cmd, Duration::from_secs(30));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown_role"));
+
+    // A durable submission that can never be admitted lands in the dead-letter queue,
+    // where `flotilla dlq` lists, shows and replays it.
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "submit",
+        "--queue",
+        "--roles",
+        "research,analysis,astrology",
+        "--nats-url",
+        &url,
+        "never admitted",
+    ]);
+    let out = run_with_timeout(cmd, Duration::from_secs(30));
+    assert!(
+        out.status.success(),
+        "the queue accepts it: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let entry = loop {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["dlq", "ls", "--json", "--nats-url", &url]);
+        let out = run_with_timeout(cmd, Duration::from_secs(30));
+        assert!(out.status.success());
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        if let Some(line) = stdout.lines().find(|l| l.contains("unknown_role")) {
+            break serde_json::from_str::<serde_json::Value>(line).unwrap();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no dead letter: {stdout}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(entry["subject"], "flotilla.submit");
+    assert!(
+        entry["payload"]
+            .as_str()
+            .unwrap()
+            .contains("never admitted")
+    );
+    let seq = entry["seq"].as_u64().unwrap().to_string();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["dlq", "show", &seq, "--nats-url", &url]);
+    let out = run_with_timeout(cmd, Duration::from_secs(30));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("astrology"));
+    let mut cmd = Command::new(BIN);
+    cmd.args(["dlq", "replay", &seq, "--nats-url", &url]);
+    let out = run_with_timeout(cmd, Duration::from_secs(30));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("replayed dead letter"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     drop(procs);
 }
 
