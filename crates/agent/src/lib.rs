@@ -13,4 +13,4 @@ pub mod worker;
 
 pub use agent::{Agent, AgentError, AgentFuture};
 pub use llm_agent::LlmAgent;
-pub use worker::{VerdictError, Worker, open_inbox_delivery, settle};
+pub use worker::{Worker, open_inbox_delivery};

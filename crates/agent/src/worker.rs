@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use flotilla_bus::{Bus, Delivery, KvError, Outgoing, PoolConsumer, PoolSettings, PublishError};
+use flotilla_bus::{Bus, Delivery, KvError, Outgoing, PoolConsumer, PoolSettings, VerdictError};
 use flotilla_protocol::subject::keys;
 use flotilla_protocol::{
     AgentId, ErrorCode, EventBody, InboxMessage, MessageId, ParsedSubject, ResultMessage, Role,
@@ -21,75 +21,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::agent::{Agent, AgentError};
-
-/// What to do with a delivery after handling it.
-#[derive(Debug)]
-pub(crate) enum Verdict {
-    /// Handled (or a harmless duplicate): ack.
-    Ack,
-    /// Transient failure: redeliver after the delay.
-    Retry(Duration, String),
-    /// Poison: dead-letter with the code.
-    Poison(ErrorCode, String),
-}
-
-impl From<KvError> for Verdict {
-    fn from(e: KvError) -> Self {
-        match e {
-            KvError::Corrupt { .. } => Verdict::Poison(ErrorCode::Malformed, e.to_string()),
-            other => Verdict::Retry(Duration::from_millis(500), other.to_string()),
-        }
-    }
-}
-
-impl From<PublishError> for Verdict {
-    fn from(e: PublishError) -> Self {
-        Verdict::Retry(Duration::from_millis(500), e.to_string())
-    }
-}
-
-/// Applies a verdict to a delivery. Shared by every consumer loop.
-pub async fn settle(bus: &Bus, d: &Delivery, verdict: Result<(), VerdictError>) {
-    let res = match verdict.map_err(|e| e.0) {
-        Ok(()) | Err(Verdict::Ack) => d.ack(bus).await,
-        Err(Verdict::Retry(delay, why)) => {
-            tracing::debug!(reason = %why, ?delay, "redelivering later");
-            d.nak(delay).await
-        }
-        Err(Verdict::Poison(code, why)) => {
-            tracing::warn!(code = %code, reason = %why, subject = d.subject(), "dead-lettering message");
-            d.dead_letter(bus, code, &why).await
-        }
-    };
-    if let Err(e) = res {
-        tracing::warn!(error = %e, "could not settle delivery; it will be redelivered");
-    }
-}
-
-/// A handler's failure, carrying what to do with the message.
-#[derive(Debug)]
-pub struct VerdictError(pub(crate) Verdict);
-
-impl VerdictError {
-    /// Redeliver after `delay`.
-    pub fn retry(delay: Duration, why: impl Into<String>) -> Self {
-        Self(Verdict::Retry(delay, why.into()))
-    }
-    /// Dead-letter with `code`.
-    pub fn poison(code: ErrorCode, why: impl Into<String>) -> Self {
-        Self(Verdict::Poison(code, why.into()))
-    }
-    /// Nothing to do: ack and drop (a duplicate or fenced message).
-    pub fn drop_it() -> Self {
-        Self(Verdict::Ack)
-    }
-}
-
-impl<E: Into<Verdict>> From<E> for VerdictError {
-    fn from(e: E) -> Self {
-        Self(e.into())
-    }
-}
 
 /// Parses and validates an inbox delivery for `role`: the subject must be an inbox of
 /// `role`, the body must decode, and body and subject must agree.
@@ -176,11 +107,11 @@ impl Worker {
         let this = Arc::new(self);
         let bus = this.bus.clone();
         consumer
-            .run(bus, shutdown, move |d| {
+            .serve(bus, shutdown, move |d: Delivery| {
                 let this = this.clone();
                 async move {
                     let verdict = this.handle(&d).await;
-                    settle(&this.bus, &d, verdict).await;
+                    (d, verdict)
                 }
             })
             .await;

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::Bus;
 use crate::delivery::Delivery;
 use crate::metrics::Counters;
+use crate::verdict::{VerdictError, settle};
 use flotilla_protocol::Role;
 
 /// Binding the consumer failed: check the topology, then retry.
@@ -298,6 +299,25 @@ impl PoolConsumer {
             settings,
             name,
         })
+    }
+
+    /// Like [`PoolConsumer::run`], for handlers that return a [`VerdictError`]: each
+    /// delivery is then acked, naked or dead-lettered accordingly.
+    pub async fn serve<F, Fut>(self, bus: Bus, shutdown: CancellationToken, handler: F)
+    where
+        F: Fn(Delivery) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = (Delivery, Result<(), VerdictError>)> + Send + 'static,
+    {
+        let settle_bus = bus.clone();
+        let handler = Arc::new(handler);
+        self.run(bus, shutdown, move |d| {
+            let (h, b) = (handler.clone(), settle_bus.clone());
+            async move {
+                let (d, verdict) = h(d).await;
+                settle(&b, &d, verdict).await;
+            }
+        })
+        .await;
     }
 
     /// Pulls until `shutdown`, running `handler` on each delivery with at most

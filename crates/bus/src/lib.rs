@@ -10,6 +10,7 @@
 //! - [`kv`]: typed records changed by compare-and-set.
 //! - [`delivery`]: a pulled message and what a handler does with it (ack, nak, dead-letter).
 //! - [`consumer`]: the shared durable pull consumer of a role pool, and the pull loop.
+//! - [`verdict`]: what a handler decided (ack, retry, dead-letter) and carrying it out.
 //! - [`metrics`]: message counters.
 //! - [`trace`]: span ids for W3C trace context.
 
@@ -21,6 +22,7 @@ pub mod metrics;
 pub mod publish;
 pub mod topology;
 pub mod trace;
+pub mod verdict;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +37,7 @@ pub use kv::{KvError, Records};
 pub use metrics::{Counters, CountersSnapshot};
 pub use publish::{Outgoing, PublishError, Published};
 pub use topology::TopologyError;
+pub use verdict::{VerdictError, settle};
 
 /// Connecting failed.
 #[derive(Debug, thiserror::Error)]

@@ -17,8 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use flotilla_agent::{VerdictError, settle};
-use flotilla_bus::{Bus, Delivery, KvError, Outgoing, PoolConsumer};
+use flotilla_bus::{Bus, Delivery, KvError, Outgoing, PoolConsumer, VerdictError};
 use flotilla_protocol::subject::keys;
 use flotilla_protocol::{
     ErrorCode, EventBody, InboxMessage, MessageId, OpenReply, OpenSession, Role, SessionCounters,
@@ -349,11 +348,11 @@ impl Admission {
         let consumer = PoolConsumer::for_submit(&self.bus, settings).await?;
         let bus = self.bus.clone();
         consumer
-            .run(bus, shutdown, move |d: Delivery| {
+            .serve(bus, shutdown, move |d: Delivery| {
                 let this = self.clone();
                 async move {
                     let verdict = this.handle_submission(&d).await;
-                    settle(&this.bus, &d, verdict).await;
+                    (d, verdict)
                 }
             })
             .await;

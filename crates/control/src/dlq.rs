@@ -13,8 +13,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use flotilla_agent::{VerdictError, settle};
-use flotilla_bus::{Bus, DeadLetter, Delivery, Outgoing, PoolConsumer, PoolSettings};
+use flotilla_bus::{Bus, DeadLetter, Delivery, Outgoing, PoolConsumer, PoolSettings, VerdictError};
 use flotilla_protocol::{
     DEFAULT_MAX_PAYLOAD, InboxMessage, MessageId, ResultMessage, Role, TaskOutcome, V1, decode,
     headers,
@@ -56,11 +55,11 @@ impl DeadLetterMover {
         let consumer = PoolConsumer::for_advisories(&self.bus, settings).await?;
         let bus = self.bus.clone();
         consumer
-            .run(bus, shutdown, move |d: Delivery| {
+            .serve(bus, shutdown, move |d: Delivery| {
                 let this = self.clone();
                 async move {
                     let verdict = this.handle(&d).await;
-                    settle(&this.bus, &d, verdict).await;
+                    (d, verdict)
                 }
             })
             .await;
@@ -202,13 +201,16 @@ fn entry(seq: u64, m: &async_nats::jetstream::message::StreamMessage) -> DeadLet
     }
 }
 
-/// The newest `limit` dead letters, oldest first.
-pub async fn list(bus: &Bus, limit: usize) -> Result<Vec<DeadLetterEntry>, DlqError> {
-    let mut stream = bus
-        .js
+async fn dlq_stream(bus: &Bus) -> Result<async_nats::jetstream::stream::Stream, DlqError> {
+    bus.js
         .get_stream(bus.names().stream_dlq())
         .await
-        .map_err(|e| DlqError::Nats(e.to_string()))?;
+        .map_err(|e| DlqError::Nats(e.to_string()))
+}
+
+/// The newest `limit` dead letters, oldest first.
+pub async fn list(bus: &Bus, limit: usize) -> Result<Vec<DeadLetterEntry>, DlqError> {
+    let mut stream = dlq_stream(bus).await?;
     let (first, last) = {
         let info = stream
             .info()
@@ -230,11 +232,7 @@ pub async fn list(bus: &Bus, limit: usize) -> Result<Vec<DeadLetterEntry>, DlqEr
 
 /// One dead letter.
 pub async fn show(bus: &Bus, seq: u64) -> Result<DeadLetterEntry, DlqError> {
-    let stream = bus
-        .js
-        .get_stream(bus.names().stream_dlq())
-        .await
-        .map_err(|e| DlqError::Nats(e.to_string()))?;
+    let stream = dlq_stream(bus).await?;
     let m = stream
         .get_raw_message(seq)
         .await
@@ -245,11 +243,7 @@ pub async fn show(bus: &Bus, seq: u64) -> Result<DeadLetterEntry, DlqError> {
 /// Publishes a dead letter back to the subject it came from (as a new message) and
 /// removes it from the dead-letter stream.
 pub async fn replay(bus: &Bus, seq: u64) -> Result<String, DlqError> {
-    let stream = bus
-        .js
-        .get_stream(bus.names().stream_dlq())
-        .await
-        .map_err(|e| DlqError::Nats(e.to_string()))?;
+    let stream = dlq_stream(bus).await?;
     let m = stream
         .get_raw_message(seq)
         .await

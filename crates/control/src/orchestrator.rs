@@ -12,8 +12,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use flotilla_agent::{VerdictError, open_inbox_delivery, settle};
-use flotilla_bus::{Bus, Counters, Delivery, KvError, Outgoing, PoolConsumer, PublishError};
+use flotilla_agent::open_inbox_delivery;
+use flotilla_bus::{
+    Bus, Counters, Delivery, KvError, Outgoing, PoolConsumer, PublishError, VerdictError,
+};
 use flotilla_llm::LlmClient;
 use flotilla_protocol::subject::keys;
 use flotilla_protocol::{
@@ -79,11 +81,11 @@ impl Orchestrator {
         .await?;
         let bus = self.bus.clone();
         consumer
-            .run(bus, shutdown, move |d: Delivery| {
+            .serve(bus, shutdown, move |d: Delivery| {
                 let this = self.clone();
                 async move {
                     let verdict = this.handle(&d).await;
-                    settle(&this.bus, &d, verdict).await;
+                    (d, verdict)
                 }
             })
             .await;
