@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::pin::Pin;
 
+use flotilla_bus::{MemoryError, SessionMemory};
 use flotilla_llm::LlmError;
 use flotilla_protocol::{OutputError, TaskMessage, TaskOutput};
 
@@ -30,6 +31,17 @@ impl From<LlmError> for AgentError {
     }
 }
 
+impl From<MemoryError> for AgentError {
+    fn from(e: MemoryError) -> Self {
+        match e {
+            MemoryError::Unavailable(_)
+            | MemoryError::Contended { .. }
+            | MemoryError::LockHeld(_) => AgentError::Transient(e.to_string()),
+            other => AgentError::Unusable(other.to_string()),
+        }
+    }
+}
+
 impl From<OutputError> for AgentError {
     fn from(e: OutputError) -> Self {
         AgentError::Unusable(e.to_string())
@@ -40,11 +52,19 @@ impl From<OutputError> for AgentError {
 pub type AgentFuture<'a> =
     Pin<Box<dyn Future<Output = Result<TaskOutput, AgentError>> + Send + 'a>>;
 
+/// What the runtime gives an agent for one task attempt: handles scoped to the task's
+/// session, so an agent cannot address another session.
+#[derive(Debug, Clone)]
+pub struct TaskContext {
+    /// The session's shared memory.
+    pub memory: SessionMemory,
+}
+
 /// What a worker role does with one task attempt. The runtime handles claiming,
 /// validation, commit, acks and notification; an agent only turns a task into an
 /// output. Implementations must be safe to run more than once for the same task
 /// (at-least-once delivery).
 pub trait Agent: Send + Sync {
     /// Runs one attempt of `task`.
-    fn run<'a>(&'a self, task: &'a TaskMessage) -> AgentFuture<'a>;
+    fn run<'a>(&'a self, ctx: &'a TaskContext, task: &'a TaskMessage) -> AgentFuture<'a>;
 }

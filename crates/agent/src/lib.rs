@@ -11,6 +11,6 @@ pub mod agent;
 pub mod llm_agent;
 pub mod worker;
 
-pub use agent::{Agent, AgentError, AgentFuture};
-pub use llm_agent::LlmAgent;
+pub use agent::{Agent, AgentError, AgentFuture, TaskContext};
+pub use llm_agent::{FINDINGS, Finding, LlmAgent};
 pub use worker::{Worker, open_inbox_delivery};

@@ -3,10 +3,25 @@
 
 use std::sync::Arc;
 
+use flotilla_bus::MemKey;
 use flotilla_llm::{ChatMessage, CompletionRequest, LlmClient, ResponseFormat, schema};
 use flotilla_protocol::{DEFAULT_MAX_PAYLOAD, Role, TaskMessage, TaskOutput, decode};
 
-use crate::agent::{Agent, AgentError, AgentFuture};
+use crate::agent::{Agent, AgentError, AgentFuture, TaskContext};
+
+/// The shared-memory key where built-in agents record what they found.
+pub const FINDINGS: &str = "findings";
+
+/// One entry of the `findings` list in a session's shared memory.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Finding {
+    /// The task.
+    pub task_id: String,
+    /// The role that did it.
+    pub role: String,
+    /// Its summary.
+    pub summary: String,
+}
 
 /// An agent that asks an LLM to do the task.
 #[derive(Clone)]
@@ -85,7 +100,7 @@ fn schemars_schema() -> serde_json::Value {
 }
 
 impl Agent for LlmAgent {
-    fn run<'a>(&'a self, task: &'a TaskMessage) -> AgentFuture<'a> {
+    fn run<'a>(&'a self, ctx: &'a TaskContext, task: &'a TaskMessage) -> AgentFuture<'a> {
         Box::pin(async move {
             let request = self.request(task);
             let completion = self.llm.complete(&request).await?;
@@ -94,6 +109,22 @@ impl Agent for LlmAgent {
                     AgentError::Unusable(format!("output does not match the schema: {e}"))
                 })?;
             output.validate()?;
+            // Share the finding with the session's other agents. Keyed by task, so a
+            // redelivered attempt replaces its entry instead of appending a second one.
+            let key = MemKey::parse(FINDINGS)?;
+            let finding = Finding {
+                task_id: task.task_id.to_string(),
+                role: task.role.to_string(),
+                summary: output.summary.clone(),
+            };
+            ctx.memory
+                .update_with(&key, |list: Option<Vec<Finding>>| {
+                    let mut list = list.unwrap_or_default();
+                    list.retain(|f| f.task_id != finding.task_id);
+                    list.push(finding.clone());
+                    list
+                })
+                .await?;
             Ok(output)
         })
     }

@@ -20,7 +20,7 @@ use flotilla_protocol::{
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::agent::{Agent, AgentError};
+use crate::agent::{Agent, AgentError, TaskContext};
 
 /// Parses and validates an inbox delivery for `role`: the subject must be an inbox of
 /// `role`, the body must decode, and body and subject must agree.
@@ -217,7 +217,10 @@ impl Worker {
         };
 
         // Run.
-        let result = self.agent.run(&task).await;
+        let ctx = TaskContext {
+            memory: self.bus.memory().session(&task.session_id),
+        };
+        let result = self.agent.run(&ctx, &task).await;
         let (state, output, error, outcome) = match result {
             Ok(output) => (
                 TaskRunState::Done,

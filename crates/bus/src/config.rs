@@ -40,6 +40,8 @@ pub struct BusConfig {
     pub publish_timeout: Duration,
     /// Publish attempts (same message id) before giving up.
     pub publish_attempts: u32,
+    /// Shared memory limits and the session template's declared keys.
+    pub memory: crate::memory::MemoryConfig,
 }
 
 impl Default for BusConfig {
@@ -58,6 +60,7 @@ impl Default for BusConfig {
             max_payload: flotilla_protocol::DEFAULT_MAX_PAYLOAD,
             publish_timeout: Duration::from_secs(5),
             publish_attempts: 6,
+            memory: crate::memory::MemoryConfig::default(),
         }
     }
 }

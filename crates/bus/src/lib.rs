@@ -8,6 +8,7 @@
 //! - [`topology`]: idempotent, versioned bootstrap of streams and buckets.
 //! - [`publish`]: JetStream publish with `Nats-Msg-Id`, retry and backpressure.
 //! - [`kv`]: typed records changed by compare-and-set.
+//! - [`memory`]: sessions' shared memory (compare-and-set, merge, timed locks).
 //! - [`delivery`]: a pulled message and what a handler does with it (ack, nak, dead-letter).
 //! - [`consumer`]: the shared durable pull consumer of a role pool, and the pull loop.
 //! - [`verdict`]: what a handler decided (ack, retry, dead-letter) and carrying it out.
@@ -18,6 +19,7 @@ pub mod config;
 pub mod consumer;
 pub mod delivery;
 pub mod kv;
+pub mod memory;
 pub mod metrics;
 pub mod publish;
 pub mod topology;
@@ -34,6 +36,9 @@ pub use config::BusConfig;
 pub use consumer::{ConsumerError, PoolConsumer, PoolOverrides, PoolSettings};
 pub use delivery::{AckError, DeadLetter, Delivery};
 pub use kv::{KvError, Records};
+pub use memory::{
+    LockGuard, MemKey, Memory, MemoryConfig, MemoryError, MemoryStats, SessionMemory, Versioned,
+};
 pub use metrics::{Counters, CountersSnapshot};
 pub use publish::{Outgoing, PublishError, Published};
 pub use topology::TopologyError;
@@ -78,6 +83,7 @@ pub struct Bus {
     config: Arc<BusConfig>,
     sessions: Records,
     slots: Records,
+    memory: Memory,
     /// Message counters of this process.
     pub counters: Arc<Counters>,
 }
@@ -131,6 +137,12 @@ impl Bus {
         };
         let sessions = Records::new(open(names.bucket_sessions()).await?, config.max_payload);
         let slots = Records::new(open(names.bucket_slots()).await?, config.max_payload);
+        let memory = Memory::open(&js, &names, config.memory.clone())
+            .await
+            .map_err(|e| ConnectError::Bucket {
+                bucket: names.bucket_memory(),
+                detail: e.to_string(),
+            })?;
         Ok(Self {
             client,
             js,
@@ -138,6 +150,7 @@ impl Bus {
             config: Arc::new(config.clone()),
             sessions,
             slots,
+            memory,
             counters,
         })
     }
@@ -160,6 +173,11 @@ impl Bus {
     /// Admission slots.
     pub fn slots(&self) -> &Records {
         &self.slots
+    }
+
+    /// Shared memory (hand [`Memory::session`] handles to agents).
+    pub fn memory(&self) -> &Memory {
+        &self.memory
     }
 
     /// Creates or checks `role`'s inbox stream (see [`topology::ensure_inbox`]).

@@ -122,6 +122,25 @@ pub(crate) fn bucket_configs(ns: &Namespace, c: &BusConfig) -> Vec<kv::Config> {
             ..Default::default()
         },
         kv::Config {
+            bucket: ns.bucket_memory(),
+            description: "flotilla session shared memory".into(),
+            history: 1,
+            max_age: c.records_max_age,
+            storage: StorageType::File,
+            num_replicas: c.replicas,
+            ..Default::default()
+        },
+        kv::Config {
+            bucket: ns.bucket_locks(),
+            description: "flotilla timed locks (per-key TTL)".into(),
+            history: 1,
+            storage: StorageType::File,
+            num_replicas: c.replicas,
+            // Per-key TTL needs limit markers (server 2.11+); expiry leaves a marker.
+            limit_markers: Some(Duration::from_secs(60)),
+            ..Default::default()
+        },
+        kv::Config {
             bucket: ns.bucket_slots(),
             description: "flotilla admission slots".into(),
             history: 1,

@@ -218,6 +218,14 @@ impl Namespace {
     pub fn bucket_sessions(&self) -> String {
         format!("{}-sessions", self.prefix)
     }
+    /// KV bucket of sessions' shared memory (keys `<sid>.<key>`).
+    pub fn bucket_memory(&self) -> String {
+        format!("{}-memory", self.prefix)
+    }
+    /// KV bucket of timed locks (keys `<sid>.<lock>`, per-key TTL).
+    pub fn bucket_locks(&self) -> String {
+        format!("{}-locks", self.prefix)
+    }
     /// KV bucket of admission slots.
     pub fn bucket_slots(&self) -> String {
         format!("{}-slots", self.prefix)
@@ -337,6 +345,11 @@ pub mod keys {
     /// An admission slot: `slot.<n>`.
     pub fn slot(n: u32) -> String {
         format!("slot.{n}")
+    }
+
+    /// A shared-memory key of a session: `<sid>.<key>` (`key` is one token).
+    pub fn memory(session: &SessionId, key: &str) -> String {
+        format!("{session}.{key}")
     }
 
     /// Parses an admission slot key.
