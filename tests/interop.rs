@@ -67,3 +67,50 @@ async fn python_client_opens_a_session_and_reads_done() {
     }
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_agent_shares_memory_with_revision_checks() {
+    use flotilla_bus::{MemKey, MemoryError};
+    let t = TestFleet::start(spec("unused"), sim(20)).await;
+    let sid = SessionId::generate();
+    let mem = t.bus.memory().session(&sid);
+    let notes = MemKey::parse("notes").unwrap();
+    let rev = mem.create(&notes, &vec!["rust".to_owned()]).await.unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("py/memory.py");
+    let out = tokio::process::Command::new(python())
+        .arg(&script)
+        .arg(t.server.url())
+        .arg(sid.as_str())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(report["read"], serde_json::json!(["rust"]));
+    assert_eq!(report["read_revision"], rev);
+    assert_eq!(
+        report["stale_conflict"], true,
+        "a stale revision from Python conflicts"
+    );
+    // Rust sees Python's update, at Python's revision, and its own stale write conflicts.
+    let now = mem.get::<Vec<String>>(&notes).await.unwrap().unwrap();
+    assert_eq!(now.value, vec!["rust", "python"]);
+    assert_eq!(serde_json::json!(now.revision), report["new_revision"]);
+    assert!(matches!(
+        mem.compare_and_set(&notes, rev, &vec!["stale".to_owned()])
+            .await,
+        Err(MemoryError::Conflict(_))
+    ));
+    t.stop().await;
+}

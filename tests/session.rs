@@ -59,6 +59,20 @@ async fn one_session_completes_with_every_role() {
     assert_eq!(record.status, SessionStatus::Completed);
     assert_eq!(record.answer.as_ref(), Some(answer));
     assert_eq!(record.counters.accepted, 4);
+    // Every worker shared its finding in the session's memory, exactly once.
+    let findings = t
+        .bus
+        .memory()
+        .session(&finished.session_id)
+        .get::<Vec<flotilla_agent::Finding>>(
+            &flotilla_bus::MemKey::parse(flotilla_agent::FINDINGS).unwrap(),
+        )
+        .await
+        .unwrap()
+        .expect("findings were written");
+    let mut tasks: Vec<_> = findings.value.iter().map(|f| f.task_id.clone()).collect();
+    tasks.sort();
+    assert_eq!(tasks, vec!["t1", "t2", "t3", "t4"]);
     // The event log tells the whole story.
     let mut events = t
         .bus

@@ -137,7 +137,7 @@ impl Bus {
         };
         let sessions = Records::new(open(names.bucket_sessions()).await?, config.max_payload);
         let slots = Records::new(open(names.bucket_slots()).await?, config.max_payload);
-        let memory = Memory::open(&js, &names, config.memory.clone())
+        let memory = Memory::open(&js, &names, config.memory.clone(), counters.clone())
             .await
             .map_err(|e| ConnectError::Bucket {
                 bucket: names.bucket_memory(),

@@ -225,7 +225,7 @@ pub struct Memory {
     locks: kv::Store,
     locks_bucket: String,
     config: Arc<MemoryConfig>,
-    counters: Arc<MemoryCounters>,
+    counters: Arc<crate::metrics::Counters>,
 }
 
 impl std::fmt::Debug for Memory {
@@ -239,6 +239,7 @@ impl Memory {
         js: &jetstream::Context,
         ns: &Namespace,
         config: MemoryConfig,
+        counters: Arc<crate::metrics::Counters>,
     ) -> Result<Self, MemoryError> {
         let open = |b: String| {
             let js = js.clone();
@@ -254,7 +255,7 @@ impl Memory {
             locks: open(ns.bucket_locks()).await?,
             locks_bucket: ns.bucket_locks(),
             config: Arc::new(config),
-            counters: Arc::new(MemoryCounters::default()),
+            counters,
         })
     }
 
@@ -267,9 +268,9 @@ impl Memory {
         }
     }
 
-    /// Process-wide counters.
+    /// Counters (shared with the bus's other counters).
     pub fn stats(&self) -> MemoryStats {
-        self.counters.snapshot()
+        self.counters.memory.snapshot()
     }
 }
 
@@ -320,28 +321,30 @@ impl SessionMemory {
     }
 
     fn check<T: Serialize>(&self, key: &MemKey, value: &T) -> Result<Bytes, MemoryError> {
-        let json = serde_json::to_value(value).map_err(|e| MemoryError::Decode {
+        let encode_error = |e: serde_json::Error| MemoryError::Decode {
             key: key.0.clone(),
             detail: e.to_string(),
-        })?;
+        };
         let schema = &self.mem.config.schema.0;
-        if !schema.is_empty() {
-            let kind = schema
-                .get(key.as_str())
-                .ok_or_else(|| MemoryError::UndeclaredKey(key.0.clone()))?;
-            if !kind.admits(&json) {
-                return Err(MemoryError::WrongType {
-                    key: key.0.clone(),
-                    expected: *kind,
-                });
-            }
+        if schema.is_empty() {
+            // No template: serialize once, straight to bytes (the hot path).
+            return serde_json::to_vec(value)
+                .map(Bytes::from)
+                .map_err(encode_error);
+        }
+        let json = serde_json::to_value(value).map_err(encode_error)?;
+        let kind = schema
+            .get(key.as_str())
+            .ok_or_else(|| MemoryError::UndeclaredKey(key.0.clone()))?;
+        if !kind.admits(&json) {
+            return Err(MemoryError::WrongType {
+                key: key.0.clone(),
+                expected: *kind,
+            });
         }
         serde_json::to_vec(&json)
             .map(Bytes::from)
-            .map_err(|e| MemoryError::Decode {
-                key: key.0.clone(),
-                detail: e.to_string(),
-            })
+            .map_err(encode_error)
     }
 
     /// The value at `key` with its revision, or `None`.
@@ -374,11 +377,11 @@ impl SessionMemory {
     /// Creates `key`; [`MemoryError::Exists`] if it holds a value.
     pub async fn create<T: Serialize>(&self, key: &MemKey, value: &T) -> Result<u64, MemoryError> {
         let bytes = self.check(key, value)?;
-        inc(&self.mem.counters.cas_attempts);
+        inc(&self.mem.counters.memory.cas_attempts);
         match self.mem.store.create(self.key(key), bytes).await {
             Ok(rev) => Ok(rev),
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                inc(&self.mem.counters.conflicts);
+                inc(&self.mem.counters.memory.conflicts);
                 Err(MemoryError::Exists(key.0.clone()))
             }
             Err(e) => Err(MemoryError::Unavailable(e.to_string())),
@@ -393,11 +396,11 @@ impl SessionMemory {
         value: &T,
     ) -> Result<u64, MemoryError> {
         let bytes = self.check(key, value)?;
-        inc(&self.mem.counters.cas_attempts);
+        inc(&self.mem.counters.memory.cas_attempts);
         match self.mem.store.update(self.key(key), bytes, revision).await {
             Ok(rev) => Ok(rev),
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                inc(&self.mem.counters.conflicts);
+                inc(&self.mem.counters.memory.conflicts);
                 Err(MemoryError::Conflict(key.0.clone()))
             }
             Err(e) => Err(MemoryError::Unavailable(e.to_string())),
@@ -414,7 +417,7 @@ impl SessionMemory {
         {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == kv::DeleteErrorKind::WrongLastRevision => {
-                inc(&self.mem.counters.conflicts);
+                inc(&self.mem.counters.memory.conflicts);
                 Err(MemoryError::Conflict(key.0.clone()))
             }
             Err(e) => Err(MemoryError::Unavailable(e.to_string())),
@@ -437,7 +440,7 @@ impl SessionMemory {
         let attempts = self.mem.config.max_attempts.max(1);
         for attempt in 0..attempts {
             if attempt > 0 {
-                inc(&self.mem.counters.retries);
+                inc(&self.mem.counters.memory.retries);
                 // Full jitter over an exponential ceiling (1 ms .. 64 ms).
                 let ceiling = 1u64 << attempt.min(6);
                 let ms = crate::trace::random_u64() % (ceiling + 1);
@@ -528,7 +531,7 @@ impl SessionMemory {
             }
             if !waited {
                 waited = true;
-                inc(&self.mem.counters.lock_waits);
+                inc(&self.mem.counters.memory.lock_waits);
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(MemoryError::LockHeld(name.0.clone()));
@@ -547,7 +550,7 @@ impl SessionMemory {
     ) -> Result<u64, MemoryError> {
         let bytes = self.check(key, value)?;
         let expired = || {
-            inc(&self.mem.counters.lock_expiries);
+            inc(&self.mem.counters.memory.lock_expiries);
             MemoryError::LockExpired(guard.name.0.clone())
         };
         if tokio::time::Instant::now() + GUARD_MARGIN >= guard.expires_at {
@@ -563,7 +566,7 @@ impl SessionMemory {
             Some(e) if e.operation == kv::Operation::Put && e.revision == guard.token => {}
             _ => return Err(expired()),
         }
-        inc(&self.mem.counters.cas_attempts);
+        inc(&self.mem.counters.memory.cas_attempts);
         self.mem
             .store
             .put(self.key(key), bytes)

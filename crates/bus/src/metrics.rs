@@ -22,6 +22,8 @@ pub struct Counters {
     pub backpressure: AtomicU64,
     /// Publish attempts retried after a timeout or broken connection.
     pub publish_retries: AtomicU64,
+    /// Shared-memory traffic.
+    pub memory: crate::memory::MemoryCounters,
 }
 
 /// A copy of [`Counters`] at one moment.
@@ -41,6 +43,8 @@ pub struct CountersSnapshot {
     pub backpressure: u64,
     /// See [`Counters::publish_retries`].
     pub publish_retries: u64,
+    /// See [`Counters::memory`].
+    pub memory: crate::memory::MemoryStats,
 }
 
 impl Counters {
@@ -60,6 +64,7 @@ impl Counters {
             duplicates: r(&self.duplicates),
             backpressure: r(&self.backpressure),
             publish_retries: r(&self.publish_retries),
+            memory: self.memory.snapshot(),
         }
     }
 }

@@ -83,6 +83,9 @@ pub(crate) struct Summary {
     pub(crate) duplicates: u64,
     /// Processes killed by `--chaos`.
     pub(crate) killed: u64,
+    /// Shared-memory traffic: compare-and-set attempts, conflicts, retries, lock waits
+    /// and expiries.
+    pub(crate) memory: flotilla_bus::MemoryStats,
     /// Inbox messages neither acknowledged nor dead-lettered once the run was quiet.
     pub(crate) lost_messages: u64,
     /// Example answer summary (first completed session).
@@ -213,6 +216,7 @@ pub(crate) fn summarize(
         deduplicated: counters.duplicates,
         duplicates: 0,
         killed: 0,
+        memory: counters.memory,
         lost_messages,
         sample,
     }
@@ -252,6 +256,11 @@ impl Summary {
         println!(
             "  guarantees    duplicate results {}   processes killed {}",
             self.duplicates, self.killed
+        );
+        let m = &self.memory;
+        println!(
+            "  memory        compare-and-set {} / conflicts {} / retries {} / lock waits {} / lock expiries {}",
+            m.cas_attempts, m.conflicts, m.retries, m.lock_waits, m.lock_expiries
         );
     }
 }

@@ -106,6 +106,44 @@ enum DlqCommand {
 enum BenchCommand {
     /// Run sessions end to end and report latency and throughput.
     Sessions(LoadArgs),
+    /// Concurrent appends to one shared-memory list: no lost updates, conflict rate,
+    /// and the wrapper's cost against raw KV calls.
+    Memory(MemoryBenchArgs),
+    /// (internal) one process of `bench memory --processes P`.
+    #[command(hide = true)]
+    MemoryWorker(MemoryWorkerArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+struct MemoryBenchArgs {
+    /// Writers in total.
+    #[arg(long, default_value_t = 8)]
+    writers: usize,
+    /// Appends per writer.
+    #[arg(long, default_value_t = 100)]
+    appends: usize,
+    /// Processes the writers are spread over.
+    #[arg(long, default_value_t = 1)]
+    processes: usize,
+    /// Print the report as one JSON object on the last line of stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+struct MemoryWorkerArgs {
+    /// The session whose memory is written.
+    #[arg(long)]
+    session: SessionId,
+    /// First writer number.
+    #[arg(long)]
+    first: usize,
+    /// Writers in this process.
+    #[arg(long)]
+    writers: usize,
+    /// Appends per writer.
+    #[arg(long)]
+    appends: usize,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -196,6 +234,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Sessions(a)) => {
             cmd::load(config, a, cli.nats_url.is_some(), false).await
         }
+        Command::Bench(BenchCommand::Memory(a)) => {
+            cmd::memory_bench::bench(config, a, cli.nats_url.is_some()).await
+        }
+        Command::Bench(BenchCommand::MemoryWorker(a)) => cmd::memory_bench::worker(config, a).await,
         Command::Session { session_id } => cmd::session(config, session_id).await,
         Command::Dlq(c) => cmd::dlq(config, c).await,
     }

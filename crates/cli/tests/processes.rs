@@ -277,3 +277,44 @@ fn chaos_bench_kills_processes_and_loses_nothing() {
     assert!(v["killed"].as_u64().unwrap() >= 1, "{v}");
     assert_eq!(v["dispatched"], 64, "{v}");
 }
+
+#[test]
+fn memory_bench_across_processes_loses_no_update() {
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "bench",
+        "memory",
+        "--writers",
+        "6",
+        "--appends",
+        "25",
+        "--processes",
+        "3",
+        "--json",
+    ])
+    .env("RUST_LOG", "warn");
+    let out = run_with_timeout(cmd, Duration::from_secs(180));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(stdout.trim().lines().last().unwrap()).unwrap();
+    for key in [
+        "appends",
+        "final_len",
+        "lost_updates",
+        "duplicates",
+        "conflict_rate",
+        "ops_per_s",
+        "raw_ops_per_s",
+    ] {
+        assert!(v.get(key).is_some(), "{key} in {v}");
+    }
+    assert_eq!(v["appends"], 150);
+    assert_eq!(v["final_len"], 150);
+    assert_eq!(v["lost_updates"], 0);
+    assert_eq!(v["duplicates"], 0);
+    assert_eq!(v["processes"], 3);
+}

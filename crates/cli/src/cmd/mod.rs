@@ -2,6 +2,7 @@
 
 mod dlq;
 mod load;
+pub(crate) mod memory_bench;
 mod run;
 mod submit;
 
