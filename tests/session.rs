@@ -73,6 +73,12 @@ async fn one_session_completes_with_every_role() {
     let mut tasks: Vec<_> = findings.value.iter().map(|f| f.task_id.clone()).collect();
     tasks.sort();
     assert_eq!(tasks, vec!["t1", "t2", "t3", "t4"]);
+    // ... and the session record counts that memory traffic.
+    let m = record.counters.memory;
+    assert!(
+        m.cas_attempts >= 4 && m.cas_attempts >= m.conflicts,
+        "{m:?}"
+    );
     // The event log tells the whole story.
     let mut events = t
         .bus

@@ -179,7 +179,7 @@ impl Worker {
                         reason: rec.error.clone().unwrap_or_default(),
                     },
                 };
-                self.notify(&task, outcome, trace).await?;
+                self.notify(&task, outcome, None, trace).await?;
                 return Ok(());
             }
             if rec.state == TaskRunState::Running && rec.holder.as_ref() != Some(&self.agent_id) {
@@ -274,7 +274,8 @@ impl Worker {
             }
             Err(e) => return Err(e.into()),
         }
-        self.notify(&task, outcome, trace).await?;
+        self.notify(&task, outcome, Some(ctx.memory.stats()), trace)
+            .await?;
         Ok(())
     }
 
@@ -283,6 +284,7 @@ impl Worker {
         &self,
         task: &TaskMessage,
         outcome: TaskOutcome,
+        memory: Option<flotilla_protocol::MemoryStats>,
         trace: Option<TraceParent>,
     ) -> Result<(), VerdictError> {
         let msg = InboxMessage::Result(ResultMessage {
@@ -292,6 +294,7 @@ impl Worker {
             role: task.role.clone(),
             attempt: task.attempt,
             outcome,
+            memory,
         });
         let payload = serde_json::to_vec(&msg)
             .map_err(|e| VerdictError::retry(Duration::from_secs(1), e.to_string()))?;

@@ -161,20 +161,7 @@ pub struct MemoryCounters {
     pub lock_expiries: AtomicU64,
 }
 
-/// A copy of [`MemoryCounters`].
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MemoryStats {
-    /// See [`MemoryCounters::cas_attempts`].
-    pub cas_attempts: u64,
-    /// See [`MemoryCounters::conflicts`].
-    pub conflicts: u64,
-    /// See [`MemoryCounters::retries`].
-    pub retries: u64,
-    /// See [`MemoryCounters::lock_waits`].
-    pub lock_waits: u64,
-    /// See [`MemoryCounters::lock_expiries`].
-    pub lock_expiries: u64,
-}
+pub use flotilla_protocol::MemoryStats;
 
 impl MemoryCounters {
     /// Reads every counter.
@@ -265,6 +252,7 @@ impl Memory {
         SessionMemory {
             mem: self.clone(),
             session: session.clone(),
+            local: Arc::new(MemoryCounters::default()),
         }
     }
 
@@ -279,6 +267,7 @@ impl Memory {
 pub struct SessionMemory {
     mem: Memory,
     session: SessionId,
+    local: Arc<MemoryCounters>,
 }
 
 impl std::fmt::Debug for SessionMemory {
@@ -314,6 +303,17 @@ impl SessionMemory {
     /// The session this handle belongs to.
     pub fn session(&self) -> &SessionId {
         &self.session
+    }
+
+    /// This handle's own traffic (the process-wide totals are in [`Memory::stats`]).
+    pub fn stats(&self) -> MemoryStats {
+        self.local.snapshot()
+    }
+
+    /// Counts one event, in this handle and process-wide.
+    fn count(&self, pick: fn(&MemoryCounters) -> &AtomicU64) {
+        inc(pick(&self.mem.counters.memory));
+        inc(pick(&self.local));
     }
 
     fn key(&self, key: &MemKey) -> String {
@@ -377,11 +377,11 @@ impl SessionMemory {
     /// Creates `key`; [`MemoryError::Exists`] if it holds a value.
     pub async fn create<T: Serialize>(&self, key: &MemKey, value: &T) -> Result<u64, MemoryError> {
         let bytes = self.check(key, value)?;
-        inc(&self.mem.counters.memory.cas_attempts);
+        self.count(|c| &c.cas_attempts);
         match self.mem.store.create(self.key(key), bytes).await {
             Ok(rev) => Ok(rev),
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                inc(&self.mem.counters.memory.conflicts);
+                self.count(|c| &c.conflicts);
                 Err(MemoryError::Exists(key.0.clone()))
             }
             Err(e) => Err(MemoryError::Unavailable(e.to_string())),
@@ -396,11 +396,11 @@ impl SessionMemory {
         value: &T,
     ) -> Result<u64, MemoryError> {
         let bytes = self.check(key, value)?;
-        inc(&self.mem.counters.memory.cas_attempts);
+        self.count(|c| &c.cas_attempts);
         match self.mem.store.update(self.key(key), bytes, revision).await {
             Ok(rev) => Ok(rev),
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                inc(&self.mem.counters.memory.conflicts);
+                self.count(|c| &c.conflicts);
                 Err(MemoryError::Conflict(key.0.clone()))
             }
             Err(e) => Err(MemoryError::Unavailable(e.to_string())),
@@ -417,7 +417,7 @@ impl SessionMemory {
         {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == kv::DeleteErrorKind::WrongLastRevision => {
-                inc(&self.mem.counters.memory.conflicts);
+                self.count(|c| &c.conflicts);
                 Err(MemoryError::Conflict(key.0.clone()))
             }
             Err(e) => Err(MemoryError::Unavailable(e.to_string())),
@@ -440,7 +440,7 @@ impl SessionMemory {
         let attempts = self.mem.config.max_attempts.max(1);
         for attempt in 0..attempts {
             if attempt > 0 {
-                inc(&self.mem.counters.memory.retries);
+                self.count(|c| &c.retries);
                 // Full jitter over an exponential ceiling (1 ms .. 64 ms).
                 let ceiling = 1u64 << attempt.min(6);
                 let ms = crate::trace::random_u64() % (ceiling + 1);
@@ -531,7 +531,7 @@ impl SessionMemory {
             }
             if !waited {
                 waited = true;
-                inc(&self.mem.counters.memory.lock_waits);
+                self.count(|c| &c.lock_waits);
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(MemoryError::LockHeld(name.0.clone()));
@@ -550,7 +550,7 @@ impl SessionMemory {
     ) -> Result<u64, MemoryError> {
         let bytes = self.check(key, value)?;
         let expired = || {
-            inc(&self.mem.counters.memory.lock_expiries);
+            self.count(|c| &c.lock_expiries);
             MemoryError::LockExpired(guard.name.0.clone())
         };
         if tokio::time::Instant::now() + GUARD_MARGIN >= guard.expires_at {
@@ -566,7 +566,7 @@ impl SessionMemory {
             Some(e) if e.operation == kv::Operation::Put && e.revision == guard.token => {}
             _ => return Err(expired()),
         }
-        inc(&self.mem.counters.memory.cas_attempts);
+        self.count(|c| &c.cas_attempts);
         self.mem
             .store
             .put(self.key(key), bytes)

@@ -119,6 +119,7 @@ impl DeadLetterMover {
                 outcome: TaskOutcome::Failed {
                     reason: format!("dead-lettered after {} deliveries", adv.deliveries),
                 },
+                memory: None,
             });
             self.bus
                 .publish(&Outgoing {

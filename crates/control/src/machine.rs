@@ -158,6 +158,9 @@ pub fn on_result(
     }
     let (tid, role, attempt) = (task.task_id.clone(), task.role.clone(), task.attempt);
     rec.updated_ms = now;
+    if let Some(m) = &r.memory {
+        rec.counters.memory.add(m);
+    }
     let verdict = match &r.outcome {
         TaskOutcome::Completed => {
             rec.tasks[idx].state = TaskState::Done;
@@ -282,6 +285,7 @@ mod tests {
             role: rec.tasks[i].role.clone(),
             attempt,
             outcome,
+            memory: None,
         }
     }
 

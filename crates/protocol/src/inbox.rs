@@ -76,6 +76,9 @@ pub struct ResultMessage {
     pub attempt: u32,
     /// How it ended.
     pub outcome: TaskOutcome,
+    /// The attempt's shared-memory traffic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<crate::record::MemoryStats>,
 }
 
 /// Anything that may arrive on an inbox subject.

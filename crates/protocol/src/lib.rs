@@ -42,8 +42,8 @@ pub use output::{
     Answer, AnswerSection, Artifact, OutputError, Plan, PlanError, Subtask, TaskOutput,
 };
 pub use record::{
-    Effect, SessionCounters, SessionRecord, SessionStatus, TaskEntry, TaskRecord, TaskRunState,
-    TaskState,
+    Effect, MemoryStats, SessionCounters, SessionRecord, SessionStatus, TaskEntry, TaskRecord,
+    TaskRunState, TaskState,
 };
 pub use subject::{Namespace, ParsedSubject, SubjectError};
 pub use trace::TraceParent;

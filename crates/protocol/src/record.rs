@@ -91,6 +91,33 @@ pub enum Effect {
     ReleaseSlot,
 }
 
+/// Shared-memory traffic counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemoryStats {
+    /// Compare-and-set (or create) attempts.
+    pub cas_attempts: u64,
+    /// Attempts that lost to a concurrent writer.
+    pub conflicts: u64,
+    /// Merge retries after a conflict.
+    pub retries: u64,
+    /// Lock requests that had to wait for a holder.
+    pub lock_waits: u64,
+    /// Guarded writes refused because their lock had expired.
+    pub lock_expiries: u64,
+}
+
+impl MemoryStats {
+    /// Adds `other` to these counts.
+    pub fn add(&mut self, other: &MemoryStats) {
+        self.cas_attempts += other.cas_attempts;
+        self.conflicts += other.conflicts;
+        self.retries += other.retries;
+        self.lock_waits += other.lock_waits;
+        self.lock_expiries += other.lock_expiries;
+    }
+}
+
 /// Per-session counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -103,6 +130,9 @@ pub struct SessionCounters {
     pub accepted: u32,
     /// Results refused (stale attempt, failed validation).
     pub rejected: u32,
+    /// The session's shared-memory traffic, as its agents reported it.
+    #[serde(default)]
+    pub memory: MemoryStats,
 }
 
 /// The session record, key `<sid>`.
