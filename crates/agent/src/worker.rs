@@ -14,13 +14,14 @@ use bytes::Bytes;
 use flotilla_bus::{Bus, Delivery, KvError, Outgoing, PoolConsumer, PoolSettings, VerdictError};
 use flotilla_protocol::subject::keys;
 use flotilla_protocol::{
-    AgentId, ErrorCode, EventBody, InboxMessage, MessageId, ParsedSubject, ResultMessage, Role,
-    TaskMessage, TaskOutcome, TaskRecord, TaskRunState, TraceParent, V1, decode, epoch_ms,
+    AgentId, ErrorCode, EventBody, InFlight, InboxMessage, MessageId, ParsedSubject, ResultMessage,
+    Role, TaskMessage, TaskOutcome, TaskRecord, TaskRunState, TraceParent, V1, decode, epoch_ms,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::agent::{Agent, AgentError, TaskContext};
+use crate::presence::{LivenessConfig, Tracker};
 
 /// Parses and validates an inbox delivery for `role`: the subject must be an inbox of
 /// `role`, the body must decode, and body and subject must agree.
@@ -58,6 +59,8 @@ pub struct Worker {
     agent_id: AgentId,
     agent: Arc<dyn Agent>,
     settings: PoolSettings,
+    liveness: LivenessConfig,
+    tracker: Tracker,
 }
 
 impl std::fmt::Debug for Worker {
@@ -79,7 +82,15 @@ impl Worker {
             agent_id,
             agent,
             settings,
+            liveness: LivenessConfig::default(),
+            tracker: Tracker::default(),
         }
+    }
+
+    /// Heartbeat intervals of this process's presence.
+    pub fn with_liveness(mut self, liveness: LivenessConfig) -> Self {
+        self.liveness = liveness;
+        self
     }
 
     /// Uses `id` as this process's agent id (the holder written into task records).
@@ -103,6 +114,14 @@ impl Worker {
                 detail: e.to_string(),
             })?;
         let consumer = PoolConsumer::for_role(&self.bus, &self.role, self.settings.clone()).await?;
+        let heartbeat = tokio::spawn(crate::presence::heartbeat(
+            self.bus.clone(),
+            self.agent_id.clone(),
+            self.role.clone(),
+            self.tracker.clone(),
+            self.liveness.clone(),
+            shutdown.child_token(),
+        ));
         tracing::info!(role = %self.role, agent = %self.agent_id, "worker pool process started");
         let this = Arc::new(self);
         let bus = this.bus.clone();
@@ -115,6 +134,7 @@ impl Worker {
                 }
             })
             .await;
+        let _ = heartbeat.await;
         Ok(())
     }
 
@@ -136,13 +156,20 @@ impl Worker {
             agent = %self.agent_id,
             trace_id = trace.map(|t| t.trace_id_hex()).unwrap_or_default(),
         );
-        self.run_task(task, trace).instrument(span).await
+        let ack_subject = d.ack_subject().unwrap_or_default().to_owned();
+        let result = self
+            .run_task(task, trace, &ack_subject)
+            .instrument(span)
+            .await;
+        self.tracker.finish(&ack_subject);
+        result
     }
 
     async fn run_task(
         &self,
         task: TaskMessage,
         trace: Option<TraceParent>,
+        ack_subject: &str,
     ) -> Result<(), VerdictError> {
         let records = self.bus.sessions();
         let key = keys::task(&task.session_id, &task.task_id);
@@ -203,6 +230,15 @@ impl Worker {
             match records.update(&key, &next, rev).await {
                 Ok(r) => {
                     claimed_rev = Some(r);
+                    let now = epoch_ms(SystemTime::now());
+                    self.tracker.start(InFlight {
+                        session_id: task.session_id.clone(),
+                        task_id: Some(task.task_id.clone()),
+                        attempt: Some(task.attempt),
+                        ack_subject: ack_subject.to_owned(),
+                        since_ms: now,
+                        progress_ms: now,
+                    });
                     break;
                 }
                 Err(KvError::Conflict { .. }) => continue,

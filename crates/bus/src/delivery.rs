@@ -57,6 +57,11 @@ impl Delivery {
         self.stream_sequence
     }
 
+    /// The ack subject (anyone may publish `-NAK` there to release the message).
+    pub fn ack_subject(&self) -> Option<&str> {
+        self.msg.reply.as_ref().map(|r| r.as_str())
+    }
+
     /// A header value.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.msg

@@ -141,6 +141,15 @@ pub(crate) fn bucket_configs(ns: &Namespace, c: &BusConfig) -> Vec<kv::Config> {
             ..Default::default()
         },
         kv::Config {
+            bucket: ns.bucket_agents(),
+            description: "flotilla process presence (per-key TTL)".into(),
+            history: 1,
+            storage: StorageType::File,
+            num_replicas: c.replicas,
+            limit_markers: Some(Duration::from_secs(60)),
+            ..Default::default()
+        },
+        kv::Config {
             bucket: ns.bucket_slots(),
             description: "flotilla admission slots".into(),
             history: 1,

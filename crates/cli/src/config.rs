@@ -69,6 +69,8 @@ pub(crate) struct Config {
     pub(crate) submit: PoolSettings,
     /// Worker pools' consumers.
     pub(crate) worker: PoolSettings,
+    /// Heartbeats and the watchdog.
+    pub(crate) liveness: flotilla_agent::LivenessConfig,
     /// Per-role changes to `worker` (`[roles.<role>]`).
     pub(crate) roles: BTreeMap<Role, PoolOverrides>,
     /// LLM provider.
@@ -94,6 +96,7 @@ impl Config {
             session: self.session.clone(),
             orchestrator: self.orchestrator.clone(),
             submit: self.submit.clone(),
+            liveness: self.liveness.clone(),
         }
     }
 }
@@ -106,6 +109,7 @@ fn defaults() -> Config {
         orchestrator: control.orchestrator,
         submit: control.submit,
         worker: PoolSettings::default(),
+        liveness: control.liveness,
         roles: BTreeMap::new(),
         llm: LlmConfig::default(),
         embedded: EmbeddedConfig::default(),

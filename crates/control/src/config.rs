@@ -74,6 +74,8 @@ pub struct ControlConfig {
     pub orchestrator: PoolSettings,
     /// The submit queue consumer's settings.
     pub submit: PoolSettings,
+    /// Heartbeats and the watchdog.
+    pub liveness: flotilla_agent::LivenessConfig,
 }
 
 impl Default for ControlConfig {
@@ -92,6 +94,7 @@ impl Default for ControlConfig {
                 max_deliver: -1,
                 ..PoolSettings::default()
             },
+            liveness: flotilla_agent::LivenessConfig::default(),
         }
     }
 }

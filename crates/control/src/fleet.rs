@@ -79,7 +79,8 @@ impl Fleet {
                     .get(role)
                     .map(|o| o.apply(&spec.worker))
                     .unwrap_or_else(|| spec.worker.clone());
-                let worker = Worker::new(bus, role.clone(), agent, settings);
+                let worker = Worker::new(bus, role.clone(), agent, settings)
+                    .with_liveness(spec.control.liveness.clone());
                 let s = shutdown.child_token();
                 let role: Role = role.clone();
                 tasks.spawn(async move {

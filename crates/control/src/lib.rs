@@ -9,6 +9,7 @@
 //! - [`orchestrator`]: the orchestrator role pool driving that machine over NATS.
 //! - [`prompts`]: the orchestrator's LLM prompts.
 //! - [`dlq`]: the dead-letter mover (max deliveries) and `dlq ls|show|replay`.
+//! - [`watchdog`]: finds dead, frozen and stuck processes and releases their work.
 //! - [`serve`]: all of the above as one process.
 //! - [`client`]: open sessions and wait for their answers.
 //! - [`fleet`]: `serve` and a worker pool per role in one process (demo, bench, tests).
@@ -23,6 +24,7 @@ pub mod orchestrator;
 pub mod prompts;
 pub mod serve;
 pub mod slots;
+pub mod watchdog;
 
 pub use admission::{Admission, Rejection};
 pub use client::{Client, ClientError, Finished, RunError};

@@ -47,6 +47,7 @@ pub struct Orchestrator {
     bus: Bus,
     llm: Arc<dyn LlmClient>,
     config: Arc<ControlConfig>,
+    tracker: flotilla_agent::Tracker,
 }
 
 impl std::fmt::Debug for Orchestrator {
@@ -68,7 +69,18 @@ fn now() -> u64 {
 impl Orchestrator {
     /// An orchestrator planning and synthesizing with `llm`.
     pub fn new(bus: Bus, llm: Arc<dyn LlmClient>, config: Arc<ControlConfig>) -> Self {
-        Self { bus, llm, config }
+        Self {
+            bus,
+            llm,
+            config,
+            tracker: flotilla_agent::Tracker::default(),
+        }
+    }
+
+    /// Reports in-flight deliveries to `tracker` (published by the process's presence).
+    pub fn with_tracker(mut self, tracker: flotilla_agent::Tracker) -> Self {
+        self.tracker = tracker;
+        self
     }
 
     /// Serves the orchestrator role until `shutdown`.
@@ -112,7 +124,19 @@ impl Orchestrator {
             task = match &input { Input::Result(r) => r.task_id.as_str().to_owned(), Input::Start => String::new() },
             trace_id = d.trace().map(|t| t.trace_id_hex()).unwrap_or_default(),
         );
-        self.drive(&session, input).instrument(span).await
+        let ack_subject = d.ack_subject().unwrap_or_default().to_owned();
+        let now = now();
+        self.tracker.start(flotilla_protocol::InFlight {
+            session_id: session.clone(),
+            task_id: None,
+            attempt: None,
+            ack_subject: ack_subject.clone(),
+            since_ms: now,
+            progress_ms: now,
+        });
+        let result = self.drive(&session, input).instrument(span).await;
+        self.tracker.finish(&ack_subject);
+        result
     }
 
     /// How long effects may sit in an outbox before another handler assumes their

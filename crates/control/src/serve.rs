@@ -17,8 +17,8 @@ use crate::slots::SlotTable;
 /// A component of `serve` failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    /// Loading the slot view failed: NATS is unreachable.
-    #[error("cannot watch admission slots: {0}")]
+    /// Loading the slot view or the agents bucket failed: NATS is unreachable.
+    #[error("cannot read a bucket: {0}")]
     Slots(#[from] flotilla_bus::KvError),
     /// A consumer could not be bound: check the topology.
     #[error(transparent)]
@@ -37,6 +37,7 @@ pub struct Serve {
     bus: Bus,
     llm: Arc<dyn LlmClient>,
     config: Arc<ControlConfig>,
+    tracker: flotilla_agent::Tracker,
 }
 
 impl std::fmt::Debug for Serve {
@@ -52,6 +53,7 @@ impl Serve {
             bus,
             llm,
             config: Arc::new(config),
+            tracker: flotilla_agent::Tracker::default(),
         }
     }
 
@@ -81,7 +83,8 @@ impl Serve {
             self.config.submit.clone(),
         );
         tasks.spawn(async move { Ok(a.serve_queue(settings, s).await?) });
-        let orch = Orchestrator::new(self.bus.clone(), self.llm.clone(), self.config.clone());
+        let orch = Orchestrator::new(self.bus.clone(), self.llm.clone(), self.config.clone())
+            .with_tracker(self.tracker.clone());
         let s = shutdown.child_token();
         tasks.spawn(async move { Ok(orch.run(s).await?) });
 
@@ -107,6 +110,26 @@ impl Serve {
                     Err(e) => tracing::warn!(error = %e, "slot reconciliation failed"),
                 }
             }
+        });
+        // Presence of this process, and the watchdog over every process's presence.
+        let agent_id = flotilla_protocol::AgentId::generate(&Role::orchestrator());
+        let (b, l, s) = (
+            self.bus.clone(),
+            self.config.liveness.clone(),
+            shutdown.child_token(),
+        );
+        let tracker = self.tracker.clone();
+        tasks.spawn(async move {
+            flotilla_agent::presence::heartbeat(b, agent_id, Role::orchestrator(), tracker, l, s)
+                .await;
+            Ok(())
+        });
+        let watchdog =
+            crate::watchdog::Watchdog::new(self.bus.clone(), self.config.liveness.clone()).await?;
+        let s = shutdown.child_token();
+        tasks.spawn(async move {
+            watchdog.run(s).await;
+            Ok(())
         });
         tracing::info!("serve started");
 

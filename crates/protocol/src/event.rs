@@ -23,17 +23,20 @@ pub enum EventKindName {
     Result,
     /// `done`
     Done,
+    /// `reassigned`
+    Reassigned,
 }
 
 impl EventKindName {
     /// Every kind.
-    pub const ALL: [EventKindName; 6] = [
+    pub const ALL: [EventKindName; 7] = [
         EventKindName::Opened,
         EventKindName::Planned,
         EventKindName::Dispatched,
         EventKindName::Backpressure,
         EventKindName::Result,
         EventKindName::Done,
+        EventKindName::Reassigned,
     ];
 
     /// The subject token.
@@ -45,6 +48,7 @@ impl EventKindName {
             EventKindName::Backpressure => "backpressure",
             EventKindName::Result => "result",
             EventKindName::Done => "done",
+            EventKindName::Reassigned => "reassigned",
         }
     }
 
@@ -124,6 +128,22 @@ pub enum EventBody {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
     },
+    /// The watchdog took a task away from a dead or stuck holder and released it for
+    /// redelivery now.
+    Reassigned {
+        /// Task.
+        task_id: TaskId,
+        /// Role.
+        role: Role,
+        /// Attempt.
+        attempt: u32,
+        /// The holder it was taken from.
+        from: String,
+        /// Why: `disconnected`, `presence expired` or `no progress for <n> ms`.
+        reason: String,
+        /// From the holder's last sign of life to the release, ms.
+        after_ms: u64,
+    },
     /// The session ended.
     Done {
         /// How.
@@ -149,6 +169,7 @@ impl EventBody {
             EventBody::Backpressure { .. } => EventKindName::Backpressure,
             EventBody::Result { .. } => EventKindName::Result,
             EventBody::Done { .. } => EventKindName::Done,
+            EventBody::Reassigned { .. } => EventKindName::Reassigned,
         }
     }
 }

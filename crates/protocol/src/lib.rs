@@ -12,6 +12,7 @@
 //! - [`inbox`]: messages on agent inboxes (start, task, result).
 //! - [`event`]: the session event log.
 //! - [`record`]: session and task records kept in KV.
+//! - [`presence`]: what each process heartbeats into the agents bucket.
 //! - [`output`]: plans, task outputs, the final answer, and their validation.
 //! - [`error`]: the closed set of wire error codes and their dispositions.
 //! - [`codec`]: size-limited decoding into typed errors.
@@ -26,6 +27,7 @@ pub mod ids;
 pub mod inbox;
 pub mod open;
 pub mod output;
+pub mod presence;
 pub mod record;
 pub mod schema;
 pub mod subject;
@@ -41,6 +43,7 @@ pub use open::{OpenError, OpenReply, OpenSession};
 pub use output::{
     Answer, AnswerSection, Artifact, OutputError, Plan, PlanError, Subtask, TaskOutput,
 };
+pub use presence::{InFlight, Presence};
 pub use record::{
     Effect, MemoryStats, SessionCounters, SessionRecord, SessionStatus, TaskEntry, TaskRecord,
     TaskRunState, TaskState,

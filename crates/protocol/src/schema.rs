@@ -25,5 +25,6 @@ pub fn all() -> Vec<(&'static str, String)> {
         ("plan.json", pretty(schema_for!(Plan))),
         ("task_output.json", pretty(schema_for!(TaskOutput))),
         ("answer.json", pretty(schema_for!(Answer))),
+        ("presence.json", pretty(schema_for!(crate::Presence))),
     ]
 }

@@ -226,6 +226,14 @@ impl Namespace {
     pub fn bucket_locks(&self) -> String {
         format!("{}-locks", self.prefix)
     }
+    /// KV bucket of process presence (key = agent id, per-key TTL).
+    pub fn bucket_agents(&self) -> String {
+        format!("{}-agents", self.prefix)
+    }
+    /// The subject a process answers pings on while connected.
+    pub fn agent_ping(&self, agent: &crate::ids::AgentId) -> String {
+        format!("{}.agent.{agent}.ping", self.prefix)
+    }
     /// KV bucket of admission slots.
     pub fn bucket_slots(&self) -> String {
         format!("{}-slots", self.prefix)

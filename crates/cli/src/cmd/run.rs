@@ -79,6 +79,7 @@ pub(crate) async fn agent(
     let id = AgentId::parse(format!("{role}-{}", std::process::id()))?;
     Worker::new(bus, role, agent, settings)
         .with_agent_id(id)
+        .with_liveness(config.liveness.clone())
         .run(shutdown)
         .await?;
     Ok(())

@@ -1,0 +1,250 @@
+//! The watchdog: finds processes that died, froze or got stuck, and releases their
+//! work for redelivery now instead of when its ack wait runs out.
+//!
+//! Every `probe_every` it reads every presence in the agents bucket and pings each
+//! process on its own subject:
+//! - **disconnected**: the ping gets "no responders" (the server dropped the process's
+//!   connection: a `kill -9` is seen within one probe);
+//! - **presence expired**: a presence seen before is gone (its TTL ran out: a frozen or
+//!   partitioned process);
+//! - **stuck**: a task in a live presence has made no progress for `stuck_timeout`.
+//!
+//! Releasing a task fences the old holder first (its task record goes back to `queued`,
+//! so its late commit fails the compare-and-set), then publishes `-NAK` to the
+//! delivery's ack subject on the holder's behalf, then logs a `reassigned` event. Every
+//! step is idempotent, so several `serve` instances may watch at once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use async_nats::RequestErrorKind;
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use flotilla_agent::LivenessConfig;
+use flotilla_bus::{Bus, KvError};
+use flotilla_protocol::subject::keys;
+use flotilla_protocol::{
+    AgentId, DEFAULT_MAX_PAYLOAD, EventBody, InFlight, Presence, TaskRecord, TaskRunState, decode,
+    epoch_ms,
+};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+/// What the watchdog has done.
+#[derive(Debug, Default)]
+pub struct WatchdogCounters {
+    /// Processes found dead or expired.
+    pub ghosts: AtomicU64,
+    /// Tasks taken from a holder and released.
+    pub reassigned: AtomicU64,
+}
+
+/// The watchdog of one `serve`.
+#[derive(Debug)]
+pub struct Watchdog {
+    bus: Bus,
+    config: LivenessConfig,
+    store: kv::Store,
+    /// Last presence seen of every process, to know what an expired one held.
+    seen: HashMap<String, Presence>,
+    /// Processes declared ghosts (never resurrected by a late presence write).
+    buried: std::collections::HashSet<String>,
+    /// Counters.
+    pub counters: Arc<WatchdogCounters>,
+}
+
+fn now() -> u64 {
+    epoch_ms(SystemTime::now())
+}
+
+impl Watchdog {
+    /// A watchdog over `bus`'s agents bucket.
+    pub async fn new(bus: Bus, config: LivenessConfig) -> Result<Self, KvError> {
+        let store = bus
+            .js
+            .get_key_value(bus.names().bucket_agents())
+            .await
+            .map_err(|e| KvError::Unavailable {
+                key: bus.names().bucket_agents(),
+                source: Box::new(e),
+            })?;
+        Ok(Self {
+            bus,
+            config,
+            store,
+            seen: HashMap::new(),
+            buried: Default::default(),
+            counters: Arc::default(),
+        })
+    }
+
+    /// Probes until `shutdown`.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        loop {
+            if let Err(e) = self.probe().await {
+                tracing::warn!(error = %e, "watchdog probe failed");
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(self.config.probe_every) => {}
+            }
+        }
+    }
+
+    /// One pass over every presence.
+    pub async fn probe(&mut self) -> Result<(), async_nats::Error> {
+        let mut current: HashMap<String, Presence> = HashMap::new();
+        let mut keys_list = self.store.keys().await?;
+        while let Some(key) = keys_list.next().await {
+            let key = key?;
+            if let Some(entry) = self.store.entry(&key).await?
+                && entry.operation == kv::Operation::Put
+                && let Ok(p) = decode::<Presence>(&entry.value, DEFAULT_MAX_PAYLOAD)
+            {
+                current.insert(key, p);
+            }
+        }
+        // Seen before, gone now: its presence expired without a goodbye... or it shut
+        // down cleanly (then it held nothing, and releasing nothing is harmless).
+        let expired: Vec<Presence> = self
+            .seen
+            .iter()
+            .filter(|(k, _)| !current.contains_key(*k))
+            .map(|(_, p)| p.clone())
+            .collect();
+        for p in expired {
+            if !p.in_flight.is_empty() {
+                self.ghost(&p, "presence expired").await;
+            }
+            self.seen.remove(p.agent_id.as_str());
+        }
+        // Ping every live one, concurrently.
+        let pings = futures::future::join_all(current.values().map(|p| {
+            let client = self.bus.client.clone();
+            let subject = p.ping_subject.clone();
+            let timeout = self.config.probe_timeout;
+            async move {
+                match tokio::time::timeout(timeout, client.request(subject, Bytes::new())).await {
+                    Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders => Liveness::Gone,
+                    Ok(Ok(_)) => Liveness::Alive,
+                    _ => Liveness::Unresponsive,
+                }
+            }
+        }))
+        .await;
+        let stuck_ms = self.config.stuck_timeout.as_millis() as u64;
+        for (p, liveness) in current.values().zip(pings) {
+            match liveness {
+                Liveness::Gone => self.ghost(p, "disconnected").await,
+                Liveness::Alive | Liveness::Unresponsive => {
+                    for item in &p.in_flight {
+                        let idle = now().saturating_sub(item.progress_ms);
+                        if item.task_id.is_some() && idle > stuck_ms {
+                            self.release(p, item, &format!("no progress for {idle} ms"))
+                                .await;
+                        }
+                    }
+                }
+            }
+        }
+        // Ghosts were deleted above; remember the rest.
+        current.retain(|k, _| !self.gone(k));
+        self.seen = current;
+        Ok(())
+    }
+
+    fn gone(&self, key: &str) -> bool {
+        self.buried.contains(key)
+    }
+
+    async fn ghost(&mut self, p: &Presence, reason: &str) {
+        self.buried.insert(p.agent_id.to_string());
+        self.counters.ghosts.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(agent = %p.agent_id, role = %p.role, reason, in_flight = p.in_flight.len(), "ghost process");
+        for item in &p.in_flight {
+            self.release(p, item, reason).await;
+        }
+        // Others need not redo it (they would, harmlessly).
+        let _ = self.store.delete(p.agent_id.as_str()).await;
+        self.seen.remove(p.agent_id.as_str());
+    }
+
+    /// Fences the holder, releases the delivery, logs the reassignment.
+    async fn release(&self, p: &Presence, item: &InFlight, reason: &str) {
+        if let (Some(task_id), Some(attempt)) = (&item.task_id, item.attempt) {
+            match self.fence(&p.agent_id, item, task_id, attempt).await {
+                Ok(Some(role)) => {
+                    self.counters.reassigned.fetch_add(1, Ordering::Relaxed);
+                    let after_ms = now().saturating_sub(p.renewed_ms.max(item.progress_ms));
+                    let body = EventBody::Reassigned {
+                        task_id: task_id.clone(),
+                        role,
+                        attempt,
+                        from: p.agent_id.to_string(),
+                        reason: reason.to_owned(),
+                        after_ms,
+                    };
+                    let id = format!("reassigned.{task_id}.{attempt}.{}", p.agent_id);
+                    if let Err(e) = self.bus.emit(&item.session_id, &id, body, None).await {
+                        tracing::warn!(error = %e, "could not log a reassignment");
+                    }
+                    tracing::warn!(session = %item.session_id, task = %task_id, attempt, from = %p.agent_id, reason, "task reassigned");
+                }
+                // Not held by that process any more: nothing to release.
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not fence a task");
+                    return;
+                }
+            }
+        }
+        if let Err(e) = self
+            .bus
+            .client
+            .publish(item.ack_subject.clone(), Bytes::from_static(b"-NAK"))
+            .await
+        {
+            tracing::warn!(error = %e, "could not release a delivery");
+        }
+    }
+
+    /// Puts the task record back to `queued` if `holder` still runs this attempt.
+    /// Returns the task's role when it did.
+    async fn fence(
+        &self,
+        holder: &AgentId,
+        item: &InFlight,
+        task_id: &flotilla_protocol::TaskId,
+        attempt: u32,
+    ) -> Result<Option<flotilla_protocol::Role>, KvError> {
+        let key = keys::task(&item.session_id, task_id);
+        for _ in 0..8 {
+            let Some((mut rec, rev)) = self.bus.sessions().get::<TaskRecord>(&key).await? else {
+                return Ok(None);
+            };
+            if rec.attempt != attempt
+                || rec.state != TaskRunState::Running
+                || rec.holder.as_ref() != Some(holder)
+            {
+                return Ok(None);
+            }
+            rec.state = TaskRunState::Queued;
+            rec.holder = None;
+            rec.updated_ms = now();
+            match self.bus.sessions().update(&key, &rec, rev).await {
+                Ok(_) => return Ok(Some(rec.role)),
+                Err(KvError::Conflict { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
+    }
+}
+
+enum Liveness {
+    Alive,
+    Gone,
+    Unresponsive,
+}

@@ -1,0 +1,50 @@
+//! Presence: what every process writes to the `<p>-agents` bucket (key = its agent id,
+//! per-key TTL) on every heartbeat, so the watchdog can tell live, dead and stuck
+//! processes apart and release their work.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{AgentId, Role, SessionId, TaskId};
+use crate::version::V1;
+
+/// One message a process is working on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InFlight {
+    /// The session.
+    pub session_id: SessionId,
+    /// The task, for a worker's task attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<TaskId>,
+    /// The attempt, for a worker's task attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// The delivery's ack subject: publishing `-NAK` there releases it for redelivery now.
+    pub ack_subject: String,
+    /// When work on it started, ms since the Unix epoch.
+    pub since_ms: u64,
+    /// When it last made progress, ms since the Unix epoch.
+    pub progress_ms: u64,
+}
+
+/// A process's presence record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Presence {
+    /// Protocol version (1).
+    pub v: V1,
+    /// The process's agent id (also the key).
+    pub agent_id: AgentId,
+    /// The role it serves (`orchestrator` for `serve`).
+    pub role: Role,
+    /// Subject that answers while the process is connected (request/reply; "no
+    /// responders" means its connection is gone).
+    pub ping_subject: String,
+    /// When the process started, ms since the Unix epoch.
+    pub started_ms: u64,
+    /// When this record was written, ms since the Unix epoch.
+    pub renewed_ms: u64,
+    /// What it is working on.
+    pub in_flight: Vec<InFlight>,
+}
