@@ -51,9 +51,26 @@ impl Default for LivenessConfig {
 /// What this process is working on, shared between its handlers (which add and remove
 /// entries) and its heartbeat (which publishes them). A plain mutex: every critical
 /// section is one map operation, never held across an `.await`.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Tracker {
     inner: Arc<Mutex<HashMap<String, InFlight>>>,
+    /// Wakes the heartbeat when work starts, so the presence lists it right away
+    /// rather than at the next periodic renewal.
+    changed: Arc<tokio::sync::Notify>,
+    /// Bumped on every start; the heartbeat publishes the generation it has written.
+    started: Arc<std::sync::atomic::AtomicU64>,
+    published: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Default for Tracker {
+    fn default() -> Self {
+        Self {
+            inner: Arc::default(),
+            changed: Arc::default(),
+            started: Arc::default(),
+            published: Arc::new(tokio::sync::watch::channel(0).0),
+        }
+    }
 }
 
 impl Tracker {
@@ -64,6 +81,20 @@ impl Tracker {
     /// Records the start of work on a delivery.
     pub fn start(&self, item: InFlight) {
         self.with(|m| m.insert(item.ack_subject.clone(), item));
+        self.started
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.changed.notify_one();
+    }
+
+    /// Waits (at most `limit`) until the presence lists everything started so far, so a
+    /// crash from here on is seen with this work in it. Returns false on timeout (no
+    /// heartbeat running, or NATS slow): the work is then released by its ack wait.
+    pub async fn published(&self, limit: Duration) -> bool {
+        let want = self.started.load(std::sync::atomic::Ordering::SeqCst);
+        let mut rx = self.published.subscribe();
+        tokio::time::timeout(limit, rx.wait_for(|g| *g >= want))
+            .await
+            .is_ok()
     }
 
     /// Records progress on a delivery.
@@ -86,6 +117,9 @@ impl Tracker {
         self.with(|m| m.values().cloned().collect())
     }
 }
+
+/// How long a heartbeat woken by new work waits to gather more before publishing.
+const EAGER_DEBOUNCE: Duration = Duration::from_millis(5);
 
 /// Heartbeats a process's presence and answers its pings until `shutdown`, then
 /// removes the presence.
@@ -118,6 +152,7 @@ pub async fn heartbeat(
     let ttl = Duration::from_secs(config.presence_ttl.as_secs().max(1));
     let started_ms = epoch_ms(SystemTime::now());
     loop {
+        let generation = tracker.started.load(std::sync::atomic::Ordering::SeqCst);
         let presence = Presence {
             v: V1,
             agent_id: agent_id.clone(),
@@ -132,16 +167,21 @@ pub async fn heartbeat(
             .payload(payload)
             .ttl(ttl);
         match bus.js.send_publish(subject.clone(), msg).await {
-            Ok(ack) => {
-                if let Err(e) = ack.await {
-                    tracing::warn!(error = %e, "presence not renewed");
+            Ok(ack) => match ack.await {
+                Ok(_) => {
+                    tracker.published.send_replace(generation);
                 }
-            }
+                Err(e) => tracing::warn!(error = %e, "presence not renewed"),
+            },
             Err(e) => tracing::warn!(error = %e, "presence not renewed"),
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(config.heartbeat_every) => {}
+            _ = tracker.changed.notified() => {
+                // Coalesce a burst of starts into one write.
+                tokio::time::sleep(EAGER_DEBOUNCE).await;
+            }
         }
     }
     answer.abort();

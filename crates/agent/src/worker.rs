@@ -223,6 +223,23 @@ impl Worker {
                 }
                 tracing::warn!(holder = ?rec.holder, age_ms = age, "taking over a stale claim");
             }
+            // List the task in our presence before the claim lands, so whenever the
+            // record names us as holder, a crash of ours is seen with it listed and the
+            // watchdog releases it at once.
+            let now = epoch_ms(SystemTime::now());
+            self.tracker.start(InFlight {
+                session_id: task.session_id.clone(),
+                task_id: Some(task.task_id.clone()),
+                attempt: Some(task.attempt),
+                ack_subject: ack_subject.to_owned(),
+                since_ms: now,
+                progress_ms: now,
+            });
+            if !self.tracker.published(Duration::from_secs(1)).await {
+                tracing::debug!(
+                    "presence not confirmed; a crash now would be recovered by the ack wait"
+                );
+            }
             let mut next = rec.clone();
             next.state = TaskRunState::Running;
             next.holder = Some(self.agent_id.clone());
@@ -230,15 +247,6 @@ impl Worker {
             match records.update(&key, &next, rev).await {
                 Ok(r) => {
                     claimed_rev = Some(r);
-                    let now = epoch_ms(SystemTime::now());
-                    self.tracker.start(InFlight {
-                        session_id: task.session_id.clone(),
-                        task_id: Some(task.task_id.clone()),
-                        attempt: Some(task.attempt),
-                        ack_subject: ack_subject.to_owned(),
-                        since_ms: now,
-                        progress_ms: now,
-                    });
                     break;
                 }
                 Err(KvError::Conflict { .. }) => continue,

@@ -30,7 +30,11 @@ impl Procs {
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(if std::env::var_os("FAULTS_DEBUG").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .spawn()
             .expect("flotilla runs");
         let pid = child.id();
@@ -62,9 +66,25 @@ const ENV: &[(&str, &str)] = &[
     ("FLOTILLA_ORCHESTRATOR__ACK_WAIT", "2s"),
 ];
 
+/// A bus and a client for the test, once `serve` is up: the processes create the
+/// topology with their settings, and the inspector asks for nothing stricter.
 async fn inspector(url: &str) -> (Bus, Client) {
+    let raw = async_nats::connect(url).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while raw
+        .request("$SRV.PING.flotilla-admission", bytes::Bytes::new())
+        .await
+        .is_err()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "serve did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let config = BusConfig {
         url: url.to_owned(),
+        duplicate_window: Duration::from_secs(1),
         ..BusConfig::default()
     };
     let bus = Bus::connect(&config, "fault-inspector", Arc::new(Counters::default()))
@@ -150,31 +170,7 @@ async fn killed_worker_process_task_completes_on_a_backup() {
     let set = start_sessions(&client, n, "survive a crashed worker");
 
     // Find a research task being run right now, and kill the process running it.
-    let (victim, held) = loop {
-        let mut holders: HashMap<String, Vec<String>> = HashMap::new();
-        let mut keys_list = bus.sessions().store().keys().await.unwrap();
-        use futures::StreamExt;
-        while let Some(Ok(key)) = keys_list.next().await {
-            if !key.contains(".t.") {
-                continue;
-            }
-            if let Ok(Some((rec, _))) = bus.sessions().get::<TaskRecord>(&key).await
-                && rec.state == TaskRunState::Running
-                && let Some(h) = rec.holder
-            {
-                holders.entry(h.to_string()).or_default().push(key);
-            }
-        }
-        let found = research.iter().find_map(|pid| {
-            holders
-                .get(&format!("research-{pid}"))
-                .map(|k| (*pid, k.clone()))
-        });
-        if let Some(f) = found {
-            break f;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let (victim, held) = running_holder(&bus, &research).await;
     procs.kill9(victim);
     let survivor = research.iter().find(|p| **p != victim).unwrap();
 
@@ -194,6 +190,44 @@ async fn killed_worker_process_task_completes_on_a_backup() {
             "{key}"
         );
     }
+}
+
+/// Waits until one of `pids` holds a research task, and returns it with the task keys
+/// it holds (watching the task records, one consumer for the whole wait).
+async fn running_holder(bus: &Bus, pids: &[u32]) -> (u32, Vec<String>) {
+    use futures::StreamExt;
+    let mut watch = bus
+        .sessions()
+        .store()
+        .watch_with_history("*.t.*")
+        .await
+        .unwrap();
+    let mut holders: HashMap<String, HashMap<String, bool>> = HashMap::new();
+    while let Some(Ok(entry)) = watch.next().await {
+        let Ok(rec) = serde_json::from_slice::<TaskRecord>(&entry.value) else {
+            continue;
+        };
+        for held in holders.values_mut() {
+            held.remove(&entry.key);
+        }
+        if rec.state == TaskRunState::Running
+            && let Some(h) = rec.holder
+        {
+            holders
+                .entry(h.to_string())
+                .or_default()
+                .insert(entry.key.clone(), true);
+        }
+        if let Some((pid, held)) = pids.iter().find_map(|pid| {
+            holders
+                .get(&format!("research-{pid}"))
+                .filter(|h| !h.is_empty())
+                .map(|h| (*pid, h))
+        }) {
+            return (pid, held.keys().cloned().collect());
+        }
+    }
+    panic!("the watch ended");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -248,5 +282,168 @@ async fn killed_serve_process_sessions_continue_on_the_other() {
         info.delivered.consumer_sequence > info.delivered.stream_sequence,
         "redeliveries happened: {:?}",
         info.delivered
+    );
+}
+
+/// Compressed liveness, and an ack wait long enough that only the watchdog can explain a
+/// quick reassignment.
+const FAST_LIVENESS: &[(&str, &str)] = &[
+    ("FLOTILLA_LLM__SIMULATED__LATENCY_MS", "3000"),
+    ("FLOTILLA_LLM__SIMULATED__JITTER", "0.1"),
+    ("FLOTILLA_WORKER__ACK_WAIT", "40s"),
+    ("FLOTILLA_NATS__DUPLICATE_WINDOW", "10m"),
+    ("FLOTILLA_LIVENESS__PROBE_EVERY", "200ms"),
+    ("FLOTILLA_LIVENESS__HEARTBEAT_EVERY", "300ms"),
+    ("FLOTILLA_LIVENESS__PRESENCE_TTL", "2s"),
+];
+
+/// Waits until every task in `held` is no longer held by `victim`; returns how long.
+async fn time_to_reassign(bus: &Bus, held: &[String], victim: &str) -> Duration {
+    let start = tokio::time::Instant::now();
+    loop {
+        let mut all = true;
+        for key in held {
+            let (rec, _) = bus
+                .sessions()
+                .get::<TaskRecord>(key)
+                .await
+                .unwrap()
+                .unwrap();
+            if rec.holder.as_ref().map(|h| h.as_str()) == Some(victim) {
+                all = false;
+            }
+        }
+        if all {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "not reassigned within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn reassigned_events(bus: &Bus, records: &[SessionRecord]) -> Vec<EventBody> {
+    let mut stream = bus
+        .js
+        .get_stream(bus.names().stream_events())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    for rec in records {
+        let subject = bus.names().event(
+            &rec.session_id,
+            flotilla_protocol::EventKindName::Reassigned,
+        );
+        if let Ok(m) = stream.get_last_raw_message_by_subject(&subject).await {
+            let e: flotilla_protocol::Event = serde_json::from_slice(&m.payload).unwrap();
+            out.push(e.body);
+        }
+    }
+    let _ = stream.info().await;
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_worker_task_is_reassigned_long_before_its_ack_wait() {
+    let server = NatsServer::start().unwrap();
+    let url = server.url();
+    let mut procs = Procs(HashMap::new());
+    procs.spawn(&["serve"], &url, FAST_LIVENESS);
+    let research = [
+        procs.spawn(&["agent", "--role", "research"], &url, FAST_LIVENESS),
+        procs.spawn(&["agent", "--role", "research"], &url, FAST_LIVENESS),
+    ];
+    for role in ["analysis", "writing", "review"] {
+        procs.spawn(&["agent", "--role", role], &url, FAST_LIVENESS);
+    }
+    let (bus, client) = inspector(&url).await;
+    let n = 4;
+    let set = start_sessions(&client, n, "reassign fast");
+    let (victim, held) = running_holder(&bus, &research).await;
+    // No pause: a worker's presence lists a task before its agent starts on it.
+    procs.kill9(victim);
+    let took = time_to_reassign(&bus, &held, &format!("research-{victim}")).await;
+    eprintln!("reassigned {} task(s) {took:?} after kill -9", held.len());
+    assert!(
+        took < Duration::from_secs(10),
+        "took {took:?}; the ack wait is 40 s"
+    );
+    let records = check_all_completed(&bus, set, n).await;
+    let events = reassigned_events(&bus, &records).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, EventBody::Reassigned { reason, from, .. }
+            if reason == "disconnected" && *from == format!("research-{victim}"))),
+        "{events:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_worker_task_is_finished_elsewhere() {
+    let server = NatsServer::start().unwrap();
+    let url = server.url();
+    let mut procs = Procs(HashMap::new());
+    procs.spawn(&["serve"], &url, FAST_LIVENESS);
+    let research = [
+        procs.spawn(&["agent", "--role", "research"], &url, FAST_LIVENESS),
+        procs.spawn(&["agent", "--role", "research"], &url, FAST_LIVENESS),
+    ];
+    for role in ["analysis", "writing", "review"] {
+        procs.spawn(&["agent", "--role", role], &url, FAST_LIVENESS);
+    }
+    let (bus, client) = inspector(&url).await;
+    let n = 4;
+    let set = start_sessions(&client, n, "survive a frozen worker");
+    let (victim, held) = running_holder(&bus, &research).await;
+    // SIGSTOP: the process is alive (its connection stays up) but does nothing.
+    assert!(
+        Command::new("kill")
+            .args(["-STOP", &victim.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let took = time_to_reassign(&bus, &held, &format!("research-{victim}")).await;
+    eprintln!(
+        "frozen holder's {} task(s) released after {took:?}",
+        held.len()
+    );
+    assert!(
+        took < Duration::from_secs(25),
+        "took {took:?}; presence TTL 2 s, ack wait 40 s"
+    );
+    let records = check_all_completed(&bus, set, n).await;
+    // Thawed, the old holder cannot commit over the new result: every task has exactly
+    // one accepted result (checked above) and its record holds the new holder's output.
+    assert!(
+        Command::new("kill")
+            .args(["-CONT", &victim.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for key in &held {
+        let (rec, _) = bus
+            .sessions()
+            .get::<TaskRecord>(key)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(rec.state, TaskRunState::Done);
+        assert_ne!(
+            rec.holder.unwrap().to_string(),
+            format!("research-{victim}")
+        );
+    }
+    let events = reassigned_events(&bus, &records).await;
+    assert!(
+        events.iter().any(
+            |e| matches!(e, EventBody::Reassigned { reason, .. } if reason == "presence expired")
+        ),
+        "{events:?}"
     );
 }

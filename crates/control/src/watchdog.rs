@@ -49,8 +49,6 @@ pub struct Watchdog {
     store: kv::Store,
     /// Last presence seen of every process, to know what an expired one held.
     seen: HashMap<String, Presence>,
-    /// Processes declared ghosts (never resurrected by a late presence write).
-    buried: std::collections::HashSet<String>,
     /// Counters.
     pub counters: Arc<WatchdogCounters>,
 }
@@ -75,53 +73,69 @@ impl Watchdog {
             config,
             store,
             seen: HashMap::new(),
-            buried: Default::default(),
             counters: Arc::default(),
         })
     }
 
-    /// Probes until `shutdown`.
+    /// Probes until `shutdown`. Presence arrives through one KV watcher (no listing
+    /// per probe): a put updates the view, a TTL expiry (purge marker) is a ghost.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        loop {
-            if let Err(e) = self.probe().await {
-                tracing::warn!(error = %e, "watchdog probe failed");
+        let mut watch = loop {
+            match self.store.watch_with_history(">").await {
+                Ok(w) => break w,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch presence; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(self.config.probe_every) => {}
+                    }
+                }
             }
+        };
+        let mut tick = tokio::time::interval(self.config.probe_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(self.config.probe_every) => {}
+                entry = watch.next() => match entry {
+                    Some(Ok(e)) => self.observe(e).await,
+                    // After a server restart the watcher reports missed heartbeats and
+                    // recovers: keep going.
+                    Some(Err(e)) => tracing::debug!(error = %e, "presence watch hiccup"),
+                    None => return,
+                },
+                _ = tick.tick() => self.probe().await,
             }
         }
     }
 
-    /// One pass over every presence.
-    pub async fn probe(&mut self) -> Result<(), async_nats::Error> {
-        let mut current: HashMap<String, Presence> = HashMap::new();
-        let mut keys_list = self.store.keys().await?;
-        while let Some(key) = keys_list.next().await {
-            let key = key?;
-            if let Some(entry) = self.store.entry(&key).await?
-                && entry.operation == kv::Operation::Put
-                && let Ok(p) = decode::<Presence>(&entry.value, DEFAULT_MAX_PAYLOAD)
-            {
-                current.insert(key, p);
+    async fn observe(&mut self, entry: kv::Entry) {
+        match entry.operation {
+            kv::Operation::Put => {
+                if let Ok(p) = decode::<Presence>(&entry.value, DEFAULT_MAX_PAYLOAD) {
+                    self.seen.insert(entry.key, p);
+                }
+            }
+            // The TTL ran out: no renewal came (a frozen or partitioned process).
+            kv::Operation::Purge => {
+                if let Some(p) = self.seen.remove(&entry.key)
+                    && !p.in_flight.is_empty()
+                {
+                    self.ghost(&p, "presence expired").await;
+                }
+            }
+            // A clean shutdown, or another watchdog burying a ghost.
+            kv::Operation::Delete => {
+                self.seen.remove(&entry.key);
             }
         }
-        // Seen before, gone now: its presence expired without a goodbye... or it shut
-        // down cleanly (then it held nothing, and releasing nothing is harmless).
-        let expired: Vec<Presence> = self
-            .seen
-            .iter()
-            .filter(|(k, _)| !current.contains_key(*k))
-            .map(|(_, p)| p.clone())
-            .collect();
-        for p in expired {
-            if !p.in_flight.is_empty() {
-                self.ghost(&p, "presence expired").await;
-            }
-            self.seen.remove(p.agent_id.as_str());
-        }
-        // Ping every live one, concurrently.
-        let pings = futures::future::join_all(current.values().map(|p| {
+    }
+
+    /// Pings every known process; releases the work of those whose connection is gone
+    /// and of tasks that made no progress for the stuck timeout.
+    pub async fn probe(&mut self) {
+        let current: Vec<Presence> = self.seen.values().cloned().collect();
+        let pings = futures::future::join_all(current.iter().map(|p| {
             let client = self.bus.client.clone();
             let subject = p.ping_subject.clone();
             let timeout = self.config.probe_timeout;
@@ -135,7 +149,7 @@ impl Watchdog {
         }))
         .await;
         let stuck_ms = self.config.stuck_timeout.as_millis() as u64;
-        for (p, liveness) in current.values().zip(pings) {
+        for (p, liveness) in current.iter().zip(pings) {
             match liveness {
                 Liveness::Gone => self.ghost(p, "disconnected").await,
                 Liveness::Alive | Liveness::Unresponsive => {
@@ -149,18 +163,9 @@ impl Watchdog {
                 }
             }
         }
-        // Ghosts were deleted above; remember the rest.
-        current.retain(|k, _| !self.gone(k));
-        self.seen = current;
-        Ok(())
-    }
-
-    fn gone(&self, key: &str) -> bool {
-        self.buried.contains(key)
     }
 
     async fn ghost(&mut self, p: &Presence, reason: &str) {
-        self.buried.insert(p.agent_id.to_string());
         self.counters.ghosts.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(agent = %p.agent_id, role = %p.role, reason, in_flight = p.in_flight.len(), "ghost process");
         for item in &p.in_flight {
