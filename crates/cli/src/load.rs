@@ -83,6 +83,12 @@ pub(crate) struct Summary {
     pub(crate) duplicates: u64,
     /// Processes killed by `--chaos`.
     pub(crate) killed: u64,
+    /// Tasks the watchdog took from dead, frozen or stuck holders.
+    pub(crate) reassigned: u64,
+    /// Median delay from a holder's last sign of life to the release of its task, ms.
+    pub(crate) reassign_p50_ms: u64,
+    /// 99th percentile of that delay, ms.
+    pub(crate) reassign_p99_ms: u64,
     /// Shared-memory traffic: compare-and-set attempts, conflicts, retries, lock waits
     /// and expiries.
     pub(crate) memory: flotilla_bus::MemoryStats,
@@ -217,6 +223,9 @@ pub(crate) fn summarize(
         duplicates: 0,
         killed: 0,
         memory: counters.memory,
+        reassigned: 0,
+        reassign_p50_ms: 0,
+        reassign_p99_ms: 0,
         lost_messages,
         sample,
     }
@@ -254,8 +263,12 @@ impl Summary {
             self.lost_messages
         );
         println!(
-            "  guarantees    duplicate results {}   processes killed {}",
-            self.duplicates, self.killed
+            "  guarantees    duplicate results {}   processes killed {}   tasks reassigned {} (p50 {} ms, p99 {} ms after the holder's last sign of life)",
+            self.duplicates,
+            self.killed,
+            self.reassigned,
+            self.reassign_p50_ms,
+            self.reassign_p99_ms
         );
         let m = &self.memory;
         println!(
@@ -281,6 +294,48 @@ pub(crate) async fn duplicate_results(bus: &Bus, results: &[(Outcome, Duration)]
         }
     }
     dup
+}
+
+/// The `after_ms` of every `reassigned` event in the event log.
+pub(crate) async fn reassignment_delays(bus: &Bus) -> Vec<u64> {
+    use futures::StreamExt;
+    let names = bus.names();
+    let subject = format!("{}.s.*.ev.reassigned", names.prefix());
+    let Ok(stream) = bus.js.get_stream(names.stream_events()).await else {
+        return Vec::new();
+    };
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            filter_subject: subject,
+            ..Default::default()
+        })
+        .await;
+    let Ok(consumer) = consumer else {
+        return Vec::new();
+    };
+    let Ok(mut msgs) = consumer.messages().await else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_millis(500), msgs.next()).await
+    {
+        if let Ok(flotilla_protocol::Event {
+            body: flotilla_protocol::EventBody::Reassigned { after_ms, .. },
+            ..
+        }) = serde_json::from_slice(&m.payload)
+        {
+            out.push(after_ms);
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+/// Fills the reassignment figures of `summary` from `delays` (sorted).
+pub(crate) fn set_reassignments(summary: &mut Summary, delays: &[u64]) {
+    summary.reassigned = delays.len() as u64;
+    summary.reassign_p50_ms = percentile(delays, 0.50);
+    summary.reassign_p99_ms = percentile(delays, 0.99);
 }
 
 #[cfg(test)]

@@ -275,6 +275,9 @@ fn chaos_bench_kills_processes_and_loses_nothing() {
     assert_eq!(v["lost"], 0, "{v}");
     assert_eq!(v["duplicates"], 0, "{v}");
     assert!(v["killed"].as_u64().unwrap() >= 1, "{v}");
+    for key in ["reassigned", "reassign_p50_ms", "reassign_p99_ms"] {
+        assert!(v.get(key).is_some(), "{key} in {v}");
+    }
     assert_eq!(v["dispatched"], 64, "{v}");
 }
 
