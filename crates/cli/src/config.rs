@@ -82,6 +82,16 @@ pub(crate) struct Config {
 }
 
 impl Config {
+    /// The configured worker roles, comma-separated (for messages).
+    pub(crate) fn role_list(&self) -> String {
+        self.session
+            .roles
+            .iter()
+            .map(|r| r.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// The consumer settings of `role`'s pool: `[worker]` with `[roles.<role>]` applied.
     pub(crate) fn pool(&self, role: &Role) -> PoolSettings {
         self.roles

@@ -50,6 +50,21 @@ impl Procs {
     }
 }
 
+impl Procs {
+    /// One `serve`, two research agents (returned) and one agent of every other role.
+    fn fleet(&mut self, url: &str, env: &[(&str, &str)]) -> [u32; 2] {
+        self.spawn(&["serve"], url, env);
+        let research = [
+            self.spawn(&["agent", "--role", "research"], url, env),
+            self.spawn(&["agent", "--role", "research"], url, env),
+        ];
+        for role in ["analysis", "writing", "review"] {
+            self.spawn(&["agent", "--role", role], url, env);
+        }
+        research
+    }
+}
+
 impl Drop for Procs {
     fn drop(&mut self) {
         for c in self.0.values_mut() {
@@ -157,14 +172,7 @@ async fn killed_worker_process_task_completes_on_a_backup() {
     let server = NatsServer::start().unwrap();
     let url = server.url();
     let mut procs = Procs(HashMap::new());
-    procs.spawn(&["serve"], &url, ENV);
-    let research = [
-        procs.spawn(&["agent", "--role", "research"], &url, ENV),
-        procs.spawn(&["agent", "--role", "research"], &url, ENV),
-    ];
-    for role in ["analysis", "writing", "review"] {
-        procs.spawn(&["agent", "--role", role], &url, ENV);
-    }
+    let research = procs.fleet(&url, ENV);
     let (bus, client) = inspector(&url).await;
     let n = 6;
     let set = start_sessions(&client, n, "survive a crashed worker");
@@ -350,14 +358,7 @@ async fn killed_worker_task_is_reassigned_long_before_its_ack_wait() {
     let server = NatsServer::start().unwrap();
     let url = server.url();
     let mut procs = Procs(HashMap::new());
-    procs.spawn(&["serve"], &url, FAST_LIVENESS);
-    let research = [
-        procs.spawn(&["agent", "--role", "research"], &url, FAST_LIVENESS),
-        procs.spawn(&["agent", "--role", "research"], &url, FAST_LIVENESS),
-    ];
-    for role in ["analysis", "writing", "review"] {
-        procs.spawn(&["agent", "--role", role], &url, FAST_LIVENESS);
-    }
+    let research = procs.fleet(&url, FAST_LIVENESS);
     let (bus, client) = inspector(&url).await;
     let n = 4;
     let set = start_sessions(&client, n, "reassign fast");
@@ -386,14 +387,7 @@ async fn frozen_worker_task_is_finished_elsewhere() {
     let server = NatsServer::start().unwrap();
     let url = server.url();
     let mut procs = Procs(HashMap::new());
-    procs.spawn(&["serve"], &url, FAST_LIVENESS);
-    let research = [
-        procs.spawn(&["agent", "--role", "research"], &url, FAST_LIVENESS),
-        procs.spawn(&["agent", "--role", "research"], &url, FAST_LIVENESS),
-    ];
-    for role in ["analysis", "writing", "review"] {
-        procs.spawn(&["agent", "--role", role], &url, FAST_LIVENESS);
-    }
+    let research = procs.fleet(&url, FAST_LIVENESS);
     let (bus, client) = inspector(&url).await;
     let n = 4;
     let set = start_sessions(&client, n, "survive a frozen worker");

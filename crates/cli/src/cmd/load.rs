@@ -34,13 +34,7 @@ pub(crate) async fn load(
     let concurrency = a
         .concurrency
         .unwrap_or_else(|| (a.sessions as usize).clamp(1, 64));
-    let _server = if external_nats {
-        None
-    } else {
-        let server = crate::embedded::start(&config.embedded)?;
-        config.nats.url = server.url();
-        Some(server)
-    };
+    let _server = crate::embedded::unless_external(&mut config, external_nats)?;
     if demo {
         println!(
             "flotilla demo: {} sessions, {} at a time",
@@ -60,13 +54,7 @@ pub(crate) async fn load(
             a.serve_instances,
             a.workers_per_role,
             config.session.roles.len(),
-            config
-                .session
-                .roles
-                .iter()
-                .map(|r| r.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
+            config.role_list()
         );
         println!(
             "  llm           simulated, {} ms mean latency, seed {}",

@@ -161,13 +161,7 @@ pub(crate) async fn bench(
     a: MemoryBenchArgs,
     external_nats: bool,
 ) -> anyhow::Result<()> {
-    let _server = if external_nats {
-        None
-    } else {
-        let server = crate::embedded::start(&config.embedded)?;
-        config.nats.url = server.url();
-        Some(server)
-    };
+    let _server = crate::embedded::unless_external(&mut config, external_nats)?;
     let (writers, processes) = (a.writers.max(1), a.processes.max(1));
     let expected = (writers * a.appends) as u64;
     let session = SessionId::generate();

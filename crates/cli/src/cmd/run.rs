@@ -51,13 +51,7 @@ pub(crate) async fn agent(
     anyhow::ensure!(
         config.session.roles.contains(&role),
         "role {role} is not in session.roles ({})",
-        config
-            .session
-            .roles
-            .iter()
-            .map(|r| r.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
+        config.role_list()
     );
     let bus = Bus::connect(
         &config.nats,
