@@ -50,7 +50,7 @@ pub(crate) async fn load(
             }
         );
         println!(
-            "  fleet         {} serve + {} worker processes for each of {} roles: {}",
+            "  fleet         {} serve + {} workers for each of {} roles, each on its own NATS connection: {}",
             a.serve_instances,
             a.workers_per_role,
             config.session.roles.len(),
