@@ -137,7 +137,9 @@ impl Orchestrator {
         // As workers do: be listed in our presence before acting, so the watchdog can
         // release this message at once if this process dies from here on.
         if !self.tracker.published(Duration::from_secs(1)).await {
-            tracing::debug!("presence not confirmed; a crash now would be recovered by the ack wait");
+            tracing::debug!(
+                "presence not confirmed; a crash now would be recovered by the ack wait"
+            );
         }
         let result = self.drive(&session, input).instrument(span).await;
         self.tracker.finish(&ack_subject);
