@@ -111,52 +111,51 @@ pub(crate) fn stream_configs(ns: &Namespace, c: &BusConfig) -> Vec<stream::Confi
 }
 
 pub(crate) fn bucket_configs(ns: &Namespace, c: &BusConfig) -> Vec<kv::Config> {
+    // Every bucket keeps one value per key; some expire keys by age, and the TTL
+    // buckets need limit markers (server 2.11+; an expiry then leaves a purge marker).
+    let bucket =
+        |bucket: String, description: &str, max_age: Duration, per_key_ttl: bool| kv::Config {
+            bucket,
+            description: description.into(),
+            history: 1,
+            max_age,
+            storage: StorageType::File,
+            num_replicas: c.replicas,
+            limit_markers: per_key_ttl.then_some(Duration::from_secs(60)),
+            ..Default::default()
+        };
+    let forever = Duration::ZERO;
     vec![
-        kv::Config {
-            bucket: ns.bucket_sessions(),
-            description: "flotilla session and task records".into(),
-            history: 1,
-            max_age: c.records_max_age,
-            storage: StorageType::File,
-            num_replicas: c.replicas,
-            ..Default::default()
-        },
-        kv::Config {
-            bucket: ns.bucket_memory(),
-            description: "flotilla session shared memory".into(),
-            history: 1,
-            max_age: c.records_max_age,
-            storage: StorageType::File,
-            num_replicas: c.replicas,
-            ..Default::default()
-        },
-        kv::Config {
-            bucket: ns.bucket_locks(),
-            description: "flotilla timed locks (per-key TTL)".into(),
-            history: 1,
-            storage: StorageType::File,
-            num_replicas: c.replicas,
-            // Per-key TTL needs limit markers (server 2.11+); expiry leaves a marker.
-            limit_markers: Some(Duration::from_secs(60)),
-            ..Default::default()
-        },
-        kv::Config {
-            bucket: ns.bucket_agents(),
-            description: "flotilla process presence (per-key TTL)".into(),
-            history: 1,
-            storage: StorageType::File,
-            num_replicas: c.replicas,
-            limit_markers: Some(Duration::from_secs(60)),
-            ..Default::default()
-        },
-        kv::Config {
-            bucket: ns.bucket_slots(),
-            description: "flotilla admission slots".into(),
-            history: 1,
-            storage: StorageType::File,
-            num_replicas: c.replicas,
-            ..Default::default()
-        },
+        bucket(
+            ns.bucket_sessions(),
+            "flotilla session and task records",
+            c.records_max_age,
+            false,
+        ),
+        bucket(
+            ns.bucket_memory(),
+            "flotilla session shared memory",
+            c.records_max_age,
+            false,
+        ),
+        bucket(
+            ns.bucket_locks(),
+            "flotilla timed locks (per-key TTL)",
+            forever,
+            true,
+        ),
+        bucket(
+            ns.bucket_agents(),
+            "flotilla process presence (per-key TTL)",
+            forever,
+            true,
+        ),
+        bucket(
+            ns.bucket_slots(),
+            "flotilla admission slots",
+            forever,
+            false,
+        ),
     ]
 }
 

@@ -58,6 +58,26 @@ fn run_with_timeout(mut cmd: Command, timeout: Duration) -> std::process::Output
     }
 }
 
+/// Runs `flotilla <args>` (with `env`), asserts it succeeded, and returns its stdout and
+/// the JSON object on its last line.
+fn run_json(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> (String, serde_json::Value) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().copied());
+    let out = run_with_timeout(cmd, timeout);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "flotilla {args:?} failed\nstdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.trim().lines().last().unwrap_or_default().to_owned();
+    let v = serde_json::from_str(&last)
+        .unwrap_or_else(|e| panic!("last line is not JSON ({e}): {last}"));
+    (stdout, v)
+}
+
 #[test]
 fn serve_agents_and_submit_as_separate_processes() {
     let server = NatsServer::start().unwrap();
@@ -200,25 +220,19 @@ fn serve_agents_and_submit_as_separate_processes() {
 
 #[test]
 fn demo_runs_on_its_own_embedded_server() {
-    let mut cmd = Command::new(BIN);
-    cmd.args([
-        "demo",
-        "--sessions",
-        "12",
-        "--llm-latency-ms",
-        "20",
-        "--json",
-    ])
-    .env("RUST_LOG", "warn");
-    let out = run_with_timeout(cmd, Duration::from_secs(180));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "demo failed\nstdout: {stdout}\nstderr: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let (stdout, v) = run_json(
+        &[
+            "demo",
+            "--sessions",
+            "12",
+            "--llm-latency-ms",
+            "20",
+            "--json",
+        ],
+        &[],
+        Duration::from_secs(180),
     );
-    let last = stdout.trim().lines().last().unwrap();
-    let v: serde_json::Value = serde_json::from_str(last).expect("last line is JSON");
+    let last = v.to_string();
     for key in [
         "sessions",
         "completed",
@@ -242,35 +256,30 @@ fn demo_runs_on_its_own_embedded_server() {
 
 #[test]
 fn chaos_bench_kills_processes_and_loses_nothing() {
-    let mut cmd = Command::new(BIN);
-    cmd.args([
-        "bench",
-        "sessions",
-        "--sessions",
-        "16",
-        "--concurrency",
-        "8",
-        "--llm-latency-ms",
-        "300",
-        "--chaos",
-        "kill-agents",
-        "--chaos",
-        "kill-serve",
-        "--chaos-every-ms",
-        "800",
-        "--json",
-    ])
-    .env("RUST_LOG", "warn")
-    .env("FLOTILLA_WORKER__ACK_WAIT", "2s")
-    .env("FLOTILLA_ORCHESTRATOR__ACK_WAIT", "2s");
-    let out = run_with_timeout(cmd, Duration::from_secs(240));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "chaos bench failed\nstdout: {stdout}\nstderr: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let (_, v) = run_json(
+        &[
+            "bench",
+            "sessions",
+            "--sessions",
+            "16",
+            "--concurrency",
+            "8",
+            "--llm-latency-ms",
+            "300",
+            "--chaos",
+            "kill-agents",
+            "--chaos",
+            "kill-serve",
+            "--chaos-every-ms",
+            "800",
+            "--json",
+        ],
+        &[
+            ("FLOTILLA_WORKER__ACK_WAIT", "2s"),
+            ("FLOTILLA_ORCHESTRATOR__ACK_WAIT", "2s"),
+        ],
+        Duration::from_secs(240),
     );
-    let v: serde_json::Value = serde_json::from_str(stdout.trim().lines().last().unwrap()).unwrap();
     assert_eq!(v["completed"], 16, "{v}");
     assert_eq!(v["lost"], 0, "{v}");
     assert_eq!(v["duplicates"], 0, "{v}");
@@ -283,27 +292,21 @@ fn chaos_bench_kills_processes_and_loses_nothing() {
 
 #[test]
 fn memory_bench_across_processes_loses_no_update() {
-    let mut cmd = Command::new(BIN);
-    cmd.args([
-        "bench",
-        "memory",
-        "--writers",
-        "6",
-        "--appends",
-        "25",
-        "--processes",
-        "3",
-        "--json",
-    ])
-    .env("RUST_LOG", "warn");
-    let out = run_with_timeout(cmd, Duration::from_secs(180));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (_, v) = run_json(
+        &[
+            "bench",
+            "memory",
+            "--writers",
+            "6",
+            "--appends",
+            "25",
+            "--processes",
+            "3",
+            "--json",
+        ],
+        &[],
+        Duration::from_secs(180),
     );
-    let v: serde_json::Value = serde_json::from_str(stdout.trim().lines().last().unwrap()).unwrap();
     for key in [
         "appends",
         "final_len",
