@@ -42,6 +42,13 @@ impl ChatMessage {
             content: content.into(),
         }
     }
+    /// An assistant message (a previous model turn).
+    pub fn assistant(content: impl Into<String>) -> Self {
+        Self {
+            role: ChatRole::Assistant,
+            content: content.into(),
+        }
+    }
 }
 
 /// Structured output requested from the model.

@@ -1,12 +1,21 @@
 //! Test and demo support for Flotilla: a real `nats-server` with JetStream, started on
 //! random loopback ports with a temporary store, ready when its health check says so,
-//! and killed and cleaned up on drop.
+//! and killed and cleaned up on drop; and a fake OpenAI-compatible HTTP server with
+//! provider-style rate limits and scripted faults.
 //!
 //! # Layout
 //! - [`NatsServer`]: one running server (`start`, `url`, `kill`).
 //! - [`Builder`]: options (binary, extra arguments).
 //! - [`locate_nats_server`]: where the binary is looked for, and the install hint when
 //!   it is missing.
+//! - [`fake_openai`]: [`FakeOpenAi`], a fake `/v1/chat/completions` and `/v1/models`
+//!   on a random loopback port: requests and tokens per sliding window (429 with
+//!   `Retry-After`), bearer-key checking, a script of faults ([`Behaviour`]), counters
+//!   ([`FakeStats`]) and a log of request bodies.
+
+pub mod fake_openai;
+
+pub use fake_openai::{Behaviour, FakeConfig, FakeOpenAi, FakeStartError, FakeStats, Responder};
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
