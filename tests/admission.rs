@@ -575,6 +575,7 @@ async fn crash_leaks_are_reconciled() {
         tasks: vec![],
         answer: None,
         failure: None,
+        stopped_by: None,
         outbox: vec![],
         counters: SessionCounters::default(),
     };

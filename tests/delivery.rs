@@ -13,32 +13,8 @@ use flotilla_protocol::{
     Event, EventBody, InboxMessage, Role, SessionOutcome, SessionRecord, SessionStatus, TaskRecord,
     headers, subject::keys,
 };
-use flotilla_tests::{Action, Scripted, TestFleet, eventually, inbox_is_empty, spec};
+use flotilla_tests::{Action, Scripted, TestFleet, events, eventually, inbox_is_empty, spec};
 use futures::StreamExt;
-
-/// Every event of a session, in order.
-async fn events(t: &TestFleet, sid: &flotilla_protocol::SessionId) -> Vec<Event> {
-    let stream = t
-        .bus
-        .js
-        .get_stream(t.bus.names().stream_events())
-        .await
-        .unwrap();
-    let consumer = stream
-        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
-            filter_subject: t.bus.names().events_of(sid),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    let mut msgs = consumer.messages().await.unwrap();
-    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_millis(500), msgs.next()).await
-    {
-        out.push(serde_json::from_slice(&m.payload).unwrap());
-    }
-    out
-}
 
 fn accepted_results(evs: &[Event], task: &str) -> usize {
     evs.iter()

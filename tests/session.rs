@@ -89,7 +89,13 @@ async fn one_session_completes_with_every_role() {
     for kind in EventKindName::ALL {
         if matches!(
             kind,
-            EventKindName::Backpressure | EventKindName::Reassigned
+            EventKindName::Backpressure
+                | EventKindName::Reassigned
+                | EventKindName::HeartbeatMissed
+                | EventKindName::Clarification
+                | EventKindName::RateLimitWait
+                | EventKindName::BudgetExhausted
+                | EventKindName::CircuitOpen
         ) {
             continue;
         }

@@ -224,3 +224,31 @@ pub async fn inbox_is_empty(bus: &Bus) -> bool {
     .await
     .is_some()
 }
+
+/// Every event of a session, in order (those published so far: waits 500 ms for more).
+pub async fn events(
+    t: &TestFleet,
+    sid: &flotilla_protocol::SessionId,
+) -> Vec<flotilla_protocol::Event> {
+    use futures::StreamExt;
+    let stream = t
+        .bus
+        .js
+        .get_stream(t.bus.names().stream_events())
+        .await
+        .unwrap();
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            filter_subject: t.bus.names().events_of(sid),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let mut msgs = consumer.messages().await.unwrap();
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_millis(500), msgs.next()).await
+    {
+        out.push(serde_json::from_slice(&m.payload).unwrap());
+    }
+    out
+}

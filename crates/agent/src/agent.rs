@@ -18,6 +18,12 @@ pub enum AgentError {
     /// with the reason.
     #[error("unusable output: {0}")]
     Unusable(String),
+    /// A budget stopped the attempt: the orchestrator ends the session.
+    #[error(transparent)]
+    Stopped(#[from] crate::budget::Exhausted),
+    /// The agent needs the orchestrator to clarify the task before it can go on.
+    #[error("needs clarification: {0}")]
+    Clarify(String),
 }
 
 impl From<LlmError> for AgentError {
@@ -58,6 +64,8 @@ pub type AgentFuture<'a> =
 pub struct TaskContext {
     /// The session's shared memory.
     pub memory: SessionMemory,
+    /// The attempt's LLM spend: count every call in it (the built-in agent does).
+    pub spend: crate::budget::SpendMeter,
 }
 
 /// What a worker role does with one task attempt. The runtime handles claiming,

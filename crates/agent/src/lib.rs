@@ -4,16 +4,26 @@
 //! # Layout
 //! - [`agent`]: the `Agent` trait and its error.
 //! - [`llm_agent`]: an agent that asks an LLM, with structured output.
+//! - [`budget`]: budgets (tokens, turns, clarifications), the session token ledger,
+//!   the spend meter and the call-fingerprint circuit breaker.
+//! - [`limits`]: the caller's side of the fleet rate limiter, and an `LlmClient`
+//!   wrapper that waits for permits.
 //! - [`presence`]: heartbeats of what a process is doing, and ping answers.
 //! - [`worker`]: the pool process: pull, claim, run, validate, commit, notify, ack;
 //!   and the shared helpers every inbox consumer uses to open and settle deliveries.
 
 pub mod agent;
+pub mod budget;
+pub mod limits;
 pub mod llm_agent;
 pub mod presence;
 pub mod worker;
 
 pub use agent::{Agent, AgentError, AgentFuture, TaskContext};
+pub use budget::{BudgetConfig, Exhausted, SessionLedger, SpendMeter};
+pub use limits::{
+    LimitError, LimitStats, LimitedLlm, LimiterClient, LimitsConfig, ModelLimits, Permit,
+};
 pub use llm_agent::{FINDINGS, Finding, LlmAgent};
 pub use presence::{LivenessConfig, Tracker};
 pub use worker::{Worker, open_inbox_delivery};

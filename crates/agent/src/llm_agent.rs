@@ -1,13 +1,14 @@
-//! The built-in agent: one LLM call with the role's system prompt, asking for a
-//! [`TaskOutput`] as structured output.
+//! The built-in agent: LLM turns with the role's system prompt until the model gives a
+//! final [`TaskOutput`] or a budget stops it.
 
 use std::sync::Arc;
 
 use flotilla_bus::MemKey;
-use flotilla_llm::{ChatMessage, CompletionRequest, LlmClient, ResponseFormat, schema};
-use flotilla_protocol::{DEFAULT_MAX_PAYLOAD, Role, TaskMessage, TaskOutput, decode};
+use flotilla_llm::{ChatMessage, CompletionRequest, LlmClient, LlmError, ResponseFormat, schema};
+use flotilla_protocol::{BudgetKind, DEFAULT_MAX_PAYLOAD, Role, TaskMessage, TaskOutput, decode};
 
 use crate::agent::{Agent, AgentError, AgentFuture, TaskContext};
+use crate::budget::{BudgetConfig, CallFingerprints, Exhausted, SessionLedger};
 
 /// The shared-memory key where built-in agents record what they found.
 pub const FINDINGS: &str = "findings";
@@ -23,13 +24,22 @@ pub struct Finding {
     pub summary: String,
 }
 
-/// An agent that asks an LLM to do the task.
+/// An agent that asks an LLM to do the task, over as many turns as it needs within
+/// its budgets.
+///
+/// Each turn the model answers with an action (see [`turn_schema`]): `final` (the
+/// output), `continue` (more work), `tool` (a tool call) or `clarify` (a question for
+/// the orchestrator). A plain [`TaskOutput`] counts as `final`. Every call is checked
+/// against the call, task and session token budgets first, turns are capped, and the
+/// same call made `circuit_repeats` times opens the circuit breaker.
 #[derive(Clone)]
 pub struct LlmAgent {
     role: Role,
     system_prompt: String,
     model: String,
     llm: Arc<dyn LlmClient>,
+    budgets: BudgetConfig,
+    ledger: Option<SessionLedger>,
 }
 
 impl std::fmt::Debug for LlmAgent {
@@ -41,19 +51,63 @@ impl std::fmt::Debug for LlmAgent {
     }
 }
 
+/// One turn's answer.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+#[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
+enum Turn {
+    Final {
+        summary: String,
+        artifacts: Vec<flotilla_protocol::Artifact>,
+    },
+    Continue {
+        note: String,
+    },
+    Tool {
+        tool: String,
+        #[serde(default)]
+        arguments: serde_json::Value,
+    },
+    Clarify {
+        question: String,
+    },
+}
+
+/// The JSON Schema of one agent turn.
+pub fn turn_schema() -> serde_json::Value {
+    serde_json::json!({
+        "type": "object",
+        "required": ["action"],
+        "properties": {
+            "action": {"type": "string", "enum": ["final", "continue", "tool", "clarify"]},
+            "summary": {"type": "string"},
+            "artifacts": task_output_schema().get("properties").and_then(|p| p.get("artifacts")).cloned().unwrap_or(serde_json::json!({"type": "array"})),
+            "note": {"type": "string"},
+            "tool": {"type": "string"},
+            "arguments": {"type": "object"},
+            "question": {"type": "string"}
+        }
+    })
+}
+
 impl LlmAgent {
-    /// An agent for `role` with a default system prompt.
+    /// An agent for `role` with a default system prompt and default budgets (no
+    /// session ledger: session budgets are then not checked).
     pub fn new(role: Role, model: impl Into<String>, llm: Arc<dyn LlmClient>) -> Self {
         let system_prompt = format!(
-            "You are the {role} specialist of a team of agents. Do the instruction you are given \
-             and answer with JSON: a short `summary` and at least one `artifact` \
-             (`name`, `kind`, `content`) holding your actual work product."
+            "You are the {role} specialist of a team of agents. Do the instruction you are given. \
+             Answer every turn with one JSON object whose `action` is `final` (with a short \
+             `summary` and at least one `artifact` (`name`, `kind`, `content`) holding your \
+             actual work product), `continue` (with a `note`) when you need another turn, \
+             `tool` (with `tool` and `arguments`) to call a tool, or `clarify` (with a \
+             `question`) when the instruction is ambiguous."
         );
         Self {
             role,
             system_prompt,
             model: model.into(),
             llm,
+            budgets: BudgetConfig::default(),
+            ledger: None,
         }
     }
 
@@ -63,7 +117,14 @@ impl LlmAgent {
         self
     }
 
-    /// The request this agent sends for `task`.
+    /// Sets the budgets, and the session ledger they are checked against.
+    pub fn with_budgets(mut self, budgets: BudgetConfig, ledger: SessionLedger) -> Self {
+        self.budgets = budgets;
+        self.ledger = Some(ledger);
+        self
+    }
+
+    /// The first request this agent sends for `task`.
     pub fn request(&self, task: &TaskMessage) -> CompletionRequest {
         let mut input = serde_json::json!({
             "session_id": task.session_id,
@@ -76,6 +137,12 @@ impl LlmAgent {
         if let Some(f) = &task.feedback {
             input["previous_attempt_rejected_because"] = serde_json::Value::String(f.clone());
         }
+        if let Some(c) = &task.clarification {
+            input["clarification"] = serde_json::Value::String(c.clone());
+        }
+        if task.questions_closed {
+            input["questions_closed"] = serde_json::Value::Bool(true);
+        }
         CompletionRequest {
             model: self.model.clone(),
             messages: vec![
@@ -84,14 +151,75 @@ impl LlmAgent {
             ],
             response_format: Some(ResponseFormat {
                 name: schema::TASK_OUTPUT.to_owned(),
-                schema: serde_json::to_value(schemars_schema()).unwrap_or_default(),
+                schema: turn_schema(),
             }),
-            max_tokens: Some(2048),
+            max_tokens: Some(2048.min(self.budgets.call_tokens as u32)),
         }
+    }
+
+    /// One call, within the call, task and session budgets.
+    async fn call(
+        &self,
+        ctx: &TaskContext,
+        task: &TaskMessage,
+        request: &CompletionRequest,
+        task_spent: &mut u64,
+    ) -> Result<String, AgentError> {
+        let b = &self.budgets;
+        if *task_spent >= b.task_tokens {
+            return Err(Exhausted {
+                budget: BudgetKind::TaskTokens,
+                reason: format!("task spent {task_spent} of {} tokens", b.task_tokens),
+            }
+            .into());
+        }
+        let estimate = u64::from(flotilla_llm::estimate_request_tokens(request));
+        if estimate > b.call_tokens {
+            return Err(Exhausted {
+                budget: BudgetKind::CallTokens,
+                reason: format!(
+                    "a call needs about {estimate} tokens, more than {} allowed per call",
+                    b.call_tokens
+                ),
+            }
+            .into());
+        }
+        let reservation = match &self.ledger {
+            Some(l) => Some(
+                l.reserve(&task.session_id, estimate, b.session_tokens)
+                    .await
+                    .map_err(|e| AgentError::Transient(e.to_string()))??,
+            ),
+            None => None,
+        };
+        let result = self.llm.complete(request).await;
+        let used = match &result {
+            Ok(c) => u64::from(c.usage.total()),
+            Err(_) => 0,
+        };
+        if let (Some(l), Some(r)) = (&self.ledger, reservation) {
+            l.settle(r, used)
+                .await
+                .map_err(|e| AgentError::Transient(e.to_string()))?;
+        }
+        let completion = match result {
+            Ok(c) => c,
+            Err(LlmError::Refused(why)) if why.contains("global token budget") => {
+                return Err(Exhausted {
+                    budget: BudgetKind::GlobalTokens,
+                    reason: why,
+                }
+                .into());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        ctx.spend.add_call(used);
+        *task_spent += used;
+        Ok(completion.content)
     }
 }
 
-fn schemars_schema() -> serde_json::Value {
+fn task_output_schema() -> serde_json::Value {
     flotilla_protocol::schema::all()
         .into_iter()
         .find(|(n, _)| *n == "task_output.json")
@@ -99,33 +227,115 @@ fn schemars_schema() -> serde_json::Value {
         .unwrap_or_default()
 }
 
+/// What the agent says to the model after a non-final turn.
+const CONTINUE: &str = "Continue. When the work is complete, answer with action `final`.";
+const CLOSED: &str = "Clarifications are closed for this session: commit to your best \
+     interpretation of the instruction and answer with action `final`.";
+
 impl Agent for LlmAgent {
     fn run<'a>(&'a self, ctx: &'a TaskContext, task: &'a TaskMessage) -> AgentFuture<'a> {
         Box::pin(async move {
-            let request = self.request(task);
-            let completion = self.llm.complete(&request).await?;
-            let output: TaskOutput = decode(completion.content.as_bytes(), DEFAULT_MAX_PAYLOAD)
-                .map_err(|e| {
-                    AgentError::Unusable(format!("output does not match the schema: {e}"))
-                })?;
-            output.validate()?;
-            // Share the finding with the session's other agents. Keyed by task, so a
-            // redelivered attempt replaces its entry instead of appending a second one.
-            let key = MemKey::parse(FINDINGS)?;
-            let finding = Finding {
-                task_id: task.task_id.to_string(),
-                role: task.role.to_string(),
-                summary: output.summary.clone(),
-            };
-            ctx.memory
-                .update_with(&key, |list: Option<Vec<Finding>>| {
-                    let mut list = list.unwrap_or_default();
-                    list.retain(|f| f.task_id != finding.task_id);
-                    list.push(finding.clone());
-                    list
-                })
-                .await?;
-            Ok(output)
+            let mut request = self.request(task);
+            let mut task_spent = 0u64;
+            let mut calls = CallFingerprints::default();
+            let mut told_closed = false;
+            let max_turns = self.budgets.max_turns.max(1);
+            for _turn in 1..=max_turns {
+                let content = self.call(ctx, task, &request, &mut task_spent).await?;
+                let turn: Turn = match serde_json::from_str::<Turn>(&content) {
+                    Ok(t) => t,
+                    Err(_) => {
+                        let output: TaskOutput = decode(content.as_bytes(), DEFAULT_MAX_PAYLOAD)
+                            .map_err(|e| {
+                                AgentError::Unusable(format!(
+                                    "output does not match the schema: {e}"
+                                ))
+                            })?;
+                        Turn::Final {
+                            summary: output.summary,
+                            artifacts: output.artifacts,
+                        }
+                    }
+                };
+                let reply = match &turn {
+                    Turn::Final { summary, artifacts } => {
+                        let output = TaskOutput {
+                            summary: summary.clone(),
+                            artifacts: artifacts.clone(),
+                        };
+                        output.validate()?;
+                        self.record_finding(ctx, task, &output).await?;
+                        return Ok(output);
+                    }
+                    Turn::Clarify { question } => {
+                        if !task.questions_closed {
+                            return Err(AgentError::Clarify(question.clone()));
+                        }
+                        if told_closed {
+                            return Err(Exhausted {
+                                budget: BudgetKind::Clarifications,
+                                reason: format!(
+                                    "the agent asked again after clarifications closed: {question}"
+                                ),
+                            }
+                            .into());
+                        }
+                        told_closed = true;
+                        CLOSED.to_owned()
+                    }
+                    Turn::Tool { tool, arguments } => {
+                        calls.observe(
+                            &format!("tool {tool} {arguments}"),
+                            self.budgets.circuit_repeats,
+                        )?;
+                        format!(
+                            "Tool `{tool}` is not available to this agent; \
+                             continue without it."
+                        )
+                    }
+                    Turn::Continue { note } => {
+                        calls.observe(&format!("continue {note}"), self.budgets.circuit_repeats)?;
+                        CONTINUE.to_owned()
+                    }
+                };
+                request.messages.push(ChatMessage {
+                    role: flotilla_llm::ChatRole::Assistant,
+                    content,
+                });
+                request.messages.push(ChatMessage::user(reply));
+            }
+            Err(Exhausted {
+                budget: BudgetKind::Turns,
+                reason: format!("no final answer after {max_turns} turns"),
+            }
+            .into())
         })
+    }
+}
+
+impl LlmAgent {
+    /// Shares the finding with the session's other agents. Keyed by task, so a
+    /// redelivered attempt replaces its entry instead of appending a second one.
+    async fn record_finding(
+        &self,
+        ctx: &TaskContext,
+        task: &TaskMessage,
+        output: &TaskOutput,
+    ) -> Result<(), AgentError> {
+        let key = MemKey::parse(FINDINGS)?;
+        let finding = Finding {
+            task_id: task.task_id.to_string(),
+            role: task.role.to_string(),
+            summary: output.summary.clone(),
+        };
+        ctx.memory
+            .update_with(&key, |list: Option<Vec<Finding>>| {
+                let mut list = list.unwrap_or_default();
+                list.retain(|f| f.task_id != finding.task_id);
+                list.push(finding.clone());
+                list
+            })
+            .await?;
+        Ok(())
     }
 }

@@ -200,13 +200,14 @@ impl Worker {
             }
             if matches!(rec.state, TaskRunState::Done | TaskRunState::Failed) {
                 // Committed earlier (we crashed before acking): re-send the notice.
-                let outcome = match rec.state {
-                    TaskRunState::Done => TaskOutcome::Completed,
-                    _ => TaskOutcome::Failed {
+                let outcome = match (&rec.outcome, rec.state) {
+                    (Some(o), _) => o.clone(),
+                    (None, TaskRunState::Done) => TaskOutcome::Completed,
+                    (None, _) => TaskOutcome::Failed {
                         reason: rec.error.clone().unwrap_or_default(),
                     },
                 };
-                self.notify(&task, outcome, None, trace).await?;
+                self.notify(&task, outcome, None, None, trace).await?;
                 return Ok(());
             }
             if rec.state == TaskRunState::Running && rec.holder.as_ref() != Some(&self.agent_id) {
@@ -263,8 +264,24 @@ impl Worker {
         // Run.
         let ctx = TaskContext {
             memory: self.bus.memory().session(&task.session_id),
+            spend: crate::budget::SpendMeter::default(),
         };
-        let result = self.agent.run(&ctx, &task).await;
+        let result = ctx.spend.clone().scope(self.agent.run(&ctx, &task)).await;
+        let spend = ctx.spend.spend();
+        if spend.rate_limit_waits > 0 {
+            let body = EventBody::RateLimitWait {
+                task_id: task.task_id.clone(),
+                calls: spend.rate_limit_waits,
+                waited_ms: spend.rate_limit_wait_ms,
+            };
+            let id = format!(
+                "ratelimit.{}.{}.{}",
+                task.task_id, task.attempt, self.agent_id
+            );
+            if let Err(e) = self.bus.emit(&task.session_id, &id, body, trace).await {
+                tracing::warn!(error = %e, "could not log the rate-limit wait");
+            }
+        }
         let (state, output, error, outcome) = match result {
             Ok(output) => (
                 TaskRunState::Done,
@@ -281,6 +298,24 @@ impl Worker {
                 Some(why.clone()),
                 TaskOutcome::Failed { reason: why },
             ),
+            Err(AgentError::Stopped(e)) => {
+                tracing::warn!(budget = %e.budget, reason = %e.reason, "budget stopped the attempt");
+                (
+                    TaskRunState::Failed,
+                    None,
+                    Some(e.to_string()),
+                    TaskOutcome::Stopped {
+                        budget: e.budget,
+                        reason: e.reason,
+                    },
+                )
+            }
+            Err(AgentError::Clarify(question)) => (
+                TaskRunState::Failed,
+                None,
+                Some(format!("needs clarification: {question}")),
+                TaskOutcome::Clarify { question },
+            ),
         };
 
         // Commit, fenced by the claim's revision.
@@ -294,6 +329,7 @@ impl Worker {
             holder: Some(self.agent_id.clone()),
             output,
             error,
+            outcome: Some(outcome.clone()),
             updated_ms: epoch_ms(SystemTime::now()),
         };
         match records.update(&key, &committed, claimed_rev).await {
@@ -318,7 +354,7 @@ impl Worker {
             }
             Err(e) => return Err(e.into()),
         }
-        self.notify(&task, outcome, Some(ctx.memory.stats()), trace)
+        self.notify(&task, outcome, Some(ctx.memory.stats()), Some(spend), trace)
             .await?;
         Ok(())
     }
@@ -329,6 +365,7 @@ impl Worker {
         task: &TaskMessage,
         outcome: TaskOutcome,
         memory: Option<flotilla_protocol::MemoryStats>,
+        spend: Option<flotilla_protocol::Spend>,
         trace: Option<TraceParent>,
     ) -> Result<(), VerdictError> {
         let msg = InboxMessage::Result(ResultMessage {
@@ -339,6 +376,7 @@ impl Worker {
             attempt: task.attempt,
             outcome,
             memory,
+            spend,
         });
         let payload = serde_json::to_vec(&msg)
             .map_err(|e| VerdictError::retry(Duration::from_secs(1), e.to_string()))?;

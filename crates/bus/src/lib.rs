@@ -83,6 +83,7 @@ pub struct Bus {
     config: Arc<BusConfig>,
     sessions: Records,
     slots: Records,
+    limits: Records,
     memory: Memory,
     /// Message counters of this process.
     pub counters: Arc<Counters>,
@@ -137,6 +138,7 @@ impl Bus {
         };
         let sessions = Records::new(open(names.bucket_sessions()).await?, config.max_payload);
         let slots = Records::new(open(names.bucket_slots()).await?, config.max_payload);
+        let limits = Records::new(open(names.bucket_limits()).await?, config.max_payload);
         let memory = Memory::open(&js, &names, config.memory.clone(), counters.clone())
             .await
             .map_err(|e| ConnectError::Bucket {
@@ -150,6 +152,7 @@ impl Bus {
             config: Arc::new(config.clone()),
             sessions,
             slots,
+            limits,
             memory,
             counters,
         })
@@ -173,6 +176,11 @@ impl Bus {
     /// Admission slots.
     pub fn slots(&self) -> &Records {
         &self.slots
+    }
+
+    /// The rate limiter's lease and windows, and token ledgers.
+    pub fn limits(&self) -> &Records {
+        &self.limits
     }
 
     /// Shared memory (hand [`Memory::session`] handles to agents).

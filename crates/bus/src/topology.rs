@@ -151,6 +151,12 @@ pub(crate) fn bucket_configs(ns: &Namespace, c: &BusConfig) -> Vec<kv::Config> {
             true,
         ),
         bucket(
+            ns.bucket_limits(),
+            "flotilla rate limiter lease and windows, token spend (per-key TTL)",
+            c.records_max_age,
+            true,
+        ),
+        bucket(
             ns.bucket_slots(),
             "flotilla admission slots",
             forever,

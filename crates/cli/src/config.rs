@@ -71,6 +71,10 @@ pub(crate) struct Config {
     pub(crate) worker: PoolSettings,
     /// Heartbeats and the watchdog.
     pub(crate) liveness: flotilla_agent::LivenessConfig,
+    /// The fleet rate limiter.
+    pub(crate) limits: flotilla_agent::LimitsConfig,
+    /// Token, turn and clarification budgets.
+    pub(crate) budgets: flotilla_agent::BudgetConfig,
     /// Per-role changes to `worker` (`[roles.<role>]`).
     pub(crate) roles: BTreeMap<Role, PoolOverrides>,
     /// LLM provider.
@@ -107,6 +111,8 @@ impl Config {
             orchestrator: self.orchestrator.clone(),
             submit: self.submit.clone(),
             liveness: self.liveness.clone(),
+            limits: self.limits.clone(),
+            budgets: self.budgets.clone(),
         }
     }
 }
@@ -120,6 +126,8 @@ fn defaults() -> Config {
         submit: control.submit,
         worker: PoolSettings::default(),
         liveness: control.liveness,
+        limits: control.limits,
+        budgets: control.budgets,
         roles: BTreeMap::new(),
         llm: LlmConfig::default(),
         embedded: EmbeddedConfig::default(),

@@ -112,6 +112,62 @@ enum BenchCommand {
     /// (internal) one process of `bench memory --processes P`.
     #[command(hide = true)]
     MemoryWorker(MemoryWorkerArgs),
+    /// P processes call a fake OpenAI-compatible server enforcing RPM and TPM through
+    /// the fleet rate limiter: 429s, quota used, permit rate, added delay.
+    Limits(LimitsBenchArgs),
+    /// (internal) one process of `bench limits --processes P`.
+    #[command(hide = true)]
+    LimitsWorker(LimitsWorkerArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+struct LimitsBenchArgs {
+    /// Requests per window the fake provider allows.
+    #[arg(long, default_value_t = 600)]
+    rpm: u64,
+    /// Tokens per window the fake provider allows.
+    #[arg(long, default_value_t = 40_000)]
+    tpm: u64,
+    /// Caller processes.
+    #[arg(long, default_value_t = 4)]
+    processes: usize,
+    /// Concurrent callers per process.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// How long to run, seconds.
+    #[arg(long, default_value_t = 120.0)]
+    duration_s: f64,
+    /// The provider's accounting window, seconds (RPM/TPM: 60).
+    #[arg(long, default_value_t = 60.0)]
+    window_s: f64,
+    /// The fake provider's latency per call, ms.
+    #[arg(long, default_value_t = 50)]
+    latency_ms: u64,
+    /// Print the report as one JSON object on the last line of stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+struct LimitsWorkerArgs {
+    /// The fake provider's base URL.
+    #[arg(long)]
+    base_url: String,
+    /// Requests per window.
+    #[arg(long)]
+    rpm: u64,
+    /// Tokens per window.
+    #[arg(long)]
+    tpm: u64,
+    /// Window, seconds.
+    #[arg(long)]
+    window_s: f64,
+    /// Seconds to run.
+    #[arg(long)]
+    duration_s: f64,
+    /// Concurrent callers.
+    #[arg(long)]
+    concurrency: usize,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -238,6 +294,10 @@ async fn main() -> anyhow::Result<()> {
             cmd::memory_bench::bench(config, a, cli.nats_url.is_some()).await
         }
         Command::Bench(BenchCommand::MemoryWorker(a)) => cmd::memory_bench::worker(config, a).await,
+        Command::Bench(BenchCommand::Limits(a)) => {
+            cmd::limits_bench::run(config, a, cli.nats_url.is_some()).await
+        }
+        Command::Bench(BenchCommand::LimitsWorker(a)) => cmd::limits_bench::worker(config, a).await,
         Command::Session { session_id } => cmd::session(config, session_id).await,
         Command::Dlq(c) => cmd::dlq(config, c).await,
     }

@@ -163,6 +163,7 @@ impl Admission {
             tasks: Vec::new(),
             answer: None,
             failure: None,
+            stopped_by: None,
             outbox: Vec::new(),
             counters: SessionCounters::default(),
         };

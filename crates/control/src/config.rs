@@ -76,6 +76,10 @@ pub struct ControlConfig {
     pub submit: PoolSettings,
     /// Heartbeats and the watchdog.
     pub liveness: flotilla_agent::LivenessConfig,
+    /// The fleet rate limiter (this process campaigns to lead it).
+    pub limits: flotilla_agent::LimitsConfig,
+    /// Token, turn and clarification budgets.
+    pub budgets: flotilla_agent::BudgetConfig,
 }
 
 impl Default for ControlConfig {
@@ -95,6 +99,8 @@ impl Default for ControlConfig {
                 ..PoolSettings::default()
             },
             liveness: flotilla_agent::LivenessConfig::default(),
+            limits: flotilla_agent::LimitsConfig::default(),
+            budgets: flotilla_agent::BudgetConfig::default(),
         }
     }
 }

@@ -120,6 +120,7 @@ impl DeadLetterMover {
                     reason: format!("dead-lettered after {} deliveries", adv.deliveries),
                 },
                 memory: None,
+                spend: None,
             });
             self.bus
                 .publish(&Outgoing {

@@ -69,11 +69,14 @@ impl Fleet {
                     counters.clone(),
                 )
                 .await?;
-                let agent = Arc::new(LlmAgent::new(
-                    role.clone(),
-                    spec.worker_model.clone(),
-                    llm.clone(),
-                ));
+                let limited =
+                    flotilla_agent::LimitedLlm::wrap(llm.clone(), &bus, &spec.control.limits);
+                let agent = Arc::new(
+                    LlmAgent::new(role.clone(), spec.worker_model.clone(), limited).with_budgets(
+                        spec.control.budgets.clone(),
+                        flotilla_agent::SessionLedger::new(bus.clone()),
+                    ),
+                );
                 let settings = spec
                     .roles
                     .get(role)

@@ -9,6 +9,7 @@
 //! - [`orchestrator`]: the orchestrator role pool driving that machine over NATS.
 //! - [`prompts`]: the orchestrator's LLM prompts.
 //! - [`dlq`]: the dead-letter mover (max deliveries) and `dlq ls|show|replay`.
+//! - [`limiter`]: the fleet rate limiter's leader (KV lease, `<p>.limits.acquire`).
 //! - [`watchdog`]: finds dead, frozen and stuck processes and releases their work.
 //! - [`serve`]: all of the above as one process.
 //! - [`client`]: open sessions and wait for their answers.
@@ -19,6 +20,7 @@ pub mod client;
 pub mod config;
 pub mod dlq;
 pub mod fleet;
+pub mod limiter;
 pub mod machine;
 pub mod orchestrator;
 pub mod prompts;

@@ -9,8 +9,8 @@
 //! ```
 
 use flotilla_protocol::{
-    Answer, Effect, EventBody, Plan, PlannedTask, ResultMessage, SessionOutcome, SessionRecord,
-    SessionStatus, TaskEntry, TaskId, TaskOutcome, TaskState,
+    Answer, BudgetKind, Effect, EventBody, Plan, PlannedTask, ResultMessage, SessionOutcome,
+    SessionRecord, SessionStatus, TaskEntry, TaskId, TaskOutcome, TaskState,
 };
 
 /// What became of a result message.
@@ -48,6 +48,8 @@ pub fn on_planned(rec: &mut SessionRecord, plan: &Plan, max_in_flight: usize, no
             state: TaskState::Pending,
             attempt: 0,
             last_error: None,
+            clarification: None,
+            questions_closed: false,
         })
         .collect();
     rec.status = SessionStatus::Running;
@@ -67,8 +69,43 @@ pub fn on_planned(rec: &mut SessionRecord, plan: &Plan, max_in_flight: usize, no
 
 /// Ends the session as failed.
 pub fn fail(rec: &mut SessionRecord, failure: String, now: u64) {
+    fail_with(rec, failure, None, now);
+}
+
+/// Ends the session because `budget` ran out: a `budget_exhausted` (or, for the
+/// circuit breaker, `circuit_open`) event, then `done` naming the budget.
+pub fn stop(
+    rec: &mut SessionRecord,
+    budget: BudgetKind,
+    task: Option<&TaskEntry>,
+    reason: String,
+    now: u64,
+) {
+    let body = match (budget, task) {
+        (BudgetKind::CircuitBreaker, Some(t)) => EventBody::CircuitOpen {
+            task_id: t.task_id.clone(),
+            role: t.role.clone(),
+            reason: reason.clone(),
+        },
+        _ => EventBody::BudgetExhausted {
+            budget,
+            task_id: task.map(|t| t.task_id.clone()),
+            reason: reason.clone(),
+        },
+    };
+    emit(rec, format!("budget.{budget}"), body);
+    fail_with(
+        rec,
+        format!("budget {budget} exhausted: {reason}"),
+        Some(budget),
+        now,
+    );
+}
+
+fn fail_with(rec: &mut SessionRecord, failure: String, budget: Option<BudgetKind>, now: u64) {
     rec.status = SessionStatus::Failed;
     rec.failure = Some(failure.clone());
+    rec.stopped_by = budget;
     rec.updated_ms = now;
     emit(
         rec,
@@ -78,6 +115,7 @@ pub fn fail(rec: &mut SessionRecord, failure: String, now: u64) {
             answer: None,
             failure: Some(failure),
             duration_ms: now.saturating_sub(rec.opened_ms),
+            budget,
         },
     );
     rec.outbox.push(Effect::ReleaseSlot);
@@ -106,6 +144,68 @@ pub fn fill(rec: &mut SessionRecord, max_in_flight: usize) {
     }
 }
 
+/// Checks a result against the task table: `Ok(index)` of a result for the current,
+/// dispatched attempt; otherwise the verdict (forged, duplicate or stale).
+pub fn check(rec: &mut SessionRecord, r: &ResultMessage) -> Result<usize, ResultVerdict> {
+    match check_inner(rec, r) {
+        ResultVerdict::Accepted => rec
+            .tasks
+            .iter()
+            .position(|t| t.task_id == r.task_id)
+            .ok_or_else(|| ResultVerdict::Foreign(format!("session has no task {}", r.task_id))),
+        v => Err(v),
+    }
+}
+
+/// A clarification question from the current attempt of a task: records the
+/// orchestrator's `answer` and dispatches the task again with it. `closed` when the
+/// session's clarification budget is spent (the answer then commits to an
+/// interpretation and the agent may not ask again). Does not count as a failed attempt.
+pub fn on_clarify(
+    rec: &mut SessionRecord,
+    r: &ResultMessage,
+    answer: String,
+    closed: bool,
+    max_in_flight: usize,
+    now: u64,
+) -> ResultVerdict {
+    let idx = match check(rec, r) {
+        Ok(i) => i,
+        Err(v) => return v,
+    };
+    let question = match &r.outcome {
+        flotilla_protocol::TaskOutcome::Clarify { question } => question.clone(),
+        _ => return ResultVerdict::Foreign("not a clarification".into()),
+    };
+    if let Some(s) = &r.spend {
+        rec.counters.spend.add(s);
+    }
+    if !closed {
+        rec.counters.clarifications += 1;
+    }
+    rec.updated_ms = now;
+    let t = &mut rec.tasks[idx];
+    t.state = TaskState::Pending;
+    t.clarification = Some(answer.clone());
+    t.questions_closed = closed;
+    let (task_id, role, attempt) = (t.task_id.clone(), t.role.clone(), t.attempt);
+    let n = rec.counters.clarifications;
+    emit(
+        rec,
+        format!("clarification.{task_id}.{attempt}"),
+        EventBody::Clarification {
+            task_id,
+            role,
+            n,
+            question,
+            answer,
+            closed,
+        },
+    );
+    fill(rec, max_in_flight);
+    ResultVerdict::Retrying
+}
+
 /// Applies a worker's result.
 pub fn on_result(
     rec: &mut SessionRecord,
@@ -114,6 +214,18 @@ pub fn on_result(
     max_attempts: u32,
     now: u64,
 ) -> ResultVerdict {
+    match check_inner(rec, r) {
+        ResultVerdict::Accepted => {}
+        v => return v,
+    }
+    let Some(idx) = rec.tasks.iter().position(|t| t.task_id == r.task_id) else {
+        return ResultVerdict::Foreign(format!("session has no task {}", r.task_id));
+    };
+    apply_result(rec, idx, r, max_in_flight, max_attempts, now)
+}
+
+/// The forgery, duplicate and staleness checks; `Accepted` means "current attempt".
+fn check_inner(rec: &mut SessionRecord, r: &ResultMessage) -> ResultVerdict {
     // Forgery checks first: they hold whatever state the session is in.
     let Some(idx) = rec.tasks.iter().position(|t| t.task_id == r.task_id) else {
         return ResultVerdict::Foreign(format!("session has no task {}", r.task_id));
@@ -156,10 +268,25 @@ pub fn on_result(
         }
         return ResultVerdict::Duplicate;
     }
+    ResultVerdict::Accepted
+}
+
+fn apply_result(
+    rec: &mut SessionRecord,
+    idx: usize,
+    r: &ResultMessage,
+    max_in_flight: usize,
+    max_attempts: u32,
+    now: u64,
+) -> ResultVerdict {
+    let task = &rec.tasks[idx];
     let (tid, role, attempt) = (task.task_id.clone(), task.role.clone(), task.attempt);
     rec.updated_ms = now;
     if let Some(m) = &r.memory {
         rec.counters.memory.add(m);
+    }
+    if let Some(s) = &r.spend {
+        rec.counters.spend.add(s);
     }
     let verdict = match &r.outcome {
         TaskOutcome::Completed => {
@@ -178,7 +305,24 @@ pub fn on_result(
             );
             ResultVerdict::Accepted
         }
-        TaskOutcome::Failed { reason } => {
+        TaskOutcome::Stopped { budget, reason } => {
+            rec.counters.rejected += 1;
+            rec.tasks[idx].state = TaskState::Failed;
+            rec.tasks[idx].last_error = Some(reason.clone());
+            let entry = rec.tasks[idx].clone();
+            stop(rec, *budget, Some(&entry), reason.clone(), now);
+            return ResultVerdict::Failed;
+        }
+        TaskOutcome::Failed { .. } | TaskOutcome::Clarify { .. } => {
+            let reason = match &r.outcome {
+                // Answered by `on_clarify`; a clarification that reaches here had no
+                // answer to give, which counts as a failed attempt.
+                TaskOutcome::Clarify { question } => {
+                    format!("unanswered clarification: {question}")
+                }
+                TaskOutcome::Failed { reason } => reason.clone(),
+                _ => String::new(),
+            };
             rec.counters.rejected += 1;
             emit(
                 rec,
@@ -209,7 +353,7 @@ pub fn on_result(
             failed.attempt,
             match &r.outcome {
                 TaskOutcome::Failed { reason } => reason.as_str(),
-                TaskOutcome::Completed => "failed",
+                _ => failed.last_error.as_deref().unwrap_or("failed"),
             }
         );
         fail(rec, why, now);
@@ -235,6 +379,7 @@ pub fn on_synthesized(rec: &mut SessionRecord, answer: Answer, now: u64) {
             answer: Some(answer),
             failure: None,
             duration_ms: now.saturating_sub(rec.opened_ms),
+            budget: None,
         },
     );
     rec.outbox.push(Effect::ReleaseSlot);
@@ -259,6 +404,7 @@ mod tests {
             tasks: vec![],
             answer: None,
             failure: None,
+            stopped_by: None,
             outbox: vec![],
             counters: SessionCounters::default(),
         }
@@ -286,6 +432,7 @@ mod tests {
             attempt,
             outcome,
             memory: None,
+            spend: None,
         }
     }
 

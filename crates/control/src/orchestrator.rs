@@ -38,7 +38,7 @@ const CAS_ROUNDS: usize = 32;
 
 enum Input {
     Start,
-    Result(ResultMessage),
+    Result(Box<ResultMessage>),
 }
 
 /// The orchestrator pool process.
@@ -109,7 +109,7 @@ impl Orchestrator {
         let session = msg.session_id().clone();
         let input = match msg {
             InboxMessage::Start(_) => Input::Start,
-            InboxMessage::Result(r) => Input::Result(r),
+            InboxMessage::Result(r) => Input::Result(Box::new(r)),
             InboxMessage::Task(_) => {
                 return Err(VerdictError::poison(
                     ErrorCode::UnknownRole,
@@ -158,6 +158,8 @@ impl Orchestrator {
         let key = keys::session(session);
         let cfg = &self.config.session;
         let mut input = Some(input);
+        // A clarification's answer, kept across compare-and-set rounds (one LLM call).
+        let mut clarified: Option<(Result<String, flotilla_agent::Exhausted>, bool)> = None;
         for _ in 0..CAS_ROUNDS {
             let Some((mut rec, rev)) = records.get::<SessionRecord>(&key).await? else {
                 return Err(VerdictError::poison(
@@ -183,10 +185,54 @@ impl Orchestrator {
             let mut changed = match (&input, rec.status) {
                 (Some(Input::Start), SessionStatus::Planning) => {
                     match self.plan(&rec).await? {
-                        Ok(plan) => machine::on_planned(&mut rec, &plan, cfg.max_in_flight, now()),
-                        Err(why) => machine::fail(&mut rec, why, now()),
+                        Ok(Ok(plan)) => {
+                            machine::on_planned(&mut rec, &plan, cfg.max_in_flight, now())
+                        }
+                        Ok(Err(why)) => machine::fail(&mut rec, why, now()),
+                        Err(e) => machine::stop(&mut rec, e.budget, None, e.reason, now()),
                     }
                     true
+                }
+                (Some(Input::Result(r)), _)
+                    if matches!(r.outcome, flotilla_protocol::TaskOutcome::Clarify { .. }) =>
+                {
+                    let verdict = match machine::check(&mut rec, r) {
+                        Err(v) => v,
+                        Ok(idx) => {
+                            let (answer, closed) = match &clarified {
+                                Some(a) => a.clone(),
+                                None => {
+                                    let a = self.clarify(&rec, idx, r).await?;
+                                    clarified = Some(a.clone());
+                                    a
+                                }
+                            };
+                            match answer {
+                                Ok(answer) => machine::on_clarify(
+                                    &mut rec,
+                                    r,
+                                    answer,
+                                    closed,
+                                    cfg.max_in_flight,
+                                    now(),
+                                ),
+                                Err(e) => {
+                                    machine::stop(&mut rec, e.budget, None, e.reason, now());
+                                    ResultVerdict::Failed
+                                }
+                            }
+                        }
+                    };
+                    match verdict {
+                        ResultVerdict::Duplicate => false,
+                        ResultVerdict::Foreign(why) => {
+                            return Err(VerdictError::poison(ErrorCode::WrongSession, why));
+                        }
+                        v => {
+                            tracing::info!(verdict = ?v, task = %r.task_id, attempt = r.attempt, "clarification");
+                            true
+                        }
+                    }
                 }
                 (Some(Input::Result(r)), _) => {
                     match machine::on_result(
@@ -209,8 +255,10 @@ impl Orchestrator {
                 _ => false,
             };
             if !changed && rec.status == SessionStatus::Synthesizing {
-                let answer = self.synthesize(&rec).await?;
-                machine::on_synthesized(&mut rec, answer, now());
+                match self.synthesize(&rec).await? {
+                    Ok(answer) => machine::on_synthesized(&mut rec, answer, now()),
+                    Err(e) => machine::stop(&mut rec, e.budget, None, e.reason, now()),
+                }
                 changed = true;
             }
             if !changed {
@@ -285,21 +333,100 @@ impl Orchestrator {
         Ok(())
     }
 
+    /// Answers the clarification question of task `idx`: by the LLM while the session
+    /// has clarifications left, otherwise by committing to the instruction as it
+    /// stands (`closed`, no call).
+    async fn clarify(
+        &self,
+        rec: &SessionRecord,
+        idx: usize,
+        r: &ResultMessage,
+    ) -> Result<(Result<String, flotilla_agent::Exhausted>, bool), VerdictError> {
+        let flotilla_protocol::TaskOutcome::Clarify { question } = &r.outcome else {
+            return Ok((Ok(String::new()), false));
+        };
+        let budget = self.config.budgets.clarifications;
+        if rec.counters.clarifications >= budget {
+            return Ok((
+                Ok(format!(
+                    "No more questions: the session's {budget} clarifications are spent.                      Commit to your best interpretation of the instruction as written."
+                )),
+                true,
+            ));
+        }
+        let task = &rec.tasks[idx];
+        let req = prompts::clarification(
+            &self.config.session.orchestrator_model,
+            rec,
+            &task.instruction,
+            question,
+        );
+        let content = match self.complete(rec, &req).await? {
+            Ok(c) => c,
+            Err(e) => return Ok((Err(e), false)),
+        };
+        #[derive(serde::Deserialize)]
+        struct Clarified {
+            answer: String,
+        }
+        let answer = serde_json::from_str::<Clarified>(&content)
+            .map(|c| c.answer)
+            .unwrap_or(content);
+        Ok((Ok(answer), false))
+    }
+
+    /// One orchestrator call, charged to the session's token ledger: `Ok(Err(_))` when
+    /// the session's budget is spent.
+    async fn complete(
+        &self,
+        rec: &SessionRecord,
+        req: &flotilla_llm::CompletionRequest,
+    ) -> Result<Result<String, flotilla_agent::Exhausted>, VerdictError> {
+        let ledger = flotilla_agent::SessionLedger::new(self.bus.clone());
+        let estimate = u64::from(flotilla_llm::estimate_request_tokens(req));
+        let transient = |e: String| VerdictError::retry(Duration::from_secs(1), e);
+        let reservation = match ledger
+            .reserve(
+                &rec.session_id,
+                estimate,
+                self.config.budgets.session_tokens,
+            )
+            .await
+            .map_err(|e| transient(e.to_string()))?
+        {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(e)),
+        };
+        let result = self.llm.complete(req).await;
+        let used = result.as_ref().map_or(0, |c| u64::from(c.usage.total()));
+        ledger
+            .settle(reservation, used)
+            .await
+            .map_err(|e| transient(e.to_string()))?;
+        match result {
+            Ok(c) => Ok(Ok(c.content)),
+            Err(e) => Err(transient(e.to_string())),
+        }
+    }
+
     /// Asks for a plan, up to [`PLAN_ATTEMPTS`] times; `Ok(Err(why))` when every plan
     /// was invalid (the session fails), `Err` for a transient failure (redeliver).
-    async fn plan(&self, rec: &SessionRecord) -> Result<Result<Plan, String>, VerdictError> {
+    #[allow(clippy::type_complexity)]
+    async fn plan(
+        &self,
+        rec: &SessionRecord,
+    ) -> Result<Result<Result<Plan, String>, flotilla_agent::Exhausted>, VerdictError> {
         let model = &self.config.session.orchestrator_model;
         let mut feedback: Option<String> = None;
         for _ in 0..PLAN_ATTEMPTS {
             let req = prompts::plan(model, rec, feedback.as_deref());
-            let completion = self
-                .llm
-                .complete(&req)
-                .await
-                .map_err(|e| VerdictError::retry(Duration::from_secs(1), e.to_string()))?;
-            let why = match decode::<Plan>(completion.content.as_bytes(), DEFAULT_MAX_PAYLOAD) {
+            let content = match self.complete(rec, &req).await? {
+                Ok(c) => c,
+                Err(e) => return Ok(Err(e)),
+            };
+            let why = match decode::<Plan>(content.as_bytes(), DEFAULT_MAX_PAYLOAD) {
                 Ok(plan) => match plan.validate(&rec.roles, self.config.session.max_tasks) {
-                    Ok(()) => return Ok(Ok(plan)),
+                    Ok(()) => return Ok(Ok(Ok(plan))),
                     Err(e) => e.to_string(),
                 },
                 Err(e) => e.to_string(),
@@ -307,13 +434,16 @@ impl Orchestrator {
             tracing::warn!(reason = %why, "plan rejected");
             feedback = Some(why);
         }
-        Ok(Err(format!(
+        Ok(Ok(Err(format!(
             "no valid plan after {PLAN_ATTEMPTS} attempts: {}",
             feedback.unwrap_or_default()
-        )))
+        ))))
     }
 
-    async fn synthesize(&self, rec: &SessionRecord) -> Result<Answer, VerdictError> {
+    async fn synthesize(
+        &self,
+        rec: &SessionRecord,
+    ) -> Result<Result<Answer, flotilla_agent::Exhausted>, VerdictError> {
         let mut sections = Vec::with_capacity(rec.tasks.len());
         for t in rec.tasks.iter().filter(|t| t.state == TaskState::Done) {
             let Some((tr, _)) = self
@@ -349,19 +479,17 @@ impl Orchestrator {
             .map(|s| (s.role.to_string(), s.output.clone()))
             .collect();
         let req = prompts::synthesis(&self.config.session.orchestrator_model, rec, &results);
-        let completion = self
-            .llm
-            .complete(&req)
-            .await
-            .map_err(|e| VerdictError::retry(Duration::from_secs(1), e.to_string()))?;
-        let s: Synthesis =
-            decode(completion.content.as_bytes(), DEFAULT_MAX_PAYLOAD).map_err(|e| {
-                VerdictError::retry(Duration::from_secs(1), format!("synthesis unusable: {e}"))
-            })?;
-        Ok(Answer {
+        let content = match self.complete(rec, &req).await? {
+            Ok(c) => c,
+            Err(e) => return Ok(Err(e)),
+        };
+        let s: Synthesis = decode(content.as_bytes(), DEFAULT_MAX_PAYLOAD).map_err(|e| {
+            VerdictError::retry(Duration::from_secs(1), format!("synthesis unusable: {e}"))
+        })?;
+        Ok(Ok(Answer {
             summary: s.summary,
             sections,
-        })
+        }))
     }
 
     /// Performs `effects` of `rec`'s outbox. Every effect is idempotent.
@@ -405,6 +533,7 @@ impl Orchestrator {
             holder: None,
             output: None,
             error: None,
+            outcome: None,
             updated_ms: now(),
         };
         let records = self.bus.sessions();
@@ -448,6 +577,8 @@ impl Orchestrator {
             instruction: entry.instruction.clone(),
             context: rec.task.clone(),
             feedback: entry.last_error.clone(),
+            clarification: entry.clarification.clone(),
+            questions_closed: entry.questions_closed,
         });
         let out = Outgoing {
             subject: self.bus.names().inbox(&rec.session_id, &entry.role),

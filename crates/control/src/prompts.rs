@@ -73,3 +73,37 @@ pub fn synthesis(
         max_tokens: Some(4096),
     }
 }
+
+/// Asks the orchestrator to answer a worker's clarification question.
+pub fn clarification(
+    model: &str,
+    rec: &SessionRecord,
+    instruction: &str,
+    question: &str,
+) -> CompletionRequest {
+    let input = serde_json::json!({
+        "task": rec.task,
+        "instruction": instruction,
+        "question": question,
+    });
+    CompletionRequest {
+        model: model.to_owned(),
+        messages: vec![
+            ChatMessage::system(
+                "You are the orchestrator of a team of specialist agents. A specialist asks a \
+                 question about its instruction. Answer it briefly and decisively, as JSON \
+                 `{\"answer\": string}`.",
+            ),
+            ChatMessage::user(input.to_string()),
+        ],
+        response_format: Some(ResponseFormat {
+            name: schema::CLARIFICATION.to_owned(),
+            schema: serde_json::json!({
+                "type": "object",
+                "required": ["answer"],
+                "properties": {"answer": {"type": "string"}}
+            }),
+        }),
+        max_tokens: Some(512),
+    }
+}

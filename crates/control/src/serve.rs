@@ -49,6 +49,7 @@ impl std::fmt::Debug for Serve {
 impl Serve {
     /// A control plane over `bus`, planning with `llm`.
     pub fn new(bus: Bus, llm: Arc<dyn LlmClient>, config: ControlConfig) -> Self {
+        let llm = flotilla_agent::LimitedLlm::wrap(llm, &bus, &config.limits);
         Self {
             bus,
             llm,
@@ -113,17 +114,31 @@ impl Serve {
         });
         // Presence of this process, and the watchdog over every process's presence.
         let agent_id = flotilla_protocol::AgentId::generate(&Role::orchestrator());
-        let (b, l, s) = (
+        let (b, l, s, id) = (
             self.bus.clone(),
             self.config.liveness.clone(),
             shutdown.child_token(),
+            agent_id.clone(),
         );
         let tracker = self.tracker.clone();
         tasks.spawn(async move {
-            flotilla_agent::presence::heartbeat(b, agent_id, Role::orchestrator(), tracker, l, s)
-                .await;
+            flotilla_agent::presence::heartbeat(b, id, Role::orchestrator(), tracker, l, s).await;
             Ok(())
         });
+        if self.config.limits.enabled {
+            let limiter = crate::limiter::Limiter::new(
+                self.bus.clone(),
+                self.config.limits.clone(),
+                agent_id.to_string(),
+            );
+            let s = shutdown.child_token();
+            tasks.spawn(async move {
+                limiter
+                    .run(s)
+                    .await
+                    .map_err(|e| ServeError::Endpoint(e.to_string()))
+            });
+        }
         let watchdog =
             crate::watchdog::Watchdog::new(self.bus.clone(), self.config.liveness.clone()).await?;
         let s = shutdown.child_token();

@@ -168,7 +168,20 @@ impl Watchdog {
     async fn ghost(&mut self, p: &Presence, reason: &str) {
         self.counters.ghosts.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(agent = %p.agent_id, role = %p.role, reason, in_flight = p.in_flight.len(), "ghost process");
+        let mut told = std::collections::HashSet::new();
         for item in &p.in_flight {
+            // One heartbeat_missed per session the process held work in.
+            if told.insert(item.session_id.clone()) {
+                let body = EventBody::HeartbeatMissed {
+                    agent_id: p.agent_id.to_string(),
+                    reason: reason.to_owned(),
+                    silent_ms: now().saturating_sub(p.renewed_ms),
+                };
+                let id = format!("heartbeat.{}.{}", p.agent_id, p.renewed_ms);
+                if let Err(e) = self.bus.emit(&item.session_id, &id, body, None).await {
+                    tracing::warn!(error = %e, "could not log a missed heartbeat");
+                }
+            }
             self.release(p, item, reason).await;
         }
         // Others need not redo it (they would, harmlessly).

@@ -8,3 +8,5 @@ pub const PLAN: &str = "flotilla_plan";
 pub const TASK_OUTPUT: &str = "flotilla_task_output";
 /// The orchestrator's synthesis: `{"summary": string}`.
 pub const SYNTHESIS: &str = "flotilla_synthesis";
+/// The orchestrator's answer to a worker's question: `{"answer": string}`.
+pub const CLARIFICATION: &str = "flotilla_clarification";

@@ -30,6 +30,28 @@ pub struct SimConfig {
     pub completion_tokens: (u32, u32),
     /// Subtasks per role in a plan (more than 1 makes several tasks share an inbox).
     pub subtasks_per_role: u32,
+    /// How worker agents' model behaves (the adversarial ones test budgets).
+    pub behaviour: Behaviour,
+}
+
+/// How the simulated model answers worker turns.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Behaviour {
+    /// Answers with a final output on the first turn.
+    #[default]
+    Cooperative,
+    /// Always asks for another turn (a new note each time): stopped by max turns.
+    NeverDone,
+    /// Always sends a longer draft to improve: stopped by a token budget.
+    ImproveForever,
+    /// Always asks the orchestrator a question, even after clarifications close.
+    ClarifyForever,
+    /// Asks a question until clarifications close, then answers.
+    ClarifyUntilClosed,
+    /// Calls the same tool with the same arguments forever: stopped by the circuit
+    /// breaker.
+    SameToolForever,
 }
 
 impl Default for SimConfig {
@@ -40,6 +62,7 @@ impl Default for SimConfig {
             jitter: 0.5,
             completion_tokens: (80, 400),
             subtasks_per_role: 1,
+            behaviour: Behaviour::Cooperative,
         }
     }
 }
@@ -80,6 +103,34 @@ fn fnv1a(seed: u64, parts: &[&str]) -> u64 {
     h
 }
 
+/// A worker turn of an adversarial behaviour.
+fn adversarial(b: Behaviour, w: &WorkInput, turn: usize) -> String {
+    let v = match b {
+        Behaviour::NeverDone => serde_json::json!({
+            "action": "continue",
+            "note": format!("step {turn} of {}: still working", w.task_id),
+        }),
+        Behaviour::ImproveForever => serde_json::json!({
+            "action": "continue",
+            "note": format!(
+                "draft v{turn}, not perfect yet: {}",
+                w.instruction.repeat(4 * turn)
+            ),
+        }),
+        Behaviour::ClarifyForever | Behaviour::ClarifyUntilClosed => serde_json::json!({
+            "action": "clarify",
+            "question": format!("What exactly is meant by \"{}\"?", w.instruction),
+        }),
+        Behaviour::SameToolForever => serde_json::json!({
+            "action": "tool",
+            "tool": "search",
+            "arguments": {"query": w.instruction},
+        }),
+        Behaviour::Cooperative => serde_json::json!({"action": "continue", "note": ""}),
+    };
+    v.to_string()
+}
+
 /// The simulated provider.
 #[derive(Debug, Clone, Default)]
 pub struct SimulatedProvider {
@@ -97,6 +148,8 @@ struct WorkInput {
     role: String,
     task_id: String,
     instruction: String,
+    #[serde(default)]
+    questions_closed: bool,
 }
 
 #[derive(Deserialize)]
@@ -130,10 +183,10 @@ impl SimulatedProvider {
         let latency = Duration::from_micros(
             (self.config.latency_ms as f64 * 1000.0 * factor).max(0.0) as u64,
         );
+        // The first user message holds the input; later ones continue a conversation.
         let input = request
             .messages
             .iter()
-            .rev()
             .find(|m| m.role == crate::client::ChatRole::User)
             .map(|m| m.content.as_str())
             .ok_or_else(|| LlmError::Refused("no user message".into()))?;
@@ -162,6 +215,24 @@ impl SimulatedProvider {
                 };
                 serde_json::to_string(&plan).map_err(|e| LlmError::BadResponse(e.to_string()))?
             }
+            Some(schema::TASK_OUTPUT)
+                if self.config.behaviour != Behaviour::Cooperative
+                    && !(self.config.behaviour == Behaviour::ClarifyUntilClosed
+                        && serde_json::from_str::<WorkInput>(input)
+                            .is_ok_and(|w| w.questions_closed)) =>
+            {
+                let w: WorkInput = serde_json::from_str(input).map_err(bad)?;
+                let turn = 1 + request
+                    .messages
+                    .iter()
+                    .filter(|m| m.role == crate::client::ChatRole::Assistant)
+                    .count();
+                adversarial(self.config.behaviour, &w, turn)
+            }
+            Some(schema::CLARIFICATION) => serde_json::json!({
+                "answer": format!("Interpret it in the most useful way ({:08x}).", rng.next() as u32)
+            })
+            .to_string(),
             Some(schema::TASK_OUTPUT) => {
                 let w: WorkInput = serde_json::from_str(input).map_err(bad)?;
                 let n = 1 + (rng.next() % 3) as usize;

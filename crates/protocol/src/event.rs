@@ -25,11 +25,21 @@ pub enum EventKindName {
     Done,
     /// `reassigned`
     Reassigned,
+    /// `heartbeat_missed`
+    HeartbeatMissed,
+    /// `clarification`
+    Clarification,
+    /// `rate_limit_wait`
+    RateLimitWait,
+    /// `budget_exhausted`
+    BudgetExhausted,
+    /// `circuit_open`
+    CircuitOpen,
 }
 
 impl EventKindName {
     /// Every kind.
-    pub const ALL: [EventKindName; 7] = [
+    pub const ALL: [EventKindName; 12] = [
         EventKindName::Opened,
         EventKindName::Planned,
         EventKindName::Dispatched,
@@ -37,6 +47,11 @@ impl EventKindName {
         EventKindName::Result,
         EventKindName::Done,
         EventKindName::Reassigned,
+        EventKindName::HeartbeatMissed,
+        EventKindName::Clarification,
+        EventKindName::RateLimitWait,
+        EventKindName::BudgetExhausted,
+        EventKindName::CircuitOpen,
     ];
 
     /// The subject token.
@@ -49,6 +64,11 @@ impl EventKindName {
             EventKindName::Result => "result",
             EventKindName::Done => "done",
             EventKindName::Reassigned => "reassigned",
+            EventKindName::HeartbeatMissed => "heartbeat_missed",
+            EventKindName::Clarification => "clarification",
+            EventKindName::RateLimitWait => "rate_limit_wait",
+            EventKindName::BudgetExhausted => "budget_exhausted",
+            EventKindName::CircuitOpen => "circuit_open",
         }
     }
 
@@ -144,6 +164,60 @@ pub enum EventBody {
         /// From the holder's last sign of life to the release, ms.
         after_ms: u64,
     },
+    /// A process's presence expired or its connection dropped while it held this
+    /// session's work (the watchdog then reassigns the work).
+    HeartbeatMissed {
+        /// The process.
+        agent_id: String,
+        /// How it was found: `disconnected` or `presence expired`.
+        reason: String,
+        /// From its last heartbeat to detection, ms.
+        silent_ms: u64,
+    },
+    /// The orchestrator answered a worker's clarification question.
+    Clarification {
+        /// Task.
+        task_id: TaskId,
+        /// Role.
+        role: Role,
+        /// Exchanges so far in this session, this one included.
+        n: u32,
+        /// The question.
+        question: String,
+        /// The answer.
+        answer: String,
+        /// The budget is spent: the answer commits to an interpretation and the agent
+        /// may not ask again.
+        closed: bool,
+    },
+    /// An agent call waited for a rate-limit permit.
+    RateLimitWait {
+        /// Task.
+        task_id: TaskId,
+        /// Calls that waited in this attempt.
+        calls: u64,
+        /// Total wait, ms.
+        waited_ms: u64,
+    },
+    /// A budget ended the session.
+    BudgetExhausted {
+        /// Which budget.
+        budget: crate::BudgetKind,
+        /// The task that hit it, if a task did.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        task_id: Option<TaskId>,
+        /// Detail (limit and spend).
+        reason: String,
+    },
+    /// The circuit breaker ended the session: an agent repeated the same call.
+    CircuitOpen {
+        /// Task.
+        task_id: TaskId,
+        /// Role.
+        role: Role,
+        /// Detail (fingerprint and repeats).
+        reason: String,
+    },
     /// The session ended.
     Done {
         /// How.
@@ -156,6 +230,9 @@ pub enum EventBody {
         failure: Option<String>,
         /// From admission to this event.
         duration_ms: u64,
+        /// The budget that ended it, if one did.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        budget: Option<crate::BudgetKind>,
     },
 }
 
@@ -170,6 +247,11 @@ impl EventBody {
             EventBody::Result { .. } => EventKindName::Result,
             EventBody::Done { .. } => EventKindName::Done,
             EventBody::Reassigned { .. } => EventKindName::Reassigned,
+            EventBody::HeartbeatMissed { .. } => EventKindName::HeartbeatMissed,
+            EventBody::Clarification { .. } => EventKindName::Clarification,
+            EventBody::RateLimitWait { .. } => EventKindName::RateLimitWait,
+            EventBody::BudgetExhausted { .. } => EventKindName::BudgetExhausted,
+            EventBody::CircuitOpen { .. } => EventKindName::CircuitOpen,
         }
     }
 }

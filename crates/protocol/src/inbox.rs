@@ -43,6 +43,12 @@ pub struct TaskMessage {
     /// Why the previous attempt was not accepted, so this one can do better.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub feedback: Option<String>,
+    /// The orchestrator's answer to this task's last clarification question.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clarification: Option<String>,
+    /// The session's clarification budget is spent: the agent must not ask again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub questions_closed: bool,
 }
 
 /// How a task attempt ended, as the worker reports it.
@@ -55,6 +61,19 @@ pub enum TaskOutcome {
     Failed {
         /// Why.
         reason: String,
+    },
+    /// A budget stopped the attempt; the orchestrator ends the session.
+    Stopped {
+        /// Which budget.
+        budget: crate::BudgetKind,
+        /// Detail (limit and spend).
+        reason: String,
+    },
+    /// The agent needs a clarification before it can go on; the orchestrator answers
+    /// and dispatches the task again with the answer.
+    Clarify {
+        /// The question.
+        question: String,
     },
 }
 
@@ -76,6 +95,9 @@ pub struct ResultMessage {
     pub attempt: u32,
     /// How it ended.
     pub outcome: TaskOutcome,
+    /// The attempt's LLM spend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spend: Option<crate::Spend>,
     /// The attempt's shared-memory traffic.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<crate::record::MemoryStats>,

@@ -6,6 +6,7 @@
 //! buckets are named in [`subject`] only.
 //!
 //! # Layout
+//! - [`budget`]: budget kinds, per-attempt spend and token ledgers.
 //! - [`ids`]: `SessionId`, `TaskId`, `Role`, `AgentId`, `MessageId`.
 //! - [`subject`]: the [`Namespace`] that builds and parses every subject and name.
 //! - [`open`]: opening a session (request and reply).
@@ -13,18 +14,21 @@
 //! - [`event`]: the session event log.
 //! - [`record`]: session and task records kept in KV.
 //! - [`presence`]: what each process heartbeats into the agents bucket.
+//! - [`limits`]: the fleet rate limiter's permits and the leader's records.
 //! - [`output`]: plans, task outputs, the final answer, and their validation.
 //! - [`error`]: the closed set of wire error codes and their dispositions.
 //! - [`codec`]: size-limited decoding into typed errors.
 //! - [`headers`], [`trace`]: NATS header names and W3C trace context.
 //! - [`schema`]: JSON Schemas generated from these types (checked in under `docs/schema/`).
 
+pub mod budget;
 pub mod codec;
 pub mod error;
 pub mod event;
 pub mod headers;
 pub mod ids;
 pub mod inbox;
+pub mod limits;
 pub mod open;
 pub mod output;
 pub mod presence;
@@ -34,11 +38,15 @@ pub mod subject;
 pub mod trace;
 pub mod version;
 
+pub use budget::{BudgetKind, Ledger, Spend};
 pub use codec::{DEFAULT_MAX_PAYLOAD, DecodeError, decode, encode};
 pub use error::{Disposition, ErrorCode};
 pub use event::{Event, EventBody, EventKindName, PlannedTask, SessionOutcome};
 pub use ids::{AgentId, InvalidId, MessageId, Role, SessionId, TaskId};
 pub use inbox::{InboxMessage, ResultMessage, RouteError, StartMessage, TaskMessage, TaskOutcome};
+pub use limits::{
+    AcquireRefusal, AcquireReply, AcquireRequest, LimiterLease, SettleRequest, WindowSnapshot,
+};
 pub use open::{OpenError, OpenReply, OpenSession};
 pub use output::{
     Answer, AnswerSection, Artifact, OutputError, Plan, PlanError, Subtask, TaskOutput,

@@ -61,6 +61,13 @@ pub struct TaskEntry {
     pub state: TaskState,
     /// Current attempt (0 before the first dispatch).
     pub attempt: u32,
+    /// The orchestrator's answer to the task's last question, sent with the next
+    /// attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clarification: Option<String>,
+    /// The clarification budget is spent: the next attempt may not ask.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub questions_closed: bool,
     /// Why the last attempt was not accepted (sent with the next attempt).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
@@ -133,6 +140,12 @@ pub struct SessionCounters {
     /// The session's shared-memory traffic, as its agents reported it.
     #[serde(default)]
     pub memory: MemoryStats,
+    /// Clarification exchanges answered.
+    #[serde(default)]
+    pub clarifications: u32,
+    /// The agents' LLM spend, as their results reported it.
+    #[serde(default)]
+    pub spend: crate::Spend,
 }
 
 /// The session record, key `<sid>`.
@@ -165,6 +178,9 @@ pub struct SessionRecord {
     /// Why it failed, once failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
+    /// The budget that ended it, if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_by: Option<crate::BudgetKind>,
     /// Committed effects not yet performed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outbox: Vec<Effect>,
@@ -212,6 +228,10 @@ pub struct TaskRecord {
     /// Why the attempt failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// How the attempt ended, once it has (re-sent as is if the notice must be
+    /// repeated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<crate::TaskOutcome>,
     /// Last change, ms since the Unix epoch.
     pub updated_ms: u64,
 }

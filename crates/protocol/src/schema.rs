@@ -26,5 +26,25 @@ pub fn all() -> Vec<(&'static str, String)> {
         ("task_output.json", pretty(schema_for!(TaskOutput))),
         ("answer.json", pretty(schema_for!(Answer))),
         ("presence.json", pretty(schema_for!(crate::Presence))),
+        (
+            "limits_acquire.json",
+            pretty(schema_for!(crate::AcquireRequest)),
+        ),
+        (
+            "limits_acquire_reply.json",
+            pretty(schema_for!(crate::AcquireReply)),
+        ),
+        (
+            "limits_settle.json",
+            pretty(schema_for!(crate::SettleRequest)),
+        ),
+        (
+            "limits_lease.json",
+            pretty(schema_for!(crate::LimiterLease)),
+        ),
+        (
+            "limits_window.json",
+            pretty(schema_for!(crate::WindowSnapshot)),
+        ),
     ]
 }

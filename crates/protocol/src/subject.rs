@@ -238,6 +238,23 @@ impl Namespace {
     pub fn bucket_slots(&self) -> String {
         format!("{}-slots", self.prefix)
     }
+    /// KV bucket of the rate limiter's leader lease and window snapshots, and of
+    /// token spend (keys `spend.global`, `spend.s.<sid>`).
+    pub fn bucket_limits(&self) -> String {
+        format!("{}-limits", self.prefix)
+    }
+    /// The limiter leader's permit endpoint.
+    pub fn limits_acquire(&self) -> String {
+        format!("{}.limits.acquire", self.prefix)
+    }
+    /// The limiter leader's settlement endpoint.
+    pub fn limits_settle(&self) -> String {
+        format!("{}.limits.settle", self.prefix)
+    }
+    /// NATS micro service name of the rate limiter (only the leader serves it).
+    pub fn limits_service_name(&self) -> String {
+        format!("{}-limits", self.prefix)
+    }
     /// NATS micro service name of the admission service.
     pub fn service_name(&self) -> String {
         format!("{}-admission", self.prefix)

@@ -60,11 +60,13 @@ pub(crate) async fn agent(
     )
     .await
     .context("connecting to NATS")?;
-    let agent = Arc::new(LlmAgent::new(
-        role.clone(),
-        config.llm.worker_model.clone(),
-        llm(&config),
-    ));
+    let limited = flotilla_agent::LimitedLlm::wrap(llm(&config), &bus, &config.limits);
+    let agent = Arc::new(
+        LlmAgent::new(role.clone(), config.llm.worker_model.clone(), limited).with_budgets(
+            config.budgets.clone(),
+            flotilla_agent::SessionLedger::new(bus.clone()),
+        ),
+    );
     let mut settings = config.pool(&role);
     if let Some(c) = concurrency {
         settings.concurrency = c;

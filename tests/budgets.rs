@@ -1,0 +1,314 @@
+//! Budgets against adversarial simulated models: each runaway behaviour ends its
+//! session with an outcome that names the budget, token spend overshoots a budget by
+//! at most one call, and a session never has more agent calls in flight than its cap.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flotilla_llm::{
+    Behaviour, CompletionRequest, LlmClient, LlmFuture, SimConfig, SimulatedProvider, schema,
+};
+use flotilla_protocol::{
+    BudgetKind, EventBody, Ledger, SessionOutcome, SessionRecord, subject::keys,
+};
+use flotilla_tests::{TestFleet, spec};
+
+fn sim(behaviour: Behaviour) -> Arc<dyn LlmClient> {
+    Arc::new(SimulatedProvider::new(SimConfig {
+        latency_ms: 5,
+        behaviour,
+        ..SimConfig::default()
+    }))
+}
+
+/// Runs one session to its end; returns the `done` body and the session record.
+async fn run(fleet: &TestFleet, task: &str) -> (EventBody, SessionRecord) {
+    let (finished, _) = fleet
+        .client
+        .run(task, Duration::from_secs(120))
+        .await
+        .expect("the session ends");
+    let (rec, _) = fleet
+        .bus
+        .sessions()
+        .get::<SessionRecord>(&keys::session(&finished.session_id))
+        .await
+        .unwrap()
+        .unwrap();
+    (finished.event.body, rec)
+}
+
+fn stopped_by(done: &EventBody) -> Option<BudgetKind> {
+    match done {
+        EventBody::Done {
+            outcome: SessionOutcome::Failed,
+            budget,
+            failure,
+            ..
+        } => {
+            assert!(
+                failure.as_deref().unwrap_or("").contains("budget"),
+                "{failure:?}"
+            );
+            *budget
+        }
+        other => panic!("expected a failed session, got {other:?}"),
+    }
+}
+
+/// The events of a session, in order.
+async fn events(fleet: &TestFleet, rec: &SessionRecord) -> Vec<EventBody> {
+    flotilla_tests::events(fleet, &rec.session_id)
+        .await
+        .into_iter()
+        .map(|e| e.body)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_never_says_done_is_stopped_by_max_turns() {
+    let mut s = spec("");
+    s.control.budgets.max_turns = 5;
+    let fleet = TestFleet::start(s, sim(Behaviour::NeverDone)).await;
+    let (done, rec) = run(&fleet, "never finish").await;
+    assert_eq!(stopped_by(&done), Some(BudgetKind::Turns));
+    assert_eq!(rec.stopped_by, Some(BudgetKind::Turns));
+    let evs = events(&fleet, &rec).await;
+    assert!(evs.iter().any(|e| matches!(e, EventBody::BudgetExhausted { budget: BudgetKind::Turns, reason, .. } if reason.contains("5 turns"))), "{evs:?}");
+    // The stopping task made exactly max_turns calls.
+    assert!(rec.counters.spend.calls >= 5, "{:?}", rec.counters.spend);
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn improve_until_perfect_is_stopped_by_the_task_token_budget_within_one_call() {
+    let mut s = spec("");
+    s.control.budgets.max_turns = 1_000;
+    s.control.budgets.task_tokens = 6_000;
+    let fleet = TestFleet::start(s, sim(Behaviour::ImproveForever)).await;
+    let (done, rec) = run(&fleet, "improve this until it is perfect").await;
+    assert_eq!(stopped_by(&done), Some(BudgetKind::TaskTokens));
+    let evs = events(&fleet, &rec).await;
+    let reason = evs
+        .iter()
+        .find_map(|e| match e {
+            EventBody::BudgetExhausted {
+                budget: BudgetKind::TaskTokens,
+                reason,
+                ..
+            } => Some(reason.clone()),
+            _ => None,
+        })
+        .expect("a budget_exhausted event");
+    // "task spent <n> of 6000 tokens"
+    let spent: u64 = reason
+        .split_whitespace()
+        .nth(2)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected reason {reason}"));
+    let largest = rec.counters.spend.largest_call;
+    assert!(spent >= 6_000, "{reason}");
+    assert!(
+        spent - 6_000 <= largest,
+        "overshoot {} exceeds the largest call {largest}",
+        spent - 6_000
+    );
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_token_budget_is_shared_by_every_agent_and_overshoots_by_at_most_one_call() {
+    let mut s = spec("");
+    s.control.budgets.max_turns = 1_000;
+    s.control.budgets.session_tokens = 15_000;
+    let fleet = TestFleet::start(s, sim(Behaviour::ImproveForever)).await;
+    let (done, rec) = run(&fleet, "three agents improving at once").await;
+    assert_eq!(stopped_by(&done), Some(BudgetKind::SessionTokens));
+    // Let calls still in flight settle, then read the session's ledger.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (ledger, _) = fleet
+        .bus
+        .limits()
+        .get::<Ledger>(&format!("spend.s.{}", rec.session_id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(ledger.tokens >= 15_000, "{ledger:?}");
+    assert!(
+        ledger.tokens - 15_000 <= ledger.largest_call,
+        "overshoot {} exceeds one call ({}): {ledger:?}",
+        ledger.tokens - 15_000,
+        ledger.largest_call
+    );
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clarification_ping_pong_is_cut_off_after_the_budget() {
+    let fleet = TestFleet::start(spec(""), sim(Behaviour::ClarifyForever)).await;
+    let (done, rec) = run(&fleet, "an ambiguous task").await;
+    assert_eq!(stopped_by(&done), Some(BudgetKind::Clarifications));
+    assert_eq!(rec.counters.clarifications, 6, "the default budget");
+    let evs = events(&fleet, &rec).await;
+    let answered: Vec<(u32, bool)> = evs
+        .iter()
+        .filter_map(|e| match e {
+            EventBody::Clarification { n, closed, .. } => Some((*n, *closed)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        answered.iter().filter(|(_, closed)| !closed).count(),
+        6,
+        "{answered:?}"
+    );
+    assert!(
+        answered.iter().any(|(_, closed)| *closed),
+        "the orchestrator committed"
+    );
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_clarification_budget_the_orchestrator_commits_and_the_session_completes() {
+    let fleet = TestFleet::start(spec(""), sim(Behaviour::ClarifyUntilClosed)).await;
+    let (done, rec) = run(&fleet, "an ambiguous task, then an answer").await;
+    assert!(
+        matches!(
+            done,
+            EventBody::Done {
+                outcome: SessionOutcome::Completed,
+                ..
+            }
+        ),
+        "{done:?}"
+    );
+    assert_eq!(rec.counters.clarifications, 6);
+    assert!(
+        rec.tasks.iter().all(|t| t.questions_closed),
+        "{:?}",
+        rec.tasks
+    );
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_tool_call_forever_opens_the_circuit() {
+    let fleet = TestFleet::start(spec(""), sim(Behaviour::SameToolForever)).await;
+    let (done, rec) = run(&fleet, "search forever").await;
+    assert_eq!(stopped_by(&done), Some(BudgetKind::CircuitBreaker));
+    let evs = events(&fleet, &rec).await;
+    assert!(
+        evs.iter().any(
+            |e| matches!(e, EventBody::CircuitOpen { reason, .. } if reason.contains("3 times"))
+        ),
+        "{evs:?}"
+    );
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_global_token_budget_stops_sessions_fleet_wide() {
+    let mut s = spec("");
+    s.control.limits.global_token_budget = 6_000;
+    let fleet = TestFleet::start(s, sim(Behaviour::Cooperative)).await;
+    let mut stopped = None;
+    for i in 0..10 {
+        let (done, _) = run(&fleet, &format!("session {i}")).await;
+        if let EventBody::Done {
+            outcome: SessionOutcome::Failed,
+            ..
+        } = &done
+        {
+            stopped = Some((i, stopped_by(&done)));
+            break;
+        }
+    }
+    let (i, budget) = stopped.expect("the global budget ran out");
+    assert!(i >= 1, "the first session fits the budget");
+    assert_eq!(budget, Some(BudgetKind::GlobalTokens));
+    fleet.stop().await;
+}
+
+/// Counts calls in flight per session.
+struct Concurrency {
+    inner: SimulatedProvider,
+    now: Mutex<HashMap<String, usize>>,
+    max: Mutex<HashMap<String, usize>>,
+}
+
+impl LlmClient for Concurrency {
+    fn complete<'a>(&'a self, request: &'a CompletionRequest) -> LlmFuture<'a> {
+        Box::pin(async move {
+            let worker = request.response_format.as_ref().map(|f| f.name.as_str())
+                == Some(schema::TASK_OUTPUT);
+            let input: serde_json::Value = request
+                .messages
+                .iter()
+                .find(|m| m.role == flotilla_llm::ChatRole::User)
+                .and_then(|m| serde_json::from_str(&m.content).ok())
+                .unwrap_or_default();
+            let sid = input["session_id"].as_str().unwrap_or("").to_owned();
+            if worker {
+                let mut now = self.now.lock().unwrap();
+                let n = now.entry(sid.clone()).or_default();
+                *n += 1;
+                let mut max = self.max.lock().unwrap();
+                let m = max.entry(sid.clone()).or_default();
+                *m = (*m).max(*n);
+            }
+            let out = self.inner.complete(request).await;
+            if worker {
+                *self.now.lock().unwrap().get_mut(&sid).unwrap() -= 1;
+            }
+            out
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_never_has_more_agent_calls_in_flight_than_its_cap() {
+    let mut s = spec("");
+    s.control.session.max_roles = 5;
+    s.control
+        .session
+        .roles
+        .push(flotilla_protocol::Role::parse("qa").unwrap());
+    let probe = Arc::new(Concurrency {
+        inner: SimulatedProvider::new(SimConfig {
+            latency_ms: 150,
+            jitter: 0.0,
+            subtasks_per_role: 2,
+            ..SimConfig::default()
+        }),
+        now: Mutex::default(),
+        max: Mutex::default(),
+    });
+    s.control.session.max_tasks = 10;
+    s.workers_per_role = 2;
+    let fleet = TestFleet::start(s, probe.clone()).await;
+    let mut runs = Vec::new();
+    for i in 0..4 {
+        let client = fleet.client.clone();
+        runs.push(tokio::spawn(async move {
+            client
+                .run(&format!("ten tasks {i}"), Duration::from_secs(120))
+                .await
+        }));
+    }
+    for r in runs {
+        let (finished, _) = r.await.unwrap().expect("session ends");
+        assert!(finished.completed(), "{:?}", finished.event.body);
+    }
+    let max = probe.max.lock().unwrap().clone();
+    assert_eq!(max.len(), 4, "{max:?}");
+    assert!(max.values().all(|m| *m <= 3), "over the cap: {max:?}");
+    assert!(
+        max.values().any(|m| *m == 3),
+        "the cap was reached: {max:?}"
+    );
+    fleet.stop().await;
+}

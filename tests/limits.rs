@@ -1,0 +1,172 @@
+//! The fleet rate limiter against a fake OpenAI-compatible server that answers 429
+//! above its RPM and TPM: under a load that would exceed both, callers get no 429 and
+//! still use most of the quota; a request too large for the window is refused with a
+//! typed error, and a caller with no permit in time gets a typed timeout.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_agent::{LimitError, LimitedLlm, LimiterClient, LimitsConfig, ModelLimits};
+use flotilla_bus::{Bus, BusConfig, Counters};
+use flotilla_control::limiter::Limiter;
+use flotilla_llm::{ChatMessage, CompletionRequest, LlmClient, OpenAiClient, OpenAiConfig};
+use flotilla_protocol::AcquireRefusal;
+use flotilla_testkit::{FakeConfig, FakeOpenAi, NatsServer};
+use tokio_util::sync::CancellationToken;
+
+const MODEL: &str = "fake-model";
+
+fn limits(rpm: u64, tpm: u64, window: Duration) -> LimitsConfig {
+    LimitsConfig {
+        window,
+        lease_ttl: Duration::from_secs(2),
+        acquire_timeout: Duration::from_secs(60),
+        models: BTreeMap::from([(MODEL.to_owned(), ModelLimits { rpm, tpm })]),
+        ..LimitsConfig::default()
+    }
+}
+
+async fn bus(url: &str, name: &str) -> Bus {
+    let config = BusConfig {
+        url: url.to_owned(),
+        ..BusConfig::default()
+    };
+    Bus::connect(&config, name, Arc::new(Counters::default()))
+        .await
+        .unwrap()
+}
+
+fn request(i: usize) -> CompletionRequest {
+    CompletionRequest {
+        model: MODEL.into(),
+        messages: vec![
+            ChatMessage::system("You are a load generator."),
+            ChatMessage::user(format!("request number {i:06} of the limiter test")),
+        ],
+        response_format: None,
+        max_tokens: Some(50),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_429s_and_most_of_the_quota_used_under_a_load_exceeding_both_limits() {
+    let server = NatsServer::start().unwrap();
+    let window = Duration::from_secs(2);
+    // Each call is ~16 prompt + 50 completion tokens: 40 requests or ~30 calls' worth of
+    // tokens per window. Tokens bind; unbounded callers exceed both.
+    let (rpm, tpm) = (40, 2_000);
+    let fake = FakeOpenAi::start(FakeConfig {
+        rpm: Some(rpm),
+        tpm: Some(tpm),
+        window,
+        completion_tokens: 50,
+        latency: Duration::from_millis(20),
+        ..FakeConfig::default()
+    })
+    .await
+    .unwrap();
+    let config = limits(rpm, tpm, window);
+    let shutdown = CancellationToken::new();
+    for i in 0..2 {
+        let limiter = Limiter::new(
+            bus(&server.url(), &format!("limiter-{i}")).await,
+            config.clone(),
+            format!("limiter-{i}"),
+        );
+        tokio::spawn(limiter.run(shutdown.child_token()));
+    }
+    let openai: Arc<dyn LlmClient> = Arc::new(
+        OpenAiClient::new(OpenAiConfig {
+            base_url: fake.base_url(),
+            ..OpenAiConfig::default()
+        })
+        .unwrap(),
+    );
+    let caller_bus = bus(&server.url(), "callers").await;
+    let limiter = LimiterClient::new(caller_bus, config.clone());
+    let stats = limiter.stats();
+    let llm = Arc::new(LimitedLlm::new(openai, limiter));
+
+    let duration = Duration::from_secs(10);
+    let started = tokio::time::Instant::now();
+    let mut callers = Vec::new();
+    for c in 0..24 {
+        let llm = llm.clone();
+        callers.push(tokio::spawn(async move {
+            let mut ok = 0u64;
+            let mut i = c * 100_000;
+            while started.elapsed() < duration {
+                i += 1;
+                llm.complete(&request(i)).await.expect("call succeeds");
+                ok += 1;
+            }
+            ok
+        }));
+    }
+    let mut ok = 0;
+    for c in callers {
+        ok += c.await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    let s = fake.stats();
+    assert_eq!(s.http_429, 0, "the provider never had to refuse: {s:?}");
+    assert_eq!(s.ok, ok, "every call reached the provider once");
+    let windows = elapsed.as_secs_f64() / window.as_secs_f64();
+    let request_quota = s.ok as f64 / (rpm as f64 * windows);
+    let token_quota = s.tokens as f64 / (tpm as f64 * windows);
+    let used = request_quota.max(token_quota);
+    eprintln!(
+        "quota used {:.1}% (requests {:.1}%, tokens {:.1}%): {s:?}",
+        used * 100.0,
+        request_quota * 100.0,
+        token_quota * 100.0
+    );
+    assert!(
+        used >= 0.75,
+        "quota used {:.0}% (requests {:.0}%, tokens {:.0}%): {s:?}",
+        used * 100.0,
+        request_quota * 100.0,
+        token_quota * 100.0
+    );
+    assert!(
+        s.max_tokens_in_window <= tpm && s.max_requests_in_window <= rpm,
+        "{s:?}"
+    );
+    assert!(
+        stats.waited.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "the offered load was over the limits, so callers waited"
+    );
+    shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_and_timeouts_are_typed() {
+    let server = NatsServer::start().unwrap();
+    let config = LimitsConfig {
+        acquire_timeout: Duration::from_millis(1500),
+        ..limits(2, 1_000, Duration::from_secs(60))
+    };
+    let shutdown = CancellationToken::new();
+    let limiter = Limiter::new(bus(&server.url(), "leader").await, config.clone(), "leader");
+    tokio::spawn(limiter.run(shutdown.child_token()));
+    let client = LimiterClient::new(bus(&server.url(), "caller").await, config);
+    // 800 tokens fit the window's budget (1000 less 20%), 900 never will.
+    match client.acquire(MODEL, 900).await {
+        Err(LimitError::Refused { code, .. }) => assert_eq!(code, AcquireRefusal::TooLarge),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // Two requests per minute less 20% is one: the second waits, then times out.
+    client.acquire(MODEL, 10).await.expect("first permit");
+    let started = tokio::time::Instant::now();
+    match client.acquire(MODEL, 10).await {
+        Err(LimitError::Timeout { waited, .. }) => {
+            assert!(waited >= Duration::from_millis(1500), "{waited:?}");
+            assert!(started.elapsed() < Duration::from_secs(10));
+        }
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    shutdown.cancel();
+}
