@@ -89,6 +89,18 @@ pub(crate) struct Summary {
     pub(crate) reassign_p50_ms: u64,
     /// 99th percentile of that delay, ms.
     pub(crate) reassign_p99_ms: u64,
+    /// `heartbeat_missed` events (a dead or frozen process held a session's work).
+    pub(crate) heartbeat_missed: u64,
+    /// Agent task attempts that waited for rate-limit permits (`rate_limit_wait`).
+    pub(crate) rate_limit_waits: u64,
+    /// Their total wait, ms.
+    pub(crate) rate_limit_wait_ms: u64,
+    /// Sessions ended by a budget (`budget_exhausted`).
+    pub(crate) budget_exhausted: u64,
+    /// Sessions ended by the circuit breaker (`circuit_open`).
+    pub(crate) circuit_open: u64,
+    /// Clarification exchanges answered.
+    pub(crate) clarifications: u64,
     /// Shared-memory traffic: compare-and-set attempts, conflicts, retries, lock waits
     /// and expiries.
     pub(crate) memory: flotilla_bus::MemoryStats,
@@ -226,6 +238,12 @@ pub(crate) fn summarize(
         reassigned: 0,
         reassign_p50_ms: 0,
         reassign_p99_ms: 0,
+        heartbeat_missed: 0,
+        rate_limit_waits: 0,
+        rate_limit_wait_ms: 0,
+        budget_exhausted: 0,
+        circuit_open: 0,
+        clarifications: 0,
         lost_messages,
         sample,
     }
@@ -270,6 +288,15 @@ impl Summary {
             self.reassign_p50_ms,
             self.reassign_p99_ms
         );
+        println!(
+            "  liveness      heartbeats missed {}   budgets  exhausted {} / circuits opened {} / clarifications {}   rate-limit waits {} ({} ms)",
+            self.heartbeat_missed,
+            self.budget_exhausted,
+            self.circuit_open,
+            self.clarifications,
+            self.rate_limit_waits,
+            self.rate_limit_wait_ms
+        );
         let m = &self.memory;
         println!(
             "  memory        compare-and-set {} / conflicts {} / retries {} / lock waits {} / lock expiries {}",
@@ -296,46 +323,62 @@ pub(crate) async fn duplicate_results(bus: &Bus, results: &[(Outcome, Duration)]
     dup
 }
 
-/// The `after_ms` of every `reassigned` event in the event log.
-pub(crate) async fn reassignment_delays(bus: &Bus) -> Vec<u64> {
+/// Reads the liveness, rate-limit and budget events of the run from the event log
+/// into `summary`: counts, and the reassignment delays' percentiles.
+pub(crate) async fn tally_events(bus: &Bus, summary: &mut Summary) {
+    use flotilla_protocol::{Event, EventBody};
     use futures::StreamExt;
     let names = bus.names();
-    let subject = format!("{}.s.*.ev.reassigned", names.prefix());
+    let subjects = [
+        "reassigned",
+        "heartbeat_missed",
+        "rate_limit_wait",
+        "budget_exhausted",
+        "circuit_open",
+        "clarification",
+    ]
+    .map(|k| format!("{}.s.*.ev.{k}", names.prefix()))
+    .to_vec();
     let Ok(stream) = bus.js.get_stream(names.stream_events()).await else {
-        return Vec::new();
+        return;
     };
     let consumer = stream
         .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
-            filter_subject: subject,
+            filter_subjects: subjects,
             ..Default::default()
         })
         .await;
     let Ok(consumer) = consumer else {
-        return Vec::new();
+        return;
     };
     let Ok(mut msgs) = consumer.messages().await else {
-        return Vec::new();
+        return;
     };
-    let mut out = Vec::new();
+    let mut delays = Vec::new();
     while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_millis(500), msgs.next()).await
     {
-        if let Ok(flotilla_protocol::Event {
-            body: flotilla_protocol::EventBody::Reassigned { after_ms, .. },
-            ..
-        }) = serde_json::from_slice(&m.payload)
-        {
-            out.push(after_ms);
+        let Ok(Event { body, .. }) = serde_json::from_slice::<Event>(&m.payload) else {
+            continue;
+        };
+        match body {
+            EventBody::Reassigned { after_ms, .. } => delays.push(after_ms),
+            EventBody::HeartbeatMissed { .. } => summary.heartbeat_missed += 1,
+            EventBody::RateLimitWait {
+                calls, waited_ms, ..
+            } => {
+                summary.rate_limit_waits += calls;
+                summary.rate_limit_wait_ms += waited_ms;
+            }
+            EventBody::BudgetExhausted { .. } => summary.budget_exhausted += 1,
+            EventBody::CircuitOpen { .. } => summary.circuit_open += 1,
+            EventBody::Clarification { closed: false, .. } => summary.clarifications += 1,
+            _ => {}
         }
     }
-    out.sort_unstable();
-    out
-}
-
-/// Fills the reassignment figures of `summary` from `delays` (sorted).
-pub(crate) fn set_reassignments(summary: &mut Summary, delays: &[u64]) {
+    delays.sort_unstable();
     summary.reassigned = delays.len() as u64;
-    summary.reassign_p50_ms = percentile(delays, 0.50);
-    summary.reassign_p99_ms = percentile(delays, 0.99);
+    summary.reassign_p50_ms = percentile(&delays, 0.50);
+    summary.reassign_p99_ms = percentile(&delays, 0.99);
 }
 
 #[cfg(test)]

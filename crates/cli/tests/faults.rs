@@ -441,3 +441,136 @@ async fn frozen_worker_task_is_finished_elsewhere() {
         "{events:?}"
     );
 }
+
+/// The rate limiter's leader is one of two `serve` processes. SIGKILL it while callers
+/// are over the provider's limits: the other takes the lease within its TTL, and the
+/// provider (a fake that answers 429 above its RPM and TPM) never refuses a call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_limiter_leader_hands_over_within_the_lease_ttl_and_limits_hold() {
+    use flotilla_agent::{LimitedLlm, LimiterClient, LimitsConfig, ModelLimits};
+    use flotilla_llm::{ChatMessage, CompletionRequest, LlmClient, OpenAiClient, OpenAiConfig};
+    use flotilla_protocol::LimiterLease;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    let server = NatsServer::start().unwrap();
+    let url = server.url();
+    let (rpm, tpm, window, ttl) = (40, 2_000, Duration::from_secs(2), Duration::from_secs(2));
+    let env = [
+        ("FLOTILLA_LIMITS__LEASE_TTL", "2s"),
+        ("FLOTILLA_LIMITS__WINDOW", "2s"),
+        ("FLOTILLA_LIMITS__MODELS__FAKE__RPM", "40"),
+        ("FLOTILLA_LIMITS__MODELS__FAKE__TPM", "2000"),
+    ];
+    let mut procs = Procs(HashMap::new());
+    let serves = [
+        procs.spawn(&["serve"], &url, &env),
+        procs.spawn(&["serve"], &url, &env),
+    ];
+    let (bus, _client) = inspector(&url).await;
+    let leader = |bus: Bus| async move {
+        bus.limits()
+            .get::<LimiterLease>("leader")
+            .await
+            .ok()
+            .flatten()
+            .map(|(l, _)| l)
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let first = loop {
+        if let Some(l) = leader(bus.clone()).await {
+            break l;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no leader elected");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        serves.contains(&first.pid),
+        "{first:?} is one of {serves:?}"
+    );
+
+    let fake = flotilla_testkit::FakeOpenAi::start(flotilla_testkit::FakeConfig {
+        rpm: Some(rpm),
+        tpm: Some(tpm),
+        window,
+        latency: Duration::from_millis(20),
+        ..flotilla_testkit::FakeConfig::default()
+    })
+    .await
+    .unwrap();
+    let config = LimitsConfig {
+        window,
+        lease_ttl: ttl,
+        acquire_timeout: Duration::from_secs(60),
+        models: std::collections::BTreeMap::from([("fake".to_owned(), ModelLimits { rpm, tpm })]),
+        ..LimitsConfig::default()
+    };
+    let openai: Arc<dyn LlmClient> = Arc::new(
+        OpenAiClient::new(OpenAiConfig {
+            base_url: fake.base_url(),
+            ..OpenAiConfig::default()
+        })
+        .unwrap(),
+    );
+    let llm = Arc::new(LimitedLlm::new(
+        openai,
+        LimiterClient::new(bus.clone(), config),
+    ));
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let mut callers = Vec::new();
+    for c in 0..12 {
+        let (llm, stop, ok) = (llm.clone(), stop.clone(), ok.clone());
+        callers.push(tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let req = CompletionRequest {
+                    model: "fake".into(),
+                    messages: vec![ChatMessage::user(format!("caller {c} call {i}"))],
+                    response_format: None,
+                    max_tokens: Some(50),
+                };
+                llm.complete(&req).await.expect("every call succeeds");
+                ok.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    procs.kill9(first.pid);
+    let killed = tokio::time::Instant::now();
+    let second = loop {
+        if let Some(l) = leader(bus.clone()).await
+            && l.pid != first.pid
+        {
+            break l;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "no new leader after the kill"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let handover = killed.elapsed();
+    eprintln!("limiter leadership handed over {handover:?} after the kill");
+    assert!(serves.contains(&second.pid) && second.pid != first.pid);
+    assert!(
+        handover <= ttl + Duration::from_secs(2),
+        "handover took {handover:?}, lease TTL {ttl:?}"
+    );
+    let before = ok.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    stop.store(true, Ordering::Relaxed);
+    for c in callers {
+        c.await.unwrap();
+    }
+    let s = fake.stats();
+    assert!(
+        ok.load(Ordering::Relaxed) > before,
+        "calls went on under the new leader"
+    );
+    assert_eq!(s.http_429, 0, "limits held through the failover: {s:?}");
+    assert!(
+        s.max_requests_in_window <= rpm && s.max_tokens_in_window <= tpm,
+        "{s:?}"
+    );
+}

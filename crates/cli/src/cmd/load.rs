@@ -155,7 +155,7 @@ pub(crate) async fn load(
     let mut summary = load::summarize(results, elapsed, concurrency, counters, lost_messages);
     summary.duplicates = duplicates;
     summary.killed = killed;
-    load::set_reassignments(&mut summary, &load::reassignment_delays(&bus).await);
+    load::tally_events(&bus, &mut summary).await;
     match fleet {
         Running::InProcess(f) => f.stop().await,
         Running::Processes(f) => f.stop().await,
