@@ -8,6 +8,9 @@ pub const TRACEPARENT: &str = "traceparent";
 pub const SESSION: &str = "Flotilla-Session";
 /// Attempt number of a task dispatch (1-based).
 pub const ATTEMPT: &str = "Flotilla-Attempt";
+/// On a tool call with side effects: its idempotency key (also in the body,
+/// [`crate::ToolCall::idempotency_key`]).
+pub const IDEMPOTENCY_KEY: &str = "Flotilla-Idempotency-Key";
 /// On a dead letter: why it was dead-lettered (an [`crate::ErrorCode`] name).
 pub const REASON: &str = "Flotilla-Reason";
 /// On a dead letter: the human-readable detail.
