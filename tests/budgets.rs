@@ -41,6 +41,19 @@ async fn run(fleet: &TestFleet, task: &str) -> (EventBody, SessionRecord) {
     (finished.event.body, rec)
 }
 
+fn assert_completed(done: &EventBody) {
+    assert!(
+        matches!(
+            done,
+            EventBody::Done {
+                outcome: SessionOutcome::Completed,
+                ..
+            }
+        ),
+        "{done:?}"
+    );
+}
+
 fn stopped_by(done: &EventBody) -> Option<BudgetKind> {
     match done {
         EventBody::Done {
@@ -176,16 +189,7 @@ async fn clarification_ping_pong_is_cut_off_after_the_budget() {
 async fn after_the_clarification_budget_the_orchestrator_commits_and_the_session_completes() {
     let fleet = TestFleet::start(spec(""), sim(Behaviour::ClarifyUntilClosed)).await;
     let (done, rec) = run(&fleet, "an ambiguous task, then an answer").await;
-    assert!(
-        matches!(
-            done,
-            EventBody::Done {
-                outcome: SessionOutcome::Completed,
-                ..
-            }
-        ),
-        "{done:?}"
-    );
+    assert_completed(&done);
     assert_eq!(rec.counters.clarifications, 6);
     assert!(
         rec.tasks.iter().all(|t| t.questions_closed),
@@ -279,7 +283,9 @@ async fn a_session_never_has_more_agent_calls_in_flight_than_its_cap() {
         .push(flotilla_protocol::Role::parse("qa").unwrap());
     let probe = Arc::new(Concurrency {
         inner: SimulatedProvider::new(SimConfig {
-            latency_ms: 150,
+            // Long calls, so the third dispatch overlaps the first two even on a
+            // loaded machine: the cap must be reached, not only respected.
+            latency_ms: 2_000,
             jitter: 0.0,
             subtasks_per_role: 2,
             ..SimConfig::default()
@@ -310,5 +316,14 @@ async fn a_session_never_has_more_agent_calls_in_flight_than_its_cap() {
         max.values().any(|m| *m == 3),
         "the cap was reached: {max:?}"
     );
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spend_counts_every_call_of_every_task() {
+    let fleet = TestFleet::start(spec(""), sim(Behaviour::TwoTurns)).await;
+    let (done, rec) = run(&fleet, "two turns each").await;
+    assert_completed(&done);
+    assert_eq!(rec.counters.spend.calls, 8, "{:?}", rec.counters.spend);
     fleet.stop().await;
 }

@@ -39,6 +39,10 @@ async fn a_late_holder_is_fenced_off() {
     let mut s = spec("unused");
     s.workers_per_role = 2;
     s.worker.ack_wait = Duration::from_secs(1);
+    // The slow holder keeps its delivery alive (a long LLM call is not a failure), so
+    // what takes the task from it is the watchdog's stuck timeout: no progress for 1 s.
+    s.control.liveness.stuck_timeout = Duration::from_secs(1);
+    s.control.liveness.probe_every = Duration::from_millis(200);
     let t = TestFleet::start(s, llm.clone() as Arc<dyn LlmClient>).await;
     let (done, _) = t
         .client

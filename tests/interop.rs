@@ -3,26 +3,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: failures should panic
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use flotilla_protocol::{SessionId, SessionRecord, SessionStatus, subject::keys};
 use flotilla_tests::{TestFleet, sim, spec};
 
-fn python() -> PathBuf {
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/venv/bin/python");
-    if venv.is_file() {
-        venv
-    } else {
-        PathBuf::from("python3")
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_client_opens_a_session_and_reads_done() {
     let t = TestFleet::start(spec("unused"), sim(20)).await;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("py/interop.py");
-    let py = python();
+    let py = flotilla_tests::python();
     let out = tokio::time::timeout(
         Duration::from_secs(300),
         tokio::process::Command::new(&py)
@@ -77,7 +68,7 @@ async fn python_agent_shares_memory_with_revision_checks() {
     let notes = MemKey::parse("notes").unwrap();
     let rev = mem.create(&notes, &vec!["rust".to_owned()]).await.unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("py/memory.py");
-    let out = tokio::process::Command::new(python())
+    let out = tokio::process::Command::new(flotilla_tests::python())
         .arg(&script)
         .arg(t.server.url())
         .arg(sid.as_str())

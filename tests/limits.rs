@@ -178,3 +178,59 @@ async fn refusals_and_timeouts_are_typed() {
     }
     shutdown.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_that_still_happens_is_waited_out_and_fed_back_to_the_limiter() {
+    let server = NatsServer::start().unwrap();
+    let fake = FakeOpenAi::start(FakeConfig::default()).await.unwrap();
+    let config = limits(1_000, 1_000_000, Duration::from_secs(60));
+    let shutdown = CancellationToken::new();
+    let leader_bus = bus(&server.url(), "leader").await;
+    let limiter = Limiter::new(leader_bus.clone(), config.clone(), "leader");
+    tokio::spawn(limiter.run(shutdown.child_token()));
+    let openai: Arc<dyn LlmClient> = Arc::new(
+        OpenAiClient::new(OpenAiConfig {
+            base_url: fake.base_url(),
+            ..OpenAiConfig::default()
+        })
+        .unwrap(),
+    );
+    let client = LimiterClient::new(bus(&server.url(), "caller").await, config);
+    let stats = client.stats();
+    let llm = LimitedLlm::new(openai, client);
+    // The provider refuses once, asking for 1 s.
+    fake.push_script(flotilla_testkit::Behaviour::RateLimited {
+        retry_after: Duration::from_secs(1),
+    });
+    let started = tokio::time::Instant::now();
+    let done = llm
+        .complete(&request(1))
+        .await
+        .expect("succeeds on the retry");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "waited the Retry-After"
+    );
+    assert!(done.usage.total() > 0);
+    let s = fake.stats();
+    assert_eq!((s.http_429, s.ok), (1, 1), "{s:?}");
+    assert_eq!(stats.http_429.load(std::sync::atomic::Ordering::Relaxed), 1);
+    // The leader paused the model's window for the Retry-After (seen in its snapshot).
+    let key = flotilla_control::limiter::window_key(MODEL);
+    let paused = flotilla_tests::eventually(Duration::from_secs(10), || {
+        let b = leader_bus.clone();
+        let key = key.clone();
+        async move {
+            b.limits()
+                .get::<flotilla_protocol::WindowSnapshot>(&key)
+                .await
+                .ok()
+                .flatten()
+                .map(|(w, _)| w.paused_until_ms)
+                .filter(|p| *p > 0)
+        }
+    })
+    .await;
+    assert!(paused.is_some(), "the limiter was told about the 429");
+    shutdown.cancel();
+}

@@ -26,6 +26,7 @@ pub fn spec(url: &str) -> FleetSpec {
         workers_per_role: 1,
         worker: PoolSettings::default(),
         roles: Default::default(),
+        tools: Default::default(),
         worker_model: "sim-worker".into(),
     }
 }
@@ -251,4 +252,15 @@ pub async fn events(
         out.push(serde_json::from_slice(&m.payload).unwrap());
     }
     out
+}
+
+/// The Python with nats-py: the project's `.tools/venv` (scripts/setup.sh), else
+/// `python3` on PATH.
+pub fn python() -> std::path::PathBuf {
+    let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/venv/bin/python");
+    if venv.is_file() {
+        venv
+    } else {
+        std::path::PathBuf::from("python3")
+    }
 }

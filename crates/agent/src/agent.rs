@@ -66,6 +66,39 @@ pub struct TaskContext {
     pub memory: SessionMemory,
     /// The attempt's LLM spend: count every call in it (the built-in agent does).
     pub spend: crate::budget::SpendMeter,
+    /// Report real progress (a finished turn): the presence's `progress_ms` and the
+    /// delivery's ack wait both restart.
+    pub progress: Progress,
+}
+
+/// Reports an attempt's progress (see [`TaskContext::progress`]). The default reports
+/// nowhere (for agents run outside a worker, as in unit tests).
+#[derive(Debug, Clone, Default)]
+pub struct Progress(Option<(async_nats::Client, String, crate::presence::Tracker)>);
+
+impl Progress {
+    /// Progress on the delivery whose ack subject is `ack_subject`.
+    pub fn new(
+        client: async_nats::Client,
+        ack_subject: String,
+        tracker: crate::presence::Tracker,
+    ) -> Self {
+        Self(Some((client, ack_subject, tracker)))
+    }
+
+    /// Records progress now.
+    pub async fn report(&self) {
+        if let Some((client, ack, tracker)) = &self.0 {
+            tracker.progress(ack);
+            // `+WPI`: the server restarts the delivery's ack wait.
+            if let Err(e) = client
+                .publish(ack.clone(), bytes::Bytes::from_static(b"+WPI"))
+                .await
+            {
+                tracing::debug!(error = %e, "progress not reported");
+            }
+        }
+    }
 }
 
 /// What a worker role does with one task attempt. The runtime handles claiming,

@@ -9,6 +9,7 @@ use flotilla_protocol::{BudgetKind, DEFAULT_MAX_PAYLOAD, Role, TaskMessage, Task
 
 use crate::agent::{Agent, AgentError, AgentFuture, TaskContext};
 use crate::budget::{BudgetConfig, CallFingerprints, Exhausted, SessionLedger};
+use crate::history::HistoryStore;
 
 /// The shared-memory key where built-in agents record what they found.
 pub const FINDINGS: &str = "findings";
@@ -40,6 +41,9 @@ pub struct LlmAgent {
     llm: Arc<dyn LlmClient>,
     budgets: BudgetConfig,
     ledger: Option<SessionLedger>,
+    history: Option<HistoryStore>,
+    call_timeout: Option<std::time::Duration>,
+    tools: Option<(crate::tools::ToolGateway, Vec<String>)>,
 }
 
 impl std::fmt::Debug for LlmAgent {
@@ -108,7 +112,33 @@ impl LlmAgent {
             llm,
             budgets: BudgetConfig::default(),
             ledger: None,
+            history: None,
+            call_timeout: None,
+            tools: None,
         }
+    }
+
+    /// Lets the agent call `allowed` tools through `gateway` when the model asks.
+    pub fn with_tools(mut self, gateway: crate::tools::ToolGateway, allowed: Vec<String>) -> Self {
+        if !allowed.is_empty() {
+            self.system_prompt
+                .push_str(&format!(" Tools you may call: {}.", allowed.join(", ")));
+            self.tools = Some((gateway, allowed));
+        }
+        self
+    }
+
+    /// Keeps the conversation in KV after every turn (see [`crate::history`]), so a
+    /// backup process continues it.
+    pub fn with_history(mut self, history: HistoryStore) -> Self {
+        self.history = Some(history);
+        self
+    }
+
+    /// Gives up on a call after `timeout` (the attempt is then retried later).
+    pub fn with_call_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.call_timeout = Some(timeout);
+        self
     }
 
     /// Replaces the system prompt.
@@ -192,7 +222,12 @@ impl LlmAgent {
             ),
             None => None,
         };
-        let result = self.llm.complete(request).await;
+        let result = match self.call_timeout {
+            Some(t) => tokio::time::timeout(t, self.llm.complete(request))
+                .await
+                .unwrap_or_else(|_| Err(LlmError::Unavailable(format!("no answer within {t:?}")))),
+            None => self.llm.complete(request).await,
+        };
         let used = match &result {
             Ok(c) => u64::from(c.usage.total()),
             Err(_) => 0,
@@ -240,7 +275,37 @@ impl Agent for LlmAgent {
             let mut calls = CallFingerprints::default();
             let mut told_closed = false;
             let max_turns = self.budgets.max_turns.max(1);
-            for _turn in 1..=max_turns {
+            // Continue the conversation a failed process left, if any.
+            let mut conversation = match &self.history {
+                Some(h) => Some(
+                    h.load(&task.session_id, &task.task_id, task.attempt)
+                        .await
+                        .map_err(|e| AgentError::Transient(e.to_string()))?,
+                ),
+                None => None,
+            };
+            let mut first_turn = 1;
+            if let Some(c) = &conversation {
+                let h = &c.history;
+                if !h.summary.is_empty() {
+                    request.messages.push(ChatMessage::user(format!(
+                        "Your earlier turns on this task, summarized:\n{}",
+                        h.summary
+                    )));
+                }
+                for t in &h.recent {
+                    request
+                        .messages
+                        .push(ChatMessage::assistant(t.assistant.clone()));
+                    request.messages.push(ChatMessage::user(t.user.clone()));
+                }
+                task_spent = h.tokens;
+                first_turn = h.turns_taken + 1;
+                if h.turns_taken > 0 {
+                    tracing::info!(turns = h.turns_taken, "continuing a conversation from KV");
+                }
+            }
+            for _turn in first_turn..=max_turns {
                 let content = self.call(ctx, task, &request, &mut task_spent).await?;
                 let turn: Turn = match serde_json::from_str::<Turn>(&content) {
                     Ok(t) => t,
@@ -288,20 +353,24 @@ impl Agent for LlmAgent {
                             &format!("tool {tool} {arguments}"),
                             self.budgets.circuit_repeats,
                         )?;
-                        format!(
-                            "Tool `{tool}` is not available to this agent; \
-                             continue without it."
-                        )
+                        self.call_tool(task, tool, arguments).await?
                     }
                     Turn::Continue { note } => {
                         calls.observe(&format!("continue {note}"), self.budgets.circuit_repeats)?;
                         CONTINUE.to_owned()
                     }
                 };
-                request.messages.push(ChatMessage {
-                    role: flotilla_llm::ChatRole::Assistant,
-                    content,
-                });
+                if let (Some(h), Some(c)) = (&self.history, conversation.as_mut()) {
+                    let turn = flotilla_protocol::HistoryTurn {
+                        assistant: content.clone(),
+                        user: reply.clone(),
+                    };
+                    h.push(c, turn, task_spent)
+                        .await
+                        .map_err(|e| AgentError::Transient(e.to_string()))?;
+                }
+                ctx.progress.report().await;
+                request.messages.push(ChatMessage::assistant(content));
                 request.messages.push(ChatMessage::user(reply));
             }
             Err(Exhausted {
@@ -314,6 +383,35 @@ impl Agent for LlmAgent {
 }
 
 impl LlmAgent {
+    /// Runs a tool the model asked for; its result (or why it failed) is the next
+    /// message. Transient gateway failures retry the attempt later.
+    async fn call_tool(
+        &self,
+        task: &TaskMessage,
+        tool: &str,
+        arguments: &serde_json::Value,
+    ) -> Result<String, AgentError> {
+        let Some((gateway, allowed)) = &self.tools else {
+            return Ok(format!(
+                "Tool `{tool}` is not available to this agent; continue without it."
+            ));
+        };
+        if !allowed.iter().any(|t| t == tool) || !gateway.knows(tool) {
+            return Ok(format!(
+                "Tool `{tool}` is not available to this agent (it may call: {}); continue without it.",
+                allowed.join(", ")
+            ));
+        }
+        match gateway
+            .call(&task.session_id, &task.task_id, tool, arguments)
+            .await
+        {
+            Ok(result) => Ok(format!("Tool `{tool}` returned: {result}")),
+            Err(e) if e.is_transient() => Err(AgentError::Transient(e.to_string())),
+            Err(e) => Ok(format!("Tool `{tool}` failed: {e}. Continue without it.")),
+        }
+    }
+
     /// Shares the finding with the session's other agents. Keyed by task, so a
     /// redelivered attempt replaces its entry instead of appending a second one.
     async fn record_finding(

@@ -265,8 +265,34 @@ impl Worker {
         let ctx = TaskContext {
             memory: self.bus.memory().session(&task.session_id),
             spend: crate::budget::SpendMeter::default(),
+            progress: crate::agent::Progress::new(
+                self.bus.client.clone(),
+                ack_subject.to_owned(),
+                self.tracker.clone(),
+            ),
+        };
+        // While the agent runs (an LLM call may outlast the ack wait), keep the delivery
+        // ours: `+WPI` every half ack wait. This is not progress: the watchdog's stuck
+        // timeout still sees only the agent's own reports, and a frozen or dead process
+        // stops sending these.
+        let keepalive = {
+            let (client, ack) = (self.bus.client.clone(), ack_subject.to_owned());
+            let every = (self.settings.effective_ack_wait() / 2).max(Duration::from_millis(100));
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    if client
+                        .publish(ack.clone(), Bytes::from_static(b"+WPI"))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            })
         };
         let result = ctx.spend.clone().scope(self.agent.run(&ctx, &task)).await;
+        keepalive.abort();
         let spend = ctx.spend.spend();
         if spend.rate_limit_waits > 0 {
             let body = EventBody::RateLimitWait {

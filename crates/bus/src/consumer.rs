@@ -100,25 +100,23 @@ mod durations {
     }
 }
 
-/// Serde for `Option<Vec<Duration>>` as human-readable strings.
-mod opt_durations {
+/// Serde for `Option<Vec<Duration>>` as human-readable strings (`["1s", "5s"]`), for
+/// `#[serde(with = "...")]`.
+pub mod opt_durations {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub(super) fn serialize<S: Serializer>(
-        v: &Option<Vec<Duration>>,
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
+    /// Serializes.
+    pub fn serialize<S: Serializer>(v: &Option<Vec<Duration>>, s: S) -> Result<S::Ok, S::Error> {
         match v {
             Some(v) => super::durations::serialize(v, s),
             None => s.serialize_none(),
         }
     }
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<Option<Vec<Duration>>, D::Error> {
+    /// Deserializes.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<Duration>>, D::Error> {
         Option::<Vec<String>>::deserialize(d)?
             .map(|v| {
                 v.iter()

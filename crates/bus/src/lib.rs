@@ -33,7 +33,7 @@ use async_nats::jetstream;
 use flotilla_protocol::Namespace;
 
 pub use config::BusConfig;
-pub use consumer::{ConsumerError, PoolConsumer, PoolOverrides, PoolSettings};
+pub use consumer::{ConsumerError, PoolConsumer, PoolOverrides, PoolSettings, opt_durations};
 pub use delivery::{AckError, DeadLetter, Delivery};
 pub use kv::{KvError, Records};
 pub use memory::{

@@ -162,6 +162,12 @@ pub(crate) fn bucket_configs(ns: &Namespace, c: &BusConfig) -> Vec<kv::Config> {
             forever,
             false,
         ),
+        bucket(
+            ns.bucket_cache(),
+            "flotilla tool results: cached and idempotency records (per-key TTL)",
+            forever,
+            true,
+        ),
     ]
 }
 

@@ -10,7 +10,8 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use std::collections::BTreeMap;
 
-use flotilla_bus::{BusConfig, PoolOverrides, PoolSettings};
+use flotilla_agent::RoleSpec;
+use flotilla_bus::{BusConfig, PoolSettings};
 use flotilla_control::{ControlConfig, SessionConfig};
 use flotilla_llm::SimConfig;
 use flotilla_protocol::Role;
@@ -23,6 +24,8 @@ pub(crate) enum Provider {
     /// The built-in deterministic simulator.
     #[default]
     Simulated,
+    /// Any OpenAI-compatible chat completions endpoint (`[llm.openai]`).
+    Openai,
 }
 
 /// LLM settings.
@@ -35,14 +38,17 @@ pub(crate) struct LlmConfig {
     pub(crate) worker_model: String,
     /// Simulated provider settings.
     pub(crate) simulated: SimConfig,
+    /// OpenAI-compatible provider settings (base URL, key, timeouts, retries).
+    pub(crate) openai: flotilla_llm::OpenAiConfig,
 }
 
 impl Default for LlmConfig {
     fn default() -> Self {
         Self {
             provider: Provider::Simulated,
-            worker_model: "sim-large".into(),
+            worker_model: "gpt-4o".into(),
             simulated: SimConfig::default(),
+            openai: flotilla_llm::OpenAiConfig::default(),
         }
     }
 }
@@ -75,8 +81,11 @@ pub(crate) struct Config {
     pub(crate) limits: flotilla_agent::LimitsConfig,
     /// Token, turn and clarification budgets.
     pub(crate) budgets: flotilla_agent::BudgetConfig,
-    /// Per-role changes to `worker` (`[roles.<role>]`).
-    pub(crate) roles: BTreeMap<Role, PoolOverrides>,
+    /// Tools agents may call (`[tools.<name>]`): caching, idempotency, limits.
+    pub(crate) tools: flotilla_agent::ToolsConfig,
+    /// Roles defined here (`[roles.<role>]`): agent prompt, model, tools, limits, and
+    /// changes to `[worker]` and `nats.inbox_bound`.
+    pub(crate) roles: BTreeMap<Role, RoleSpec>,
     /// LLM provider.
     pub(crate) llm: LlmConfig,
     /// The embedded server.
@@ -100,7 +109,7 @@ impl Config {
     pub(crate) fn pool(&self, role: &Role) -> PoolSettings {
         self.roles
             .get(role)
-            .map(|o| o.apply(&self.worker))
+            .map(|o| o.pool().apply(&self.worker))
             .unwrap_or_else(|| self.worker.clone())
     }
 
@@ -128,6 +137,7 @@ fn defaults() -> Config {
         liveness: control.liveness,
         limits: control.limits,
         budgets: control.budgets,
+        tools: BTreeMap::new(),
         roles: BTreeMap::new(),
         llm: LlmConfig::default(),
         embedded: EmbeddedConfig::default(),
@@ -147,7 +157,13 @@ pub(crate) fn load(path: Option<&Path>) -> anyhow::Result<Config> {
         None => fig = fig.merge(Toml::file("config/flotilla.toml")),
     }
     fig = fig.merge(Env::prefixed("FLOTILLA_").split("__"));
-    let config: Config = fig.extract().context("invalid configuration")?;
+    let mut config: Config = fig.extract().context("invalid configuration")?;
+    // A role's inbox bound is a topology setting: fold it into the bus config.
+    for (role, def) in &config.roles {
+        if let Some(b) = def.inbox_bound {
+            config.nats.role_inbox_bounds.insert(role.clone(), b);
+        }
+    }
     validate(&config)?;
     Ok(config)
 }
@@ -184,6 +200,14 @@ pub(crate) fn validate(c: &Config) -> anyhow::Result<()> {
         c.nats.orchestrator_inbox_bound,
         s.max_in_flight
     );
+    for (role, def) in &c.roles {
+        for tool in &def.tools {
+            anyhow::ensure!(
+                c.tools.contains_key(tool),
+                "[roles.{role}] names tool {tool}, which has no [tools.{tool}] section"
+            );
+        }
+    }
     for role in c.roles.keys().chain(c.nats.role_inbox_bounds.keys()) {
         anyhow::ensure!(
             c.session.roles.contains(role),

@@ -574,3 +574,74 @@ async fn killing_the_limiter_leader_hands_over_within_the_lease_ttl_and_limits_h
         "{s:?}"
     );
 }
+
+/// An agent's conversation lives in KV: kill the process between two turns of one task,
+/// and the backup process continues it, its model seeing the first turn, without
+/// repeating it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_survives_its_process_between_two_turns() {
+    use flotilla_protocol::AgentHistory;
+    use futures::StreamExt;
+    let server = NatsServer::start().unwrap();
+    let url = server.url();
+    let mut env = ENV.to_vec();
+    env.push(("FLOTILLA_LLM__SIMULATED__BEHAVIOUR", "two_turns"));
+    let mut procs = Procs(HashMap::new());
+    let research = procs.fleet(&url, &env);
+    let (bus, client) = inspector(&url).await;
+    let set = start_sessions(&client, 1, "two turns, one crash");
+
+    // Wait for the research task's first turn to be saved, then kill its holder while
+    // the second turn is in flight (each call takes ~1.5 s).
+    let mut watch = bus.sessions().store().watch("*.h.*").await.unwrap();
+    let (victim, task_key) = loop {
+        let entry = tokio::time::timeout(Duration::from_secs(60), watch.next())
+            .await
+            .expect("a first turn saved")
+            .unwrap()
+            .unwrap();
+        let Ok(h) = serde_json::from_slice::<AgentHistory>(&entry.value) else {
+            continue;
+        };
+        let task_key = entry.key.replace(".h.", ".t.");
+        let (rec, _) = bus
+            .sessions()
+            .get::<TaskRecord>(&task_key)
+            .await
+            .unwrap()
+            .unwrap();
+        if rec.role.as_str() != "research" || h.turns_taken != 1 {
+            continue;
+        }
+        let holder = rec.holder.expect("a holder").to_string();
+        let pid: u32 = holder.trim_start_matches("research-").parse().unwrap();
+        assert!(research.contains(&pid), "{holder}");
+        eprintln!("killing {holder} after the first turn of {task_key}");
+        break (pid, task_key);
+    };
+    procs.kill9(victim);
+    let records = check_all_completed(&bus, set, 1).await;
+    let (rec, _) = bus
+        .sessions()
+        .get::<TaskRecord>(&task_key)
+        .await
+        .unwrap()
+        .unwrap();
+    let survivor = research.iter().find(|p| **p != victim).unwrap();
+    assert_eq!(
+        rec.holder.unwrap().to_string(),
+        format!("research-{survivor}")
+    );
+    let summary = rec.output.expect("committed output").summary;
+    assert!(
+        summary.contains("after 1 earlier turn(s)"),
+        "the second turn saw the first: {summary}"
+    );
+    // Two calls for each of the three other tasks; the backup made one (the second turn)
+    // for research: it did not start the conversation over.
+    assert_eq!(
+        records[0].counters.spend.calls, 7,
+        "{:?}",
+        records[0].counters.spend
+    );
+}

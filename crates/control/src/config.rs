@@ -57,7 +57,7 @@ impl Default for SessionConfig {
             max_task_attempts: 3,
             pool_size: 600,
             retry_after_ms: 1000,
-            orchestrator_model: "sim-small".to_owned(),
+            orchestrator_model: "gpt-4o-mini".to_owned(),
             reconcile_every: Duration::from_secs(30),
             slot_grace: Duration::from_secs(60),
         }

@@ -3,10 +3,11 @@
 
 use std::sync::Arc;
 
-use flotilla_agent::{LlmAgent, Worker};
+use flotilla_agent::Worker;
 use std::collections::BTreeMap;
 
-use flotilla_bus::{Bus, BusConfig, ConnectError, Counters, PoolOverrides, PoolSettings};
+use flotilla_agent::RoleSpec;
+use flotilla_bus::{Bus, BusConfig, ConnectError, Counters, PoolSettings};
 use flotilla_llm::LlmClient;
 use flotilla_protocol::Role;
 use tokio::task::JoinSet;
@@ -28,8 +29,10 @@ pub struct FleetSpec {
     pub workers_per_role: usize,
     /// Worker consumer settings.
     pub worker: PoolSettings,
-    /// Per-role changes to `worker`.
-    pub roles: BTreeMap<Role, PoolOverrides>,
+    /// Roles defined in configuration (agent and pool settings).
+    pub roles: BTreeMap<Role, RoleSpec>,
+    /// Tools agents may call (`flotilla.tool.<name>`).
+    pub tools: flotilla_agent::ToolsConfig,
     /// Model the workers use.
     pub worker_model: String,
 }
@@ -71,17 +74,21 @@ impl Fleet {
                 .await?;
                 let limited =
                     flotilla_agent::LimitedLlm::wrap(llm.clone(), &bus, &spec.control.limits);
-                let agent = Arc::new(
-                    LlmAgent::new(role.clone(), spec.worker_model.clone(), limited).with_budgets(
-                        spec.control.budgets.clone(),
-                        flotilla_agent::SessionLedger::new(bus.clone()),
-                    ),
-                );
-                let settings = spec
-                    .roles
-                    .get(role)
-                    .map(|o| o.apply(&spec.worker))
-                    .unwrap_or_else(|| spec.worker.clone());
+                let def = spec.roles.get(role).cloned().unwrap_or_default();
+                let gateway = flotilla_agent::ToolGateway::new(bus.clone(), spec.tools.clone())
+                    .map_err(|e| ConnectError::Bucket {
+                        bucket: "tools".into(),
+                        detail: format!("invalid tool name: {e}"),
+                    })?;
+                let agent = Arc::new(def.agent(
+                    role,
+                    &spec.worker_model,
+                    limited,
+                    &spec.control.budgets,
+                    &bus,
+                    &gateway,
+                ));
+                let settings = def.pool().apply(&spec.worker);
                 let worker = Worker::new(bus, role.clone(), agent, settings)
                     .with_liveness(spec.control.liveness.clone());
                 let s = shutdown.child_token();

@@ -52,6 +52,11 @@ pub enum Behaviour {
     /// Calls the same tool with the same arguments forever: stopped by the circuit
     /// breaker.
     SameToolForever,
+    /// Takes notes on the first turn, then answers citing how many earlier turns it
+    /// saw (tests that a conversation survives its process).
+    TwoTurns,
+    /// Calls the `lookup` tool on the first turn, then answers quoting what it said.
+    UseTool,
 }
 
 impl Default for SimConfig {
@@ -104,7 +109,7 @@ fn fnv1a(seed: u64, parts: &[&str]) -> u64 {
 }
 
 /// A worker turn of an adversarial behaviour.
-fn adversarial(b: Behaviour, w: &WorkInput, turn: usize) -> String {
+fn adversarial(b: Behaviour, w: &WorkInput, turn: usize, last: &str) -> String {
     let v = match b {
         Behaviour::NeverDone => serde_json::json!({
             "action": "continue",
@@ -125,6 +130,25 @@ fn adversarial(b: Behaviour, w: &WorkInput, turn: usize) -> String {
             "action": "tool",
             "tool": "search",
             "arguments": {"query": w.instruction},
+        }),
+        Behaviour::TwoTurns if turn == 1 => serde_json::json!({
+            "action": "continue",
+            "note": format!("notes on {}", w.task_id),
+        }),
+        Behaviour::TwoTurns => serde_json::json!({
+            "action": "final",
+            "summary": format!("{} finished {} after {} earlier turn(s)", w.role, w.task_id, turn - 1),
+            "artifacts": [{"name": format!("{}-{}", w.role, w.task_id), "kind": "note", "content": w.instruction}],
+        }),
+        Behaviour::UseTool if turn == 1 => serde_json::json!({
+            "action": "tool",
+            "tool": "lookup",
+            "arguments": {"query": w.task_id},
+        }),
+        Behaviour::UseTool => serde_json::json!({
+            "action": "final",
+            "summary": format!("{} used a tool: {last}", w.role),
+            "artifacts": [{"name": format!("{}-{}", w.role, w.task_id), "kind": "note", "content": w.instruction}],
         }),
         Behaviour::Cooperative => serde_json::json!({"action": "continue", "note": ""}),
     };
@@ -227,7 +251,8 @@ impl SimulatedProvider {
                     .iter()
                     .filter(|m| m.role == crate::client::ChatRole::Assistant)
                     .count();
-                adversarial(self.config.behaviour, &w, turn)
+                let last = request.messages.last().map_or("", |m| m.content.as_str());
+                adversarial(self.config.behaviour, &w, turn, last)
             }
             Some(schema::CLARIFICATION) => serde_json::json!({
                 "answer": format!("Interpret it in the most useful way ({:08x}).", rng.next() as u32)

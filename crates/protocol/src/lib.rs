@@ -15,6 +15,7 @@
 //! - [`record`]: session and task records kept in KV.
 //! - [`presence`]: what each process heartbeats into the agents bucket.
 //! - [`limits`]: the fleet rate limiter's permits and the leader's records.
+//! - [`tool`]: tool names, tool calls and replies (tools are NATS micro services).
 //! - [`output`]: plans, task outputs, the final answer, and their validation.
 //! - [`error`]: the closed set of wire error codes and their dispositions.
 //! - [`codec`]: size-limited decoding into typed errors.
@@ -35,6 +36,7 @@ pub mod presence;
 pub mod record;
 pub mod schema;
 pub mod subject;
+pub mod tool;
 pub mod trace;
 pub mod version;
 
@@ -53,10 +55,11 @@ pub use output::{
 };
 pub use presence::{InFlight, Presence};
 pub use record::{
-    Effect, MemoryStats, SessionCounters, SessionRecord, SessionStatus, TaskEntry, TaskRecord,
-    TaskRunState, TaskState,
+    AgentHistory, Effect, HistoryTurn, MemoryStats, SessionCounters, SessionRecord, SessionStatus,
+    TaskEntry, TaskRecord, TaskRunState, TaskState,
 };
 pub use subject::{Namespace, ParsedSubject, SubjectError};
+pub use tool::{ToolCall, ToolName, ToolReply};
 pub use trace::TraceParent;
 pub use version::V1;
 

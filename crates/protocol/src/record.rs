@@ -189,6 +189,38 @@ pub struct SessionRecord {
     pub counters: SessionCounters,
 }
 
+/// One exchange of an agent's conversation: the model's turn and what the agent
+/// answered it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryTurn {
+    /// The model's answer.
+    pub assistant: String,
+    /// The agent's reply (a tool result, "continue", …).
+    pub user: String,
+}
+
+/// An agent's conversation on a task, key `<sid>.h.<task>` in the sessions bucket: the
+/// last turns plus a running summary of older ones, written after every turn so a
+/// backup process continues where a failed one stopped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AgentHistory {
+    /// Protocol version (1).
+    pub v: V1,
+    /// The attempt this conversation belongs to.
+    pub attempt: u32,
+    /// Turns taken so far (also those folded into the summary).
+    pub turns_taken: u32,
+    /// Tokens the attempt has used so far.
+    pub tokens: u64,
+    /// Older turns, summarized.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub summary: String,
+    /// The most recent turns, oldest first.
+    pub recent: Vec<HistoryTurn>,
+}
+
 /// Where a task attempt is, as workers see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]

@@ -27,6 +27,10 @@ pub fn all() -> Vec<(&'static str, String)> {
         ("answer.json", pretty(schema_for!(Answer))),
         ("presence.json", pretty(schema_for!(crate::Presence))),
         (
+            "agent_history.json",
+            pretty(schema_for!(crate::AgentHistory)),
+        ),
+        (
             "limits_acquire.json",
             pretty(schema_for!(crate::AcquireRequest)),
         ),
@@ -46,5 +50,7 @@ pub fn all() -> Vec<(&'static str, String)> {
             "limits_window.json",
             pretty(schema_for!(crate::WindowSnapshot)),
         ),
+        ("tool_call.json", pretty(schema_for!(crate::ToolCall))),
+        ("tool_reply.json", pretty(schema_for!(crate::ToolReply))),
     ]
 }

@@ -11,11 +11,13 @@
 //! | `<p>.s.<sid>.in.<role>` | an agent's inbox (stream `<P>_INBOX`) |
 //! | `<p>.s.<sid>.ev.<kind>` | a session's event log (stream `<P>_EVENTS`) |
 //! | `<p>.dlq.<stream>.<reason>` | dead letters (stream `<P>_DLQ`) |
+//! | `<p>.tool.<name>` | a tool's endpoint (NATS micro service `<p>-tool-<name>`) |
 
 use std::fmt;
 
 use crate::event::EventKindName;
 use crate::ids::{InvalidId, Role, SessionId};
+use crate::tool::ToolName;
 
 /// A subject could not be parsed as one of Flotilla's.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -259,6 +261,24 @@ impl Namespace {
     pub fn service_name(&self) -> String {
         format!("{}-admission", self.prefix)
     }
+    /// A tool's endpoint: `<p>.tool.<name>`.
+    pub fn tool(&self, name: &ToolName) -> String {
+        format!("{}.tool.{name}", self.prefix)
+    }
+    /// Every tool's endpoint: `<p>.tool.*`.
+    pub fn tools_all(&self) -> String {
+        format!("{}.tool.*", self.prefix)
+    }
+    /// NATS micro service name of a tool: `<p>-tool-<name>`.
+    pub fn tool_service_name(&self, name: &ToolName) -> String {
+        format!("{}-tool-{name}", self.prefix)
+    }
+    /// KV bucket of tool results: deterministic tools' cached results (keys
+    /// `t.<hash>`) and side-effecting calls' recorded results (keys `i.<hash>`), each
+    /// with its own TTL.
+    pub fn bucket_cache(&self) -> String {
+        format!("{}-cache", self.prefix)
+    }
 
     // ---- parsing ----------------------------------------------------------------
 
@@ -349,6 +369,10 @@ mod tests {
                 .stream_inbox(&Role::parse("research").unwrap()),
             "MY_APP_INBOX_research"
         );
+        let tool = ToolName::parse("py-upper").unwrap();
+        assert_eq!(ns.tool(&tool), "flotilla.tool.py-upper");
+        assert_eq!(ns.tool_service_name(&tool), "flotilla-tool-py-upper");
+        assert_eq!(ns.bucket_cache(), "flotilla-cache");
     }
 }
 
@@ -360,6 +384,11 @@ pub mod keys {
     /// The session record: `<sid>`.
     pub fn session(session: &SessionId) -> String {
         session.as_str().to_owned()
+    }
+
+    /// An agent's conversation on a task: `<sid>.h.<task>`.
+    pub fn history(session: &SessionId, task: &TaskId) -> String {
+        format!("{session}.h.{task}")
     }
 
     /// A task record: `<sid>.t.<task>`.
@@ -375,6 +404,17 @@ pub mod keys {
     /// A shared-memory key of a session: `<sid>.<key>` (`key` is one token).
     pub fn memory(session: &SessionId, key: &str) -> String {
         format!("{session}.{key}")
+    }
+
+    /// A deterministic tool's cached result in the cache bucket: `t.<hash>`.
+    pub fn tool_result(hash: &str) -> String {
+        format!("t.{hash}")
+    }
+
+    /// A side-effecting tool call's recorded result in the cache bucket: `i.<hash>`
+    /// (the hash is its idempotency key).
+    pub fn tool_effect(hash: &str) -> String {
+        format!("i.{hash}")
     }
 
     /// Parses an admission slot key.

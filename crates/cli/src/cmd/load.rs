@@ -69,9 +69,10 @@ pub(crate) async fn load(
             workers_per_role: a.workers_per_role,
             worker: config.worker.clone(),
             roles: config.roles.clone(),
+            tools: config.tools.clone(),
             worker_model: config.llm.worker_model.clone(),
         };
-        let fleet = Fleet::start(spec, super::run::llm(&config))
+        let fleet = Fleet::start(spec, super::run::llm(&config)?)
             .await
             .context("starting the fleet")?;
         Running::InProcess(fleet)

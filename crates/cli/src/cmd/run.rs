@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use flotilla_agent::{LlmAgent, Worker};
+use flotilla_agent::Worker;
 use flotilla_bus::{Bus, Counters};
 use flotilla_control::Serve;
 use flotilla_llm::{LlmClient, SimulatedProvider};
@@ -13,10 +13,23 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, Provider};
 
 /// The configured LLM provider.
-pub(crate) fn llm(config: &Config) -> Arc<dyn LlmClient> {
-    match config.llm.provider {
+pub(crate) fn llm(config: &Config) -> anyhow::Result<Arc<dyn LlmClient>> {
+    Ok(match config.llm.provider {
         Provider::Simulated => Arc::new(SimulatedProvider::new(config.llm.simulated.clone())),
-    }
+        Provider::Openai => {
+            let mut openai = config.llm.openai.clone();
+            // The conventional variable, when the key is not configured.
+            if openai.api_key.is_none() {
+                openai.api_key = std::env::var("OPENAI_API_KEY")
+                    .ok()
+                    .filter(|k| !k.is_empty());
+            }
+            Arc::new(
+                flotilla_llm::OpenAiClient::new(openai)
+                    .context("configuring the OpenAI-compatible provider")?,
+            )
+        }
+    })
 }
 
 fn process_name(kind: &str) -> String {
@@ -32,7 +45,7 @@ pub(crate) async fn serve(config: Config, shutdown: CancellationToken) -> anyhow
     .await
     .context("connecting to NATS")?;
     tracing::info!(url = %config.nats.url, prefix = bus.names().prefix(), "connected");
-    Serve::new(bus, llm(&config), config.control())
+    Serve::new(bus, llm(&config)?, config.control())
         .run(shutdown)
         .await?;
     Ok(())
@@ -60,13 +73,18 @@ pub(crate) async fn agent(
     )
     .await
     .context("connecting to NATS")?;
-    let limited = flotilla_agent::LimitedLlm::wrap(llm(&config), &bus, &config.limits);
-    let agent = Arc::new(
-        LlmAgent::new(role.clone(), config.llm.worker_model.clone(), limited).with_budgets(
-            config.budgets.clone(),
-            flotilla_agent::SessionLedger::new(bus.clone()),
-        ),
-    );
+    let limited = flotilla_agent::LimitedLlm::wrap(llm(&config)?, &bus, &config.limits);
+    let def = config.roles.get(&role).cloned().unwrap_or_default();
+    let gateway = flotilla_agent::ToolGateway::new(bus.clone(), config.tools.clone())
+        .context("invalid [tools] configuration")?;
+    let agent = Arc::new(def.agent(
+        &role,
+        &config.llm.worker_model,
+        limited,
+        &config.budgets,
+        &bus,
+        &gateway,
+    ));
     let mut settings = config.pool(&role);
     if let Some(c) = concurrency {
         settings.concurrency = c;

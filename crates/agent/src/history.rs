@@ -1,0 +1,134 @@
+//! Agent conversations kept in KV (`<sid>.h.<task>` in the sessions bucket): the last
+//! `window` turns plus a running summary of older ones, written after every turn by
+//! compare-and-set, so a backup process continues the conversation where a failed one
+//! stopped, and a fenced-off holder cannot overwrite its successor's turns.
+
+use flotilla_bus::{Bus, KvError};
+use flotilla_protocol::{AgentHistory, HistoryTurn, SessionId, TaskId, V1, subject::keys};
+
+/// Longest running summary kept, in characters (the oldest part is dropped first).
+const SUMMARY_MAX: usize = 4_000;
+/// Characters of a turn kept when it is folded into the summary.
+const FOLD_MAX: usize = 300;
+
+/// Reads and writes agent conversations.
+#[derive(Debug, Clone)]
+pub struct HistoryStore {
+    bus: Bus,
+    window: usize,
+}
+
+/// A conversation being continued, with the revision it was read at.
+#[derive(Debug, Clone)]
+pub struct Conversation {
+    key: String,
+    revision: Option<u64>,
+    /// The conversation.
+    pub history: AgentHistory,
+}
+
+/// The conversation could not be saved.
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    /// Another process wrote the conversation since: this one was taken over; stop.
+    #[error("the conversation was taken over by another process")]
+    TakenOver,
+    /// NATS is unreachable: retry the attempt later.
+    #[error(transparent)]
+    Unavailable(KvError),
+}
+
+fn cut(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+impl HistoryStore {
+    /// Keeps the last `window` turns verbatim (at least 1).
+    pub fn new(bus: Bus, window: usize) -> Self {
+        Self {
+            bus,
+            window: window.max(1),
+        }
+    }
+
+    /// The conversation of `task`'s `attempt`: the stored one if it belongs to this
+    /// attempt, else a new one.
+    pub async fn load(
+        &self,
+        session: &SessionId,
+        task: &TaskId,
+        attempt: u32,
+    ) -> Result<Conversation, HistoryError> {
+        let key = keys::history(session, task);
+        let stored = self
+            .bus
+            .sessions()
+            .get::<AgentHistory>(&key)
+            .await
+            .map_err(HistoryError::Unavailable)?;
+        let fresh = AgentHistory {
+            v: V1,
+            attempt,
+            turns_taken: 0,
+            tokens: 0,
+            summary: String::new(),
+            recent: Vec::new(),
+        };
+        Ok(match stored {
+            Some((h, rev)) if h.attempt == attempt => Conversation {
+                key,
+                revision: Some(rev),
+                history: h,
+            },
+            Some((_, rev)) => Conversation {
+                key,
+                revision: Some(rev),
+                history: fresh,
+            },
+            None => Conversation {
+                key,
+                revision: None,
+                history: fresh,
+            },
+        })
+    }
+
+    /// Appends a turn (folding the oldest into the summary past the window) and saves.
+    pub async fn push(
+        &self,
+        c: &mut Conversation,
+        turn: HistoryTurn,
+        tokens: u64,
+    ) -> Result<(), HistoryError> {
+        let h = &mut c.history;
+        h.turns_taken += 1;
+        h.tokens = tokens;
+        h.recent.push(turn);
+        while h.recent.len() > self.window {
+            let old = h.recent.remove(0);
+            let n = h.turns_taken as usize - h.recent.len();
+            h.summary
+                .push_str(&format!("[turn {n}] {}\n", cut(&old.assistant, FOLD_MAX)));
+        }
+        if h.summary.chars().count() > SUMMARY_MAX {
+            let drop = h.summary.chars().count() - SUMMARY_MAX;
+            h.summary = h.summary.chars().skip(drop).collect();
+        }
+        let records = self.bus.sessions();
+        let res = match c.revision {
+            Some(rev) => records.update(&c.key, &c.history, rev).await,
+            None => records.create(&c.key, &c.history).await,
+        };
+        match res {
+            Ok(rev) => {
+                c.revision = Some(rev);
+                Ok(())
+            }
+            Err(KvError::Conflict { .. } | KvError::Exists { .. }) => Err(HistoryError::TakenOver),
+            Err(e) => Err(HistoryError::Unavailable(e)),
+        }
+    }
+}
