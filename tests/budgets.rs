@@ -327,3 +327,25 @@ async fn spend_counts_every_call_of_every_task() {
     assert_eq!(rec.counters.spend.calls, 8, "{:?}", rec.counters.spend);
     fleet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_outgrowing_the_call_budget_is_stopped_by_it() {
+    let mut s = spec("");
+    s.control.budgets.max_turns = 1_000;
+    s.control.budgets.call_tokens = 3_000;
+    let fleet = TestFleet::start(s, sim(Behaviour::ImproveForever)).await;
+    let (done, rec) = run(&fleet, "ever longer drafts").await;
+    assert_eq!(stopped_by(&done), Some(BudgetKind::CallTokens));
+    let evs = events(&fleet, &rec).await;
+    assert!(
+        evs.iter().any(|e| matches!(e, EventBody::BudgetExhausted { budget: BudgetKind::CallTokens, reason, .. } if reason.contains("call budget 3000"))),
+        "{evs:?}"
+    );
+    // No call was allowed past the budget: each used at most 3000 tokens.
+    assert!(
+        rec.counters.spend.largest_call <= 3_000,
+        "{:?}",
+        rec.counters.spend
+    );
+    fleet.stop().await;
+}

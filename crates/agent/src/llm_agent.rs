@@ -203,17 +203,23 @@ impl LlmAgent {
             }
             .into());
         }
-        let estimate = u64::from(flotilla_llm::estimate_request_tokens(request));
-        if estimate > b.call_tokens {
+        // The completion may use what the prompt leaves of the call budget.
+        let prompt = u64::from(flotilla_llm::estimate_prompt_tokens(&request.messages));
+        if prompt >= b.call_tokens {
             return Err(Exhausted {
                 budget: BudgetKind::CallTokens,
                 reason: format!(
-                    "a call needs about {estimate} tokens, more than {} allowed per call",
+                    "the prompt alone is about {prompt} tokens, the call budget {}",
                     b.call_tokens
                 ),
             }
             .into());
         }
+        let room = (b.call_tokens - prompt).min(u64::from(request.max_tokens.unwrap_or(u32::MAX)));
+        let mut request = request.clone();
+        request.max_tokens = Some(room as u32);
+        let request = &request;
+        let estimate = prompt + room;
         let reservation = match &self.ledger {
             Some(l) => Some(
                 l.reserve(&task.session_id, estimate, b.session_tokens)

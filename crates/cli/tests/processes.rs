@@ -324,3 +324,81 @@ fn memory_bench_across_processes_loses_no_update() {
     assert_eq!(v["duplicates"], 0);
     assert_eq!(v["processes"], 3);
 }
+
+/// A new kind of agent with no code: a role defined only in a configuration file
+/// (prompt, model, turns, inbox bound, ack wait), run with `flotilla agent --role`.
+#[test]
+fn a_role_defined_only_in_config_runs_with_no_code() {
+    let server = NatsServer::start().unwrap();
+    let url = server.url();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("flotilla.toml");
+    std::fs::write(
+        &path,
+        r#"
+[session]
+roles = ["research", "analysis", "legal"]
+
+[roles.legal]
+system_prompt = "You are the legal specialist. Check the plan for legal risks and answer with JSON."
+model = "legal-model"
+max_turns = 2
+call_timeout = "30s"
+history_turns = 2
+inbox_bound = 4
+ack_wait = "20s"
+"#,
+    )
+    .unwrap();
+    let cfg = path.to_str().unwrap();
+    let mut procs = Procs(vec![spawn(&["--config", cfg, "serve"], &url)]);
+    for role in ["research", "analysis", "legal"] {
+        procs
+            .0
+            .push(spawn(&["--config", cfg, "agent", "--role", role], &url));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let out = loop {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["--config", cfg, "submit", "--wait", "--timeout-s", "60"])
+            .args(["--nats-url", &url, "open a bakery in another country"])
+            .env("RUST_LOG", "warn");
+        let out = run_with_timeout(cmd, Duration::from_secs(90));
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        if out.status.success()
+            || std::time::Instant::now() > deadline
+            || !stderr.contains("flotilla serve")
+        {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "submit failed\nstdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("## legal ("),
+        "the config-defined role did its task: {stdout}"
+    );
+    // A role that is not configured is refused with a clear message.
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "--config",
+        cfg,
+        "agent",
+        "--role",
+        "astrology",
+        "--nats-url",
+        &url,
+    ]);
+    let out = run_with_timeout(cmd, Duration::from_secs(30));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not in session.roles"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

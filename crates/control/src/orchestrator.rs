@@ -159,7 +159,7 @@ impl Orchestrator {
         let cfg = &self.config.session;
         let mut input = Some(input);
         // A clarification's answer, kept across compare-and-set rounds (one LLM call).
-        let mut clarified: Option<(Result<String, flotilla_agent::Exhausted>, bool)> = None;
+        let mut clarified: Option<Result<String, flotilla_agent::Exhausted>> = None;
         for _ in 0..CAS_ROUNDS {
             let Some((mut rec, rev)) = records.get::<SessionRecord>(&key).await? else {
                 return Err(VerdictError::poison(
@@ -199,12 +199,24 @@ impl Orchestrator {
                     let verdict = match machine::check(&mut rec, r) {
                         Err(v) => v,
                         Ok(idx) => {
-                            let (answer, closed) = match &clarified {
-                                Some(a) => a.clone(),
-                                None => {
-                                    let a = self.clarify(&rec, idx, r).await?;
-                                    clarified = Some(a.clone());
-                                    a
+                            // Checked on every round: a concurrent clarification may
+                            // have spent the budget since the answer was asked for.
+                            let budget = self.config.budgets.clarifications;
+                            let (answer, closed) = if rec.counters.clarifications >= budget {
+                                let commit = format!(
+                                    "No more questions: the session's {budget} clarifications \
+                                     are spent. Commit to your best interpretation of the \
+                                     instruction as written."
+                                );
+                                (Ok(commit), true)
+                            } else {
+                                match &clarified {
+                                    Some(a) => (a.clone(), false),
+                                    None => {
+                                        let a = self.clarify(&rec, idx, r).await?;
+                                        clarified = Some(a.clone());
+                                        (a, false)
+                                    }
                                 }
                             };
                             match answer {
@@ -333,27 +345,17 @@ impl Orchestrator {
         Ok(())
     }
 
-    /// Answers the clarification question of task `idx`: by the LLM while the session
-    /// has clarifications left, otherwise by committing to the instruction as it
-    /// stands (`closed`, no call).
+    /// Answers the clarification question of task `idx` with the LLM (the caller has
+    /// checked the session has clarifications left).
     async fn clarify(
         &self,
         rec: &SessionRecord,
         idx: usize,
         r: &ResultMessage,
-    ) -> Result<(Result<String, flotilla_agent::Exhausted>, bool), VerdictError> {
+    ) -> Result<Result<String, flotilla_agent::Exhausted>, VerdictError> {
         let flotilla_protocol::TaskOutcome::Clarify { question } = &r.outcome else {
-            return Ok((Ok(String::new()), false));
+            return Ok(Ok(String::new()));
         };
-        let budget = self.config.budgets.clarifications;
-        if rec.counters.clarifications >= budget {
-            return Ok((
-                Ok(format!(
-                    "No more questions: the session's {budget} clarifications are spent.                      Commit to your best interpretation of the instruction as written."
-                )),
-                true,
-            ));
-        }
         let task = &rec.tasks[idx];
         let req = prompts::clarification(
             &self.config.session.orchestrator_model,
@@ -363,7 +365,7 @@ impl Orchestrator {
         );
         let content = match self.complete(rec, &req).await? {
             Ok(c) => c,
-            Err(e) => return Ok((Err(e), false)),
+            Err(e) => return Ok(Err(e)),
         };
         #[derive(serde::Deserialize)]
         struct Clarified {
@@ -372,7 +374,7 @@ impl Orchestrator {
         let answer = serde_json::from_str::<Clarified>(&content)
             .map(|c| c.answer)
             .unwrap_or(content);
-        Ok((Ok(answer), false))
+        Ok(Ok(answer))
     }
 
     /// One orchestrator call, charged to the session's token ledger: `Ok(Err(_))` when

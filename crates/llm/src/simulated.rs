@@ -292,9 +292,13 @@ impl SimulatedProvider {
             }
             _ => format!("simulated reply #{:08x}", rng.next() as u32),
         };
-        let prompt_tokens = texts.iter().map(|t| t.len() as u32 / 4 + 1).sum();
+        // Counted as a provider would: the prompt by the shared estimator, the
+        // completion within the request's ceiling.
+        let prompt_tokens = crate::tokens::estimate_prompt_tokens(&request.messages);
         let (lo, hi) = self.config.completion_tokens;
-        let completion_tokens = rng.range(lo, hi);
+        let completion_tokens = rng
+            .range(lo, hi)
+            .min(request.max_tokens.unwrap_or(u32::MAX));
         Ok((
             latency,
             Completion {
