@@ -234,3 +234,96 @@ async fn a_429_that_still_happens_is_waited_out_and_fed_back_to_the_limiter() {
     assert!(paused.is_some(), "the limiter was told about the 429");
     shutdown.cancel();
 }
+
+/// A whole session over HTTP: the orchestrator and every worker call an
+/// OpenAI-compatible endpoint (the fake server, answering as the simulator would) through
+/// the OpenAI client, with structured output checked against the JSON Schemas, token
+/// usage from the responses, and the rate limiter in front of both models.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_runs_on_an_openai_compatible_endpoint_through_the_limiter() {
+    use flotilla_llm::{ChatRole, ResponseFormat, SimConfig, SimulatedProvider};
+    use flotilla_tests::{TestFleet, spec};
+
+    let sim = SimulatedProvider::new(SimConfig {
+        latency_ms: 0,
+        ..SimConfig::default()
+    });
+    let responder: flotilla_testkit::Responder = Arc::new(move |body: &serde_json::Value| {
+        let messages = body["messages"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| ChatMessage {
+                role: match m["role"].as_str() {
+                    Some("system") => ChatRole::System,
+                    Some("assistant") => ChatRole::Assistant,
+                    _ => ChatRole::User,
+                },
+                content: m["content"].as_str().unwrap_or_default().to_owned(),
+            })
+            .collect();
+        let format = &body["response_format"]["json_schema"];
+        let req = CompletionRequest {
+            model: body["model"].as_str().unwrap_or_default().to_owned(),
+            messages,
+            response_format: format["name"].as_str().map(|n| ResponseFormat {
+                name: n.to_owned(),
+                schema: format["schema"].clone(),
+            }),
+            max_tokens: body["max_tokens"].as_u64().map(|t| t as u32),
+        };
+        sim.respond(&req)
+            .map(|(_, c)| c.content)
+            .unwrap_or_default()
+    });
+    let fake = FakeOpenAi::start(FakeConfig {
+        rpm: Some(600),
+        tpm: Some(1_000_000),
+        responder: Some(responder),
+        ..FakeConfig::default()
+    })
+    .await
+    .unwrap();
+    let openai: Arc<dyn LlmClient> = Arc::new(
+        OpenAiClient::new(OpenAiConfig {
+            base_url: fake.base_url(),
+            ..OpenAiConfig::default()
+        })
+        .unwrap(),
+    );
+    let mut s = spec("");
+    let models = ["gpt-4o", "gpt-4o-mini"];
+    s.worker_model = models[0].into();
+    s.control.session.orchestrator_model = models[1].into();
+    s.control.limits.models = models
+        .iter()
+        .map(|m| {
+            (
+                (*m).to_owned(),
+                ModelLimits {
+                    rpm: 600,
+                    tpm: 1_000_000,
+                },
+            )
+        })
+        .collect();
+    let fleet = TestFleet::start(s, openai).await;
+    for i in 0..3 {
+        let (finished, _) = fleet
+            .client
+            .run(&format!("session {i} over HTTP"), Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert!(finished.completed(), "{:?}", finished.event.body);
+    }
+    let st = fake.stats();
+    // Per session: a plan, four tasks, a synthesis.
+    assert!(st.ok >= 18, "{st:?}");
+    assert_eq!(st.http_429, 0, "{st:?}");
+    let log = fake.requests_log();
+    assert!(log.iter().any(|r| r["model"] == "gpt-4o-mini"
+        && r["response_format"]["json_schema"]["name"] == "flotilla_plan"));
+    assert!(log.iter().any(|r| r["model"] == "gpt-4o"
+        && r["response_format"]["json_schema"]["name"] == "flotilla_task_output"));
+    fleet.stop().await;
+}

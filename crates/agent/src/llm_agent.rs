@@ -76,20 +76,34 @@ enum Turn {
     },
 }
 
-/// The JSON Schema of one agent turn.
+/// The JSON Schema of one agent turn: an object with an `action`, or a bare
+/// [`TaskOutput`] (a final answer from a model that ignores the turn protocol).
 pub fn turn_schema() -> serde_json::Value {
-    serde_json::json!({
-        "type": "object",
-        "required": ["action"],
-        "properties": {
-            "action": {"type": "string", "enum": ["final", "continue", "tool", "clarify"]},
-            "summary": {"type": "string"},
-            "artifacts": task_output_schema().get("properties").and_then(|p| p.get("artifacts")).cloned().unwrap_or(serde_json::json!({"type": "array"})),
-            "note": {"type": "string"},
-            "tool": {"type": "string"},
-            "arguments": {"type": "object"},
-            "question": {"type": "string"}
+    let output = task_output_schema();
+    let mut bare = output.clone();
+    if let Some(o) = bare.as_object_mut() {
+        for k in ["$schema", "$defs", "title", "description"] {
+            o.remove(k);
         }
+    }
+    serde_json::json!({
+        "$defs": output.get("$defs").cloned().unwrap_or(serde_json::json!({})),
+        "anyOf": [
+            {
+                "type": "object",
+                "required": ["action"],
+                "properties": {
+                    "action": {"type": "string", "enum": ["final", "continue", "tool", "clarify"]},
+                    "summary": {"type": "string"},
+                    "artifacts": output.get("properties").and_then(|p| p.get("artifacts")).cloned().unwrap_or(serde_json::json!({"type": "array"})),
+                    "note": {"type": "string"},
+                    "tool": {"type": "string"},
+                    "arguments": {"type": "object"},
+                    "question": {"type": "string"}
+                }
+            },
+            bare
+        ]
     })
 }
 
@@ -441,5 +455,36 @@ impl LlmAgent {
             })
             .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_of_turn_matches_the_turn_schema_and_bad_ones_do_not() {
+        let schema = turn_schema();
+        for ok in [
+            r#"{"action":"final","summary":"s","artifacts":[{"name":"n","kind":"note","content":"c"}]}"#,
+            r#"{"action":"continue","note":"more"}"#,
+            r#"{"action":"tool","tool":"search","arguments":{"q":"x"}}"#,
+            r#"{"action":"clarify","question":"which?"}"#,
+        ] {
+            flotilla_llm::structured::check(ok, &schema).unwrap_or_else(|e| panic!("{ok}: {e}"));
+            serde_json::from_str::<Turn>(ok).unwrap();
+        }
+        let bare = r#"{"summary":"s","artifacts":[{"name":"n","kind":"note","content":"c"}]}"#;
+        flotilla_llm::structured::check(bare, &schema).unwrap();
+        for bad in [
+            r#"{"action":"dance"}"#,
+            r#"{"summary":"no action"}"#,
+            r#"{"action":"final","summary":"s","artifacts":[{"name":1}]}"#,
+        ] {
+            assert!(
+                flotilla_llm::structured::check(bad, &schema).is_err(),
+                "{bad}"
+            );
+        }
     }
 }

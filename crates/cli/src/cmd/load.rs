@@ -56,10 +56,18 @@ pub(crate) async fn load(
             config.session.roles.len(),
             config.role_list()
         );
-        println!(
-            "  llm           simulated, {} ms mean latency, seed {}",
-            config.llm.simulated.latency_ms, config.llm.simulated.seed
-        );
+        match config.llm.provider {
+            crate::config::Provider::Simulated => println!(
+                "  llm           simulated, {} ms mean latency, seed {}",
+                config.llm.simulated.latency_ms, config.llm.simulated.seed
+            ),
+            crate::config::Provider::Openai => println!(
+                "  llm           {} (workers {}, orchestrator {})",
+                config.llm.openai.base_url,
+                config.llm.worker_model,
+                config.session.orchestrator_model
+            ),
+        }
     }
     let fleet = if a.chaos.is_empty() {
         let spec = FleetSpec {
