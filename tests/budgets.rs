@@ -234,6 +234,24 @@ async fn the_global_token_budget_stops_sessions_fleet_wide() {
     let (i, budget) = stopped.expect("the global budget ran out");
     assert!(i >= 1, "the first session fits the budget");
     assert_eq!(budget, Some(BudgetKind::GlobalTokens));
+    // The leader's fleet-wide ledger: past the budget by at most one call.
+    let ledger = flotilla_tests::eventually(Duration::from_secs(10), || async {
+        fleet
+            .bus
+            .limits()
+            .get::<Ledger>(flotilla_control::limiter::GLOBAL_KEY)
+            .await
+            .unwrap()
+            .map(|(l, _)| l)
+            .filter(|l| l.tokens >= 6_000)
+    })
+    .await
+    .expect("the global ledger is written");
+    assert!(
+        ledger.tokens - 6_000 <= ledger.largest_call,
+        "overshoot {} exceeds one call: {ledger:?}",
+        ledger.tokens - 6_000
+    );
     fleet.stop().await;
 }
 

@@ -58,6 +58,10 @@ pub struct Exhausted {
 #[error("session ledger unavailable: {0}")]
 pub struct LedgerUnavailable(#[from] pub KvError);
 
+/// How long a call waits for calls in flight to settle before their reservations
+/// count as spent.
+const IN_FLIGHT_WAIT: Duration = Duration::from_secs(120);
+
 /// Tokens held for a call in flight.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reservation {
@@ -81,8 +85,7 @@ impl SessionLedger {
         Self { bus }
     }
 
-    /// The session's spend so far (tokens used plus tokens reserved by calls in
-    /// flight).
+    /// The session's spend so far (tokens used, and reserved by calls in flight).
     pub async fn read(&self, session: &SessionId) -> Result<Ledger, LedgerUnavailable> {
         Ok(self
             .bus
@@ -93,9 +96,10 @@ impl SessionLedger {
             .unwrap_or_default())
     }
 
-    /// Reserves `tokens` for a call while the session has budget left (spend below
-    /// `budget`). A reservation may take the spend past the budget, by at most this
-    /// one call; the next one is refused.
+    /// Reserves `tokens` for a call while the session has budget left: admitted while
+    /// used plus reserved tokens are below `budget` (so the spend passes the budget by
+    /// at most this one call), waiting while calls in flight may spend the rest, and
+    /// refused once the used tokens alone reach it.
     pub async fn reserve(
         &self,
         session: &SessionId,
@@ -104,6 +108,7 @@ impl SessionLedger {
     ) -> Result<Result<Reservation, Exhausted>, LedgerUnavailable> {
         let key = ledger_key(session);
         let records = self.bus.limits();
+        let deadline = tokio::time::Instant::now() + IN_FLIGHT_WAIT;
         loop {
             let current = records.get::<Ledger>(&key).await?;
             let mut ledger = current.as_ref().map(|(l, _)| l.clone()).unwrap_or(Ledger {
@@ -119,7 +124,23 @@ impl SessionLedger {
                     ),
                 }));
             }
-            ledger.tokens += tokens;
+            if ledger.tokens + ledger.reserved >= budget {
+                // Calls in flight may spend the rest: see what they used. A reservation
+                // that is never settled (its process died mid-call) counts as spent
+                // once the wait is over.
+                if tokio::time::Instant::now() >= deadline {
+                    return Ok(Err(Exhausted {
+                        budget: BudgetKind::SessionTokens,
+                        reason: format!(
+                            "session spent {} of {budget} tokens, and calls in flight hold {} more",
+                            ledger.tokens, ledger.reserved
+                        ),
+                    }));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            ledger.reserved += tokens;
             ledger.calls += 1;
             let res = match current {
                 Some((_, rev)) => records.update(&key, &ledger, rev).await,
@@ -146,7 +167,8 @@ impl SessionLedger {
             let Some((mut ledger, rev)) = records.get::<Ledger>(&key).await? else {
                 return Ok(());
             };
-            ledger.tokens = (ledger.tokens + used).saturating_sub(r.tokens);
+            ledger.reserved = ledger.reserved.saturating_sub(r.tokens);
+            ledger.tokens += used;
             ledger.largest_call = ledger.largest_call.max(used);
             match records.update(&key, &ledger, rev).await {
                 Ok(_) => return Ok(()),

@@ -17,8 +17,8 @@ use bytes::Bytes;
 use flotilla_agent::{LimitsConfig, ModelLimits};
 use flotilla_bus::Bus;
 use flotilla_protocol::{
-    AcquireRefusal, AcquireReply, AcquireRequest, LimiterLease, SettleRequest, V1, WindowSnapshot,
-    epoch_ms,
+    AcquireRefusal, AcquireReply, AcquireRequest, Ledger, LimiterLease, SettleRequest, V1,
+    WindowSnapshot, epoch_ms,
 };
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -388,11 +388,22 @@ impl Limiter {
             }
             windows.insert(model.clone(), w);
         }
+        let global = match store.get(GLOBAL_KEY).await {
+            Ok(Some(b)) => serde_json::from_slice::<Ledger>(&b).unwrap_or_default(),
+            _ => Ledger::default(),
+        };
         State {
             windows,
             term,
             next: 0,
-            global_tokens,
+            global_tokens: global.tokens.max(global_tokens),
+            global_inflight: 0,
+            // The predecessor's calls in flight: settled to us by permit, or written
+            // off as spent after a while (their process may be gone).
+            inherited: global.reserved,
+            inherited_until: tokio::time::Instant::now() + INHERITED_HOLD,
+            global_calls: global.calls,
+            global_largest: global.largest_call,
             dirty: true,
         }
     }
@@ -490,9 +501,24 @@ struct State {
     windows: BTreeMap<String, RateWindow>,
     term: u64,
     next: u64,
+    /// Tokens used by settled calls, fleet-wide.
     global_tokens: u64,
+    /// Tokens reserved by this term's calls in flight.
+    global_inflight: u64,
+    /// Tokens reserved by the previous leader's calls in flight.
+    inherited: u64,
+    inherited_until: tokio::time::Instant,
+    global_calls: u64,
+    global_largest: u64,
     dirty: bool,
 }
+
+/// How long a new leader waits for its predecessor's calls in flight to settle before
+/// counting their reservations as spent.
+const INHERITED_HOLD: Duration = Duration::from_secs(120);
+
+/// The fleet-wide spend ledger the leader keeps (key `spend.global`).
+pub const GLOBAL_KEY: &str = "spend.global";
 
 impl State {
     async fn write_snapshots(&mut self, store: &kv::Store) -> Result<(), kv::PutError> {
@@ -504,6 +530,15 @@ impl State {
             let bytes = Bytes::from(serde_json::to_vec(&snap).unwrap_or_default());
             store.put(window_key(model), bytes).await?;
         }
+        let ledger = Ledger {
+            v: V1,
+            tokens: global,
+            reserved: self.global_inflight + self.inherited,
+            calls: self.global_calls,
+            largest_call: self.global_largest,
+        };
+        let bytes = Bytes::from(serde_json::to_vec(&ledger).unwrap_or_default());
+        store.put(GLOBAL_KEY, bytes).await?;
         Ok(())
     }
 
@@ -518,6 +553,9 @@ impl State {
                 };
             }
         };
+        if self.inherited > 0 && tokio::time::Instant::now() >= self.inherited_until {
+            self.global_tokens += std::mem::take(&mut self.inherited);
+        }
         if global_budget > 0 && self.global_tokens >= global_budget {
             return AcquireReply::Refused {
                 v: V1,
@@ -528,10 +566,21 @@ impl State {
                 ),
             };
         }
+        if global_budget > 0
+            && self.global_tokens + self.global_inflight + self.inherited >= global_budget
+        {
+            // Calls in flight may spend the rest: wait for their settlements.
+            return AcquireReply::Wait {
+                v: V1,
+                retry_after_ms: 100,
+            };
+        }
         let now = now_ms();
         let Some(w) = self.windows.get_mut(&req.model) else {
             // Unlimited model: count it toward the global budget only.
-            self.global_tokens += req.tokens;
+            self.global_inflight += req.tokens;
+            self.global_calls += 1;
+            self.dirty = true;
             self.next += 1;
             return AcquireReply::Granted {
                 v: V1,
@@ -542,7 +591,8 @@ impl State {
         match w.try_acquire(now, req.tokens) {
             Ok(granted_ms) => {
                 self.dirty = true;
-                self.global_tokens += req.tokens;
+                self.global_inflight += req.tokens;
+                self.global_calls += 1;
                 self.next += 1;
                 AcquireReply::Granted {
                     v: V1,
@@ -578,10 +628,13 @@ impl State {
             .and_then(|(t, _)| t.parse::<u64>().ok())
             == Some(self.term);
         if same_term {
-            self.global_tokens = (self.global_tokens + req.used).saturating_sub(req.reserved);
+            self.global_inflight = self.global_inflight.saturating_sub(req.reserved);
         } else {
-            self.global_tokens += req.used;
+            self.inherited = self.inherited.saturating_sub(req.reserved);
         }
+        self.global_tokens += req.used;
+        self.global_largest = self.global_largest.max(req.used);
+        self.dirty = true;
         if let Some(w) = self.windows.get_mut(&req.model) {
             if same_term {
                 w.settle(now, req.granted_ms, req.reserved, req.used);

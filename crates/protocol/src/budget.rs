@@ -88,14 +88,21 @@ impl Spend {
 }
 
 /// A token ledger in the `<p>-limits` bucket (`spend.s.<sid>` per session): tokens
-/// reserved by calls in flight plus tokens used by finished ones.
+/// used by finished calls, and tokens reserved by calls in flight.
+///
+/// A call is admitted while `tokens + reserved` is below the budget (so at most one
+/// admitted call can take the spend past it), waits while calls in flight might spend
+/// the rest, and is refused once `tokens` alone has reached the budget.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Ledger {
     /// Protocol version (1).
     pub v: V1,
-    /// Tokens spent or reserved.
+    /// Tokens used by finished calls.
     pub tokens: u64,
+    /// Tokens reserved by calls in flight.
+    #[serde(default)]
+    pub reserved: u64,
     /// Calls admitted.
     pub calls: u64,
     /// The largest single call, in tokens.
