@@ -46,6 +46,7 @@ pub fn all() -> Vec<(&'static str, String)> {
             "limits_lease.json",
             pretty(schema_for!(crate::LimiterLease)),
         ),
+        ("ledger.json", pretty(schema_for!(crate::Ledger))),
         (
             "limits_window.json",
             pretty(schema_for!(crate::WindowSnapshot)),
