@@ -367,3 +367,42 @@ async fn a_conversation_outgrowing_the_call_budget_is_stopped_by_it() {
     );
     fleet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_keeps_its_last_turns_and_a_summary_of_the_rest() {
+    let mut s = spec("");
+    s.control.budgets.max_turns = 5;
+    for role in s.control.session.roles.clone() {
+        s.roles.insert(
+            role,
+            flotilla_agent::RoleSpec {
+                history_turns: Some(2),
+                ..Default::default()
+            },
+        );
+    }
+    let fleet = TestFleet::start(s, sim(Behaviour::NeverDone)).await;
+    let (done, rec) = run(&fleet, "keep going").await;
+    assert_eq!(stopped_by(&done), Some(BudgetKind::Turns));
+    let stopped = rec
+        .tasks
+        .iter()
+        .find(|t| t.last_error.as_deref().is_some_and(|e| e.contains("turns")))
+        .expect("the task that ran out of turns");
+    let (h, _) = fleet
+        .bus
+        .sessions()
+        .get::<flotilla_protocol::AgentHistory>(&keys::history(&rec.session_id, &stopped.task_id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(h.turns_taken, 5);
+    assert_eq!(h.recent.len(), 2, "the window");
+    assert!(h.recent[1].assistant.contains("step 5"), "{:?}", h.recent);
+    for n in 1..=3 {
+        assert!(h.summary.contains(&format!("[turn {n}]")), "{}", h.summary);
+    }
+    assert!(h.summary.contains("step 1"), "{}", h.summary);
+    assert!(h.tokens > 0);
+    fleet.stop().await;
+}
