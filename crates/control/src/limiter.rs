@@ -184,7 +184,8 @@ impl RateWindow {
     /// Settles a grant made at `granted_ms` that reserved `reserved` and used `used`.
     pub fn settle(&mut self, now: u64, granted_ms: u64, reserved: u64, used: u64) {
         self.expire(now);
-        let slot = self.slots.iter_mut().find(|s| s.start == granted_ms);
+        // From the back: settlements are for recent grants.
+        let slot = self.slots.iter_mut().rev().find(|s| s.start == granted_ms);
         match slot {
             Some(s) => {
                 // Never below zero: a slot may hold another term's phantom reservation.
