@@ -402,3 +402,47 @@ ack_wait = "20s"
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn limits_bench_drives_processes_through_the_limiter_without_429s() {
+    let (_, v) = run_json(
+        &[
+            "bench",
+            "limits",
+            "--rpm",
+            "60",
+            "--tpm",
+            "3000",
+            "--processes",
+            "2",
+            "--concurrency",
+            "8",
+            "--duration-s",
+            "6",
+            "--window-s",
+            "2",
+            "--latency-ms",
+            "20",
+            "--json",
+        ],
+        &[],
+        Duration::from_secs(120),
+    );
+    for key in [
+        "requests",
+        "http_429",
+        "quota_used_pct",
+        "permits_per_s",
+        "added_p50_ms",
+        "added_p99_ms",
+    ] {
+        assert!(v.get(key).is_some(), "{key} in {v}");
+    }
+    assert_eq!(v["http_429"], 0, "{v}");
+    assert_eq!(v["errors"], 0, "{v}");
+    assert!(v["requests"].as_u64().unwrap() > 0, "{v}");
+    assert!(
+        v["offered_per_s"].as_f64().unwrap() >= 2.0 * v["quota_requests_per_s"].as_f64().unwrap(),
+        "{v}"
+    );
+}
