@@ -327,3 +327,56 @@ async fn a_session_runs_on_an_openai_compatible_endpoint_through_the_limiter() {
         && r["response_format"]["json_schema"]["name"] == "flotilla_task_output"));
     fleet.stop().await;
 }
+
+/// A Python client takes part from the documented protocol: a permit, its settlement,
+/// and a typed refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_client_acquires_and_settles_permits() {
+    let server = NatsServer::start().unwrap();
+    let config = limits(100, 10_000, Duration::from_secs(60));
+    let shutdown = CancellationToken::new();
+    let leader_bus = bus(&server.url(), "leader").await;
+    tokio::spawn(Limiter::new(leader_bus.clone(), config, "leader").run(shutdown.child_token()));
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("py/limits.py");
+    let py = flotilla_tests::python();
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(&py)
+            .arg(&script)
+            .arg(server.url())
+            .arg(MODEL)
+            .output(),
+    )
+    .await
+    .expect("python finishes")
+    .unwrap_or_else(|e| panic!("cannot run {}: {e} (run scripts/setup.sh)", py.display()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "python failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert!(v["granted"].as_str().unwrap().contains('.'), "{v}");
+    assert_eq!(v["settled"], true, "{v}");
+    assert_eq!(v["refused"]["status"], "refused", "{v}");
+    assert_eq!(v["refused"]["code"], "too_large", "{v}");
+    // The settlement reached the leader: its window holds 80 used tokens, not 120.
+    let key = flotilla_control::limiter::window_key(MODEL);
+    let used = flotilla_tests::eventually(Duration::from_secs(10), || {
+        let b = leader_bus.clone();
+        let key = key.clone();
+        async move {
+            b.limits()
+                .get::<flotilla_protocol::WindowSnapshot>(&key)
+                .await
+                .ok()
+                .flatten()
+                .map(|(w, _)| w.slots.iter().map(|s| s[2]).sum::<u64>())
+                .filter(|t| *t == 80)
+        }
+    })
+    .await;
+    assert_eq!(used, Some(80));
+    shutdown.cancel();
+}
