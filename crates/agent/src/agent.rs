@@ -66,6 +66,10 @@ pub struct TaskContext {
     pub memory: SessionMemory,
     /// The attempt's LLM spend: count every call in it (the built-in agent does).
     pub spend: crate::budget::SpendMeter,
+    /// True when an earlier delivery of this attempt may have started it (a redelivery,
+    /// or a claim taken over from a dead holder): an agent that keeps state (like the
+    /// built-in agent's conversation) should look for it; otherwise there is none.
+    pub resumed: bool,
     /// Report real progress (a finished turn): the presence's `progress_ms` and the
     /// delivery's ack wait both restart.
     pub progress: Progress,

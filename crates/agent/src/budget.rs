@@ -19,7 +19,8 @@ pub struct BudgetConfig {
     pub call_tokens: u64,
     /// Most tokens one agent task attempt may use over all its turns.
     pub task_tokens: u64,
-    /// Most tokens one session may use (orchestrator and agents).
+    /// Most tokens one session may use (orchestrator and agents); 0: no session budget
+    /// (and no ledger round trips).
     pub session_tokens: u64,
     /// Most turns (LLM calls) one agent task attempt may take.
     pub max_turns: u32,
@@ -67,6 +68,9 @@ const IN_FLIGHT_WAIT: Duration = Duration::from_secs(120);
 pub struct Reservation {
     session: SessionId,
     tokens: u64,
+    /// The ledger as the reservation wrote it, to settle without reading it again when
+    /// nobody else wrote since.
+    written: Option<(Ledger, u64)>,
 }
 
 /// The per-session token ledger in the `<p>-limits` bucket (`spend.s.<sid>`).
@@ -147,10 +151,11 @@ impl SessionLedger {
                 None => records.create(&key, &ledger).await,
             };
             match res {
-                Ok(_) => {
+                Ok(rev) => {
                     return Ok(Ok(Reservation {
                         session: session.clone(),
                         tokens,
+                        written: Some((ledger, rev)),
                     }));
                 }
                 Err(KvError::Conflict { .. } | KvError::Exists { .. }) => continue,
@@ -163,8 +168,15 @@ impl SessionLedger {
     pub async fn settle(&self, r: Reservation, used: u64) -> Result<(), LedgerUnavailable> {
         let key = ledger_key(&r.session);
         let records = self.bus.limits();
+        // First try on the ledger as the reservation left it (one round trip when no
+        // other call of the session wrote since), then re-read on conflict.
+        let mut known = r.written.clone();
         loop {
-            let Some((mut ledger, rev)) = records.get::<Ledger>(&key).await? else {
+            let current = match known.take() {
+                Some(k) => Some(k),
+                None => records.get::<Ledger>(&key).await?,
+            };
+            let Some((mut ledger, rev)) = current else {
                 return Ok(());
             };
             ledger.reserved = ledger.reserved.saturating_sub(r.tokens);

@@ -96,6 +96,23 @@ impl HistoryStore {
         })
     }
 
+    /// A new conversation for `task`'s `attempt`, without reading KV (a first delivery
+    /// has nothing to continue).
+    pub fn fresh(&self, session: &SessionId, task: &TaskId, attempt: u32) -> Conversation {
+        Conversation {
+            key: keys::history(session, task),
+            revision: None,
+            history: AgentHistory {
+                v: V1,
+                attempt,
+                turns_taken: 0,
+                tokens: 0,
+                summary: String::new(),
+                recent: Vec::new(),
+            },
+        }
+    }
+
     /// Appends a turn (folding the oldest into the summary past the window) and saves.
     pub async fn push(
         &self,
@@ -118,10 +135,24 @@ impl HistoryStore {
             h.summary = h.summary.chars().skip(drop).collect();
         }
         let records = self.bus.sessions();
-        let res = match c.revision {
+        let mut res = match c.revision {
             Some(rev) => records.update(&c.key, &c.history, rev).await,
             None => records.create(&c.key, &c.history).await,
         };
+        if let Err(KvError::Exists { .. }) = res {
+            // A fresh conversation over an earlier attempt's: replace it; over this
+            // attempt's, someone else is running it.
+            match records
+                .get::<AgentHistory>(&c.key)
+                .await
+                .map_err(HistoryError::Unavailable)?
+            {
+                Some((old, rev)) if old.attempt < c.history.attempt => {
+                    res = records.update(&c.key, &c.history, rev).await;
+                }
+                _ => return Err(HistoryError::TakenOver),
+            }
+        }
         match res {
             Ok(rev) => {
                 c.revision = Some(rev);

@@ -79,6 +79,12 @@ enum Turn {
 /// The JSON Schema of one agent turn: an object with an `action`, or a bare
 /// [`TaskOutput`] (a final answer from a model that ignores the turn protocol).
 pub fn turn_schema() -> serde_json::Value {
+    static SCHEMA: std::sync::LazyLock<serde_json::Value> =
+        std::sync::LazyLock::new(build_turn_schema);
+    SCHEMA.clone()
+}
+
+fn build_turn_schema() -> serde_json::Value {
     let output = task_output_schema();
     let mut bare = output.clone();
     if let Some(o) = bare.as_object_mut() {
@@ -235,12 +241,13 @@ impl LlmAgent {
         let request = &request;
         let estimate = prompt + room;
         let reservation = match &self.ledger {
-            Some(l) => Some(
+            // A session budget of 0 means none: nothing to reserve.
+            Some(l) if b.session_tokens > 0 => Some(
                 l.reserve(&task.session_id, estimate, b.session_tokens)
                     .await
                     .map_err(|e| AgentError::Transient(e.to_string()))??,
             ),
-            None => None,
+            _ => None,
         };
         let result = match self.call_timeout {
             Some(t) => tokio::time::timeout(t, self.llm.complete(request))
@@ -275,10 +282,8 @@ impl LlmAgent {
 }
 
 fn task_output_schema() -> serde_json::Value {
-    flotilla_protocol::schema::all()
-        .into_iter()
-        .find(|(n, _)| *n == "task_output.json")
-        .and_then(|(_, s)| serde_json::from_str(&s).ok())
+    flotilla_protocol::schema::get("task_output.json")
+        .cloned()
         .unwrap_or_default()
 }
 
@@ -297,11 +302,13 @@ impl Agent for LlmAgent {
             let max_turns = self.budgets.max_turns.max(1);
             // Continue the conversation a failed process left, if any.
             let mut conversation = match &self.history {
-                Some(h) => Some(
+                Some(h) if ctx.resumed => Some(
                     h.load(&task.session_id, &task.task_id, task.attempt)
                         .await
                         .map_err(|e| AgentError::Transient(e.to_string()))?,
                 ),
+                // A first delivery has no conversation to continue: skip the read.
+                Some(h) => Some(h.fresh(&task.session_id, &task.task_id, task.attempt)),
                 None => None,
             };
             let mut first_turn = 1;

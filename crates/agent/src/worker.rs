@@ -158,7 +158,7 @@ impl Worker {
         );
         let ack_subject = d.ack_subject().unwrap_or_default().to_owned();
         let result = self
-            .run_task(task, trace, &ack_subject)
+            .run_task(task, trace, &ack_subject, d.delivered() > 1)
             .instrument(span)
             .await;
         self.tracker.finish(&ack_subject);
@@ -170,8 +170,11 @@ impl Worker {
         task: TaskMessage,
         trace: Option<TraceParent>,
         ack_subject: &str,
+        redelivered: bool,
     ) -> Result<(), VerdictError> {
         let records = self.bus.sessions();
+        // Whether an earlier delivery may have started this attempt.
+        let mut resumed = redelivered;
         let key = keys::task(&task.session_id, &task.task_id);
         // Claim.
         let mut claimed_rev = None;
@@ -241,6 +244,7 @@ impl Worker {
                     "presence not confirmed; a crash now would be recovered by the ack wait"
                 );
             }
+            resumed |= rec.state == TaskRunState::Running;
             let mut next = rec.clone();
             next.state = TaskRunState::Running;
             next.holder = Some(self.agent_id.clone());
@@ -265,6 +269,7 @@ impl Worker {
         let ctx = TaskContext {
             memory: self.bus.memory().session(&task.session_id),
             spend: crate::budget::SpendMeter::default(),
+            resumed,
             progress: crate::agent::Progress::new(
                 self.bus.client.clone(),
                 ack_subject.to_owned(),

@@ -384,9 +384,16 @@ impl Orchestrator {
         rec: &SessionRecord,
         req: &flotilla_llm::CompletionRequest,
     ) -> Result<Result<String, flotilla_agent::Exhausted>, VerdictError> {
+        let transient = |e: String| VerdictError::retry(Duration::from_secs(1), e);
+        if self.config.budgets.session_tokens == 0 {
+            // No session budget: nothing to reserve.
+            return match self.llm.complete(req).await {
+                Ok(c) => Ok(Ok(c.content)),
+                Err(e) => Err(transient(e.to_string())),
+            };
+        }
         let ledger = flotilla_agent::SessionLedger::new(self.bus.clone());
         let estimate = u64::from(flotilla_llm::estimate_request_tokens(req));
-        let transient = |e: String| VerdictError::retry(Duration::from_secs(1), e);
         let reservation = match ledger
             .reserve(
                 &rec.session_id,

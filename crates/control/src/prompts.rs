@@ -5,10 +5,8 @@ use flotilla_llm::{ChatMessage, CompletionRequest, ResponseFormat, schema};
 use flotilla_protocol::{SessionRecord, TaskOutput};
 
 fn schema_of(file: &str) -> serde_json::Value {
-    flotilla_protocol::schema::all()
-        .into_iter()
-        .find(|(n, _)| *n == file)
-        .and_then(|(_, s)| serde_json::from_str(&s).ok())
+    flotilla_protocol::schema::get(file)
+        .cloned()
         .unwrap_or_default()
 }
 

@@ -55,3 +55,16 @@ pub fn all() -> Vec<(&'static str, String)> {
         ("tool_reply.json", pretty(schema_for!(crate::ToolReply))),
     ]
 }
+
+/// The schema in file `name` (as in [`all`]), parsed; generated once per process, since
+/// prompts ask for structured output with these on every LLM call.
+pub fn get(name: &str) -> Option<&'static serde_json::Value> {
+    static CACHE: std::sync::LazyLock<std::collections::BTreeMap<&'static str, serde_json::Value>> =
+        std::sync::LazyLock::new(|| {
+            all()
+                .into_iter()
+                .filter_map(|(n, s)| serde_json::from_str(&s).ok().map(|v| (n, v)))
+                .collect()
+        });
+    CACHE.get(name)
+}
