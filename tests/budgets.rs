@@ -406,3 +406,19 @@ async fn a_conversation_keeps_its_last_turns_and_a_summary_of_the_rest() {
     assert!(h.tokens > 0);
     fleet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_global_budget_also_stops_the_orchestrator_at_planning() {
+    let mut s = spec("");
+    // One token: the first call (a plan) is admitted, every later one refused.
+    s.control.limits.global_token_budget = 1;
+    let fleet = TestFleet::start(s, sim(Behaviour::Cooperative)).await;
+    let (first, _) = run(&fleet, "the only call that fits").await;
+    assert_eq!(stopped_by(&first), Some(BudgetKind::GlobalTokens));
+    // The next session's first call is the orchestrator's plan: refused, and the
+    // session ends at once instead of retrying the plan forever.
+    let (second, rec) = run(&fleet, "no budget left to plan").await;
+    assert_eq!(stopped_by(&second), Some(BudgetKind::GlobalTokens));
+    assert!(rec.tasks.is_empty(), "it never planned: {:?}", rec.tasks);
+    fleet.stop().await;
+}

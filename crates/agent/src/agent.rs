@@ -33,6 +33,10 @@ impl From<LlmError> for AgentError {
                 AgentError::Transient(e.to_string())
             }
             LlmError::BadResponse(_) | LlmError::Refused(_) => AgentError::Unusable(e.to_string()),
+            LlmError::OverBudget(reason) => AgentError::Stopped(crate::budget::Exhausted {
+                budget: flotilla_protocol::BudgetKind::GlobalTokens,
+                reason,
+            }),
         }
     }
 }

@@ -268,16 +268,21 @@ impl LimiterClient {
             rate_limited_ms: rate_limited.map(|d| d.as_millis() as u64),
         };
         let payload = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
-        let res = tokio::time::timeout(
-            REQUEST_TIMEOUT,
-            self.bus
-                .client
-                .request(self.bus.names().limits_settle(), payload),
-        )
-        .await;
-        if !matches!(res, Ok(Ok(_))) {
-            tracing::debug!(permit = %permit.id, "settlement not confirmed");
+        // The leader settles a permit once, so asking again is safe.
+        for attempt in 1..=3 {
+            let res = tokio::time::timeout(
+                REQUEST_TIMEOUT,
+                self.bus
+                    .client
+                    .request(self.bus.names().limits_settle(), payload.clone()),
+            )
+            .await;
+            if matches!(res, Ok(Ok(_))) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
         }
+        tracing::warn!(permit = %permit.id, "settlement not confirmed; its reservation stands until the leader expires it");
     }
 }
 
@@ -338,6 +343,11 @@ impl LimitedLlm {
                 .await
                 .map_err(|e| match e {
                     LimitError::Timeout { .. } => LlmError::RateLimited { retry_after: None },
+                    LimitError::Refused {
+                        code: AcquireRefusal::GlobalBudget,
+                        message,
+                        ..
+                    } => LlmError::OverBudget(message),
                     LimitError::Refused { .. } => LlmError::Refused(e.to_string()),
                 })?;
             if permit.waited >= Duration::from_millis(1) {

@@ -266,7 +266,7 @@ impl LlmAgent {
         }
         let completion = match result {
             Ok(c) => c,
-            Err(LlmError::Refused(why)) if why.contains("global token budget") => {
+            Err(LlmError::OverBudget(why)) => {
                 return Err(Exhausted {
                     budget: BudgetKind::GlobalTokens,
                     reason: why,

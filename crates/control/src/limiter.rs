@@ -399,6 +399,7 @@ impl Limiter {
             next: 0,
             global_tokens: global.tokens.max(global_tokens),
             global_inflight: 0,
+            open: std::collections::HashMap::new(),
             // The predecessor's calls in flight: settled to us by permit, or written
             // off as spent after a while (their process may be gone).
             inherited: global.reserved,
@@ -482,6 +483,7 @@ impl Limiter {
                     }
                 }
                 _ = snapshot.tick() => {
+                    state.expire_open(INHERITED_HOLD);
                     if state.dirty && let Err(e) = state.write_snapshots(store).await {
                         tracing::warn!(error = %e, "cannot write a limiter snapshot");
                     }
@@ -506,6 +508,8 @@ struct State {
     global_tokens: u64,
     /// Tokens reserved by this term's calls in flight.
     global_inflight: u64,
+    /// This term's permits not yet settled: tokens reserved, and when.
+    open: std::collections::HashMap<u64, (u64, tokio::time::Instant)>,
     /// Tokens reserved by the previous leader's calls in flight.
     inherited: u64,
     inherited_until: tokio::time::Instant,
@@ -522,6 +526,25 @@ const INHERITED_HOLD: Duration = Duration::from_secs(120);
 pub const GLOBAL_KEY: &str = "spend.global";
 
 impl State {
+    /// Permits never settled within the hold (their caller died mid-call, or every
+    /// settlement was lost) count as spent in full, so they stop holding the budget.
+    fn expire_open(&mut self, hold: Duration) {
+        let now = tokio::time::Instant::now();
+        let stale: Vec<u64> = self
+            .open
+            .iter()
+            .filter(|(_, (_, at))| now.duration_since(*at) >= hold)
+            .map(|(n, _)| *n)
+            .collect();
+        for n in stale {
+            if let Some((reserved, _)) = self.open.remove(&n) {
+                self.global_inflight = self.global_inflight.saturating_sub(reserved);
+                self.global_tokens += reserved;
+                self.dirty = true;
+            }
+        }
+    }
+
     async fn write_snapshots(&mut self, store: &kv::Store) -> Result<(), kv::PutError> {
         self.dirty = false;
         let now = now_ms();
@@ -583,6 +606,8 @@ impl State {
             self.global_calls += 1;
             self.dirty = true;
             self.next += 1;
+            self.open
+                .insert(self.next, (req.tokens, tokio::time::Instant::now()));
             return AcquireReply::Granted {
                 v: V1,
                 permit: format!("{}.{}", self.term, self.next),
@@ -595,6 +620,8 @@ impl State {
                 self.global_inflight += req.tokens;
                 self.global_calls += 1;
                 self.next += 1;
+                self.open
+                    .insert(self.next, (req.tokens, tokio::time::Instant::now()));
                 AcquireReply::Granted {
                     v: V1,
                     permit: format!("{}.{}", self.term, self.next),
@@ -623,13 +650,18 @@ impl State {
             return;
         };
         let now = now_ms();
-        let same_term = req
+        let (term, n) = req
             .permit
             .split_once('.')
-            .and_then(|(t, _)| t.parse::<u64>().ok())
-            == Some(self.term);
+            .and_then(|(t, n)| Some((t.parse::<u64>().ok()?, n.parse::<u64>().ok()?)))
+            .unwrap_or((0, 0));
+        let same_term = term == self.term;
         if same_term {
-            self.global_inflight = self.global_inflight.saturating_sub(req.reserved);
+            // Settled once: a repeated settlement (its reply was lost) changes nothing.
+            let Some((reserved, _)) = self.open.remove(&n) else {
+                return;
+            };
+            self.global_inflight = self.global_inflight.saturating_sub(reserved);
         } else {
             self.inherited = self.inherited.saturating_sub(req.reserved);
         }

@@ -62,6 +62,20 @@ struct Synthesis {
     summary: String,
 }
 
+/// A spent fleet-wide budget ends the session (`Ok(Err(_))`); other failures are the
+/// caller's to retry.
+fn over_budget(
+    e: flotilla_llm::LlmError,
+) -> Result<Result<String, flotilla_agent::Exhausted>, flotilla_llm::LlmError> {
+    match e {
+        flotilla_llm::LlmError::OverBudget(reason) => Ok(Err(flotilla_agent::Exhausted {
+            budget: flotilla_protocol::BudgetKind::GlobalTokens,
+            reason,
+        })),
+        other => Err(other),
+    }
+}
+
 fn now() -> u64 {
     epoch_ms(SystemTime::now())
 }
@@ -389,7 +403,7 @@ impl Orchestrator {
             // No session budget: nothing to reserve.
             return match self.llm.complete(req).await {
                 Ok(c) => Ok(Ok(c.content)),
-                Err(e) => Err(transient(e.to_string())),
+                Err(e) => over_budget(e).map_err(|e| transient(e.to_string())),
             };
         }
         let ledger = flotilla_agent::SessionLedger::new(self.bus.clone());
@@ -414,7 +428,7 @@ impl Orchestrator {
             .map_err(|e| transient(e.to_string()))?;
         match result {
             Ok(c) => Ok(Ok(c.content)),
-            Err(e) => Err(transient(e.to_string())),
+            Err(e) => over_budget(e).map_err(|e| transient(e.to_string())),
         }
     }
 

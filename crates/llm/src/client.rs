@@ -116,6 +116,9 @@ pub enum LlmError {
     /// The request itself is wrong (bad model, too long): do not retry.
     #[error("request refused: {0}")]
     Refused(String),
+    /// The fleet-wide token budget is spent: no call will be made until it is raised.
+    #[error("over budget: {0}")]
+    OverBudget(String),
 }
 
 /// The future a [`LlmClient`] returns.
