@@ -375,3 +375,36 @@ async fn full_inboxes_push_back_and_nothing_is_lost() {
     let _ = Bytes::new();
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_orchestrator_call_fails_the_session_instead_of_retrying_forever() {
+    // The provider refuses the synthesis request (too long, say): retrying cannot help.
+    let llm = Scripted::new(10, |c| {
+        if c.schema.as_deref() == Some(schema::SYNTHESIS) {
+            Action::Fail(LlmError::Refused("context length exceeded".into()))
+        } else {
+            Action::Pass
+        }
+    });
+    let t = TestFleet::start(spec("unused"), llm.clone() as Arc<dyn LlmClient>).await;
+    let (done, _) = t
+        .client
+        .run("the answer is too long to write", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let EventBody::Done {
+        outcome, failure, ..
+    } = &done.event.body
+    else {
+        panic!()
+    };
+    assert_eq!(*outcome, SessionOutcome::Failed);
+    let failure = failure.clone().unwrap();
+    assert!(failure.contains("context length exceeded"), "{failure}");
+    assert_eq!(
+        llm.count(schema::SYNTHESIS, ""),
+        1,
+        "asked once, not retried"
+    );
+    t.stop().await;
+}

@@ -62,16 +62,37 @@ struct Synthesis {
     summary: String,
 }
 
-/// A spent fleet-wide budget ends the session (`Ok(Err(_))`); other failures are the
+/// Why an orchestrator call ends the session instead of being retried.
+#[derive(Debug, Clone)]
+enum Halt {
+    /// A budget is spent.
+    Budget(flotilla_agent::Exhausted),
+    /// The model refused the request or kept answering unusably: retrying would not
+    /// help.
+    Failed(String),
+}
+
+/// Ends the session for `h`.
+fn halt(rec: &mut SessionRecord, h: Halt, now: u64) {
+    match h {
+        Halt::Budget(e) => machine::stop(rec, e.budget, None, e.reason, now),
+        Halt::Failed(why) => machine::fail(rec, why, now),
+    }
+}
+
+/// A spent fleet-wide budget, a refusal or an unusable answer end the session
+/// (`Ok(Err(_))`); other failures (rate limits, an unreachable provider) are the
 /// caller's to retry.
-fn over_budget(
-    e: flotilla_llm::LlmError,
-) -> Result<Result<String, flotilla_agent::Exhausted>, flotilla_llm::LlmError> {
+fn halting(e: flotilla_llm::LlmError) -> Result<Result<String, Halt>, flotilla_llm::LlmError> {
+    use flotilla_llm::LlmError;
     match e {
-        flotilla_llm::LlmError::OverBudget(reason) => Ok(Err(flotilla_agent::Exhausted {
+        LlmError::OverBudget(reason) => Ok(Err(Halt::Budget(flotilla_agent::Exhausted {
             budget: flotilla_protocol::BudgetKind::GlobalTokens,
             reason,
-        })),
+        }))),
+        LlmError::Refused(_) | LlmError::BadResponse(_) => Ok(Err(Halt::Failed(format!(
+            "the orchestrator's model call failed: {e}"
+        )))),
         other => Err(other),
     }
 }
@@ -173,7 +194,7 @@ impl Orchestrator {
         let cfg = &self.config.session;
         let mut input = Some(input);
         // A clarification's answer, kept across compare-and-set rounds (one LLM call).
-        let mut clarified: Option<Result<String, flotilla_agent::Exhausted>> = None;
+        let mut clarified: Option<Result<String, Halt>> = None;
         for _ in 0..CAS_ROUNDS {
             let Some((mut rec, rev)) = records.get::<SessionRecord>(&key).await? else {
                 return Err(VerdictError::poison(
@@ -203,7 +224,7 @@ impl Orchestrator {
                             machine::on_planned(&mut rec, &plan, cfg.max_in_flight, now())
                         }
                         Ok(Err(why)) => machine::fail(&mut rec, why, now()),
-                        Err(e) => machine::stop(&mut rec, e.budget, None, e.reason, now()),
+                        Err(h) => halt(&mut rec, h, now()),
                     }
                     true
                 }
@@ -242,8 +263,8 @@ impl Orchestrator {
                                     cfg.max_in_flight,
                                     now(),
                                 ),
-                                Err(e) => {
-                                    machine::stop(&mut rec, e.budget, None, e.reason, now());
+                                Err(h) => {
+                                    halt(&mut rec, h, now());
                                     ResultVerdict::Failed
                                 }
                             }
@@ -283,7 +304,7 @@ impl Orchestrator {
             if !changed && rec.status == SessionStatus::Synthesizing {
                 match self.synthesize(&rec).await? {
                     Ok(answer) => machine::on_synthesized(&mut rec, answer, now()),
-                    Err(e) => machine::stop(&mut rec, e.budget, None, e.reason, now()),
+                    Err(h) => halt(&mut rec, h, now()),
                 }
                 changed = true;
             }
@@ -366,7 +387,7 @@ impl Orchestrator {
         rec: &SessionRecord,
         idx: usize,
         r: &ResultMessage,
-    ) -> Result<Result<String, flotilla_agent::Exhausted>, VerdictError> {
+    ) -> Result<Result<String, Halt>, VerdictError> {
         let flotilla_protocol::TaskOutcome::Clarify { question } = &r.outcome else {
             return Ok(Ok(String::new()));
         };
@@ -397,13 +418,13 @@ impl Orchestrator {
         &self,
         rec: &SessionRecord,
         req: &flotilla_llm::CompletionRequest,
-    ) -> Result<Result<String, flotilla_agent::Exhausted>, VerdictError> {
+    ) -> Result<Result<String, Halt>, VerdictError> {
         let transient = |e: String| VerdictError::retry(Duration::from_secs(1), e);
         if self.config.budgets.session_tokens == 0 {
             // No session budget: nothing to reserve.
             return match self.llm.complete(req).await {
                 Ok(c) => Ok(Ok(c.content)),
-                Err(e) => over_budget(e).map_err(|e| transient(e.to_string())),
+                Err(e) => halting(e).map_err(|e| transient(e.to_string())),
             };
         }
         let ledger = flotilla_agent::SessionLedger::new(self.bus.clone());
@@ -418,7 +439,7 @@ impl Orchestrator {
             .map_err(|e| transient(e.to_string()))?
         {
             Ok(r) => r,
-            Err(e) => return Ok(Err(e)),
+            Err(e) => return Ok(Err(Halt::Budget(e))),
         };
         let result = self.llm.complete(req).await;
         let used = result.as_ref().map_or(0, |c| u64::from(c.usage.total()));
@@ -428,7 +449,7 @@ impl Orchestrator {
             .map_err(|e| transient(e.to_string()))?;
         match result {
             Ok(c) => Ok(Ok(c.content)),
-            Err(e) => over_budget(e).map_err(|e| transient(e.to_string())),
+            Err(e) => halting(e).map_err(|e| transient(e.to_string())),
         }
     }
 
@@ -438,7 +459,7 @@ impl Orchestrator {
     async fn plan(
         &self,
         rec: &SessionRecord,
-    ) -> Result<Result<Result<Plan, String>, flotilla_agent::Exhausted>, VerdictError> {
+    ) -> Result<Result<Result<Plan, String>, Halt>, VerdictError> {
         let model = &self.config.session.orchestrator_model;
         let mut feedback: Option<String> = None;
         for _ in 0..PLAN_ATTEMPTS {
@@ -463,10 +484,7 @@ impl Orchestrator {
         ))))
     }
 
-    async fn synthesize(
-        &self,
-        rec: &SessionRecord,
-    ) -> Result<Result<Answer, flotilla_agent::Exhausted>, VerdictError> {
+    async fn synthesize(&self, rec: &SessionRecord) -> Result<Result<Answer, Halt>, VerdictError> {
         let mut sections = Vec::with_capacity(rec.tasks.len());
         for t in rec.tasks.iter().filter(|t| t.state == TaskState::Done) {
             let Some((tr, _)) = self
@@ -506,9 +524,10 @@ impl Orchestrator {
             Ok(c) => c,
             Err(e) => return Ok(Err(e)),
         };
-        let s: Synthesis = decode(content.as_bytes(), DEFAULT_MAX_PAYLOAD).map_err(|e| {
-            VerdictError::retry(Duration::from_secs(1), format!("synthesis unusable: {e}"))
-        })?;
+        let s: Synthesis = match decode(content.as_bytes(), DEFAULT_MAX_PAYLOAD) {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(Halt::Failed(format!("synthesis unusable: {e}")))),
+        };
         Ok(Ok(Answer {
             summary: s.summary,
             sections,
