@@ -150,6 +150,11 @@ id_type!(
     Role, "role", 32, true, "^[a-z][a-z0-9_-]{0,31}$"
 );
 id_type!(
+    /// A tool's name (`<p>.tool.<name>`): 1-64 characters, a lowercase letter first, then
+    /// `a-z 0-9 _ -`, so it is safe in a subject token and a service name.
+    ToolName, "tool name", 64, true, "^[a-z][a-z0-9_-]{0,63}$"
+);
+id_type!(
     /// A process's identity on the bus (its presence key and connection name).
     AgentId, "agent id", 64, false, "^[A-Za-z0-9_-]{1,64}$"
 );

@@ -7,109 +7,13 @@
 //! call (same session, task, tool and arguments), so a tool that keeps a record of keys
 //! can skip repeating the effect when a redelivered task calls it again.
 
-use std::borrow::Cow;
-use std::fmt;
-use std::str::FromStr;
-
-use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{InvalidId, SessionId, TaskId};
+use crate::ids::{SessionId, TaskId};
 use crate::version::V1;
 
-/// Longest tool name.
-pub const MAX_TOOL_NAME: usize = 64;
-
-/// A tool's name: 1-64 characters, a lowercase letter first, then `a-z 0-9 _ -`
-/// (`[a-z][a-z0-9_-]{0,63}`), so it is safe in a subject token and a service name.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct ToolName(String);
-
-impl ToolName {
-    /// Validates and wraps `s`.
-    pub fn parse(s: impl Into<String>) -> Result<Self, InvalidId> {
-        let s = s.into();
-        let fail = |why| InvalidId {
-            kind: "tool name",
-            value: s.chars().take(80).collect(),
-            why,
-        };
-        if s.is_empty() {
-            return Err(fail("empty"));
-        }
-        if s.len() > MAX_TOOL_NAME {
-            return Err(fail("too long"));
-        }
-        if !s.starts_with(|c: char| c.is_ascii_lowercase()) {
-            return Err(fail("must start with a lowercase letter"));
-        }
-        if !s
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
-        {
-            return Err(fail("only a-z, 0-9, '_' and '-' are allowed"));
-        }
-        Ok(Self(s))
-    }
-
-    /// The name as a string slice (always a valid subject token).
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl TryFrom<String> for ToolName {
-    type Error = InvalidId;
-    fn try_from(s: String) -> Result<Self, InvalidId> {
-        Self::parse(s)
-    }
-}
-
-impl From<ToolName> for String {
-    fn from(n: ToolName) -> String {
-        n.0
-    }
-}
-
-impl FromStr for ToolName {
-    type Err = InvalidId;
-    fn from_str(s: &str) -> Result<Self, InvalidId> {
-        Self::parse(s)
-    }
-}
-
-impl fmt::Display for ToolName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl fmt::Debug for ToolName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ToolName({})", self.0)
-    }
-}
-
-impl AsRef<str> for ToolName {
-    fn as_ref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl JsonSchema for ToolName {
-    fn schema_name() -> Cow<'static, str> {
-        "ToolName".into()
-    }
-    fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        json_schema!({
-            "type": "string",
-            "minLength": 1,
-            "maxLength": MAX_TOOL_NAME,
-            "pattern": "^[a-z][a-z0-9_-]{0,63}$",
-        })
-    }
-}
+pub use crate::ids::ToolName;
 
 /// A request on `<p>.tool.<name>`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
