@@ -39,6 +39,17 @@ async fn bus(url: &str, name: &str) -> Bus {
         .unwrap()
 }
 
+/// The OpenAI-compatible client pointed at `fake`.
+fn openai_client(fake: &FakeOpenAi) -> Arc<dyn LlmClient> {
+    Arc::new(
+        OpenAiClient::new(OpenAiConfig {
+            base_url: fake.base_url(),
+            ..OpenAiConfig::default()
+        })
+        .unwrap(),
+    )
+}
+
 fn request(i: usize) -> CompletionRequest {
     CompletionRequest {
         model: MODEL.into(),
@@ -78,13 +89,7 @@ async fn no_429s_and_most_of_the_quota_used_under_a_load_exceeding_both_limits()
         );
         tokio::spawn(limiter.run(shutdown.child_token()));
     }
-    let openai: Arc<dyn LlmClient> = Arc::new(
-        OpenAiClient::new(OpenAiConfig {
-            base_url: fake.base_url(),
-            ..OpenAiConfig::default()
-        })
-        .unwrap(),
-    );
+    let openai = openai_client(&fake);
     let caller_bus = bus(&server.url(), "callers").await;
     let limiter = LimiterClient::new(caller_bus, config.clone());
     let stats = limiter.stats();
@@ -188,13 +193,7 @@ async fn a_429_that_still_happens_is_waited_out_and_fed_back_to_the_limiter() {
     let leader_bus = bus(&server.url(), "leader").await;
     let limiter = Limiter::new(leader_bus.clone(), config.clone(), "leader");
     tokio::spawn(limiter.run(shutdown.child_token()));
-    let openai: Arc<dyn LlmClient> = Arc::new(
-        OpenAiClient::new(OpenAiConfig {
-            base_url: fake.base_url(),
-            ..OpenAiConfig::default()
-        })
-        .unwrap(),
-    );
+    let openai = openai_client(&fake);
     let client = LimiterClient::new(bus(&server.url(), "caller").await, config);
     let stats = client.stats();
     let llm = LimitedLlm::new(openai, client);
@@ -284,13 +283,7 @@ async fn a_session_runs_on_an_openai_compatible_endpoint_through_the_limiter() {
     })
     .await
     .unwrap();
-    let openai: Arc<dyn LlmClient> = Arc::new(
-        OpenAiClient::new(OpenAiConfig {
-            base_url: fake.base_url(),
-            ..OpenAiConfig::default()
-        })
-        .unwrap(),
-    );
+    let openai = openai_client(&fake);
     let mut s = spec("");
     let models = ["gpt-4o", "gpt-4o-mini"];
     s.worker_model = models[0].into();

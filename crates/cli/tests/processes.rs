@@ -78,6 +78,35 @@ fn run_json(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> (String, 
     (stdout, v)
 }
 
+/// `flotilla [global] submit --wait <task>`, asked again while no `serve` is up yet: it
+/// fails fast with a clear error when nobody serves, so wait for the service first.
+fn submit_wait(global: &[&str], url: &str, task: &str) -> std::process::Output {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut cmd = Command::new(BIN);
+        cmd.args(global)
+            .args([
+                "submit",
+                "--wait",
+                "--timeout-s",
+                "60",
+                "--nats-url",
+                url,
+                task,
+            ])
+            .env("RUST_LOG", "warn");
+        let out = run_with_timeout(cmd, Duration::from_secs(90));
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        if out.status.success()
+            || std::time::Instant::now() > deadline
+            || !stderr.contains("flotilla serve")
+        {
+            return out;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 #[test]
 fn serve_agents_and_submit_as_separate_processes() {
     let server = NatsServer::start().unwrap();
@@ -86,31 +115,7 @@ fn serve_agents_and_submit_as_separate_processes() {
     for role in ["research", "analysis", "writing", "review"] {
         procs.0.push(spawn(&["agent", "--role", role], &url));
     }
-    // submit --wait retries until serve is up? No: it fails fast with a clear error when
-    // nobody serves, so wait for the service first.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let out = loop {
-        let mut cmd = Command::new(BIN);
-        cmd.args([
-            "submit",
-            "--wait",
-            "--timeout-s",
-            "60",
-            "--nats-url",
-            &url,
-            "draft a launch plan for a bakery",
-        ])
-        .env("RUST_LOG", "warn");
-        let out = run_with_timeout(cmd, Duration::from_secs(90));
-        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-        if out.status.success()
-            || std::time::Instant::now() > deadline
-            || !stderr.contains("flotilla serve")
-        {
-            break out;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let out = submit_wait(&[], &url, "draft a launch plan for a bakery");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -357,22 +362,7 @@ ack_wait = "20s"
             .0
             .push(spawn(&["--config", cfg, "agent", "--role", role], &url));
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let out = loop {
-        let mut cmd = Command::new(BIN);
-        cmd.args(["--config", cfg, "submit", "--wait", "--timeout-s", "60"])
-            .args(["--nats-url", &url, "open a bakery in another country"])
-            .env("RUST_LOG", "warn");
-        let out = run_with_timeout(cmd, Duration::from_secs(90));
-        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-        if out.status.success()
-            || std::time::Instant::now() > deadline
-            || !stderr.contains("flotilla serve")
-        {
-            break out;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let out = submit_wait(&["--config", cfg], &url, "open a bakery in another country");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
