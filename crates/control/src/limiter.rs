@@ -309,6 +309,8 @@ impl Limiter {
             .await
             .map_err(|e| LimiterError::Bucket(e.to_string()))?;
         let subject = format!("$KV.{bucket}.{LEASE_KEY}");
+        // One watch of the lease for the whole run (a new one is made only if it ends).
+        let mut watch = None;
         loop {
             if shutdown.is_cancelled() {
                 return Ok(());
@@ -327,6 +329,8 @@ impl Limiter {
                 && let Some(seq) = self.publish_lease(&subject, last).await
             {
                 tracing::info!(holder = %self.holder, term = seq, "rate limiter leadership taken");
+                // A leader does not follow the lease (its own renewals would pile up).
+                watch = None;
                 match self.lead(&store, &subject, seq, &shutdown).await {
                     Outcome::Shutdown => return Ok(()),
                     Outcome::Lost => {
@@ -336,12 +340,18 @@ impl Limiter {
                 continue;
             }
             // Follow: wait for the lease to change, or re-check now and then.
-            let mut watch = store.watch(LEASE_KEY).await.ok();
+            if watch.is_none() {
+                watch = store.watch(LEASE_KEY).await.ok();
+            }
             let recheck = tokio::time::sleep(self.ttl() / 2);
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = recheck => {}
-                Some(_) = async { match watch.as_mut() { Some(w) => w.next().await, None => None } } => {}
+                changed = async { match watch.as_mut() { Some(w) => w.next().await, None => std::future::pending().await } } => {
+                    if changed.is_none() {
+                        watch = None;
+                    }
+                }
             }
         }
     }
