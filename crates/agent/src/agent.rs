@@ -82,27 +82,20 @@ pub struct TaskContext {
 /// Reports an attempt's progress (see [`TaskContext::progress`]). The default reports
 /// nowhere (for agents run outside a worker, as in unit tests).
 #[derive(Debug, Clone, Default)]
-pub struct Progress(Option<(async_nats::Client, String, crate::presence::Tracker)>);
+pub struct Progress(Option<(flotilla_bus::AckHandle, crate::presence::Tracker)>);
 
 impl Progress {
-    /// Progress on the delivery whose ack subject is `ack_subject`.
-    pub fn new(
-        client: async_nats::Client,
-        ack_subject: String,
-        tracker: crate::presence::Tracker,
-    ) -> Self {
-        Self(Some((client, ack_subject, tracker)))
+    /// Progress on the delivery `ack`.
+    pub fn new(ack: flotilla_bus::AckHandle, tracker: crate::presence::Tracker) -> Self {
+        Self(Some((ack, tracker)))
     }
 
-    /// Records progress now.
+    /// Records progress now: the presence's `progress_ms` moves, and the delivery's
+    /// ack wait restarts.
     pub async fn report(&self) {
-        if let Some((client, ack, tracker)) = &self.0 {
-            tracker.progress(ack);
-            // `+WPI`: the server restarts the delivery's ack wait.
-            if let Err(e) = client
-                .publish(ack.clone(), bytes::Bytes::from_static(b"+WPI"))
-                .await
-            {
+        if let Some((ack, tracker)) = &self.0 {
+            tracker.progress(ack.subject());
+            if let Err(e) = ack.progress().await {
                 tracing::debug!(error = %e, "progress not reported");
             }
         }

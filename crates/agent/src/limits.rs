@@ -50,6 +50,10 @@ pub struct LimitsConfig {
     pub global_token_budget: u64,
     /// Limits per model name.
     pub models: BTreeMap<String, ModelLimits>,
+    /// LLM calls one process may have in flight at once (a memory bound; the
+    /// provider's real limits are `models`). Handlers waiting on a call hold no other
+    /// slot, so this, not handler concurrency, is what bounds calls.
+    pub max_in_flight: usize,
 }
 
 impl Default for LimitsConfig {
@@ -63,6 +67,7 @@ impl Default for LimitsConfig {
             max_429_retries: 3,
             global_token_budget: 0,
             models: BTreeMap::new(),
+            max_in_flight: 10_000,
         }
     }
 }
@@ -318,8 +323,14 @@ impl LimitedLlm {
         Self { inner, limiter }
     }
 
-    /// `inner` behind the limiter when `config` limits anything, else `inner` as is.
+    /// `inner` bounded to `max_in_flight` calls at once, and behind the fleet limiter
+    /// when `config` limits anything. One per process (or per component of an
+    /// in-process fleet).
     pub fn wrap(inner: Arc<dyn LlmClient>, bus: &Bus, config: &LimitsConfig) -> Arc<dyn LlmClient> {
+        let inner: Arc<dyn LlmClient> = Arc::new(flotilla_llm::InFlightLimit::new(
+            inner,
+            config.max_in_flight,
+        ));
         if config.enabled && (!config.models.is_empty() || config.global_token_budget > 0) {
             Arc::new(Self::new(
                 inner,

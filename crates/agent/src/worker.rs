@@ -271,33 +271,13 @@ impl Worker {
             spend: crate::budget::SpendMeter::default(),
             resumed,
             progress: crate::agent::Progress::new(
-                self.bus.client.clone(),
-                ack_subject.to_owned(),
+                flotilla_bus::AckHandle::new(self.bus.client.clone(), ack_subject.to_owned()),
                 self.tracker.clone(),
             ),
         };
-        // While the agent runs (an LLM call may outlast the ack wait), keep the delivery
-        // ours: `+WPI` every half ack wait. This is not progress: the watchdog's stuck
-        // timeout still sees only the agent's own reports, and a frozen or dead process
-        // stops sending these.
-        let keepalive = {
-            let (client, ack) = (self.bus.client.clone(), ack_subject.to_owned());
-            let every = (self.settings.effective_ack_wait() / 2).max(Duration::from_millis(100));
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(every).await;
-                    if client
-                        .publish(ack.clone(), Bytes::from_static(b"+WPI"))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-            })
-        };
+        // The pool consumer keeps the delivery alive while the agent runs; the
+        // watchdog's stuck timeout sees only the agent's own progress reports.
         let result = ctx.spend.clone().scope(self.agent.run(&ctx, &task)).await;
-        keepalive.abort();
         let spend = ctx.spend.spend();
         if spend.rate_limit_waits > 0 {
             let body = EventBody::RateLimitWait {

@@ -46,7 +46,9 @@ pub struct PoolSettings {
     /// ack wait, and `max_deliver` must exceed the list's length.
     #[serde(with = "durations")]
     pub backoff: Vec<Duration>,
-    /// Messages handled at once by one process.
+    /// Messages handled at once by one process. A memory bound (each handler in flight
+    /// holds its message), not an I/O bound: handlers waiting on an LLM call hold no
+    /// other slot, and calls are bounded by the limiter's `max_in_flight`.
     pub concurrency: usize,
     /// Longest a pull request waits for messages.
     #[serde(with = "humantime_serde")]
@@ -133,7 +135,7 @@ impl Default for PoolSettings {
             ack_wait: Duration::from_secs(12),
             max_deliver: 5,
             backoff: Vec::new(),
-            concurrency: 256,
+            concurrency: 50_000,
             fetch_expiry: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(10),
         }
@@ -328,6 +330,7 @@ impl PoolConsumer {
     {
         let handler = Arc::new(handler);
         let limit = self.settings.concurrency.max(1);
+        let keepalive = (self.settings.effective_ack_wait() / 2).max(Duration::from_millis(100));
         let permits = Arc::new(Semaphore::new(limit));
         let mut backoff = Duration::from_millis(100);
         'pull: while !shutdown.is_cancelled() {
@@ -384,8 +387,28 @@ impl PoolConsumer {
                     Counters::inc(&bus.counters.redelivered);
                 }
                 let h = handler.clone();
+                let ack = delivery.handle(&bus);
                 tokio::spawn(async move {
-                    h(delivery).await;
+                    // A healthy handler keeps its delivery: an LLM call may outlast the
+                    // ack wait, and letting it expire would have another process redo
+                    // (and pay for) the same work. A dead or frozen process stops these,
+                    // and the watchdog finds it sooner than the ack wait would.
+                    let work = h(delivery);
+                    tokio::pin!(work);
+                    let mut tick = tokio::time::interval_at(
+                        tokio::time::Instant::now() + keepalive,
+                        keepalive,
+                    );
+                    loop {
+                        tokio::select! {
+                            _ = &mut work => break,
+                            _ = tick.tick() => {
+                                if let Some(a) = &ack && let Err(e) = a.progress().await {
+                                    tracing::debug!(error = %e, "keepalive not sent");
+                                }
+                            }
+                        }
+                    }
                     drop(permit);
                 });
             }

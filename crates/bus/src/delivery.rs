@@ -100,6 +100,13 @@ impl Delivery {
             .map_err(|e| AckError(e.to_string()))
     }
 
+    /// A handle on this delivery that outlives it: progress and release by its ack
+    /// subject (for the agent's progress reports and the watchdog).
+    pub fn handle(&self, bus: &Bus) -> Option<AckHandle> {
+        self.ack_subject()
+            .map(|s| AckHandle::new(bus.client.clone(), s.to_owned()))
+    }
+
     /// Poison: copy it to the dead-letter queue with its reason, then terminate it so
     /// it leaves the work queue. If the copy cannot be stored the message is left for
     /// redelivery instead, so nothing is lost.
@@ -141,6 +148,43 @@ impl Delivery {
                 .map_err(|e| AckError(e.to_string()))?;
         }
         Ok(())
+    }
+}
+
+/// A delivery named by its ack subject, from any process: the holder reports progress
+/// through it, and the watchdog releases a dead holder's delivery through it. These are
+/// the only places (with [`Delivery`]) that speak the JetStream ack protocol.
+#[derive(Debug, Clone)]
+pub struct AckHandle {
+    client: async_nats::Client,
+    subject: String,
+}
+
+impl AckHandle {
+    /// The delivery whose ack subject is `subject`.
+    pub fn new(client: async_nats::Client, subject: String) -> Self {
+        Self { client, subject }
+    }
+
+    /// The ack subject.
+    pub fn subject(&self) -> &str {
+        &self.subject
+    }
+
+    /// `+WPI`: the server restarts the delivery's ack wait.
+    pub async fn progress(&self) -> Result<(), AckError> {
+        self.client
+            .publish(self.subject.clone(), Bytes::from_static(b"+WPI"))
+            .await
+            .map_err(|e| AckError(e.to_string()))
+    }
+
+    /// `-NAK` on the holder's behalf: the server redelivers it now.
+    pub async fn release(&self) -> Result<(), AckError> {
+        self.client
+            .publish(self.subject.clone(), Bytes::from_static(b"-NAK"))
+            .await
+            .map_err(|e| AckError(e.to_string()))
     }
 }
 

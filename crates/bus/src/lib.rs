@@ -34,7 +34,7 @@ use flotilla_protocol::Namespace;
 
 pub use config::BusConfig;
 pub use consumer::{ConsumerError, PoolConsumer, PoolOverrides, PoolSettings, opt_durations};
-pub use delivery::{AckError, DeadLetter, Delivery};
+pub use delivery::{AckError, AckHandle, DeadLetter, Delivery};
 pub use kv::{KvError, Records};
 pub use memory::{
     LockGuard, MemKey, Memory, MemoryConfig, MemoryError, MemoryStats, SessionMemory, Versioned,
@@ -191,6 +191,36 @@ impl Bus {
     /// Creates or checks `role`'s inbox stream (see [`topology::ensure_inbox`]).
     pub async fn ensure_inbox(&self, role: &flotilla_protocol::Role) -> Result<(), TopologyError> {
         topology::ensure_inbox(&self.js, &self.names, &self.config, role).await
+    }
+
+    /// True when `session`'s inbox of `role` holds a message (waiting, or delivered and
+    /// not yet acknowledged): whatever was sent there is not lost.
+    pub async fn inbox_holds(
+        &self,
+        session: &flotilla_protocol::SessionId,
+        role: &flotilla_protocol::Role,
+    ) -> Result<bool, TopologyError> {
+        use async_nats::jetstream::stream::{LastRawMessageErrorKind};
+        let name = self.names.stream_inbox(role);
+        let stream = self
+            .js
+            .get_stream_no_info(&name)
+            .await
+            .map_err(|e| TopologyError::Unavailable {
+                name: name.clone(),
+                source: Box::new(e),
+            })?;
+        match stream
+            .get_last_raw_message_by_subject(&self.names.inbox(session, role))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(false),
+            Err(e) => Err(TopologyError::Unavailable {
+                name,
+                source: Box::new(e),
+            }),
+        }
     }
 
     /// Messages waiting or unacknowledged in every role's inboxes (0 when quiet).

@@ -238,16 +238,34 @@ impl Admission {
             .map_err(|e| Rejection::new(ErrorCode::Unavailable, e.to_string()))
     }
 
-    /// Restarts a session by id if it is still planning.
+    /// Restarts a session by id if it is still planning and its `start` is known to be
+    /// lost: nothing is left in its orchestrator inbox (a `start` waiting in a queue, or
+    /// being planned right now, is still there until it is acknowledged). Under
+    /// overload a session waits longer; nothing is re-sent while the original lives.
     pub async fn restart_if_planning(&self, session: &SessionId) -> Result<(), Rejection> {
-        if let Some((rec, _)) = self
+        let planning = || async {
+            Ok::<_, Rejection>(
+                self.bus
+                    .sessions()
+                    .get::<SessionRecord>(&keys::session(session))
+                    .await?
+                    .filter(|(rec, _)| rec.status == SessionStatus::Planning),
+            )
+        };
+        if planning().await?.is_none() {
+            return Ok(());
+        }
+        let held = self
             .bus
-            .sessions()
-            .get::<SessionRecord>(&keys::session(session))
-            .await?
-            && rec.status == SessionStatus::Planning
-        {
-            tracing::warn!(session = %session, "session still planning long after admission; re-sending start");
+            .inbox_holds(session, &Role::orchestrator())
+            .await
+            .map_err(|e| Rejection::new(ErrorCode::Unavailable, e.to_string()))?;
+        if held {
+            return Ok(());
+        }
+        // Read again: the start may have been acknowledged between the two reads.
+        if let Some((rec, _)) = planning().await? {
+            tracing::warn!(session = %session, "session still planning and its start is gone; re-sending start");
             self.restart(&rec).await?;
         }
         Ok(())

@@ -87,7 +87,6 @@ impl Default for ControlConfig {
         Self {
             session: SessionConfig::default(),
             orchestrator: PoolSettings {
-                concurrency: 1024,
                 // Orchestrator messages are never given up on: poison is terminated
                 // explicitly, and backpressure naks must not exhaust a bound.
                 max_deliver: -1,

@@ -218,12 +218,8 @@ impl Watchdog {
                 }
             }
         }
-        if let Err(e) = self
-            .bus
-            .client
-            .publish(item.ack_subject.clone(), Bytes::from_static(b"-NAK"))
-            .await
-        {
+        let ack = flotilla_bus::AckHandle::new(self.bus.client.clone(), item.ack_subject.clone());
+        if let Err(e) = ack.release().await {
             tracing::warn!(error = %e, "could not release a delivery");
         }
     }

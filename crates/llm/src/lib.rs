@@ -3,6 +3,7 @@
 //! [`SimulatedProvider`] that is the embedded default and the test double.
 //!
 //! # Layout
+//! - [`bounded`]: the per-process bound on calls in flight, and the call counter.
 //! - [`client`]: the request and response types and the [`LlmClient`] trait.
 //! - [`openai`]: the OpenAI-compatible client (reqwest, rustls): retries with backoff
 //!   for transient failures, 429 handed back as [`LlmError::RateLimited`] for the
@@ -14,6 +15,7 @@
 //! - [`simulated`]: the simulated provider (seeded, configurable latency and usage).
 //! - [`schema`]: names of the structured outputs Flotilla asks for.
 
+pub mod bounded;
 pub mod client;
 pub mod openai;
 pub mod schema;
@@ -21,6 +23,7 @@ pub mod simulated;
 pub mod structured;
 pub mod tokens;
 
+pub use bounded::{CallCounter, InFlightLimit};
 pub use client::{
     ChatMessage, ChatRole, Completion, CompletionRequest, LlmClient, LlmError, LlmFuture,
     ResponseFormat, Usage,
