@@ -11,11 +11,14 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use flotilla_bus::{Bus, Delivery, KvError, Outgoing, PoolConsumer, PoolSettings, VerdictError};
+use flotilla_bus::{
+    Applied, Bus, Delivery, Outgoing, PoolConsumer, PoolSettings, Start, Step, VerdictError,
+};
 use flotilla_protocol::subject::keys;
+use flotilla_protocol::task_machine::{self, Claim};
 use flotilla_protocol::{
     AgentId, ErrorCode, EventBody, InFlight, InboxMessage, MessageId, ParsedSubject, ResultMessage,
-    Role, TaskMessage, TaskOutcome, TaskRecord, TaskRunState, TraceParent, V1, decode, epoch_ms,
+    Role, SessionRecord, TaskMessage, TaskOutcome, TraceParent, V1, decode, epoch_ms,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -172,98 +175,127 @@ impl Worker {
         ack_subject: &str,
         redelivered: bool,
     ) -> Result<(), VerdictError> {
-        let records = self.bus.sessions();
-        // Whether an earlier delivery may have started this attempt.
-        let mut resumed = redelivered;
-        let key = keys::task(&task.session_id, &task.task_id);
-        // Claim.
-        let mut claimed_rev = None;
-        for _ in 0..8 {
-            let Some((rec, rev)) = records.get::<TaskRecord>(&key).await? else {
-                return Err(VerdictError::poison(
-                    ErrorCode::UnknownSession,
-                    format!("no task record {key}: unknown session or task"),
-                ));
-            };
-            if rec.role != task.role {
-                return Err(VerdictError::poison(
-                    ErrorCode::WrongSession,
-                    "task record is for another role",
-                ));
-            }
-            if rec.attempt > task.attempt {
-                tracing::info!(current = rec.attempt, "stale attempt fenced off");
-                return Ok(());
-            }
-            if rec.attempt < task.attempt {
-                return Err(VerdictError::retry(
-                    Duration::from_millis(200),
-                    "task record not yet at this attempt",
-                ));
-            }
-            if matches!(rec.state, TaskRunState::Done | TaskRunState::Failed) {
-                // Committed earlier (we crashed before acking): re-send the notice.
-                let outcome = match (&rec.outcome, rec.state) {
-                    (Some(o), _) => o.clone(),
-                    (None, TaskRunState::Done) => TaskOutcome::Completed,
-                    (None, _) => TaskOutcome::Failed {
-                        reason: rec.error.clone().unwrap_or_default(),
-                    },
-                };
-                self.notify(&task, outcome, None, None, trace).await?;
-                return Ok(());
-            }
-            if rec.state == TaskRunState::Running && rec.holder.as_ref() != Some(&self.agent_id) {
-                // Someone claimed it. Take over only once their claim is older than the
-                // ack wait (they are presumed dead); until then this is a duplicate
-                // delivery, and it comes back when the claim would have expired.
-                let age = epoch_ms(SystemTime::now()).saturating_sub(rec.updated_ms);
-                let ack_wait = self.settings.effective_ack_wait().as_millis() as u64;
-                if age < ack_wait {
-                    return Err(VerdictError::retry(
-                        Duration::from_millis(ack_wait - age + 50),
-                        format!("claimed by {:?} {age} ms ago", rec.holder),
-                    ));
-                }
-                tracing::warn!(holder = ?rec.holder, age_ms = age, "taking over a stale claim");
-            }
-            // List the task in our presence before the claim lands, so whenever the
-            // record names us as holder, a crash of ours is seen with it listed and the
-            // watchdog releases it at once.
-            let now = epoch_ms(SystemTime::now());
-            self.tracker.start(InFlight {
-                session_id: task.session_id.clone(),
-                task_id: Some(task.task_id.clone()),
-                attempt: Some(task.attempt),
-                ack_subject: ack_subject.to_owned(),
-                since_ms: now,
-                progress_ms: now,
-            });
-            if !self.tracker.published(Duration::from_secs(1)).await {
-                tracing::debug!(
-                    "presence not confirmed; a crash now would be recovered by the ack wait"
-                );
-            }
-            resumed |= rec.state == TaskRunState::Running;
-            let mut next = rec.clone();
-            next.state = TaskRunState::Running;
-            next.holder = Some(self.agent_id.clone());
-            next.updated_ms = epoch_ms(SystemTime::now());
-            match records.update(&key, &next, rev).await {
-                Ok(r) => {
-                    claimed_rev = Some(r);
-                    break;
-                }
-                Err(KvError::Conflict { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        let Some(claimed_rev) = claimed_rev else {
-            return Err(VerdictError::retry(
-                Duration::from_millis(200),
-                "claim kept conflicting",
+        // The session's task table vouches for the task: the orchestrator writes it
+        // before publishing the task, so a task it does not list is forged or lost.
+        let Some((session, _)) = self
+            .bus
+            .sessions()
+            .get::<SessionRecord>(&keys::session(&task.session_id))
+            .await?
+        else {
+            return Err(VerdictError::poison(
+                ErrorCode::UnknownSession,
+                format!("no session {}", task.session_id),
             ));
         };
+        let Some(entry) = session.tasks.iter().find(|t| t.task_id == task.task_id) else {
+            return Err(VerdictError::poison(
+                ErrorCode::UnknownSession,
+                format!("session {} has no task {}", task.session_id, task.task_id),
+            ));
+        };
+        if entry.role != task.role {
+            return Err(VerdictError::poison(
+                ErrorCode::WrongSession,
+                format!("task {} belongs to role {}", task.task_id, entry.role),
+            ));
+        }
+        if session.status.is_terminal() {
+            tracing::info!(status = ?session.status, "session already ended; nothing to do");
+            return Ok(());
+        }
+        if entry.attempt < task.attempt {
+            // Not dispatched yet as far as this read shows (a stale replica): look
+            // again later; the delivery bound ends a forgery.
+            return Err(VerdictError::retry(
+                Duration::from_millis(200),
+                "the session has not dispatched this attempt",
+            ));
+        }
+        let key = keys::task(&task.session_id, &task.task_id);
+        // List the task in our presence before the claim lands, so whenever the
+        // record names us as holder, a crash of ours is seen with it listed and the
+        // watchdog releases it at once.
+        let now = epoch_ms(SystemTime::now());
+        self.tracker.start(InFlight {
+            session_id: task.session_id.clone(),
+            task_id: Some(task.task_id.clone()),
+            attempt: Some(task.attempt),
+            ack_subject: ack_subject.to_owned(),
+            since_ms: now,
+            progress_ms: now,
+        });
+        if !self.tracker.published(Duration::from_secs(1)).await {
+            tracing::debug!(
+                "presence not confirmed; a crash now would be recovered by the ack wait"
+            );
+        }
+        // Claim. The first delivery of a first attempt creates the record (one round
+        // trip); anything else reads it first.
+        let start = if task.attempt == 1 && !redelivered {
+            Start::Absent
+        } else {
+            Start::Read
+        };
+        let claim_ttl = self.settings.effective_ack_wait().as_millis() as u64;
+        let claimed = self
+            .bus
+            .sessions()
+            .transition(&key, start, 8, |current| {
+                let now = epoch_ms(SystemTime::now());
+                match task_machine::claim(current, &task, &self.agent_id, claim_ttl, now) {
+                    Claim::Take { record, resumed } => {
+                        Step::Write(record.clone(), Ok((record, resumed)))
+                    }
+                    other => Step::Keep(Err(other)),
+                }
+            })
+            .await?;
+        let (claimed, claimed_rev, resumed) = match claimed {
+            Applied::Written {
+                value: Ok((record, resumed)),
+                revision,
+            } => (record, revision, resumed || redelivered),
+            // (The closure writes exactly the `Take` decisions: a written refusal or a
+            // kept claim cannot happen, and would be retried like a conflict.)
+            Applied::Written { value: Err(_), .. } | Applied::Kept(Ok(_)) | Applied::Contended => {
+                return Err(VerdictError::retry(
+                    Duration::from_millis(200),
+                    "claim kept conflicting",
+                ));
+            }
+            Applied::Kept(Err(decision)) => {
+                return match decision {
+                    Claim::Stale { current } => {
+                        tracing::info!(current, "stale attempt fenced off");
+                        Ok(())
+                    }
+                    Claim::Committed(outcome) => {
+                        // Committed earlier (we crashed before acking): re-send the notice.
+                        self.notify(&task, outcome, None, None, trace).await
+                    }
+                    Claim::Held {
+                        holder,
+                        age_ms,
+                        retry_ms,
+                    } => Err(VerdictError::retry(
+                        Duration::from_millis(retry_ms),
+                        format!("claimed by {holder:?} {age_ms} ms ago"),
+                    )),
+                    Claim::WrongRole => Err(VerdictError::poison(
+                        ErrorCode::WrongSession,
+                        "task record is for another role",
+                    )),
+                    Claim::Take { .. } => Err(VerdictError::retry(
+                        Duration::from_millis(200),
+                        "claim not written",
+                    )),
+                };
+            }
+        };
+        if resumed && claimed.attempt == task.attempt {
+            tracing::info!("resuming an attempt another holder started");
+        }
 
         // Run.
         let ctx = TaskContext {
@@ -293,77 +325,57 @@ impl Worker {
                 tracing::warn!(error = %e, "could not log the rate-limit wait");
             }
         }
-        let (state, output, error, outcome) = match result {
-            Ok(output) => (
-                TaskRunState::Done,
-                Some(output),
-                None,
-                TaskOutcome::Completed,
-            ),
+        let (output, outcome) = match result {
+            Ok(output) => (Some(output), TaskOutcome::Completed),
             Err(AgentError::Transient(why)) => {
                 return Err(VerdictError::retry(Duration::from_secs(1), why));
             }
-            Err(AgentError::Unusable(why)) => (
-                TaskRunState::Failed,
-                None,
-                Some(why.clone()),
-                TaskOutcome::Failed { reason: why },
-            ),
+            Err(AgentError::Unusable(why)) => (None, TaskOutcome::Failed { reason: why }),
             Err(AgentError::Stopped(e)) => {
                 tracing::warn!(budget = %e.budget, reason = %e.reason, "budget stopped the attempt");
                 (
-                    TaskRunState::Failed,
                     None,
-                    Some(e.to_string()),
                     TaskOutcome::Stopped {
                         budget: e.budget,
                         reason: e.reason,
                     },
                 )
             }
-            Err(AgentError::Clarify(question)) => (
-                TaskRunState::Failed,
-                None,
-                Some(format!("needs clarification: {question}")),
-                TaskOutcome::Clarify { question },
-            ),
+            Err(AgentError::Clarify(question)) => (None, TaskOutcome::Clarify { question }),
         };
 
-        // Commit, fenced by the claim's revision.
-        let committed = TaskRecord {
-            v: V1,
-            session_id: task.session_id.clone(),
-            task_id: task.task_id.clone(),
-            role: task.role.clone(),
-            attempt: task.attempt,
-            state,
-            holder: Some(self.agent_id.clone()),
+        // Commit, fenced by the claim's revision: one round, no retry. Losing it means
+        // the claim was taken over (the watchdog, or a newer attempt).
+        let committed = task_machine::commit(
+            &claimed,
+            outcome.clone(),
             output,
-            error,
-            outcome: Some(outcome.clone()),
-            updated_ms: epoch_ms(SystemTime::now()),
-        };
-        match records.update(&key, &committed, claimed_rev).await {
-            Ok(_) => {}
-            Err(KvError::Conflict { .. }) => {
-                tracing::warn!("claim was taken over while running; result fenced off");
-                let body = EventBody::Result {
-                    task_id: task.task_id.clone(),
-                    role: task.role.clone(),
-                    attempt: task.attempt,
-                    accepted: false,
-                    reason: Some(format!(
-                        "fenced: {} lost its claim to another holder",
-                        self.agent_id
-                    )),
-                };
-                let id = format!("fenced.{}.{}.{}", task.task_id, task.attempt, self.agent_id);
-                if let Err(e) = self.bus.emit(&task.session_id, &id, body, trace).await {
-                    tracing::warn!(error = %e, "could not log the fenced result");
-                }
-                return Ok(());
+            epoch_ms(SystemTime::now()),
+        );
+        let applied = self
+            .bus
+            .sessions()
+            .transition(&key, Start::Known(claimed, claimed_rev), 1, |_| {
+                Step::Write(committed.clone(), ())
+            })
+            .await?;
+        if matches!(applied, Applied::Contended) {
+            tracing::warn!("claim was taken over while running; result fenced off");
+            let body = EventBody::Result {
+                task_id: task.task_id.clone(),
+                role: task.role.clone(),
+                attempt: task.attempt,
+                accepted: false,
+                reason: Some(format!(
+                    "fenced: {} lost its claim to another holder",
+                    self.agent_id
+                )),
+            };
+            let id = format!("fenced.{}.{}.{}", task.task_id, task.attempt, self.agent_id);
+            if let Err(e) = self.bus.emit(&task.session_id, &id, body, trace).await {
+                tracing::warn!(error = %e, "could not log the fenced result");
             }
-            Err(e) => return Err(e.into()),
+            return Ok(());
         }
         self.notify(&task, outcome, Some(ctx.memory.stats()), Some(spend), trace)
             .await?;

@@ -50,6 +50,44 @@ impl KvError {
     }
 }
 
+/// What a transition function decided about the value it was shown.
+#[derive(Debug)]
+pub enum Step<T, R> {
+    /// Write this value (compare-and-set on the revision read, or create if absent),
+    /// and report `R`.
+    Write(T, R),
+    /// Write nothing; report `R`.
+    Keep(R),
+}
+
+/// Where [`Records::transition`] starts.
+#[derive(Debug)]
+pub enum Start<T> {
+    /// Read the key first.
+    Read,
+    /// Assume the key is absent and try a create (one round trip when right; on
+    /// "exists" it reads and goes on).
+    Absent,
+    /// The value and revision the caller holds (one round trip when still current).
+    Known(T, u64),
+}
+
+/// How a transition ended.
+#[derive(Debug)]
+pub enum Applied<R> {
+    /// The value was written at `revision`.
+    Written {
+        /// What the function reported.
+        value: R,
+        /// The new revision.
+        revision: u64,
+    },
+    /// The function chose to write nothing.
+    Kept(R),
+    /// Every round lost to a concurrent writer.
+    Contended,
+}
+
 /// A bucket of JSON records, read with their revision and changed by compare-and-set.
 #[derive(Clone)]
 pub struct Records {
@@ -126,6 +164,49 @@ impl Records {
             }),
             Err(e) => Err(KvError::unavailable(key, e)),
         }
+    }
+
+    /// Applies `f` to the value at `key` by compare-and-set, re-reading and re-applying
+    /// on conflict, for at most `rounds` rounds: the one conflict loop every record's
+    /// writers share. `f` sees `None` when the key is absent (a write then creates it).
+    pub async fn transition<T, R>(
+        &self,
+        key: &str,
+        start: Start<T>,
+        rounds: usize,
+        mut f: impl FnMut(Option<&T>) -> Step<T, R>,
+    ) -> Result<Applied<R>, KvError>
+    where
+        T: Serialize + DeserializeOwned,
+    {
+        let mut current = match start {
+            Start::Read => self.get::<T>(key).await?,
+            Start::Absent => None,
+            Start::Known(v, rev) => Some((v, rev)),
+        };
+        for _ in 0..rounds.max(1) {
+            let (next, out) = match f(current.as_ref().map(|(v, _)| v)) {
+                Step::Keep(out) => return Ok(Applied::Kept(out)),
+                Step::Write(next, out) => (next, out),
+            };
+            let res = match &current {
+                Some((_, rev)) => self.update(key, &next, *rev).await,
+                None => self.create(key, &next).await,
+            };
+            match res {
+                Ok(revision) => {
+                    return Ok(Applied::Written {
+                        value: out,
+                        revision,
+                    });
+                }
+                Err(KvError::Conflict { .. } | KvError::Exists { .. }) => {
+                    current = self.get::<T>(key).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Applied::Contended)
     }
 
     /// Deletes `key`, only if its revision is still `revision` when given.

@@ -35,7 +35,7 @@ use flotilla_protocol::Namespace;
 pub use config::BusConfig;
 pub use consumer::{ConsumerError, PoolConsumer, PoolOverrides, PoolSettings, opt_durations};
 pub use delivery::{AckError, AckHandle, DeadLetter, Delivery};
-pub use kv::{KvError, Records};
+pub use kv::{Applied, KvError, Records, Start, Step};
 pub use memory::{
     LockGuard, MemKey, Memory, MemoryConfig, MemoryError, MemoryStats, SessionMemory, Versioned,
 };
@@ -200,16 +200,16 @@ impl Bus {
         session: &flotilla_protocol::SessionId,
         role: &flotilla_protocol::Role,
     ) -> Result<bool, TopologyError> {
-        use async_nats::jetstream::stream::{LastRawMessageErrorKind};
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
         let name = self.names.stream_inbox(role);
-        let stream = self
-            .js
-            .get_stream_no_info(&name)
-            .await
-            .map_err(|e| TopologyError::Unavailable {
-                name: name.clone(),
-                source: Box::new(e),
-            })?;
+        let stream =
+            self.js
+                .get_stream_no_info(&name)
+                .await
+                .map_err(|e| TopologyError::Unavailable {
+                    name: name.clone(),
+                    source: Box::new(e),
+                })?;
         match stream
             .get_last_raw_message_by_subject(&self.names.inbox(session, role))
             .await

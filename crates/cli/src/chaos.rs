@@ -136,6 +136,16 @@ impl ProcessFleet {
         });
     }
 
+    /// The process ids of the fleet now.
+    pub(crate) async fn pids(&self) -> Vec<u32> {
+        self.slots
+            .lock()
+            .await
+            .iter()
+            .map(|s| s.child.id())
+            .collect()
+    }
+
     /// Stops the chaos loop; the processes keep running.
     pub(crate) fn calm(&self) {
         self.stop.cancel();

@@ -106,9 +106,84 @@ pub(crate) struct Summary {
     pub(crate) memory: flotilla_bus::MemoryStats,
     /// Inbox messages neither acknowledged nor dead-lettered once the run was quiet.
     pub(crate) lost_messages: u64,
+    /// What the run cost: server messages, LLM calls, CPU and memory.
+    #[serde(flatten)]
+    pub(crate) costs: Costs,
     /// Example answer summary (first completed session).
     #[serde(skip)]
     pub(crate) sample: Option<Finished>,
+}
+
+/// What a run cost, measured from outside the fleet: the server's own counters
+/// (`/varz`), the processes' CPU time and peak memory (`/proc`), and the LLM calls made.
+/// `None` where it could not be measured (an external server without `--nats-monitor-port`,
+/// a fleet in the bench's own process).
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct Costs {
+    /// Messages the server received (`in_msgs`) per completed session.
+    pub(crate) server_msgs_per_session: Option<f64>,
+    /// Messages the server sent (`out_msgs`) per completed session.
+    pub(crate) server_out_msgs_per_session: Option<f64>,
+    /// Everything the server received during the run (`in_msgs` delta).
+    pub(crate) all_publishes: Option<u64>,
+    /// Publishes beyond the sessions' own: repeats the server de-duplicated, publish
+    /// retries, redeliveries and re-sent starts. Healthy runs have 0.
+    pub(crate) extra_publishes: u64,
+    /// LLM calls started per completed session (plan + one per task + synthesis in a
+    /// run without faults).
+    pub(crate) llm_calls_per_session: Option<f64>,
+    /// CPU time (user + system) of every process (fleet, load generator, server) per
+    /// completed session, ms.
+    pub(crate) cpu_ms_per_session: Option<f64>,
+    /// CPU time of the bench process (the load generator, and the fleet unless it runs
+    /// as its own processes), ms.
+    pub(crate) bench_cpu_ms: Option<u64>,
+    /// CPU time of the fleet's processes (with `--processes` or `--chaos`), ms.
+    pub(crate) fleet_cpu_ms: Option<u64>,
+    /// CPU time of the embedded nats-server, ms.
+    pub(crate) server_cpu_ms: Option<u64>,
+    /// Peak RSS of the bench process, KiB.
+    pub(crate) bench_peak_rss_kb: Option<u64>,
+    /// Peak RSS of the fleet's processes, added up, KiB.
+    pub(crate) fleet_peak_rss_kb: Option<u64>,
+    /// Peak RSS of the embedded nats-server, KiB.
+    pub(crate) server_peak_rss_kb: Option<u64>,
+}
+
+impl Costs {
+    fn per_in_flight(kb: Option<u64>, in_flight: usize) -> Option<f64> {
+        kb.map(|k| k as f64 / in_flight.max(1) as f64)
+    }
+
+    fn print(&self, in_flight: usize) {
+        let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
+        let k =
+            |v: Option<u64>| v.map_or("-".to_owned(), |v| format!("{:.1} MB", v as f64 / 1024.0));
+        println!(
+            "  cost          server msgs/session in {} out {}   llm calls/session {}   extra publishes {} of {}",
+            f(self.server_msgs_per_session),
+            f(self.server_out_msgs_per_session),
+            f(self.llm_calls_per_session),
+            self.extra_publishes,
+            self.all_publishes.map_or("-".to_owned(), |v| v.to_string()),
+        );
+        println!(
+            "  cpu           {} ms/session (bench {} ms, fleet {} ms, server {} ms)",
+            f(self.cpu_ms_per_session),
+            self.bench_cpu_ms.map_or("-".to_owned(), |v| v.to_string()),
+            self.fleet_cpu_ms.map_or("-".to_owned(), |v| v.to_string()),
+            self.server_cpu_ms.map_or("-".to_owned(), |v| v.to_string()),
+        );
+        println!(
+            "  peak rss      bench {} ({} KB/session)   fleet {} ({} KB/session)   server {} ({} KB/session), {in_flight} in flight",
+            k(self.bench_peak_rss_kb),
+            f(Self::per_in_flight(self.bench_peak_rss_kb, in_flight)),
+            k(self.fleet_peak_rss_kb),
+            f(Self::per_in_flight(self.fleet_peak_rss_kb, in_flight)),
+            k(self.server_peak_rss_kb),
+            f(Self::per_in_flight(self.server_peak_rss_kb, in_flight)),
+        );
+    }
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
@@ -245,6 +320,10 @@ pub(crate) fn summarize(
         circuit_open: 0,
         clarifications: 0,
         lost_messages,
+        costs: Costs {
+            extra_publishes: counters.duplicates + counters.publish_retries + counters.redelivered,
+            ..Costs::default()
+        },
         sample,
     }
 }
@@ -302,6 +381,7 @@ impl Summary {
             "  memory        compare-and-set {} / conflicts {} / retries {} / lock waits {} / lock expiries {}",
             m.cas_attempts, m.conflicts, m.retries, m.lock_waits, m.lock_expiries
         );
+        self.costs.print(self.concurrency);
     }
 }
 

@@ -8,6 +8,7 @@ mod cmd;
 mod config;
 mod embedded;
 mod load;
+mod procstat;
 
 use std::path::PathBuf;
 
@@ -232,6 +233,17 @@ struct LoadArgs {
     /// Interval between chaos kills.
     #[arg(long, default_value_t = 3000)]
     chaos_every_ms: u64,
+    /// Sessions open at once across the fleet (overrides `session.pool_size`).
+    #[arg(long)]
+    pool_size: Option<u32>,
+    /// Run the fleet as OS processes (`serve` and `agent --role R`, as `--chaos` does)
+    /// so its memory and CPU are measured apart from the load generator's.
+    #[arg(long)]
+    processes: bool,
+    /// Monitoring port (on 127.0.0.1) of an external server given with `--nats-url`,
+    /// for the server-side figures (messages, CPU and memory need the embedded server).
+    #[arg(long)]
+    nats_monitor_port: Option<u16>,
 }
 
 fn init_tracing(default: &str) {

@@ -366,6 +366,71 @@ fn apply_result(
     verdict
 }
 
+/// Every effect the record's state implies, with the ids its transitions used: what a
+/// redelivered message performs again, in case the handler that wrote the state died
+/// before performing its effects (the record keeps no outbox: the writer performs its
+/// effects, then acks; a crash in between redelivers the message, whose handler
+/// re-performs these, de-duplicated by the server).
+pub fn derived_effects(rec: &SessionRecord) -> Vec<Effect> {
+    let mut out = Vec::new();
+    if rec.status == SessionStatus::Planning {
+        return out;
+    }
+    if !rec.tasks.is_empty() {
+        let tasks = rec
+            .tasks
+            .iter()
+            .map(|t| PlannedTask {
+                task_id: t.task_id.clone(),
+                role: t.role.clone(),
+                instruction: t.instruction.clone(),
+            })
+            .collect();
+        out.push(Effect::Emit {
+            id: "planned".into(),
+            body: EventBody::Planned { tasks },
+        });
+    }
+    for t in &rec.tasks {
+        match t.state {
+            TaskState::Dispatched if !rec.status.is_terminal() => out.push(Effect::Dispatch {
+                task_id: t.task_id.clone(),
+                attempt: t.attempt,
+            }),
+            TaskState::Done => out.push(Effect::Emit {
+                id: format!("result.{}.{}", t.task_id, t.attempt),
+                body: EventBody::Result {
+                    task_id: t.task_id.clone(),
+                    role: t.role.clone(),
+                    attempt: t.attempt,
+                    accepted: true,
+                    reason: None,
+                },
+            }),
+            _ => {}
+        }
+    }
+    if rec.status.is_terminal() {
+        let completed = rec.status == SessionStatus::Completed;
+        out.push(Effect::Emit {
+            id: "done".into(),
+            body: EventBody::Done {
+                outcome: if completed {
+                    SessionOutcome::Completed
+                } else {
+                    SessionOutcome::Failed
+                },
+                answer: rec.answer.clone(),
+                failure: rec.failure.clone(),
+                duration_ms: rec.updated_ms.saturating_sub(rec.opened_ms),
+                budget: rec.stopped_by,
+            },
+        });
+        out.push(Effect::ReleaseSlot);
+    }
+    out
+}
+
 /// Completes the session with its answer.
 pub fn on_synthesized(rec: &mut SessionRecord, answer: Answer, now: u64) {
     rec.status = SessionStatus::Completed;
@@ -516,6 +581,62 @@ mod tests {
             failure.contains("t2") && failure.contains("no artifacts"),
             "{failure}"
         );
+    }
+
+    #[test]
+    fn derived_effects_repeat_what_the_transitions_emitted() {
+        let mut rec = record(&["a", "b", "c", "d"]);
+        let p = plan(&rec);
+        on_planned(&mut rec, &p, 3, 1100);
+        let emitted = std::mem::take(&mut rec.outbox);
+        let derived = derived_effects(&rec);
+        for e in &emitted {
+            if let Effect::Emit { id, .. } = e {
+                assert!(
+                    derived
+                        .iter()
+                        .any(|d| matches!(d, Effect::Emit { id: i, .. } if i == id)),
+                    "{id} not derived"
+                );
+            } else {
+                assert!(derived.contains(e), "{e:?}");
+            }
+        }
+        for i in 0..4 {
+            let attempt = rec.tasks[i].attempt.max(1);
+            if rec.tasks[i].state != TaskState::Dispatched {
+                continue;
+            }
+            let r = result(&rec, i, attempt, TaskOutcome::Completed);
+            on_result(&mut rec, &r, 3, 3, 1200);
+        }
+        let r = result(&rec, 3, 1, TaskOutcome::Completed);
+        on_result(&mut rec, &r, 3, 3, 1300);
+        // Every accepted result's event is derived too.
+        for e in std::mem::take(&mut rec.outbox) {
+            if let Effect::Emit { id, .. } = &e {
+                assert!(
+                    derived_effects(&rec)
+                        .iter()
+                        .any(|d| matches!(d, Effect::Emit { id: i, .. } if i == id))
+                        || id.starts_with("dispatched"),
+                    "{id}"
+                );
+            }
+        }
+        on_synthesized(
+            &mut rec,
+            Answer {
+                summary: "s".into(),
+                sections: vec![],
+            },
+            2000,
+        );
+        let emitted = std::mem::take(&mut rec.outbox);
+        let derived = derived_effects(&rec);
+        for e in emitted {
+            assert!(derived.contains(&e), "{e:?} not derived from {derived:?}");
+        }
     }
 
     #[test]

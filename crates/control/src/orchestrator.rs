@@ -41,6 +41,40 @@ enum Input {
     Result(Box<ResultMessage>),
 }
 
+/// Session records as this process last wrote or read them, one cell per live
+/// session: a handler starts from its cell (no read when nobody else wrote since; the
+/// compare-and-set says when someone did) and holds it while it works, so the
+/// handlers of one session in this process take turns instead of conflicting.
+///
+/// A plain mutex around the map: each critical section is one map operation, never
+/// held across an `.await` (the cells are async mutexes, held across the handler).
+#[derive(Default, Clone)]
+struct RecordCache {
+    cells: Arc<std::sync::Mutex<std::collections::HashMap<SessionId, Cell>>>,
+}
+
+type Cell = Arc<tokio::sync::Mutex<Option<(SessionRecord, u64)>>>;
+
+/// Most sessions cached; past it the cache starts over (it is only a hint).
+const CACHE_MAX: usize = 100_000;
+
+impl RecordCache {
+    fn cell(&self, session: &SessionId) -> Cell {
+        let mut cells = self.cells.lock().unwrap_or_else(|p| p.into_inner());
+        if cells.len() >= CACHE_MAX && !cells.contains_key(session) {
+            cells.clear();
+        }
+        cells.entry(session.clone()).or_default().clone()
+    }
+
+    fn forget(&self, session: &SessionId) {
+        self.cells
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(session);
+    }
+}
+
 /// The orchestrator pool process.
 #[derive(Clone)]
 pub struct Orchestrator {
@@ -48,6 +82,7 @@ pub struct Orchestrator {
     llm: Arc<dyn LlmClient>,
     config: Arc<ControlConfig>,
     tracker: flotilla_agent::Tracker,
+    cache: RecordCache,
 }
 
 impl std::fmt::Debug for Orchestrator {
@@ -109,6 +144,7 @@ impl Orchestrator {
             llm,
             config,
             tracker: flotilla_agent::Tracker::default(),
+            cache: RecordCache::default(),
         }
     }
 
@@ -176,165 +212,106 @@ impl Orchestrator {
                 "presence not confirmed; a crash now would be recovered by the ack wait"
             );
         }
-        let result = self.drive(&session, input).instrument(span).await;
+        let result = self
+            .drive(&session, input, d.delivered() > 1)
+            .instrument(span)
+            .await;
         self.tracker.finish(&ack_subject);
         result
     }
 
-    /// How long effects may sit in an outbox before another handler assumes their
-    /// writer died and performs them: half the ack wait, at most 5 s. The writer's own
-    /// message is redelivered only after the full ack wait, so by then they are stale.
-    fn outbox_stale_ms(&self) -> u64 {
-        (self.config.orchestrator.effective_ack_wait().as_millis() as u64 / 2).clamp(1, 5_000)
-    }
-
-    async fn drive(&self, session: &SessionId, input: Input) -> Result<(), VerdictError> {
+    async fn drive(
+        &self,
+        session: &SessionId,
+        input: Input,
+        redelivered: bool,
+    ) -> Result<(), VerdictError> {
         let records = self.bus.sessions();
         let key = keys::session(session);
-        let cfg = &self.config.session;
+        // Handlers of one session in this process take turns (no conflicts among
+        // themselves), and start from the record as the last one left it.
+        let cell = self.cache.cell(session);
+        let mut cached = cell.lock().await;
         let mut input = Some(input);
-        // A clarification's answer, kept across compare-and-set rounds (one LLM call).
+        // LLM answers, kept across compare-and-set rounds (one call each).
         let mut clarified: Option<Result<String, Halt>> = None;
+        let mut planned: Option<Result<Result<Plan, String>, Halt>> = None;
+        let mut synthesized: Option<Result<Answer, Halt>> = None;
         for _ in 0..CAS_ROUNDS {
-            let Some((mut rec, rev)) = records.get::<SessionRecord>(&key).await? else {
-                return Err(VerdictError::poison(
-                    ErrorCode::UnknownSession,
-                    format!("no session {session}"),
-                ));
+            let (mut rec, rev) = match cached.take() {
+                Some(known) => known,
+                None => match records.get::<SessionRecord>(&key).await? {
+                    Some(found) => found,
+                    None => {
+                        return Err(VerdictError::poison(
+                            ErrorCode::UnknownSession,
+                            format!("no session {session}"),
+                        ));
+                    }
+                },
             };
-            // Effects left by another handler: if they are stale their writer died, so
-            // perform them; if fresh, their writer is performing them right now.
-            let pending = rec.outbox.len();
-            let age = now().saturating_sub(rec.updated_ms);
-            if pending > 0 && age >= self.outbox_stale_ms() {
-                let effects = rec.outbox.clone();
-                tracing::info!(
-                    effects = pending,
-                    age_ms = age,
-                    "performing effects left by another handler"
-                );
-                self.perform(&rec, &effects).await?;
-                self.remove_effects(&key, &effects, None).await?;
-                continue;
-            }
             let mut changed = match (&input, rec.status) {
                 (Some(Input::Start), SessionStatus::Planning) => {
-                    match self.plan(&rec).await? {
-                        Ok(Ok(plan)) => {
-                            machine::on_planned(&mut rec, &plan, cfg.max_in_flight, now())
-                        }
-                        Ok(Err(why)) => machine::fail(&mut rec, why, now()),
-                        Err(h) => halt(&mut rec, h, now()),
+                    if planned.is_none() {
+                        planned = Some(self.plan(&rec).await?);
                     }
+                    self.on_start(&mut rec, planned.clone());
                     true
                 }
                 (Some(Input::Result(r)), _)
                     if matches!(r.outcome, flotilla_protocol::TaskOutcome::Clarify { .. }) =>
                 {
-                    let verdict = match machine::check(&mut rec, r) {
-                        Err(v) => v,
-                        Ok(idx) => {
-                            // Checked on every round: a concurrent clarification may
-                            // have spent the budget since the answer was asked for.
-                            let budget = self.config.budgets.clarifications;
-                            let (answer, closed) = if rec.counters.clarifications >= budget {
-                                let commit = format!(
-                                    "No more questions: the session's {budget} clarifications \
-                                     are spent. Commit to your best interpretation of the \
-                                     instruction as written."
-                                );
-                                (Ok(commit), true)
-                            } else {
-                                match &clarified {
-                                    Some(a) => (a.clone(), false),
-                                    None => {
-                                        let a = self.clarify(&rec, idx, r).await?;
-                                        clarified = Some(a.clone());
-                                        (a, false)
-                                    }
-                                }
-                            };
-                            match answer {
-                                Ok(answer) => machine::on_clarify(
-                                    &mut rec,
-                                    r,
-                                    answer,
-                                    closed,
-                                    cfg.max_in_flight,
-                                    now(),
-                                ),
-                                Err(h) => {
-                                    halt(&mut rec, h, now());
-                                    ResultVerdict::Failed
-                                }
-                            }
-                        }
-                    };
-                    match verdict {
-                        ResultVerdict::Duplicate => false,
-                        ResultVerdict::Foreign(why) => {
-                            return Err(VerdictError::poison(ErrorCode::WrongSession, why));
-                        }
-                        v => {
-                            tracing::info!(verdict = ?v, task = %r.task_id, attempt = r.attempt, "clarification");
-                            true
-                        }
-                    }
+                    self.on_clarification(&mut rec, r, &mut clarified).await?
                 }
-                (Some(Input::Result(r)), _) => {
-                    match machine::on_result(
-                        &mut rec,
-                        r,
-                        cfg.max_in_flight,
-                        cfg.max_task_attempts,
-                        now(),
-                    ) {
-                        ResultVerdict::Duplicate => false,
-                        ResultVerdict::Foreign(why) => {
-                            return Err(VerdictError::poison(ErrorCode::WrongSession, why));
-                        }
-                        v => {
-                            tracing::info!(verdict = ?v, task = %r.task_id, attempt = r.attempt, "result");
-                            true
-                        }
-                    }
-                }
+                (Some(Input::Result(r)), _) => self.on_result(&mut rec, r)?,
                 _ => false,
             };
             if !changed && rec.status == SessionStatus::Synthesizing {
-                match self.synthesize(&rec).await? {
-                    Ok(answer) => machine::on_synthesized(&mut rec, answer, now()),
-                    Err(h) => halt(&mut rec, h, now()),
+                if synthesized.is_none() {
+                    synthesized = Some(self.synthesize(&rec).await?);
+                }
+                match synthesized.clone() {
+                    Some(Ok(answer)) => machine::on_synthesized(&mut rec, answer, now()),
+                    Some(Err(h)) => halt(&mut rec, h, now()),
+                    None => {}
                 }
                 changed = true;
             }
             if !changed {
-                if pending > 0 {
-                    // Nothing for us to do, but someone's effects are in flight: come
-                    // back when they are stale, in case their writer died.
-                    let wait = self.outbox_stale_ms().saturating_sub(age) + 1;
-                    return Err(VerdictError::retry(
-                        Duration::from_millis(wait),
-                        "waiting for another handler's effects",
-                    ));
+                if redelivered {
+                    // The handler that wrote this state may have died before
+                    // performing its effects: perform them again (de-duplicated).
+                    self.perform(&rec, &machine::derived_effects(&rec)).await?;
+                }
+                if !rec.status.is_terminal() {
+                    *cached = Some((rec, rev));
                 }
                 return Ok(());
             }
+            // The record keeps no outbox: these effects are performed right after the
+            // write, before the ack; a crash in between redelivers this message.
+            let effects = std::mem::take(&mut rec.outbox);
             match records.update(&key, &rec, rev).await {
                 Ok(new_rev) => {
-                    let mine = rec.outbox[pending..].to_vec();
-                    self.perform(&rec, &mine).await?;
-                    self.remove_effects(&key, &mine, Some((rec.clone(), new_rev)))
-                        .await?;
+                    let mut effects = effects;
+                    if redelivered {
+                        effects.extend(machine::derived_effects(&rec));
+                    }
+                    self.perform(&rec, &effects).await?;
                     if rec.status.is_terminal() {
                         tracing::info!(status = ?rec.status, "session ended");
+                        self.cache.forget(session);
+                        return Ok(());
                     }
                     if rec.status == SessionStatus::Synthesizing {
+                        *cached = Some((rec, new_rev));
                         input = None;
                         continue;
                     }
+                    *cached = Some((rec, new_rev));
                     return Ok(());
                 }
+                // Another process wrote since: read it again.
                 Err(KvError::Conflict { .. }) => continue,
                 Err(e) => return Err(e.into()),
             }
@@ -345,39 +322,87 @@ impl Orchestrator {
         ))
     }
 
-    /// Removes performed effects from the outbox, starting from `known` (the record as
-    /// this handler last wrote it) and re-reading on conflict.
-    async fn remove_effects(
+    /// `start`: the plan (or why there is none) becomes the task table.
+    fn on_start(
         &self,
-        key: &str,
-        done: &[Effect],
-        mut known: Option<(SessionRecord, u64)>,
-    ) -> Result<(), VerdictError> {
-        if done.is_empty() {
-            return Ok(());
-        }
-        let records = self.bus.sessions();
-        for _ in 0..CAS_ROUNDS {
-            let current = match known.take() {
-                Some(k) => Some(k),
-                None => records.get::<SessionRecord>(key).await?,
-            };
-            let Some((mut rec, rev)) = current else {
-                return Ok(());
-            };
-            let before = rec.outbox.len();
-            rec.outbox.retain(|e| !done.contains(e));
-            if rec.outbox.len() == before {
-                return Ok(());
+        rec: &mut SessionRecord,
+        planned: Option<Result<Result<Plan, String>, Halt>>,
+    ) {
+        match planned {
+            Some(Ok(Ok(plan))) => {
+                machine::on_planned(rec, &plan, self.config.session.max_in_flight, now())
             }
-            match records.update(key, &rec, rev).await {
-                Ok(_) => return Ok(()),
-                Err(KvError::Conflict { .. }) => continue,
-                Err(e) => return Err(e.into()),
+            Some(Ok(Err(why))) => machine::fail(rec, why, now()),
+            Some(Err(h)) => halt(rec, h, now()),
+            None => {}
+        }
+    }
+
+    /// A worker's result: accepted, retried or failed by the state machine. `Ok(false)`
+    /// when it changes nothing (a duplicate).
+    fn on_result(&self, rec: &mut SessionRecord, r: &ResultMessage) -> Result<bool, VerdictError> {
+        let cfg = &self.config.session;
+        match machine::on_result(rec, r, cfg.max_in_flight, cfg.max_task_attempts, now()) {
+            ResultVerdict::Duplicate => Ok(false),
+            ResultVerdict::Foreign(why) => Err(VerdictError::poison(ErrorCode::WrongSession, why)),
+            v => {
+                tracing::info!(verdict = ?v, task = %r.task_id, attempt = r.attempt, "result");
+                Ok(true)
             }
         }
-        // Harmless: whoever finds them stale performs them again (idempotently).
-        Ok(())
+    }
+
+    /// A worker's question: answered with the LLM (once across rounds), or, with the
+    /// session's clarifications spent, answered with "commit to your reading".
+    async fn on_clarification(
+        &self,
+        rec: &mut SessionRecord,
+        r: &ResultMessage,
+        clarified: &mut Option<Result<String, Halt>>,
+    ) -> Result<bool, VerdictError> {
+        let cfg = &self.config.session;
+        let verdict = match machine::check(rec, r) {
+            Err(v) => v,
+            Ok(idx) => {
+                // Checked on every round: a concurrent clarification may have spent
+                // the budget since the answer was asked for.
+                let budget = self.config.budgets.clarifications;
+                let (answer, closed) = if rec.counters.clarifications >= budget {
+                    let commit = format!(
+                        "No more questions: the session's {budget} clarifications \
+                         are spent. Commit to your best interpretation of the \
+                         instruction as written."
+                    );
+                    (Ok(commit), true)
+                } else {
+                    match clarified {
+                        Some(a) => (a.clone(), false),
+                        None => {
+                            let a = self.clarify(rec, idx, r).await?;
+                            *clarified = Some(a.clone());
+                            (a, false)
+                        }
+                    }
+                };
+                match answer {
+                    Ok(answer) => {
+                        machine::on_clarify(rec, r, answer, closed, cfg.max_in_flight, now())
+                    }
+                    Err(h) => {
+                        halt(rec, h, now());
+                        ResultVerdict::Failed
+                    }
+                }
+            }
+        };
+        match verdict {
+            ResultVerdict::Duplicate => Ok(false),
+            ResultVerdict::Foreign(why) => Err(VerdictError::poison(ErrorCode::WrongSession, why)),
+            v => {
+                tracing::info!(verdict = ?v, task = %r.task_id, attempt = r.attempt, "clarification");
+                Ok(true)
+            }
+        }
     }
 
     /// Answers the clarification question of task `idx` with the LLM (the caller has
@@ -563,53 +588,8 @@ impl Orchestrator {
         let Some(entry) = rec.tasks.iter().find(|t| &t.task_id == task_id) else {
             return Ok(());
         };
-        // The task record must be at this attempt before the message can be claimed.
-        let key = keys::task(&rec.session_id, task_id);
-        let fresh = TaskRecord {
-            v: V1,
-            session_id: rec.session_id.clone(),
-            task_id: task_id.clone(),
-            role: entry.role.clone(),
-            attempt,
-            state: TaskRunState::Queued,
-            holder: None,
-            output: None,
-            error: None,
-            outcome: None,
-            updated_ms: now(),
-        };
-        let records = self.bus.sessions();
-        let mut ready = false;
-        for _ in 0..8 {
-            match records.get::<TaskRecord>(&key).await? {
-                None => match records.create(&key, &fresh).await {
-                    Ok(_) => {
-                        ready = true;
-                        break;
-                    }
-                    Err(KvError::Exists { .. }) => continue,
-                    Err(e) => return Err(e.into()),
-                },
-                Some((cur, _)) if cur.attempt >= attempt => {
-                    ready = true;
-                    break;
-                }
-                Some((_, rev)) => match records.update(&key, &fresh, rev).await {
-                    Ok(_) => {
-                        ready = true;
-                        break;
-                    }
-                    Err(KvError::Conflict { .. }) => continue,
-                    Err(e) => return Err(e.into()),
-                },
-            }
-        }
-        if !ready {
-            return Err(VerdictError::retry(
-                Duration::from_millis(200),
-                "task record kept changing",
-            ));
-        }
+        // No task record is written here: the worker creates it with its claim, after
+        // checking the task against the session's task table (written before this).
         let msg = InboxMessage::Task(TaskMessage {
             v: V1,
             session_id: rec.session_id.clone(),

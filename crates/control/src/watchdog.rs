@@ -23,11 +23,11 @@ use async_nats::RequestErrorKind;
 use async_nats::jetstream::kv;
 use bytes::Bytes;
 use flotilla_agent::LivenessConfig;
-use flotilla_bus::{Bus, KvError};
+use flotilla_bus::{Applied, Bus, KvError, Start, Step};
 use flotilla_protocol::subject::keys;
 use flotilla_protocol::{
-    AgentId, DEFAULT_MAX_PAYLOAD, EventBody, InFlight, Presence, TaskRecord, TaskRunState, decode,
-    epoch_ms,
+    AgentId, DEFAULT_MAX_PAYLOAD, EventBody, InFlight, Presence, TaskRecord, decode, epoch_ms,
+    task_machine,
 };
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -234,26 +234,28 @@ impl Watchdog {
         attempt: u32,
     ) -> Result<Option<flotilla_protocol::Role>, KvError> {
         let key = keys::task(&item.session_id, task_id);
-        for _ in 0..8 {
-            let Some((mut rec, rev)) = self.bus.sessions().get::<TaskRecord>(&key).await? else {
-                return Ok(None);
-            };
-            if rec.attempt != attempt
-                || rec.state != TaskRunState::Running
-                || rec.holder.as_ref() != Some(holder)
-            {
-                return Ok(None);
-            }
-            rec.state = TaskRunState::Queued;
-            rec.holder = None;
-            rec.updated_ms = now();
-            match self.bus.sessions().update(&key, &rec, rev).await {
-                Ok(_) => return Ok(Some(rec.role)),
-                Err(KvError::Conflict { .. }) => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(None)
+        let applied = self
+            .bus
+            .sessions()
+            .transition(
+                &key,
+                Start::Read,
+                8,
+                |current: Option<&TaskRecord>| match current
+                    .and_then(|r| task_machine::fence(r, holder, attempt, now()))
+                {
+                    Some(fenced) => {
+                        let role = fenced.role.clone();
+                        Step::Write(fenced, Some(role))
+                    }
+                    None => Step::Keep(None),
+                },
+            )
+            .await?;
+        Ok(match applied {
+            Applied::Written { value, .. } => value,
+            Applied::Kept(_) | Applied::Contended => None,
+        })
     }
 }
 

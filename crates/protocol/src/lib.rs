@@ -36,6 +36,7 @@ pub mod presence;
 pub mod record;
 pub mod schema;
 pub mod subject;
+pub mod task_machine;
 pub mod tool;
 pub mod trace;
 pub mod version;

@@ -263,6 +263,28 @@ impl Drop for NatsServer {
 }
 
 /// `GET /healthz?js-enabled-only=true` answers 200.
+/// `GET path` from a monitoring endpoint on 127.0.0.1 (`/varz`, `/jsz`, ...): the body,
+/// or `None` when the server does not answer 200.
+pub fn monitor_get(port: u16, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let req = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n");
+    s.write_all(req.as_bytes()).ok()?;
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf);
+    if !(buf.starts_with("HTTP/1.0 200") || buf.starts_with("HTTP/1.1 200")) {
+        return None;
+    }
+    buf.split_once("\r\n\r\n").map(|(_, body)| body.to_owned())
+}
+
+impl NatsServer {
+    /// The monitoring port.
+    pub fn monitor_port(&self) -> u16 {
+        self.monitor_port
+    }
+}
+
 fn healthz(port: u16) -> bool {
     let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
         return false;

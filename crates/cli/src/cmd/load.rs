@@ -31,10 +31,20 @@ pub(crate) async fn load(
     if let Some(ms) = a.llm_latency_ms {
         config.llm.simulated.latency_ms = ms;
     }
+    if let Some(n) = a.pool_size {
+        config.session.pool_size = n;
+    }
     let concurrency = a
         .concurrency
         .unwrap_or_else(|| (a.sessions as usize).clamp(1, 64));
-    let _server = crate::embedded::unless_external(&mut config, external_nats)?;
+    let server = crate::embedded::unless_external(&mut config, external_nats)?;
+    let monitor_port = server
+        .as_ref()
+        .map(|s| s.monitor_port())
+        .or(a.nats_monitor_port);
+    let server_pid = server.as_ref().map(|s| s.pid());
+    // Counts the LLM calls of an in-process fleet (one count across its components).
+    let mut llm_calls = None;
     if demo {
         println!(
             "flotilla demo: {} sessions, {} at a time",
@@ -69,7 +79,7 @@ pub(crate) async fn load(
             ),
         }
     }
-    let fleet = if a.chaos.is_empty() {
+    let fleet = if a.chaos.is_empty() && !a.processes {
         let spec = FleetSpec {
             bus: config.nats.clone(),
             control: config.control(),
@@ -80,7 +90,9 @@ pub(crate) async fn load(
             tools: config.tools.clone(),
             worker_model: config.llm.worker_model.clone(),
         };
-        let fleet = Fleet::start(spec, super::run::llm(&config)?)
+        let counted = flotilla_llm::InFlightLimit::new(super::run::llm(&config)?, usize::MAX);
+        llm_calls = Some(counted.counter());
+        let fleet = Fleet::start(spec, Arc::new(counted))
             .await
             .context("starting the fleet")?;
         Running::InProcess(fleet)
@@ -104,6 +116,9 @@ pub(crate) async fn load(
         f.unleash(a.chaos.clone(), Duration::from_millis(a.chaos_every_ms));
     }
 
+    let varz0 = monitor_port.and_then(varz);
+    let bench0 = crate::procstat::own();
+    let server0 = server_pid.and_then(crate::procstat::usage);
     let progress = Arc::new(Progress::default());
     let bar = if demo {
         let bar = ProgressBar::new(a.sessions);
@@ -160,8 +175,48 @@ pub(crate) async fn load(
         Running::InProcess(f) => f.counters.snapshot(),
         Running::Processes(_) => crate::chaos::server_counters(&bus, lost_messages).await?,
     };
+    let varz1 = monitor_port.and_then(varz);
+    let bench1 = crate::procstat::own();
+    let server1 = server_pid.and_then(crate::procstat::usage);
+    let fleet_usage = match &fleet {
+        Running::Processes(f) => {
+            let mut total = crate::procstat::Usage::default();
+            for pid in f.pids().await {
+                if let Some(u) = crate::procstat::usage(pid) {
+                    total.cpu_ms += u.cpu_ms;
+                    total.peak_rss_kb += u.peak_rss_kb;
+                }
+            }
+            Some(total)
+        }
+        Running::InProcess(_) => None,
+    };
     let duplicates = load::duplicate_results(&bus, &results).await;
     let mut summary = load::summarize(results, elapsed, concurrency, counters, lost_messages);
+    {
+        let done = summary.completed.max(1) as f64;
+        let c = &mut summary.costs;
+        if let (Some(v0), Some(v1)) = (varz0, varz1) {
+            let (inm, outm) = (v1.0.saturating_sub(v0.0), v1.1.saturating_sub(v0.1));
+            c.all_publishes = Some(inm);
+            c.server_msgs_per_session = Some(inm as f64 / done);
+            c.server_out_msgs_per_session = Some(outm as f64 / done);
+        }
+        c.llm_calls_per_session = llm_calls.map(|n| n.started() as f64 / done);
+        let delta = |a: Option<crate::procstat::Usage>, b: Option<crate::procstat::Usage>| {
+            a.zip(b).map(|(a, b)| b.cpu_ms.saturating_sub(a.cpu_ms))
+        };
+        c.bench_cpu_ms = delta(bench0, bench1);
+        c.server_cpu_ms = delta(server0, server1);
+        c.fleet_cpu_ms = fleet_usage.map(|u| u.cpu_ms);
+        c.bench_peak_rss_kb = bench1.map(|u| u.peak_rss_kb);
+        c.server_peak_rss_kb = server1.map(|u| u.peak_rss_kb);
+        c.fleet_peak_rss_kb = fleet_usage.map(|u| u.peak_rss_kb);
+        let cpu = [c.bench_cpu_ms, c.fleet_cpu_ms, c.server_cpu_ms];
+        if c.bench_cpu_ms.is_some() {
+            c.cpu_ms_per_session = Some(cpu.iter().flatten().sum::<u64>() as f64 / done);
+        }
+    }
     summary.duplicates = duplicates;
     summary.killed = killed;
     load::tally_events(&bus, &mut summary).await;
@@ -201,6 +256,13 @@ pub(crate) async fn load(
         summary.duplicates
     );
     Ok(())
+}
+
+/// The server's `in_msgs` and `out_msgs` counters.
+fn varz(port: u16) -> Option<(u64, u64)> {
+    let body = flotilla_testkit::monitor_get(port, "/varz")?;
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    Some((v["in_msgs"].as_u64()?, v["out_msgs"].as_u64()?))
 }
 
 /// The fleet under load: in this process, or as child processes (chaos).

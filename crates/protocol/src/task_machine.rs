@@ -1,0 +1,354 @@
+//! The task record's transitions, pure: each takes the record as read (or `None`) and
+//! `now`, and says what to write. The worker (claim, commit), the watchdog (fence) and
+//! the orchestrator (reading committed outputs) all go through these, applied by one
+//! compare-and-set helper (`flotilla_bus::Records::transition`), so there is one
+//! place that says who may change a task record and how.
+//!
+//! ```text
+//!              claim                  commit
+//!   (none) ─────────────▶ running ─────────────▶ done | failed
+//!                          │   ▲
+//!                    fence │   │ claim (same attempt: a new holder)
+//!                          ▼   │
+//!                         queued
+//!   a task message of a newer attempt claims over any state of an older one
+//! ```
+//!
+//! The record is created by the first claim of the task's first attempt: the
+//! orchestrator's dispatch publishes the task message and writes no record, and the
+//! worker checks the task against the session's task table before claiming.
+
+use crate::ids::AgentId;
+use crate::inbox::{TaskMessage, TaskOutcome};
+use crate::output::TaskOutput;
+use crate::record::{TaskRecord, TaskRunState};
+use crate::version::V1;
+
+/// What a delivery of a task attempt should do, given the task record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// Write `record` (by compare-and-set, or create when there was none): the
+    /// attempt is ours. `resumed` when an earlier holder may have started it.
+    Take {
+        /// The claimed record.
+        record: TaskRecord,
+        /// An earlier holder ran this attempt (its conversation may be in KV).
+        resumed: bool,
+    },
+    /// The record is at a newer attempt: this delivery is stale.
+    Stale {
+        /// The record's attempt.
+        current: u32,
+    },
+    /// The attempt was committed (a crash came before the ack): re-send its notice.
+    Committed(TaskOutcome),
+    /// Another holder claimed it `age_ms` ago, within the claim's lifetime: a
+    /// duplicate delivery, to come back after `retry_ms`, when the claim would have
+    /// expired had its holder died.
+    Held {
+        /// The holder.
+        holder: Option<AgentId>,
+        /// How old its claim is.
+        age_ms: u64,
+        /// When to look again.
+        retry_ms: u64,
+    },
+    /// The record belongs to another role: the message is forged or misrouted.
+    WrongRole,
+}
+
+/// A fresh record for `task` claimed by `holder`.
+fn running(task: &TaskMessage, holder: &AgentId, now: u64) -> TaskRecord {
+    TaskRecord {
+        v: V1,
+        session_id: task.session_id.clone(),
+        task_id: task.task_id.clone(),
+        role: task.role.clone(),
+        attempt: task.attempt,
+        state: TaskRunState::Running,
+        holder: Some(holder.clone()),
+        output: None,
+        error: None,
+        outcome: None,
+        updated_ms: now,
+    }
+}
+
+/// Claims `task` for `holder` over `current` (the record as read, `None` if absent).
+/// A claim younger than `claim_ttl_ms` held by another process is respected; an older
+/// one is presumed dead and taken over (its late commit then fails the
+/// compare-and-set).
+pub fn claim(
+    current: Option<&TaskRecord>,
+    task: &TaskMessage,
+    holder: &AgentId,
+    claim_ttl_ms: u64,
+    now: u64,
+) -> Claim {
+    let Some(rec) = current else {
+        return Claim::Take {
+            record: running(task, holder, now),
+            resumed: false,
+        };
+    };
+    if rec.role != task.role {
+        return Claim::WrongRole;
+    }
+    if rec.attempt > task.attempt {
+        return Claim::Stale {
+            current: rec.attempt,
+        };
+    }
+    if rec.attempt < task.attempt {
+        // A newer attempt fences the older one, whatever its state.
+        return Claim::Take {
+            record: running(task, holder, now),
+            resumed: false,
+        };
+    }
+    match rec.state {
+        TaskRunState::Done | TaskRunState::Failed => {
+            Claim::Committed(committed_outcome(rec).unwrap_or(TaskOutcome::Completed))
+        }
+        TaskRunState::Running if rec.holder.as_ref() != Some(holder) => {
+            let age_ms = now.saturating_sub(rec.updated_ms);
+            if age_ms < claim_ttl_ms {
+                Claim::Held {
+                    holder: rec.holder.clone(),
+                    age_ms,
+                    retry_ms: claim_ttl_ms - age_ms + 50,
+                }
+            } else {
+                Claim::Take {
+                    record: running(task, holder, now),
+                    resumed: true,
+                }
+            }
+        }
+        TaskRunState::Running | TaskRunState::Queued => Claim::Take {
+            record: running(task, holder, now),
+            resumed: rec.state == TaskRunState::Running,
+        },
+    }
+}
+
+/// The outcome a committed record reports (`None` while it is not committed).
+pub fn committed_outcome(rec: &TaskRecord) -> Option<TaskOutcome> {
+    match (&rec.outcome, rec.state) {
+        (Some(o), TaskRunState::Done | TaskRunState::Failed) => Some(o.clone()),
+        (None, TaskRunState::Done) => Some(TaskOutcome::Completed),
+        (None, TaskRunState::Failed) => Some(TaskOutcome::Failed {
+            reason: rec.error.clone().unwrap_or_default(),
+        }),
+        _ => None,
+    }
+}
+
+/// The claimed record with the attempt's end: `Done` with its output, or `Failed`
+/// with the reason its outcome gives.
+pub fn commit(
+    claimed: &TaskRecord,
+    outcome: TaskOutcome,
+    output: Option<TaskOutput>,
+    now: u64,
+) -> TaskRecord {
+    let (state, error) = match &outcome {
+        TaskOutcome::Completed => (TaskRunState::Done, None),
+        TaskOutcome::Failed { reason } => (TaskRunState::Failed, Some(reason.clone())),
+        TaskOutcome::Stopped { budget, reason } => (
+            TaskRunState::Failed,
+            Some(format!("budget {budget} exhausted: {reason}")),
+        ),
+        TaskOutcome::Clarify { question } => (
+            TaskRunState::Failed,
+            Some(format!("needs clarification: {question}")),
+        ),
+    };
+    TaskRecord {
+        state,
+        output: if state == TaskRunState::Done {
+            output
+        } else {
+            None
+        },
+        error,
+        outcome: Some(outcome),
+        updated_ms: now,
+        ..claimed.clone()
+    }
+}
+
+/// The watchdog's release: back to `queued` if `holder` still runs `attempt`, so its
+/// late commit fails and the next delivery claims at once; `None` when there is
+/// nothing to fence.
+pub fn fence(current: &TaskRecord, holder: &AgentId, attempt: u32, now: u64) -> Option<TaskRecord> {
+    if current.attempt != attempt
+        || current.state != TaskRunState::Running
+        || current.holder.as_ref() != Some(holder)
+    {
+        return None;
+    }
+    Some(TaskRecord {
+        state: TaskRunState::Queued,
+        holder: None,
+        updated_ms: now,
+        ..current.clone()
+    })
+}
+
+/// The output committed for `attempt`, if the record holds one.
+pub fn output_of(rec: &TaskRecord, attempt: u32) -> Option<&TaskOutput> {
+    match (rec.attempt == attempt, rec.state, &rec.output) {
+        (true, TaskRunState::Done, Some(o)) => Some(o),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::ids::{Role, SessionId, TaskId};
+    use proptest::prelude::*;
+
+    fn task(attempt: u32) -> TaskMessage {
+        TaskMessage {
+            v: V1,
+            session_id: SessionId::parse("s1").unwrap(),
+            task_id: TaskId::parse("t1").unwrap(),
+            role: Role::parse("research").unwrap(),
+            attempt,
+            instruction: "i".into(),
+            context: "c".into(),
+            feedback: None,
+            clarification: None,
+            questions_closed: false,
+        }
+    }
+
+    fn agent(n: u8) -> AgentId {
+        AgentId::parse(format!("research-{n}")).unwrap()
+    }
+
+    fn output() -> TaskOutput {
+        TaskOutput {
+            summary: "s".into(),
+            artifacts: vec![],
+        }
+    }
+
+    #[test]
+    fn the_first_claim_creates_and_a_fresh_claim_of_another_is_respected() {
+        let Claim::Take { record, resumed } = claim(None, &task(1), &agent(1), 1000, 10) else {
+            panic!()
+        };
+        assert!(!resumed);
+        assert_eq!(record.state, TaskRunState::Running);
+        assert!(matches!(
+            claim(Some(&record), &task(1), &agent(2), 1000, 500),
+            Claim::Held { retry_ms: 560, .. }
+        ));
+        // Past the claim's lifetime its holder is presumed dead.
+        assert!(matches!(
+            claim(Some(&record), &task(1), &agent(2), 1000, 2000),
+            Claim::Take { resumed: true, .. }
+        ));
+    }
+
+    #[test]
+    fn a_committed_attempt_is_re_notified_and_an_old_one_is_stale() {
+        let Claim::Take { record, .. } = claim(None, &task(2), &agent(1), 1000, 10) else {
+            panic!()
+        };
+        let done = commit(&record, TaskOutcome::Completed, Some(output()), 20);
+        assert_eq!(
+            claim(Some(&done), &task(2), &agent(2), 1000, 30),
+            Claim::Committed(TaskOutcome::Completed)
+        );
+        assert_eq!(
+            claim(Some(&done), &task(1), &agent(2), 1000, 30),
+            Claim::Stale { current: 2 }
+        );
+        assert_eq!(output_of(&done, 2), Some(&output()));
+        assert_eq!(output_of(&done, 1), None);
+    }
+
+    #[test]
+    fn a_fence_sends_the_attempt_back_to_queued_for_its_holder_only() {
+        let Claim::Take { record, .. } = claim(None, &task(1), &agent(1), 1000, 10) else {
+            panic!()
+        };
+        assert!(fence(&record, &agent(2), 1, 20).is_none());
+        assert!(fence(&record, &agent(1), 2, 20).is_none());
+        let fenced = fence(&record, &agent(1), 1, 20).unwrap();
+        assert_eq!(fenced.state, TaskRunState::Queued);
+        // The next delivery claims at once, resuming the conversation if any.
+        assert!(matches!(
+            claim(Some(&fenced), &task(1), &agent(2), 1000, 21),
+            Claim::Take { resumed: false, .. }
+        ));
+    }
+
+    fn arb_state() -> impl Strategy<Value = TaskRunState> {
+        prop_oneof![
+            Just(TaskRunState::Queued),
+            Just(TaskRunState::Running),
+            Just(TaskRunState::Done),
+            Just(TaskRunState::Failed),
+        ]
+    }
+
+    proptest! {
+        /// Whatever the record, a claim never goes back in attempts, never takes a
+        /// committed attempt, and never takes a live claim of another holder.
+        #[test]
+        fn claims_respect_attempts_commits_and_live_holders(
+            rec_attempt in 1u32..5,
+            msg_attempt in 1u32..5,
+            state in arb_state(),
+            holder in 0u8..3,
+            me in 0u8..3,
+            updated in 0u64..10_000,
+            now in 0u64..20_000,
+            ttl in 1u64..5_000,
+        ) {
+            let mut rec = claim(None, &task(rec_attempt), &agent(holder), ttl, updated);
+            let Claim::Take { record: mut rec0, .. } = std::mem::replace(&mut rec, Claim::WrongRole) else { unreachable!() };
+            rec0.state = state;
+            if state == TaskRunState::Queued { rec0.holder = None; }
+            match claim(Some(&rec0), &task(msg_attempt), &agent(me), ttl, now) {
+                Claim::Take { record, .. } => {
+                    prop_assert!(msg_attempt >= rec_attempt);
+                    prop_assert_eq!(record.attempt, msg_attempt);
+                    prop_assert_eq!(record.holder.clone(), Some(agent(me)));
+                    if msg_attempt == rec_attempt {
+                        prop_assert!(matches!(state, TaskRunState::Queued | TaskRunState::Running));
+                        if state == TaskRunState::Running && holder != me {
+                            prop_assert!(now.saturating_sub(updated) >= ttl);
+                        }
+                    }
+                }
+                Claim::Stale { current } => prop_assert!(current > msg_attempt),
+                Claim::Committed(_) => prop_assert!(msg_attempt == rec_attempt && matches!(state, TaskRunState::Done | TaskRunState::Failed)),
+                Claim::Held { age_ms, .. } => {
+                    prop_assert!(holder != me && state == TaskRunState::Running);
+                    prop_assert!(age_ms < ttl);
+                }
+                Claim::WrongRole => prop_assert!(false),
+            }
+        }
+
+        /// A commit keeps the attempt and holder, and only a completed outcome keeps
+        /// an output.
+        #[test]
+        fn commits_keep_the_claim(failed in any::<bool>(), now in 0u64..1_000_000) {
+            let Claim::Take { record, .. } = claim(None, &task(3), &agent(1), 1000, 0) else { unreachable!() };
+            let outcome = if failed { TaskOutcome::Failed { reason: "r".into() } } else { TaskOutcome::Completed };
+            let c = commit(&record, outcome.clone(), Some(output()), now);
+            prop_assert_eq!(c.attempt, 3);
+            prop_assert_eq!(c.holder.clone(), Some(agent(1)));
+            prop_assert_eq!(committed_outcome(&c), Some(outcome));
+            prop_assert_eq!(c.output.is_some(), !failed);
+        }
+    }
+}
