@@ -569,6 +569,7 @@ async fn crash_leaks_are_reconciled() {
             .collect(),
         status: SessionStatus::Planning,
         slot: 6,
+        slot_revision: 0,
         traceparent: flotilla_bus::trace::new_root().to_string(),
         opened_ms: long_ago,
         updated_ms: long_ago,

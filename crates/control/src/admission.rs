@@ -131,15 +131,18 @@ impl Admission {
         let roles = self.roles_for(req)?;
         let session = req.session_id.clone().unwrap_or_else(SessionId::generate);
         let key = keys::session(&session);
-        if let Some((existing, _)) = self.bus.sessions().get::<SessionRecord>(&key).await? {
-            return self.same_session(existing, req).await;
-        }
-        let slot = match self.slots.acquire(&session).await {
-            Ok(n) => n,
+        // No read first: the record's create says whether the session exists (a
+        // retried open then gives its slot back); only a full pool looks, so that a
+        // retry of an admitted session is answered as admitted.
+        let (slot, slot_revision) = match self.slots.acquire(&session).await {
+            Ok(taken) => taken,
             Err(SlotError::Full {
                 size,
                 retry_after_ms,
             }) => {
+                if let Some((existing, _)) = self.bus.sessions().get::<SessionRecord>(&key).await? {
+                    return self.same_session(existing, req).await;
+                }
                 return Err(Rejection {
                     code: ErrorCode::PoolFull,
                     message: format!("all {size} session slots are taken"),
@@ -157,6 +160,7 @@ impl Admission {
             roles,
             status: SessionStatus::Planning,
             slot,
+            slot_revision,
             traceparent: trace.to_string(),
             opened_ms: now,
             updated_ms: now,
@@ -170,8 +174,8 @@ impl Admission {
         match self.bus.sessions().create(&key, &record).await {
             Ok(_) => {}
             Err(KvError::Exists { .. }) => {
-                // Raced with an identical request: theirs won.
-                let _ = self.slots.release(slot, &session).await;
+                // Opened before (a retried request), or raced with an identical one.
+                let _ = crate::slots::release_taken(&self.bus, slot, slot_revision).await;
                 return match self.bus.sessions().get::<SessionRecord>(&key).await? {
                     Some((existing, _)) => self.same_session(existing, req).await,
                     None => Err(Rejection::new(
@@ -181,7 +185,7 @@ impl Admission {
                 };
             }
             Err(e) => {
-                let _ = self.slots.release(slot, &session).await;
+                let _ = crate::slots::release_taken(&self.bus, slot, slot_revision).await;
                 return Err(e.into());
             }
         }
@@ -191,7 +195,7 @@ impl Admission {
         if let Err(e) = self.publish_start(&session, trace).await {
             // Undo, so the client can simply retry.
             let _ = self.bus.sessions().delete(&key, None).await;
-            let _ = self.slots.release(slot, &session).await;
+            let _ = crate::slots::release_taken(&self.bus, slot, slot_revision).await;
             return Err(Rejection::new(ErrorCode::Unavailable, e.to_string()));
         }
         tracing::info!(slot, "session opened");

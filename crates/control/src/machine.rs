@@ -463,6 +463,7 @@ mod tests {
             roles: roles.iter().map(|r| Role::parse(*r).unwrap()).collect(),
             status: SessionStatus::Planning,
             slot: 0,
+            slot_revision: 0,
             traceparent: String::new(),
             opened_ms: 1000,
             updated_ms: 1000,

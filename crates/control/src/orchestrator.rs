@@ -572,6 +572,9 @@ impl Orchestrator {
                         .emit(&rec.session_id, id, body.clone(), trace)
                         .await?
                 }
+                Effect::ReleaseSlot if rec.slot_revision > 0 => {
+                    slots::release_taken(&self.bus, rec.slot, rec.slot_revision).await?
+                }
                 Effect::ReleaseSlot => slots::release(&self.bus, rec.slot, &rec.session_id).await?,
             }
         }

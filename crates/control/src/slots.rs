@@ -213,8 +213,8 @@ impl SlotTable {
         (jittered as u64).clamp(RETRY_AFTER_MIN_MS, 30_000)
     }
 
-    /// Takes a free slot for `session`.
-    pub async fn acquire(&self, session: &SessionId) -> Result<u32, SlotError> {
+    /// Takes a free slot for `session`: its number and the revision of its key.
+    pub async fn acquire(&self, session: &SessionId) -> Result<(u32, u64), SlotError> {
         let value = SlotValue {
             v: flotilla_protocol::V1,
             session_id: session.clone(),
@@ -230,7 +230,7 @@ impl SlotTable {
             });
             let Some(n) = candidate else { break };
             match self.bus.slots().create(&keys::slot(n), &value).await {
-                Ok(_) => return Ok(n),
+                Ok(rev) => return Ok((n, rev)),
                 Err(KvError::Exists { .. }) => continue,
                 Err(e) => {
                     self.with_view(|v| v.set(n, false));
@@ -285,6 +285,16 @@ impl SlotTable {
             }
         }
         Ok(out)
+    }
+}
+
+/// Gives back slot `n`, taken at `revision`: one delete that succeeds only while the
+/// key is still at that revision (this session's); a conflict means it was released
+/// already (and maybe taken again). Idempotent.
+pub async fn release_taken(bus: &Bus, n: u32, revision: u64) -> Result<(), KvError> {
+    match bus.slots().delete(&keys::slot(n), Some(revision)).await {
+        Ok(()) | Err(KvError::Conflict { .. }) => Ok(()),
+        Err(e) => Err(e),
     }
 }
 

@@ -164,6 +164,10 @@ pub struct SessionRecord {
     pub status: SessionStatus,
     /// The admission slot it holds until it ends.
     pub slot: u32,
+    /// The revision of the slot's key when admission took it (0: unknown), so the
+    /// release is one delete that only succeeds while this session holds it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub slot_revision: u64,
     /// The session's W3C `traceparent` root.
     pub traceparent: String,
     /// Admission time, ms since the Unix epoch.
@@ -187,6 +191,10 @@ pub struct SessionRecord {
     /// Counters.
     #[serde(default)]
     pub counters: SessionCounters,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// One exchange of an agent's conversation: the model's turn and what the agent
