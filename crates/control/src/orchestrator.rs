@@ -237,19 +237,35 @@ impl Orchestrator {
         let mut clarified: Option<Result<String, Halt>> = None;
         let mut planned: Option<Result<Result<Plan, String>, Halt>> = None;
         let mut synthesized: Option<Result<Answer, Halt>> = None;
+        // Whether the record in hand was read or written by this handler (the cell's
+        // copy may lag behind another process's writes).
+        let mut fresh = false;
         for _ in 0..CAS_ROUNDS {
-            let (mut rec, rev) = match cached.take() {
-                Some(known) => known,
-                None => match records.get::<SessionRecord>(&key).await? {
-                    Some(found) => found,
-                    None => {
-                        return Err(VerdictError::poison(
-                            ErrorCode::UnknownSession,
-                            format!("no session {session}"),
-                        ));
+            let from_cell = cached.take();
+            // A cached copy only ever lags behind: it is good for a compare-and-set
+            // (which fails if it lags) but not for a decision to write nothing, to
+            // reject, or to call the model. Those are made on a fresh read.
+            let plain_result = matches!(&input, Some(Input::Result(r))
+                if !matches!(r.outcome, flotilla_protocol::TaskOutcome::Clarify { .. }));
+            let (mut rec, rev) = match from_cell {
+                Some(known) if fresh || plain_result => known,
+                _ => {
+                    fresh = true;
+                    match records.get::<SessionRecord>(&key).await? {
+                        Some(found) => found,
+                        None => {
+                            return Err(VerdictError::poison(
+                                ErrorCode::UnknownSession,
+                                format!("no session {session}"),
+                            ));
+                        }
                     }
-                },
+                }
             };
+            if !fresh && rec.status == SessionStatus::Synthesizing {
+                fresh = true;
+                continue;
+            }
             let mut changed = match (&input, rec.status) {
                 (Some(Input::Start), SessionStatus::Planning) => {
                     if planned.is_none() {
@@ -263,7 +279,15 @@ impl Orchestrator {
                 {
                     self.on_clarification(&mut rec, r, &mut clarified).await?
                 }
-                (Some(Input::Result(r)), _) => self.on_result(&mut rec, r)?,
+                (Some(Input::Result(r)), _) => match self.on_result(&mut rec, r) {
+                    Ok(true) => true,
+                    // Rejected or a duplicate as the cached copy saw it: look again.
+                    Ok(false) | Err(_) if !fresh => {
+                        fresh = true;
+                        continue;
+                    }
+                    other => other?,
+                },
                 _ => false,
             };
             if !changed && rec.status == SessionStatus::Synthesizing {
@@ -293,6 +317,7 @@ impl Orchestrator {
             let effects = std::mem::take(&mut rec.outbox);
             match records.update(&key, &rec, rev).await {
                 Ok(new_rev) => {
+                    fresh = true;
                     let mut effects = effects;
                     if redelivered {
                         effects.extend(machine::derived_effects(&rec));
@@ -312,7 +337,10 @@ impl Orchestrator {
                     return Ok(());
                 }
                 // Another process wrote since: read it again.
-                Err(KvError::Conflict { .. }) => continue,
+                Err(KvError::Conflict { .. }) => {
+                    fresh = false;
+                    continue;
+                }
                 Err(e) => return Err(e.into()),
             }
         }
