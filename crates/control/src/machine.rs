@@ -54,6 +54,13 @@ pub fn on_planned(rec: &mut SessionRecord, plan: &Plan, max_in_flight: usize, no
         .collect();
     rec.status = SessionStatus::Running;
     rec.updated_ms = now;
+    let planned = planned_event(rec);
+    emit(rec, "planned".into(), planned);
+    fill(rec, max_in_flight);
+}
+
+/// The `planned` event of `rec`'s task table.
+fn planned_event(rec: &SessionRecord) -> EventBody {
     let tasks = rec
         .tasks
         .iter()
@@ -63,8 +70,7 @@ pub fn on_planned(rec: &mut SessionRecord, plan: &Plan, max_in_flight: usize, no
             instruction: t.instruction.clone(),
         })
         .collect();
-    emit(rec, "planned".into(), EventBody::Planned { tasks });
-    fill(rec, max_in_flight);
+    EventBody::Planned { tasks }
 }
 
 /// Ends the session as failed.
@@ -377,18 +383,9 @@ pub fn derived_effects(rec: &SessionRecord) -> Vec<Effect> {
         return out;
     }
     if !rec.tasks.is_empty() {
-        let tasks = rec
-            .tasks
-            .iter()
-            .map(|t| PlannedTask {
-                task_id: t.task_id.clone(),
-                role: t.role.clone(),
-                instruction: t.instruction.clone(),
-            })
-            .collect();
         out.push(Effect::Emit {
             id: "planned".into(),
-            body: EventBody::Planned { tasks },
+            body: planned_event(rec),
         });
     }
     for t in &rec.tasks {
