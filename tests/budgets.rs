@@ -142,12 +142,9 @@ async fn the_session_token_budget_is_shared_by_every_agent_and_overshoots_by_at_
     assert_eq!(stopped_by(&done), Some(BudgetKind::SessionTokens));
     // Let calls still in flight settle, then read the session's ledger.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (ledger, _) = fleet
-        .bus
-        .limits()
-        .get::<Ledger>(&format!("spend.s.{}", rec.session_id))
+    let ledger = flotilla_agent::SessionLedger::new(fleet.bus.clone())
+        .read(&rec.session_id)
         .await
-        .unwrap()
         .unwrap();
     assert!(ledger.tokens >= 15_000, "{ledger:?}");
     assert!(

@@ -1,13 +1,13 @@
 //! Budgets that stop runaway work: their configuration, the per-session token
-//! [`SessionLedger`] (reserve before a call, settle after, so spend overshoots by at
-//! most one call), the [`SpendMeter`] an attempt's calls are counted in, and the
+//! [`SessionLedger`] (a server-side counter: reserve before a call, settle after, so
+//! spend overshoots by at most one call), the [`SpendMeter`] an attempt's calls are counted in, and the
 //! [`CallFingerprints`] circuit breaker.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use flotilla_bus::{Bus, KvError};
+use flotilla_bus::Bus;
 use flotilla_protocol::{BudgetKind, Ledger, SessionId, Spend, V1};
 use serde::{Deserialize, Serialize};
 
@@ -57,30 +57,53 @@ pub struct Exhausted {
 /// A session's token ledger could not be read or written: retry later.
 #[derive(Debug, thiserror::Error)]
 #[error("session ledger unavailable: {0}")]
-pub struct LedgerUnavailable(#[from] pub KvError);
+pub struct LedgerUnavailable(pub String);
 
 /// How long a call waits for calls in flight to settle before their reservations
 /// count as spent.
 const IN_FLIGHT_WAIT: Duration = Duration::from_secs(120);
+
+/// The counter holds `used << SHIFT | reserved`: both parts move in one increment.
+const SHIFT: u32 = 40;
+const RESERVED_MASK: i128 = (1 << SHIFT) - 1;
+
+/// Header naming the tokens a settled call used (for `largest_call` when the ledger is
+/// read back).
+const CALL_TOKENS: &str = "Flotilla-Call-Tokens";
 
 /// Tokens held for a call in flight.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reservation {
     session: SessionId,
     tokens: u64,
-    /// The ledger as the reservation wrote it, to settle without reading it again when
-    /// nobody else wrote since.
-    written: Option<(Ledger, u64)>,
 }
 
-/// The per-session token ledger in the `<p>-limits` bucket (`spend.s.<sid>`).
+/// The per-session token ledger: one JetStream counter per session, `<p>.spend.s.<sid>`
+/// in the `<P>_SPEND` stream (server-side `Nats-Incr`, server 2.12+). Its value is
+/// `used << 40 | reserved`, so a reservation is one increment (`+tokens`) whose answer
+/// says what was used and reserved before it, and a settlement is one increment
+/// (`used << 40 - tokens`): two messages per call, no read, no compare-and-set conflicts
+/// between a session's concurrent calls. Every increment carries a message id, so a
+/// retried one is not counted twice.
 #[derive(Debug, Clone)]
 pub struct SessionLedger {
     bus: Bus,
 }
 
-fn ledger_key(session: &SessionId) -> String {
-    format!("spend.s.{session}")
+fn split(total: i128) -> (u64, u64) {
+    let used = (total >> SHIFT).max(0) as u64;
+    let reserved = (total & RESERVED_MASK).max(0) as u64;
+    (used, reserved)
+}
+
+fn counter_value(payload: &[u8]) -> Option<i128> {
+    #[derive(serde::Deserialize)]
+    struct Val {
+        val: String,
+    }
+    serde_json::from_slice::<Val>(payload)
+        .ok()
+        .and_then(|v| v.val.parse().ok())
 }
 
 impl SessionLedger {
@@ -89,105 +112,171 @@ impl SessionLedger {
         Self { bus }
     }
 
-    /// The session's spend so far (tokens used, and reserved by calls in flight).
-    pub async fn read(&self, session: &SessionId) -> Result<Ledger, LedgerUnavailable> {
-        Ok(self
+    /// Adds `delta` to the session's counter; returns the new total.
+    async fn incr(
+        &self,
+        session: &SessionId,
+        delta: i128,
+        call_tokens: Option<u64>,
+    ) -> Result<i128, LedgerUnavailable> {
+        let subject = self.bus.names().spend(session);
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Nats-Incr", delta.to_string().as_str());
+        h.insert(
+            flotilla_protocol::headers::MSG_ID,
+            format!("{session}.spend.{:016x}", flotilla_bus::trace::random_u64()).as_str(),
+        );
+        if let Some(t) = call_tokens {
+            h.insert(CALL_TOKENS, t.to_string().as_str());
+        }
+        let mut last = String::new();
+        for attempt in 0..5u32 {
+            let sent = self
+                .bus
+                .js
+                .publish_with_headers(subject.clone(), h.clone(), bytes::Bytes::new())
+                .await;
+            let ack = match sent {
+                Ok(fut) => fut.await,
+                Err(e) => Err(e),
+            };
+            match ack {
+                Ok(ack) => {
+                    if let Some(v) = ack.value.as_deref().and_then(|v| v.parse().ok()) {
+                        return Ok(v);
+                    }
+                    // A repeat the server recognized (its first copy was counted):
+                    // the current total is the answer.
+                    return self.total(session).await;
+                }
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(50 << attempt.min(4))).await;
+        }
+        Err(LedgerUnavailable(last))
+    }
+
+    /// The counter's current value (0 if the session has none yet).
+    async fn total(&self, session: &SessionId) -> Result<i128, LedgerUnavailable> {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        let names = self.bus.names();
+        let stream = self
             .bus
-            .limits()
-            .get::<Ledger>(&ledger_key(session))
-            .await?
-            .map(|(l, _)| l)
-            .unwrap_or_default())
+            .js
+            .get_stream_no_info(names.stream_spend())
+            .await
+            .map_err(|e| LedgerUnavailable(e.to_string()))?;
+        match stream
+            .get_last_raw_message_by_subject(&names.spend(session))
+            .await
+        {
+            Ok(m) => counter_value(&m.payload)
+                .ok_or_else(|| LedgerUnavailable("unreadable counter value".into())),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(0),
+            Err(e) => Err(LedgerUnavailable(e.to_string())),
+        }
+    }
+
+    /// The session's spend so far (tokens used, and reserved by calls in flight), with
+    /// the number of settled calls and the largest of them, read back from the
+    /// counter's increments (for inspection; the hot path never reads the ledger).
+    pub async fn read(&self, session: &SessionId) -> Result<Ledger, LedgerUnavailable> {
+        use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+        use futures::StreamExt;
+        let (tokens, reserved) = split(self.total(session).await?);
+        let mut ledger = Ledger {
+            v: V1,
+            tokens,
+            reserved,
+            ..Ledger::default()
+        };
+        let names = self.bus.names();
+        let stream = self
+            .bus
+            .js
+            .get_stream_no_info(names.stream_spend())
+            .await
+            .map_err(|e| LedgerUnavailable(e.to_string()))?;
+        let consumer = stream
+            .create_consumer(OrderedConfig {
+                filter_subject: names.spend(session),
+                deliver_policy: DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| LedgerUnavailable(e.to_string()))?;
+        let mut msgs = consumer
+            .messages()
+            .await
+            .map_err(|e| LedgerUnavailable(e.to_string()))?;
+        while let Ok(Some(Ok(m))) =
+            tokio::time::timeout(Duration::from_millis(300), msgs.next()).await
+        {
+            if let Some(t) = m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(CALL_TOKENS))
+                .and_then(|v| v.as_str().parse::<u64>().ok())
+            {
+                ledger.calls += 1;
+                ledger.largest_call = ledger.largest_call.max(t);
+            }
+            if m.info().map(|i| i.pending == 0).unwrap_or(true) {
+                break;
+            }
+        }
+        Ok(ledger)
     }
 
     /// Reserves `tokens` for a call while the session has budget left: admitted while
-    /// used plus reserved tokens are below `budget` (so the spend passes the budget by
-    /// at most this one call), waiting while calls in flight may spend the rest, and
-    /// refused once the used tokens alone reach it.
+    /// used plus reserved tokens (before this one) are below `budget` (so the spend
+    /// passes the budget by at most this one call), waiting while calls in flight may
+    /// spend the rest, and refused once the used tokens alone reach it. One increment
+    /// when admitted; a refused or waiting reservation is taken back with another.
     pub async fn reserve(
         &self,
         session: &SessionId,
         tokens: u64,
         budget: u64,
     ) -> Result<Result<Reservation, Exhausted>, LedgerUnavailable> {
-        let key = ledger_key(session);
-        let records = self.bus.limits();
+        let tokens = tokens.min(RESERVED_MASK as u64);
         let deadline = tokio::time::Instant::now() + IN_FLIGHT_WAIT;
         loop {
-            let current = records.get::<Ledger>(&key).await?;
-            let mut ledger = current.as_ref().map(|(l, _)| l.clone()).unwrap_or(Ledger {
-                v: V1,
-                ..Ledger::default()
-            });
-            if ledger.tokens >= budget {
+            let (used, reserved) = split(self.incr(session, i128::from(tokens), None).await?);
+            let before = reserved.saturating_sub(tokens);
+            if used < budget && used + before < budget {
+                return Ok(Ok(Reservation {
+                    session: session.clone(),
+                    tokens,
+                }));
+            }
+            // Not admitted: take the reservation back.
+            self.incr(session, -i128::from(tokens), None).await?;
+            if used >= budget {
+                return Ok(Err(Exhausted {
+                    budget: BudgetKind::SessionTokens,
+                    reason: format!("session spent {used} of {budget} tokens"),
+                }));
+            }
+            // Calls in flight may spend the rest: see what they use. A reservation that
+            // is never settled (its process died mid-call) counts as spent once the
+            // wait is over.
+            if tokio::time::Instant::now() >= deadline {
                 return Ok(Err(Exhausted {
                     budget: BudgetKind::SessionTokens,
                     reason: format!(
-                        "session spent {} of {budget} tokens in {} calls",
-                        ledger.tokens, ledger.calls
+                        "session spent {used} of {budget} tokens, and calls in flight hold {before} more"
                     ),
                 }));
             }
-            if ledger.tokens + ledger.reserved >= budget {
-                // Calls in flight may spend the rest: see what they used. A reservation
-                // that is never settled (its process died mid-call) counts as spent
-                // once the wait is over.
-                if tokio::time::Instant::now() >= deadline {
-                    return Ok(Err(Exhausted {
-                        budget: BudgetKind::SessionTokens,
-                        reason: format!(
-                            "session spent {} of {budget} tokens, and calls in flight hold {} more",
-                            ledger.tokens, ledger.reserved
-                        ),
-                    }));
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-            ledger.reserved += tokens;
-            ledger.calls += 1;
-            let res = match current {
-                Some((_, rev)) => records.update(&key, &ledger, rev).await,
-                None => records.create(&key, &ledger).await,
-            };
-            match res {
-                Ok(rev) => {
-                    return Ok(Ok(Reservation {
-                        session: session.clone(),
-                        tokens,
-                        written: Some((ledger, rev)),
-                    }));
-                }
-                Err(KvError::Conflict { .. } | KvError::Exists { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
-    /// Replaces a reservation with the tokens the call really used.
+    /// Replaces a reservation with the tokens the call really used: one increment.
     pub async fn settle(&self, r: Reservation, used: u64) -> Result<(), LedgerUnavailable> {
-        let key = ledger_key(&r.session);
-        let records = self.bus.limits();
-        // First try on the ledger as the reservation left it (one round trip when no
-        // other call of the session wrote since), then re-read on conflict.
-        let mut known = r.written.clone();
-        loop {
-            let current = match known.take() {
-                Some(k) => Some(k),
-                None => records.get::<Ledger>(&key).await?,
-            };
-            let Some((mut ledger, rev)) = current else {
-                return Ok(());
-            };
-            ledger.reserved = ledger.reserved.saturating_sub(r.tokens);
-            ledger.tokens += used;
-            ledger.largest_call = ledger.largest_call.max(used);
-            match records.update(&key, &ledger, rev).await {
-                Ok(_) => return Ok(()),
-                Err(KvError::Conflict { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
+        let delta = (i128::from(used) << SHIFT) - i128::from(r.tokens);
+        self.incr(&r.session, delta, Some(used)).await.map(|_| ())
     }
 }
 

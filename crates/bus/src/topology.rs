@@ -92,6 +92,23 @@ pub(crate) fn stream_configs(ns: &Namespace, c: &BusConfig) -> Vec<stream::Confi
             ..Default::default()
         },
         stream::Config {
+            name: ns.stream_spend(),
+            subjects: vec![ns.spend_all()],
+            retention: RetentionPolicy::Limits,
+            max_age: c.records_max_age,
+            duplicate_window: c.duplicate_window,
+            storage: StorageType::File,
+            num_replicas: c.replicas,
+            max_consumers: 256,
+            allow_direct: true,
+            allow_message_counter: true,
+            metadata: meta.clone(),
+            description: Some(
+                "flotilla session token ledgers: one counter per session (Nats-Incr)".into(),
+            ),
+            ..Default::default()
+        },
+        stream::Config {
             name: ns.stream_advisories(),
             // Each role's inbox stream adds its own subject here (see `ensure_inbox`).
             subjects: vec![ns.max_deliveries_advisory(&ns.stream_submit())],
@@ -235,6 +252,12 @@ fn compare_stream(want: &stream::Config, have: &stream::Config) -> Result<(), To
         unlimited(have.max_messages_per_subject),
     )?;
     check(n, "storage", want.storage, have.storage)?;
+    check(
+        n,
+        "allow_msg_counter",
+        want.allow_message_counter,
+        have.allow_message_counter,
+    )?;
     check(
         n,
         "metadata.flotilla.topology",

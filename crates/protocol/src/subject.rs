@@ -200,6 +200,18 @@ impl Namespace {
     pub fn stream_dlq(&self) -> String {
         format!("{}_DLQ", self.upper)
     }
+    /// Stream of the session token ledgers (JetStream counters).
+    pub fn stream_spend(&self) -> String {
+        format!("{}_SPEND", self.upper)
+    }
+    /// Every session token ledger's subject.
+    pub fn spend_all(&self) -> String {
+        format!("{}.spend.>", self.prefix)
+    }
+    /// The token ledger counter of one session: `<p>.spend.s.<sid>`.
+    pub fn spend(&self, session: &SessionId) -> String {
+        format!("{}.spend.s.{session}", self.prefix)
+    }
     /// Stream capturing the server's max-deliveries advisories for our work queues.
     pub fn stream_advisories(&self) -> String {
         format!("{}_ADVISORIES", self.upper)
