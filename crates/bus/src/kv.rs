@@ -92,6 +92,7 @@ pub enum Applied<R> {
 #[derive(Clone)]
 pub struct Records {
     store: kv::Store,
+    client: async_nats::Client,
     max_payload: usize,
 }
 
@@ -108,8 +109,94 @@ fn encode<T: Serialize>(key: &str, value: &T) -> Result<Bytes, KvError> {
 }
 
 impl Records {
-    pub(crate) fn new(store: kv::Store, max_payload: usize) -> Self {
-        Self { store, max_payload }
+    pub(crate) fn new(store: kv::Store, client: async_nats::Client, max_payload: usize) -> Self {
+        Self {
+            store,
+            client,
+            max_payload,
+        }
+    }
+
+    /// The current records of every key matching `filter` (a key pattern with `*` and
+    /// `>`), in one request: a batched direct get of the last message of each matching
+    /// subject (server 2.11+). Deleted keys are left out. At most 256 keys.
+    pub async fn get_matching<T: DeserializeOwned>(
+        &self,
+        filter: &str,
+    ) -> Result<Vec<(String, T, u64)>, KvError> {
+        use futures::StreamExt;
+        let unavailable = |e: String| KvError::Unavailable {
+            key: filter.to_owned(),
+            source: e.into(),
+        };
+        let subject_prefix = self.store.prefix.clone();
+        let body = serde_json::json!({
+            "multi_last": [format!("{subject_prefix}{filter}")],
+            "batch": 256,
+        });
+        let inbox = self.client.new_inbox();
+        let mut replies = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        self.client
+            .publish_with_reply(
+                format!("$JS.API.DIRECT.GET.{}", self.store.stream_name),
+                inbox,
+                serde_json::to_vec(&body).unwrap_or_default().into(),
+            )
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        let mut out = Vec::new();
+        loop {
+            let msg = match tokio::time::timeout(std::time::Duration::from_secs(5), replies.next())
+                .await
+            {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                Err(_) => return Err(unavailable("no end of batch within 5 s".into())),
+            };
+            match msg.status.map(|s| s.as_u16()) {
+                // End of the batch, or nothing matched.
+                Some(204) | Some(404) => break,
+                Some(code) if code >= 400 => {
+                    return Err(unavailable(format!(
+                        "direct get answered {code}: {}",
+                        msg.description.unwrap_or_default()
+                    )));
+                }
+                _ => {}
+            }
+            let header = |name: &str| {
+                msg.headers
+                    .as_ref()
+                    .and_then(|h| h.get(name))
+                    .map(|v| v.as_str().to_owned())
+            };
+            if matches!(header("KV-Operation").as_deref(), Some("DEL" | "PURGE")) {
+                continue;
+            }
+            let Some(subject) = header("Nats-Subject") else {
+                continue;
+            };
+            let key = subject
+                .strip_prefix(subject_prefix.as_str())
+                .unwrap_or(&subject)
+                .to_owned();
+            let revision = header("Nats-Sequence")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let value = decode(&msg.payload, self.max_payload.max(1 << 20)).map_err(|source| {
+                KvError::Corrupt {
+                    key: key.clone(),
+                    source,
+                }
+            })?;
+            out.push((key, value, revision));
+        }
+        let _ = replies.unsubscribe().await;
+        Ok(out)
     }
 
     /// The raw store, for watchers.

@@ -136,9 +136,21 @@ impl Bus {
                     })
             }
         };
-        let sessions = Records::new(open(names.bucket_sessions()).await?, config.max_payload);
-        let slots = Records::new(open(names.bucket_slots()).await?, config.max_payload);
-        let limits = Records::new(open(names.bucket_limits()).await?, config.max_payload);
+        let sessions = Records::new(
+            open(names.bucket_sessions()).await?,
+            client.clone(),
+            config.max_payload,
+        );
+        let slots = Records::new(
+            open(names.bucket_slots()).await?,
+            client.clone(),
+            config.max_payload,
+        );
+        let limits = Records::new(
+            open(names.bucket_limits()).await?,
+            client.clone(),
+            config.max_payload,
+        );
         let memory = Memory::open(&js, &names, config.memory.clone(), counters.clone())
             .await
             .map_err(|e| ConnectError::Bucket {

@@ -21,7 +21,7 @@ use flotilla_protocol::subject::keys;
 use flotilla_protocol::{
     Answer, AnswerSection, DEFAULT_MAX_PAYLOAD, Effect, ErrorCode, EventBody, InboxMessage,
     MessageId, Plan, ResultMessage, Role, SessionId, SessionRecord, SessionStatus, TaskId,
-    TaskMessage, TaskRecord, TaskRunState, TaskState, TraceParent, V1, decode, epoch_ms,
+    TaskMessage, TaskRecord, TaskState, TraceParent, V1, decode, epoch_ms,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -538,35 +538,34 @@ impl Orchestrator {
     }
 
     async fn synthesize(&self, rec: &SessionRecord) -> Result<Result<Answer, Halt>, VerdictError> {
+        // Every task record of the session in one request (a batched direct get).
+        let records: std::collections::HashMap<TaskId, TaskRecord> = self
+            .bus
+            .sessions()
+            .get_matching::<TaskRecord>(&keys::task_pattern(&rec.session_id))
+            .await?
+            .into_iter()
+            .map(|(_, r, _)| (r.task_id.clone(), r))
+            .collect();
         let mut sections = Vec::with_capacity(rec.tasks.len());
         for t in rec.tasks.iter().filter(|t| t.state == TaskState::Done) {
-            let Some((tr, _)) = self
-                .bus
-                .sessions()
-                .get::<TaskRecord>(&keys::task(&rec.session_id, &t.task_id))
-                .await?
-            else {
+            let output = records
+                .get(&t.task_id)
+                .and_then(|tr| flotilla_protocol::task_machine::output_of(tr, t.attempt));
+            let Some(output) = output else {
                 return Err(VerdictError::retry(
                     Duration::from_millis(500),
-                    "task record missing",
+                    format!(
+                        "task {} has no committed output for attempt {}",
+                        t.task_id, t.attempt
+                    ),
                 ));
             };
-            match (tr.attempt == t.attempt, tr.state, tr.output) {
-                (true, TaskRunState::Done, Some(output)) => sections.push(AnswerSection {
-                    task_id: t.task_id.clone(),
-                    role: t.role.clone(),
-                    output,
-                }),
-                _ => {
-                    return Err(VerdictError::retry(
-                        Duration::from_millis(500),
-                        format!(
-                            "task {} has no committed output for attempt {}",
-                            t.task_id, t.attempt
-                        ),
-                    ));
-                }
-            }
+            sections.push(AnswerSection {
+                task_id: t.task_id.clone(),
+                role: t.role.clone(),
+                output: output.clone(),
+            });
         }
         let results: Vec<(String, _)> = sections
             .iter()

@@ -408,6 +408,11 @@ pub mod keys {
         format!("{session}.t.{task}")
     }
 
+    /// Every task record of a session: `<sid>.t.*`.
+    pub fn task_pattern(session: &SessionId) -> String {
+        format!("{session}.t.*")
+    }
+
     /// An admission slot: `slot.<n>`.
     pub fn slot(n: u32) -> String {
         format!("slot.{n}")
