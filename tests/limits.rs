@@ -267,7 +267,7 @@ async fn a_session_runs_on_an_openai_compatible_endpoint_through_the_limiter() {
             messages,
             response_format: format["name"].as_str().map(|n| ResponseFormat {
                 name: n.to_owned(),
-                schema: format["schema"].clone(),
+                schema: format["schema"].clone().into(),
             }),
             max_tokens: body["max_tokens"].as_u64().map(|t| t as u32),
         };

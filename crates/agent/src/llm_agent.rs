@@ -78,9 +78,9 @@ enum Turn {
 
 /// The JSON Schema of one agent turn: an object with an `action`, or a bare
 /// [`TaskOutput`] (a final answer from a model that ignores the turn protocol).
-pub fn turn_schema() -> serde_json::Value {
-    static SCHEMA: std::sync::LazyLock<serde_json::Value> =
-        std::sync::LazyLock::new(build_turn_schema);
+pub fn turn_schema() -> Arc<serde_json::Value> {
+    static SCHEMA: std::sync::LazyLock<Arc<serde_json::Value>> =
+        std::sync::LazyLock::new(|| Arc::new(build_turn_schema()));
     SCHEMA.clone()
 }
 

@@ -3,11 +3,41 @@
 
 use flotilla_llm::{ChatMessage, CompletionRequest, ResponseFormat, schema};
 use flotilla_protocol::{SessionRecord, TaskOutput};
+use std::sync::{Arc, LazyLock};
 
-fn schema_of(file: &str) -> serde_json::Value {
-    flotilla_protocol::schema::get(file)
-        .cloned()
-        .unwrap_or_default()
+/// The plan's schema, built once and shared by every request.
+fn plan_schema() -> Arc<serde_json::Value> {
+    static SCHEMA: LazyLock<Arc<serde_json::Value>> = LazyLock::new(|| {
+        Arc::new(
+            flotilla_protocol::schema::get("plan.json")
+                .cloned()
+                .unwrap_or_default(),
+        )
+    });
+    SCHEMA.clone()
+}
+
+fn synthesis_schema() -> Arc<serde_json::Value> {
+    static SCHEMA: LazyLock<Arc<serde_json::Value>> = LazyLock::new(|| {
+        Arc::new(serde_json::json!({
+            "type": "object",
+            "properties": {"summary": {"type": "string"}},
+            "required": ["summary"],
+            "additionalProperties": false
+        }))
+    });
+    SCHEMA.clone()
+}
+
+fn clarification_schema() -> Arc<serde_json::Value> {
+    static SCHEMA: LazyLock<Arc<serde_json::Value>> = LazyLock::new(|| {
+        Arc::new(serde_json::json!({
+            "type": "object",
+            "required": ["answer"],
+            "properties": {"answer": {"type": "string"}}
+        }))
+    });
+    SCHEMA.clone()
 }
 
 /// Asks for a plan: one subtask per worker role, in a sensible order.
@@ -30,7 +60,7 @@ pub fn plan(model: &str, rec: &SessionRecord, feedback: Option<&str>) -> Complet
         ],
         response_format: Some(ResponseFormat {
             name: schema::PLAN.to_owned(),
-            schema: schema_of("plan.json"),
+            schema: plan_schema(),
         }),
         max_tokens: Some(2048),
     }
@@ -61,12 +91,7 @@ pub fn synthesis(
         ],
         response_format: Some(ResponseFormat {
             name: schema::SYNTHESIS.to_owned(),
-            schema: serde_json::json!({
-                "type": "object",
-                "properties": {"summary": {"type": "string"}},
-                "required": ["summary"],
-                "additionalProperties": false
-            }),
+            schema: synthesis_schema(),
         }),
         max_tokens: Some(4096),
     }
@@ -96,11 +121,7 @@ pub fn clarification(
         ],
         response_format: Some(ResponseFormat {
             name: schema::CLARIFICATION.to_owned(),
-            schema: serde_json::json!({
-                "type": "object",
-                "required": ["answer"],
-                "properties": {"answer": {"type": "string"}}
-            }),
+            schema: clarification_schema(),
         }),
         max_tokens: Some(512),
     }

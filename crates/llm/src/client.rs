@@ -56,8 +56,9 @@ impl ChatMessage {
 pub struct ResponseFormat {
     /// Schema name (see [`crate::schema`]).
     pub name: String,
-    /// JSON Schema the output must follow.
-    pub schema: serde_json::Value,
+    /// JSON Schema the output must follow (shared: a request in flight holds a
+    /// pointer to it, not a copy).
+    pub schema: std::sync::Arc<serde_json::Value>,
 }
 
 /// A completion request.

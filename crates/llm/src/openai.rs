@@ -241,7 +241,7 @@ impl OpenAiClient {
             } else {
                 json!({
                     "type": "json_schema",
-                    "json_schema": {"name": name, "schema": schema, "strict": false},
+                    "json_schema": {"name": name, "schema": schema.as_ref(), "strict": false},
                 })
             };
         }
@@ -522,7 +522,7 @@ mod tests {
             messages: vec![ChatMessage::system("s"), ChatMessage::user("u")],
             response_format: Some(ResponseFormat {
                 name: "n".into(),
-                schema: json!({"type": "object"}),
+                schema: json!({"type": "object"}).into(),
             }),
             max_tokens: Some(9),
         };

@@ -338,7 +338,7 @@ mod tests {
             ],
             response_format: Some(ResponseFormat {
                 name: name.into(),
-                schema: serde_json::json!({}),
+                schema: serde_json::json!({}).into(),
             }),
             max_tokens: None,
         }

@@ -50,7 +50,7 @@ fn structured_request() -> CompletionRequest {
     CompletionRequest {
         response_format: Some(ResponseFormat {
             name: "flotilla_synthesis".into(),
-            schema: summary_schema(),
+            schema: summary_schema().into(),
         }),
         ..request("summarize", Some(30))
     }
