@@ -156,16 +156,20 @@ impl SessionLedger {
         Err(LedgerUnavailable(last))
     }
 
+    /// The ledgers' stream.
+    async fn stream(&self) -> Result<async_nats::jetstream::stream::Stream<()>, LedgerUnavailable> {
+        self.bus
+            .js
+            .get_stream_no_info(self.bus.names().stream_spend())
+            .await
+            .map_err(|e| LedgerUnavailable(e.to_string()))
+    }
+
     /// The counter's current value (0 if the session has none yet).
     async fn total(&self, session: &SessionId) -> Result<i128, LedgerUnavailable> {
         use async_nats::jetstream::stream::LastRawMessageErrorKind;
         let names = self.bus.names();
-        let stream = self
-            .bus
-            .js
-            .get_stream_no_info(names.stream_spend())
-            .await
-            .map_err(|e| LedgerUnavailable(e.to_string()))?;
+        let stream = self.stream().await?;
         match stream
             .get_last_raw_message_by_subject(&names.spend(session))
             .await
@@ -191,12 +195,7 @@ impl SessionLedger {
             ..Ledger::default()
         };
         let names = self.bus.names();
-        let stream = self
-            .bus
-            .js
-            .get_stream_no_info(names.stream_spend())
-            .await
-            .map_err(|e| LedgerUnavailable(e.to_string()))?;
+        let stream = self.stream().await?;
         let consumer = stream
             .create_consumer(OrderedConfig {
                 filter_subject: names.spend(session),

@@ -320,7 +320,13 @@ impl Orchestrator {
                     fresh = true;
                     let mut effects = effects;
                     if redelivered {
-                        effects.extend(machine::derived_effects(&rec));
+                        // Also what an earlier handler of this message may have left
+                        // unperformed (without repeating this transition's own).
+                        for e in machine::derived_effects(&rec) {
+                            if !effects.contains(&e) {
+                                effects.push(e);
+                            }
+                        }
                     }
                     self.perform(&rec, &effects).await?;
                     if rec.status.is_terminal() {
