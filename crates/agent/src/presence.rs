@@ -1,7 +1,14 @@
-//! Presence: every process heartbeats a record of itself and of what it is working on
-//! into the `<p>-agents` bucket (per-key TTL), and answers pings on its own subject
-//! while connected. The watchdog in `serve` uses both to find dead, frozen and stuck
-//! processes and to release their work at once.
+//! Presence: every process heartbeats a small record of itself into the `<p>-agents`
+//! bucket (per-key TTL) and answers pings on its own subject while connected. The
+//! watchdog in `serve` uses both to find dead, frozen and stuck processes and to
+//! release their work at once.
+//!
+//! What a process is working on is found in two places. A worker's task attempt is
+//! named by its claim in the task record (holder and ack subject), which the watchdog
+//! indexes, so a worker writes nothing extra per task; its presence lists only tasks
+//! that have made no progress for half the stuck timeout. `serve` lists every
+//! orchestrator delivery it holds (no other record names their holder), written soon
+//! after it starts and never awaited.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -48,53 +55,78 @@ impl Default for LivenessConfig {
     }
 }
 
+/// Which deliveries a process lists in its presence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Listing {
+    /// Every delivery, written right away when work starts (`serve`: the orchestrator's
+    /// deliveries have no other record that names their holder).
+    All,
+    /// Only those without progress for this long (workers: the task record's claim
+    /// names the holder and the delivery, so the watchdog finds a dead worker's tasks
+    /// there; the presence carries only what the stuck check needs).
+    Overdue(Duration),
+}
+
+impl LivenessConfig {
+    /// How long a worker's task goes without progress before its presence lists it: at
+    /// least two renewals before the stuck timeout (so the watchdog sees it in time),
+    /// and never under half the stuck timeout.
+    pub fn list_after(&self) -> Duration {
+        (self.stuck_timeout / 2).max(
+            self.stuck_timeout
+                .saturating_sub(self.heartbeat_every.saturating_mul(2)),
+        )
+    }
+}
+
 /// What this process is working on, shared between its handlers (which add and remove
 /// entries) and its heartbeat (which publishes them). A plain mutex: every critical
 /// section is one map operation, never held across an `.await`.
 #[derive(Debug, Clone)]
 pub struct Tracker {
     inner: Arc<Mutex<HashMap<String, InFlight>>>,
-    /// Wakes the heartbeat when work starts, so the presence lists it right away
-    /// rather than at the next periodic renewal.
+    /// Wakes the heartbeat when work starts (listing `All`), so the presence lists it
+    /// soon rather than at the next periodic renewal.
     changed: Arc<tokio::sync::Notify>,
-    /// Bumped on every start; the heartbeat publishes the generation it has written.
-    started: Arc<std::sync::atomic::AtomicU64>,
-    published: Arc<tokio::sync::watch::Sender<u64>>,
+    listing: Listing,
 }
 
 impl Default for Tracker {
+    /// A tracker that lists every delivery (as `serve` does).
     fn default() -> Self {
         Self {
             inner: Arc::default(),
             changed: Arc::default(),
-            started: Arc::default(),
-            published: Arc::new(tokio::sync::watch::channel(0).0),
+            listing: Listing::All,
         }
     }
 }
 
+/// The most a presence record lists, in bytes of `in_flight` (estimated), so it stays
+/// well under the server's 1 MiB payload limit whatever the load. Deliveries beyond it
+/// (the newest) are recovered by their ack wait if the process dies.
+pub const PRESENCE_LIST_BUDGET: usize = 512 * 1024;
+
 impl Tracker {
+    /// A tracker that lists only deliveries without progress for `after` (as workers
+    /// do, with half the stuck timeout).
+    pub fn overdue_after(after: Duration) -> Self {
+        Self {
+            listing: Listing::Overdue(after),
+            ..Self::default()
+        }
+    }
+
     fn with<R>(&self, f: impl FnOnce(&mut HashMap<String, InFlight>) -> R) -> R {
         f(&mut self.inner.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// Records the start of work on a delivery.
+    /// Records the start of work on a delivery. Never waits: it wakes the heartbeat,
+    /// which (listing every delivery) writes soon after, coalescing a burst, or
+    /// (listing overdue ones) makes sure to look again when this one could be due.
     pub fn start(&self, item: InFlight) {
         self.with(|m| m.insert(item.ack_subject.clone(), item));
-        self.started
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.changed.notify_one();
-    }
-
-    /// Waits (at most `limit`) until the presence lists everything started so far, so a
-    /// crash from here on is seen with this work in it. Returns false on timeout (no
-    /// heartbeat running, or NATS slow): the work is then released by its ack wait.
-    pub async fn published(&self, limit: Duration) -> bool {
-        let want = self.started.load(std::sync::atomic::Ordering::SeqCst);
-        let mut rx = self.published.subscribe();
-        tokio::time::timeout(limit, rx.wait_for(|g| *g >= want))
-            .await
-            .is_ok()
     }
 
     /// Records progress on a delivery.
@@ -112,14 +144,84 @@ impl Tracker {
         self.with(|m| m.remove(ack_subject));
     }
 
-    /// Everything in flight.
+    /// How many deliveries are in flight.
+    pub fn len(&self) -> usize {
+        self.with(|m| m.len())
+    }
+
+    /// Whether nothing is in flight.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// How long until an item not yet listed becomes overdue (and must be listed), for
+    /// a tracker listing overdue items only; never under a quarter of the threshold, so
+    /// items turning overdue one by one are gathered into few writes.
+    fn next_overdue(&self) -> Option<Duration> {
+        let Listing::Overdue(after) = self.listing else {
+            return None;
+        };
+        let now = epoch_ms(SystemTime::now());
+        let after_dur = after;
+        let after = after.as_millis() as u64;
+        self.with(|m| {
+            m.values()
+                .map(|i| i.progress_ms.saturating_add(after))
+                .filter(|due| *due > now)
+                .min()
+        })
+        .map(|due| Duration::from_millis(due - now + 1).max(after_dur / 4))
+    }
+
+    /// What the presence lists now: the deliveries this tracker lists, oldest first,
+    /// within [`PRESENCE_LIST_BUDGET`].
     pub fn snapshot(&self) -> Vec<InFlight> {
-        self.with(|m| m.values().cloned().collect())
+        let now = epoch_ms(SystemTime::now());
+        let mut items: Vec<InFlight> = self.with(|m| match self.listing {
+            Listing::All => m.values().cloned().collect(),
+            Listing::Overdue(after) => {
+                let after = after.as_millis() as u64;
+                m.values()
+                    .filter(|i| now.saturating_sub(i.progress_ms) >= after)
+                    .cloned()
+                    .collect()
+            }
+        });
+        items.sort_by_key(|i| i.since_ms);
+        let mut used = 0;
+        let keep = items
+            .iter()
+            .take_while(|i| {
+                used += entry_size(i);
+                used <= PRESENCE_LIST_BUDGET
+            })
+            .count();
+        if keep < items.len() {
+            tracing::warn!(
+                listed = keep,
+                in_flight = items.len(),
+                "presence lists the oldest deliveries only; the rest rely on their ack wait"
+            );
+            items.truncate(keep);
+        }
+        items
     }
 }
 
-/// How long a heartbeat woken by new work waits to gather more before publishing.
-const EAGER_DEBOUNCE: Duration = Duration::from_millis(5);
+/// A generous estimate of an entry's JSON size.
+fn entry_size(i: &InFlight) -> usize {
+    i.ack_subject.len()
+        + i.session_id.as_str().len()
+        + i.task_id.as_ref().map_or(0, |t| t.as_str().len())
+        + 140
+}
+
+/// How long a heartbeat woken by new work waits to gather more before publishing:
+/// 5 ms, plus 50 ms per thousand entries listed, so a process with many deliveries in
+/// flight writes its (larger) record less often.
+fn eager_debounce(listed: usize) -> Duration {
+    Duration::from_millis(5 + 50 * (listed as u64 / 1000))
+}
 
 /// Heartbeats a process's presence and answers its pings until `shutdown`, then
 /// removes the presence.
@@ -152,7 +254,6 @@ pub async fn heartbeat(
     let ttl = Duration::from_secs(config.presence_ttl.as_secs().max(1));
     let started_ms = epoch_ms(SystemTime::now());
     loop {
-        let generation = tracker.started.load(std::sync::atomic::Ordering::SeqCst);
         let presence = Presence {
             v: V1,
             agent_id: agent_id.clone(),
@@ -162,30 +263,126 @@ pub async fn heartbeat(
             renewed_ms: epoch_ms(SystemTime::now()),
             in_flight: tracker.snapshot(),
         };
+        let listed = presence.in_flight.len();
         let payload = Bytes::from(serde_json::to_vec(&presence).unwrap_or_default());
         let msg = async_nats::jetstream::message::PublishMessage::build()
             .payload(payload)
             .ttl(ttl);
         match bus.js.send_publish(subject.clone(), msg).await {
-            Ok(ack) => match ack.await {
-                Ok(_) => {
-                    tracker.published.send_replace(generation);
+            Ok(ack) => {
+                if let Err(e) = ack.await {
+                    tracing::warn!(error = %e, "presence not renewed");
                 }
-                Err(e) => tracing::warn!(error = %e, "presence not renewed"),
-            },
+            }
             Err(e) => tracing::warn!(error = %e, "presence not renewed"),
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(config.heartbeat_every) => {}
-            _ = tracker.changed.notified() => {
-                // Coalesce a burst of starts into one write.
-                tokio::time::sleep(EAGER_DEBOUNCE).await;
+        // The periodic renewal, or sooner when a task turns overdue.
+        let mut deadline = tokio::time::Instant::now()
+            + tracker
+                .next_overdue()
+                .map_or(config.heartbeat_every, |d| d.min(config.heartbeat_every));
+        let stop = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break true,
+                _ = tokio::time::sleep_until(deadline) => break false,
+                _ = tracker.changed.notified() => match tracker.listing {
+                    Listing::All => {
+                        // Coalesce a burst of starts into one write.
+                        tokio::time::sleep(eager_debounce(listed)).await;
+                        break false;
+                    }
+                    // New work turns overdue `after` from now at the earliest.
+                    Listing::Overdue(after) => {
+                        deadline = deadline.min(tokio::time::Instant::now() + after);
+                    }
+                },
             }
+        };
+        if stop {
+            break;
         }
     }
-    answer.abort();
+    // The ping answerer stays up while the connection does: a process still draining
+    // its work after shutdown must not look dead to a watchdog that pings the holder
+    // of its claims.
+    drop(answer);
     if let Ok(store) = bus.js.get_key_value(names.bucket_agents()).await {
         let _ = store.delete(agent_id.as_str()).await;
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use flotilla_protocol::SessionId;
+
+    fn item(n: usize, since_ms: u64, progress_ms: u64) -> InFlight {
+        InFlight {
+            session_id: SessionId::parse(format!("s{n}")).unwrap(),
+            task_id: None,
+            attempt: None,
+            ack_subject: format!("$JS.ACK.FLOTILLA_INBOX_research.role-research.1.{n}.{n}.0.0"),
+            since_ms,
+            progress_ms,
+        }
+    }
+
+    #[test]
+    fn a_worker_lists_only_tasks_without_progress_for_the_threshold() {
+        let t = Tracker::overdue_after(Duration::from_secs(10));
+        let now = epoch_ms(SystemTime::now());
+        t.start(item(1, now, now));
+        t.start(item(2, now - 20_000, now - 20_000));
+        t.start(item(3, now - 20_000, now - 1_000));
+        let listed: Vec<String> = t.snapshot().into_iter().map(|i| i.ack_subject).collect();
+        assert_eq!(listed, vec![item(2, 0, 0).ack_subject]);
+        assert_eq!(t.len(), 3);
+        // Item 1 is due in about 10 s, item 3 in about 9 s.
+        let next = t.next_overdue().unwrap();
+        assert!(
+            next > Duration::from_secs(8) && next <= Duration::from_millis(9_100),
+            "{next:?}"
+        );
+        t.finish(&item(2, 0, 0).ack_subject);
+        assert!(t.snapshot().is_empty());
+    }
+
+    #[test]
+    fn serve_lists_everything_oldest_first_within_the_budget() {
+        let t = Tracker::default();
+        let n = 20_000;
+        for i in 0..n {
+            t.start(item(i, 1_000 + i as u64, 1_000 + i as u64));
+        }
+        assert!(t.next_overdue().is_none());
+        let listed = t.snapshot();
+        assert!(listed.len() < n, "{} of {n} fit", listed.len());
+        assert!(listed.len() > 1_000);
+        assert!(listed.windows(2).all(|w| w[0].since_ms < w[1].since_ms));
+        assert_eq!(listed[0].since_ms, 1_000);
+        // Written as a presence, it stays under the server's payload limit.
+        let p = Presence {
+            v: V1,
+            agent_id: AgentId::parse("orchestrator-1").unwrap(),
+            role: Role::orchestrator(),
+            ping_subject: "flotilla.agent.orchestrator-1.ping".into(),
+            started_ms: 0,
+            renewed_ms: 0,
+            in_flight: listed,
+        };
+        let bytes = serde_json::to_vec(&p).unwrap().len();
+        assert!(bytes <= PRESENCE_LIST_BUDGET + 1024, "{bytes} bytes");
+    }
+
+    #[test]
+    fn the_listing_threshold_leaves_two_renewals_before_the_stuck_timeout() {
+        let d = LivenessConfig::default();
+        assert_eq!(d.list_after(), Duration::from_secs(50));
+        let fast = LivenessConfig {
+            stuck_timeout: Duration::from_secs(1),
+            ..LivenessConfig::default()
+        };
+        assert_eq!(fast.list_after(), Duration::from_millis(500));
     }
 }

@@ -85,13 +85,14 @@ impl Worker {
             agent_id,
             agent,
             settings,
+            tracker: Tracker::overdue_after(LivenessConfig::default().list_after()),
             liveness: LivenessConfig::default(),
-            tracker: Tracker::default(),
         }
     }
 
     /// Heartbeat intervals of this process's presence.
     pub fn with_liveness(mut self, liveness: LivenessConfig) -> Self {
+        self.tracker = Tracker::overdue_after(liveness.list_after());
         self.liveness = liveness;
         self
     }
@@ -213,9 +214,9 @@ impl Worker {
             ));
         }
         let key = keys::task(&task.session_id, &task.task_id);
-        // List the task in our presence before the claim lands, so whenever the
-        // record names us as holder, a crash of ours is seen with it listed and the
-        // watchdog releases it at once.
+        // Tracked for the stuck check (listed in our presence only once overdue). A
+        // crash is covered by the claim itself: it names us and this delivery's ack
+        // subject, and the watchdog indexes claims by holder.
         let now = epoch_ms(SystemTime::now());
         self.tracker.start(InFlight {
             session_id: task.session_id.clone(),
@@ -225,11 +226,6 @@ impl Worker {
             since_ms: now,
             progress_ms: now,
         });
-        if !self.tracker.published(Duration::from_secs(1)).await {
-            tracing::debug!(
-                "presence not confirmed; a crash now would be recovered by the ack wait"
-            );
-        }
         // Claim. The first delivery of a first attempt creates the record (one round
         // trip); anything else reads it first.
         let start = if task.attempt == 1 && !redelivered {
@@ -244,7 +240,11 @@ impl Worker {
             .transition(&key, start, 8, |current| {
                 let now = epoch_ms(SystemTime::now());
                 match task_machine::claim(current, &task, &self.agent_id, claim_ttl, now) {
-                    Claim::Take { record, resumed } => {
+                    Claim::Take {
+                        mut record,
+                        resumed,
+                    } => {
+                        record.ack_subject = Some(ack_subject.to_owned());
                         Step::Write(record.clone(), Ok((record, resumed)))
                     }
                     other => Step::Keep(Err(other)),

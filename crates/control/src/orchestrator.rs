@@ -205,13 +205,9 @@ impl Orchestrator {
             since_ms: now,
             progress_ms: now,
         });
-        // As workers do: be listed in our presence before acting, so the watchdog can
-        // release this message at once if this process dies from here on.
-        if !self.tracker.published(Duration::from_secs(1)).await {
-            tracing::debug!(
-                "presence not confirmed; a crash now would be recovered by the ack wait"
-            );
-        }
+        // Listed in our presence soon after (never awaited: a crash before that write
+        // leaves this message to its ack wait), so the watchdog can release it at once
+        // if this process dies in a long call.
         let result = self
             .drive(&session, input, d.delivered() > 1)
             .instrument(span)

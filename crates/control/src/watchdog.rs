@@ -1,18 +1,24 @@
 //! The watchdog: finds processes that died, froze or got stuck, and releases their
 //! work for redelivery now instead of when its ack wait runs out.
 //!
-//! Every `probe_every` it reads every presence in the agents bucket and pings each
+//! It follows two KV watches: the presences in the agents bucket, and the task records
+//! (`*.t.*`) in the sessions bucket, whose running claims it indexes by holder (a claim
+//! names its holder and its delivery's ack subject). Every `probe_every` it pings each
 //! process on its own subject:
 //! - **disconnected**: the ping gets "no responders" (the server dropped the process's
 //!   connection: a `kill -9` is seen within one probe);
 //! - **presence expired**: a presence seen before is gone (its TTL ran out: a frozen or
 //!   partitioned process);
-//! - **stuck**: a task in a live presence has made no progress for `stuck_timeout`.
+//! - **no presence**: a holder of running claims that has no presence and does not
+//!   answer its ping (it died while this watchdog was not looking);
+//! - **stuck**: a task its holder's presence lists as without progress for
+//!   `stuck_timeout`.
 //!
-//! Releasing a task fences the old holder first (its task record goes back to `queued`,
-//! so its late commit fails the compare-and-set), then publishes `-NAK` to the
-//! delivery's ack subject on the holder's behalf, then logs a `reassigned` event. Every
-//! step is idempotent, so several `serve` instances may watch at once.
+//! A ghost's work is what its presence lists (the orchestrator's deliveries) and every
+//! running claim it holds. Releasing a task fences the old holder first (its task record
+//! goes back to `queued`, so its late commit fails the compare-and-set), then publishes
+//! `-NAK` to the delivery's ack subject on the holder's behalf, then logs a `reassigned`
+//! event. Every step is idempotent, so several `serve` instances may watch at once.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,8 +32,8 @@ use flotilla_agent::LivenessConfig;
 use flotilla_bus::{Applied, Bus, KvError, Start, Step};
 use flotilla_protocol::subject::keys;
 use flotilla_protocol::{
-    AgentId, DEFAULT_MAX_PAYLOAD, EventBody, InFlight, Presence, TaskRecord, decode, epoch_ms,
-    task_machine,
+    AgentId, DEFAULT_MAX_PAYLOAD, EventBody, InFlight, Presence, TaskRecord, TaskRunState, decode,
+    epoch_ms, task_machine,
 };
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -49,6 +55,10 @@ pub struct Watchdog {
     store: kv::Store,
     /// Last presence seen of every process, to know what an expired one held.
     seen: HashMap<String, Presence>,
+    /// Running claims by holder: task key -> the claim.
+    claims: HashMap<String, HashMap<String, InFlight>>,
+    /// Task key -> its holder in `claims`.
+    holder_of: HashMap<String, String>,
     /// Counters.
     pub counters: Arc<WatchdogCounters>,
 }
@@ -73,24 +83,25 @@ impl Watchdog {
             config,
             store,
             seen: HashMap::new(),
+            claims: HashMap::new(),
+            holder_of: HashMap::new(),
             counters: Arc::default(),
         })
     }
 
-    /// Probes until `shutdown`. Presence arrives through one KV watcher (no listing
-    /// per probe): a put updates the view, a TTL expiry (purge marker) is a ghost.
+    /// Probes until `shutdown`. Presences and claims arrive through two KV watchers
+    /// (no listing per probe): a presence put updates the view, its TTL expiry (purge
+    /// marker) is a ghost; a task record put adds or clears a claim.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut watch = loop {
-            match self.store.watch_with_history(">").await {
-                Ok(w) => break w,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot watch presence; retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(self.config.probe_every) => {}
-                    }
-                }
-            }
+        let sessions = self.bus.sessions().store().clone();
+        let Some(mut watch) = self
+            .watch_until_ready(&self.store.clone(), ">", &shutdown)
+            .await
+        else {
+            return;
+        };
+        let Some(mut tasks) = self.watch_until_ready(&sessions, "*.t.*", &shutdown).await else {
+            return;
         };
         let mut tick = tokio::time::interval(self.config.probe_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -104,9 +115,70 @@ impl Watchdog {
                     Some(Err(e)) => tracing::debug!(error = %e, "presence watch hiccup"),
                     None => return,
                 },
+                entry = tasks.next() => match entry {
+                    Some(Ok(e)) => self.observe_claim(e),
+                    Some(Err(e)) => tracing::debug!(error = %e, "task record watch hiccup"),
+                    None => return,
+                },
                 _ = tick.tick() => self.probe().await,
             }
         }
+    }
+
+    async fn watch_until_ready(
+        &self,
+        store: &kv::Store,
+        keys: &str,
+        shutdown: &CancellationToken,
+    ) -> Option<kv::Watch> {
+        loop {
+            match store.watch_with_history(keys).await {
+                Ok(w) => return Some(w),
+                Err(e) => {
+                    tracing::warn!(error = %e, keys, "cannot watch; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return None,
+                        _ = tokio::time::sleep(self.config.probe_every) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Indexes a task record's running claim by holder (or drops the key's old claim).
+    fn observe_claim(&mut self, entry: kv::Entry) {
+        if let Some(old) = self.holder_of.remove(&entry.key)
+            && let Some(held) = self.claims.get_mut(&old)
+        {
+            held.remove(&entry.key);
+            if held.is_empty() {
+                self.claims.remove(&old);
+            }
+        }
+        if entry.operation != kv::Operation::Put {
+            return;
+        }
+        let Ok(rec) = serde_json::from_slice::<ClaimView>(&entry.value) else {
+            return;
+        };
+        let (TaskRunState::Running, Some(holder), Some(ack_subject)) =
+            (rec.state, rec.holder, rec.ack_subject)
+        else {
+            return;
+        };
+        let holder = holder.to_string();
+        self.holder_of.insert(entry.key.clone(), holder.clone());
+        self.claims.entry(holder).or_default().insert(
+            entry.key,
+            InFlight {
+                session_id: rec.session_id,
+                task_id: Some(rec.task_id),
+                attempt: Some(rec.attempt),
+                ack_subject,
+                since_ms: rec.updated_ms,
+                progress_ms: rec.updated_ms,
+            },
+        );
     }
 
     async fn observe(&mut self, entry: kv::Entry) {
@@ -118,26 +190,42 @@ impl Watchdog {
             }
             // The TTL ran out: no renewal came (a frozen or partitioned process).
             kv::Operation::Purge => {
-                if let Some(p) = self.seen.remove(&entry.key)
-                    && !p.in_flight.is_empty()
-                {
-                    self.ghost(&p, "presence expired").await;
+                if let Some(p) = self.seen.remove(&entry.key) {
+                    let ghost = Ghost::of(&p);
+                    self.ghost(ghost, p.in_flight, "presence expired").await;
                 }
             }
-            // A clean shutdown, or another watchdog burying a ghost.
+            // A clean shutdown, or another watchdog burying a ghost. (Claims it still
+            // holds are checked by ping as a holder without presence.)
             kv::Operation::Delete => {
                 self.seen.remove(&entry.key);
             }
         }
     }
 
-    /// Pings every known process; releases the work of those whose connection is gone
-    /// and of tasks that made no progress for the stuck timeout.
+    /// Pings every known process and every holder of claims without a presence;
+    /// releases the work of those whose connection is gone and of tasks that made no
+    /// progress for the stuck timeout.
     pub async fn probe(&mut self) {
         let current: Vec<Presence> = self.seen.values().cloned().collect();
-        let pings = futures::future::join_all(current.iter().map(|p| {
+        let orphans: Vec<String> = self
+            .claims
+            .keys()
+            .filter(|h| !self.seen.contains_key(h.as_str()))
+            .cloned()
+            .collect();
+        let names = self.bus.names().clone();
+        let subjects =
+            current
+                .iter()
+                .map(|p| p.ping_subject.clone())
+                .chain(orphans.iter().filter_map(|h| {
+                    AgentId::parse(h.as_str())
+                        .ok()
+                        .map(|id| names.agent_ping(&id))
+                }));
+        let pings = futures::future::join_all(subjects.map(|subject| {
             let client = self.bus.client.clone();
-            let subject = p.ping_subject.clone();
             let timeout = self.config.probe_timeout;
             async move {
                 match tokio::time::timeout(timeout, client.request(subject, Bytes::new())).await {
@@ -149,48 +237,87 @@ impl Watchdog {
         }))
         .await;
         let stuck_ms = self.config.stuck_timeout.as_millis() as u64;
-        for (p, liveness) in current.iter().zip(pings) {
+        let (of_present, of_orphans) = pings.split_at(current.len());
+        for (p, liveness) in current.iter().zip(of_present) {
             match liveness {
-                Liveness::Gone => self.ghost(p, "disconnected").await,
+                Liveness::Gone => {
+                    self.ghost(Ghost::of(p), p.in_flight.clone(), "disconnected")
+                        .await
+                }
                 Liveness::Alive | Liveness::Unresponsive => {
                     for item in &p.in_flight {
                         let idle = now().saturating_sub(item.progress_ms);
                         if item.task_id.is_some() && idle > stuck_ms {
-                            self.release(p, item, &format!("no progress for {idle} ms"))
-                                .await;
+                            self.release(
+                                &Ghost::of(p),
+                                item,
+                                &format!("no progress for {idle} ms"),
+                            )
+                            .await;
                         }
                     }
                 }
             }
         }
+        for (holder, liveness) in orphans.iter().zip(of_orphans) {
+            if let (Liveness::Gone, Ok(agent_id)) = (liveness, AgentId::parse(holder.as_str())) {
+                let ghost = Ghost {
+                    agent_id,
+                    role: None,
+                    renewed_ms: 0,
+                };
+                self.ghost(ghost, Vec::new(), "no presence").await;
+            }
+        }
     }
 
-    async fn ghost(&mut self, p: &Presence, reason: &str) {
+    /// Releases everything `g` held: what its presence listed and its running claims.
+    async fn ghost(&mut self, g: Ghost, listed: Vec<InFlight>, reason: &str) {
+        let key = g.agent_id.to_string();
+        let mut items = listed;
+        if let Some(held) = self.claims.remove(&key) {
+            for task_key in held.keys() {
+                self.holder_of.remove(task_key);
+            }
+            let known: std::collections::HashSet<String> =
+                items.iter().map(|i| i.ack_subject.clone()).collect();
+            items.extend(
+                held.into_values()
+                    .filter(|i| !known.contains(&i.ack_subject)),
+            );
+        }
+        self.seen.remove(&key);
+        if items.is_empty() {
+            return;
+        }
         self.counters.ghosts.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(agent = %p.agent_id, role = %p.role, reason, in_flight = p.in_flight.len(), "ghost process");
+        tracing::warn!(agent = %g.agent_id, role = ?g.role, reason, in_flight = items.len(), "ghost process");
         let mut told = std::collections::HashSet::new();
-        for item in &p.in_flight {
+        for item in &items {
             // One heartbeat_missed per session the process held work in.
             if told.insert(item.session_id.clone()) {
                 let body = EventBody::HeartbeatMissed {
-                    agent_id: p.agent_id.to_string(),
+                    agent_id: g.agent_id.to_string(),
                     reason: reason.to_owned(),
-                    silent_ms: now().saturating_sub(p.renewed_ms),
+                    silent_ms: if g.renewed_ms == 0 {
+                        0
+                    } else {
+                        now().saturating_sub(g.renewed_ms)
+                    },
                 };
-                let id = format!("heartbeat.{}.{}", p.agent_id, p.renewed_ms);
+                let id = format!("heartbeat.{}.{}", g.agent_id, g.renewed_ms);
                 if let Err(e) = self.bus.emit(&item.session_id, &id, body, None).await {
                     tracing::warn!(error = %e, "could not log a missed heartbeat");
                 }
             }
-            self.release(p, item, reason).await;
+            self.release(&g, item, reason).await;
         }
         // Others need not redo it (they would, harmlessly).
-        let _ = self.store.delete(p.agent_id.as_str()).await;
-        self.seen.remove(p.agent_id.as_str());
+        let _ = self.store.delete(g.agent_id.as_str()).await;
     }
 
     /// Fences the holder, releases the delivery, logs the reassignment.
-    async fn release(&self, p: &Presence, item: &InFlight, reason: &str) {
+    async fn release(&self, p: &Ghost, item: &InFlight, reason: &str) {
         if let (Some(task_id), Some(attempt)) = (&item.task_id, item.attempt) {
             match self.fence(&p.agent_id, item, task_id, attempt).await {
                 Ok(Some(role)) => {
@@ -257,6 +384,38 @@ impl Watchdog {
             Applied::Kept(_) | Applied::Contended => None,
         })
     }
+}
+
+/// The process whose work is released.
+struct Ghost {
+    agent_id: AgentId,
+    role: Option<flotilla_protocol::Role>,
+    /// Its last presence renewal (0 if none was seen).
+    renewed_ms: u64,
+}
+
+impl Ghost {
+    fn of(p: &Presence) -> Self {
+        Self {
+            agent_id: p.agent_id.clone(),
+            role: Some(p.role.clone()),
+            renewed_ms: p.renewed_ms,
+        }
+    }
+}
+
+/// What the watchdog reads of a task record (the output is skipped).
+#[derive(serde::Deserialize)]
+struct ClaimView {
+    session_id: flotilla_protocol::SessionId,
+    task_id: flotilla_protocol::TaskId,
+    attempt: u32,
+    state: TaskRunState,
+    #[serde(default)]
+    holder: Option<AgentId>,
+    #[serde(default)]
+    ack_subject: Option<String>,
+    updated_ms: u64,
 }
 
 enum Liveness {

@@ -262,6 +262,12 @@ pub struct TaskRecord {
     /// The process that claimed it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub holder: Option<AgentId>,
+    /// While `running`: the ack subject of the holder's delivery. The watchdog indexes
+    /// running claims by holder from these records, so when the holder dies it can
+    /// fence the attempt and publish `-NAK` here on its behalf (redelivery now, not
+    /// at the end of the ack wait). Cleared by commit and fence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ack_subject: Option<String>,
     /// The committed output.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<TaskOutput>,

@@ -26,6 +26,9 @@ use crate::version::V1;
 
 /// What a delivery of a task attempt should do, given the task record.
 #[derive(Debug, Clone, PartialEq, Eq)]
+// A short-lived decision, returned once per delivery: boxing the record would cost an
+// allocation for nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Claim {
     /// Write `record` (by compare-and-set, or create when there was none): the
     /// attempt is ours. `resumed` when an earlier holder may have started it.
@@ -67,6 +70,7 @@ fn running(task: &TaskMessage, holder: &AgentId, now: u64) -> TaskRecord {
         attempt: task.attempt,
         state: TaskRunState::Running,
         holder: Some(holder.clone()),
+        ack_subject: None,
         output: None,
         error: None,
         outcome: None,
@@ -75,6 +79,8 @@ fn running(task: &TaskMessage, holder: &AgentId, now: u64) -> TaskRecord {
 }
 
 /// Claims `task` for `holder` over `current` (the record as read, `None` if absent).
+/// The caller sets the taken record's `ack_subject` to its delivery's (see
+/// [`TaskRecord::ack_subject`]).
 /// A claim younger than `claim_ttl_ms` held by another process is respected; an older
 /// one is presumed dead and taken over (its late commit then fails the
 /// compare-and-set).
@@ -173,6 +179,7 @@ pub fn commit(
         },
         error,
         outcome: Some(outcome),
+        ack_subject: None,
         updated_ms: now,
         ..claimed.clone()
     }
@@ -191,6 +198,7 @@ pub fn fence(current: &TaskRecord, holder: &AgentId, attempt: u32, now: u64) -> 
     Some(TaskRecord {
         state: TaskRunState::Queued,
         holder: None,
+        ack_subject: None,
         updated_ms: now,
         ..current.clone()
     })
@@ -342,13 +350,15 @@ mod tests {
         /// an output.
         #[test]
         fn commits_keep_the_claim(failed in any::<bool>(), now in 0u64..1_000_000) {
-            let Claim::Take { record, .. } = claim(None, &task(3), &agent(1), 1000, 0) else { unreachable!() };
+            let Claim::Take { mut record, .. } = claim(None, &task(3), &agent(1), 1000, 0) else { unreachable!() };
+            record.ack_subject = Some("$JS.ACK.x".into());
             let outcome = if failed { TaskOutcome::Failed { reason: "r".into() } } else { TaskOutcome::Completed };
             let c = commit(&record, outcome.clone(), Some(output()), now);
             prop_assert_eq!(c.attempt, 3);
             prop_assert_eq!(c.holder.clone(), Some(agent(1)));
             prop_assert_eq!(committed_outcome(&c), Some(outcome));
             prop_assert_eq!(c.output.is_some(), !failed);
+            prop_assert_eq!(c.ack_subject, None);
         }
     }
 }
