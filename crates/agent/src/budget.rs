@@ -11,6 +11,10 @@ use flotilla_bus::Bus;
 use flotilla_protocol::{BudgetKind, Ledger, SessionId, Spend, V1};
 use serde::{Deserialize, Serialize};
 
+/// Retries of a ledger increment (the server may be briefly away).
+const LEDGER_BACKOFF: flotilla_protocol::Backoff =
+    flotilla_protocol::Backoff::exponential(Duration::from_millis(50), Duration::from_millis(800));
+
 /// Budget settings. Every process of a fleet should share them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -151,7 +155,7 @@ impl SessionLedger {
                 }
                 Err(e) => last = e.to_string(),
             }
-            tokio::time::sleep(Duration::from_millis(50 << attempt.min(4))).await;
+            tokio::time::sleep(LEDGER_BACKOFF.delay(attempt)).await;
         }
         Err(LedgerUnavailable(last))
     }

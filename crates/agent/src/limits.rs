@@ -274,7 +274,7 @@ impl LimiterClient {
         };
         let payload = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
         // The leader settles a permit once, so asking again is safe.
-        for attempt in 1..=3 {
+        for attempt in 1..=3u32 {
             let res = tokio::time::timeout(
                 REQUEST_TIMEOUT,
                 self.bus
@@ -285,7 +285,14 @@ impl LimiterClient {
             if matches!(res, Ok(Ok(_))) {
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+            tokio::time::sleep(
+                flotilla_protocol::Backoff::exponential(
+                    Duration::from_millis(100),
+                    Duration::from_secs(1),
+                )
+                .delay(attempt - 1),
+            )
+            .await;
         }
         tracing::warn!(permit = %permit.id, "settlement not confirmed; its reservation stands until the leader expires it");
     }

@@ -332,7 +332,12 @@ impl PoolConsumer {
         let limit = self.settings.concurrency.max(1);
         let keepalive = (self.settings.effective_ack_wait() / 2).max(Duration::from_millis(100));
         let permits = Arc::new(Semaphore::new(limit));
-        let mut backoff = Duration::from_millis(100);
+        let backoff = flotilla_protocol::Backoff::exponential(
+            Duration::from_millis(100),
+            Duration::from_secs(5),
+        )
+        .with_jitter(flotilla_protocol::Jitter::Half);
+        let mut failed_pulls = 0u32;
         'pull: while !shutdown.is_cancelled() {
             // Wait for at least one free slot before asking for work.
             let first = tokio::select! {
@@ -354,13 +359,13 @@ impl PoolConsumer {
                     drop(first);
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(backoff.delay(failed_pulls)) => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    failed_pulls = failed_pulls.saturating_add(1);
                     continue;
                 }
             };
-            backoff = Duration::from_millis(100);
+            failed_pulls = 0;
             let mut first = Some(first);
             loop {
                 let next = tokio::select! {

@@ -24,6 +24,12 @@ use flotilla_protocol::{Namespace, SessionId, subject::keys};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+/// Retries of a conflicting compare-and-set: full jitter, so writers that collided do
+/// not collide again in step.
+const CAS_BACKOFF: flotilla_protocol::Backoff =
+    flotilla_protocol::Backoff::exponential(Duration::from_millis(2), Duration::from_millis(64))
+        .with_jitter(flotilla_protocol::Jitter::Full);
+
 /// A shared-memory operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -441,10 +447,8 @@ impl SessionMemory {
         for attempt in 0..attempts {
             if attempt > 0 {
                 self.count(|c| &c.retries);
-                // Full jitter over an exponential ceiling (1 ms .. 64 ms).
-                let ceiling = 1u64 << attempt.min(6);
-                let ms = crate::trace::random_u64() % (ceiling + 1);
-                tokio::time::sleep(Duration::from_millis(ms)).await;
+                // Full jitter over an exponential ceiling (2 ms .. 64 ms).
+                tokio::time::sleep(CAS_BACKOFF.delay(attempt - 1)).await;
             }
             let current = self.get::<T>(key).await?;
             let (old, revision) = match current {

@@ -121,7 +121,10 @@ impl Bus {
     pub async fn publish(&self, out: &Outgoing) -> Result<Published, PublishError> {
         let headers = out.headers();
         let attempts = self.config.publish_attempts.max(1);
-        let mut backoff = Duration::from_millis(50);
+        let backoff = flotilla_protocol::Backoff::exponential(
+            Duration::from_millis(50),
+            Duration::from_secs(1),
+        );
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -185,8 +188,9 @@ impl Bus {
             }
             Counters::inc(&self.counters.publish_retries);
             tracing::debug!(subject = %out.subject, msg_id = %out.msg_id, error = %err, "publish retry");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(1));
+            // Same message id every time: the server's de-duplication makes the
+            // retries idempotent.
+            tokio::time::sleep(backoff.delay(attempt - 1)).await;
         }
     }
 }

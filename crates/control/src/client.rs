@@ -150,6 +150,12 @@ impl Client {
         let deadline = tokio::time::Instant::now() + timeout;
         let done = self.watch(&session);
         let mut rejections = 0;
+        let unanswered_backoff = flotilla_protocol::Backoff::exponential(
+            Duration::from_millis(250),
+            Duration::from_secs(2),
+        )
+        .with_jitter(flotilla_protocol::Jitter::Half);
+        let mut unanswered = 0u32;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let reply = match self.open(&req, left.min(Duration::from_secs(30))).await {
@@ -157,9 +163,11 @@ impl Client {
                 // A serve instance died with our request, or none is up yet: the session
                 // id is ours, so asking again is idempotent.
                 Err(ClientError::Timeout(_) | ClientError::NoService(_))
-                    if tokio::time::Instant::now() + Duration::from_millis(500) < deadline =>
+                    if tokio::time::Instant::now() + unanswered_backoff.ceiling(unanswered)
+                        < deadline =>
                 {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    tokio::time::sleep(unanswered_backoff.delay(unanswered)).await;
+                    unanswered = unanswered.saturating_add(1);
                     continue;
                 }
                 Err(e) => return Err(e.into()),

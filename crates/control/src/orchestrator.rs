@@ -647,7 +647,12 @@ impl Orchestrator {
         // the outbox and is performed on a later pass).
         let deadline =
             tokio::time::Instant::now() + self.config.orchestrator.effective_ack_wait() / 2;
-        let mut backoff = Duration::from_millis(50);
+        let backoff = flotilla_protocol::Backoff::exponential(
+            Duration::from_millis(50),
+            Duration::from_secs(1),
+        )
+        .with_jitter(flotilla_protocol::Jitter::Half);
+        let mut full = 0u32;
         let mut logged = false;
         loop {
             match self.bus.publish(&out).await {
@@ -669,14 +674,15 @@ impl Orchestrator {
                         self.bus.emit(&rec.session_id, &id, body, trace).await?;
                         tracing::info!(task = %task_id, role = %entry.role, "inbox full, backing off");
                     }
-                    if tokio::time::Instant::now() + backoff > deadline {
+                    let wait = backoff.delay(full);
+                    full = full.saturating_add(1);
+                    if tokio::time::Instant::now() + wait > deadline {
                         return Err(VerdictError::retry(
                             Duration::from_millis(500),
                             format!("inbox of {} is full", entry.role),
                         ));
                     }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    tokio::time::sleep(wait).await;
                 }
                 Err(e) => return Err(e.into()),
             }

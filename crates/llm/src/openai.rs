@@ -131,9 +131,9 @@ pub fn repair_message(error: &str) -> String {
 /// Backoff before retry number `retry` (0-based): `base * 2^retry`, capped at `max`,
 /// then scaled into `[1/2, 1]` of itself by `unit` in `[0, 1)` ("equal jitter").
 pub fn backoff_delay(base: Duration, max: Duration, retry: u32, unit: f64) -> Duration {
-    let exp = base.saturating_mul(1u32.checked_shl(retry.min(31)).unwrap_or(u32::MAX));
-    let capped = exp.min(max);
-    capped.mul_f64(0.5 + 0.5 * unit.clamp(0.0, 1.0))
+    flotilla_protocol::Backoff::exponential(base, max)
+        .with_jitter(flotilla_protocol::Jitter::Half)
+        .delay_with(retry, unit)
 }
 
 /// A number in `[0, 1)` from the process's random hasher keys (no RNG dependency).

@@ -20,8 +20,10 @@
 //! - [`error`]: the closed set of wire error codes and their dispositions.
 //! - [`codec`]: size-limited decoding into typed errors.
 //! - [`headers`], [`trace`]: NATS header names and W3C trace context.
+//! - [`backoff`]: the one backoff policy every retry loop uses (not wire, but shared).
 //! - [`schema`]: JSON Schemas generated from these types (checked in under `docs/schema/`).
 
+pub mod backoff;
 pub mod budget;
 pub mod codec;
 pub mod error;
@@ -41,6 +43,7 @@ pub mod tool;
 pub mod trace;
 pub mod version;
 
+pub use backoff::{Backoff, Jitter};
 pub use budget::{BudgetKind, Ledger, Spend};
 pub use codec::{DEFAULT_MAX_PAYLOAD, DecodeError, decode, encode};
 pub use error::{Disposition, ErrorCode};
