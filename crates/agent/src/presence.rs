@@ -162,15 +162,14 @@ impl Tracker {
             return None;
         };
         let now = epoch_ms(SystemTime::now());
-        let after_dur = after;
-        let after = after.as_millis() as u64;
+        let after_ms = after.as_millis() as u64;
         self.with(|m| {
             m.values()
-                .map(|i| i.progress_ms.saturating_add(after))
+                .map(|i| i.progress_ms.saturating_add(after_ms))
                 .filter(|due| *due > now)
                 .min()
         })
-        .map(|due| Duration::from_millis(due - now + 1).max(after_dur / 4))
+        .map(|due| Duration::from_millis(due - now + 1).max(after / 4))
     }
 
     /// What the presence lists now: the deliveries this tracker lists, oldest first,

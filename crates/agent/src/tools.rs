@@ -522,7 +522,6 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Delay before attempt `n` (1-based): 50 ms, 100 ms, 200 ms, ... at most 1 s.
-/// The wait before the `n`th retry (1-based) of a tool call.
 fn backoff(n: u32) -> Duration {
     flotilla_protocol::Backoff::exponential(Duration::from_millis(50), Duration::from_secs(1))
         .delay(n.saturating_sub(1))

@@ -56,9 +56,9 @@ pub struct Watchdog {
     /// Last presence seen of every process, to know what an expired one held.
     seen: HashMap<String, Presence>,
     /// Running claims by holder: task key -> the claim.
-    claims: HashMap<String, HashMap<String, InFlight>>,
+    claims: HashMap<AgentId, HashMap<String, InFlight>>,
     /// Task key -> its holder in `claims`.
-    holder_of: HashMap<String, String>,
+    holder_of: HashMap<String, AgentId>,
     /// Counters.
     pub counters: Arc<WatchdogCounters>,
 }
@@ -94,10 +94,7 @@ impl Watchdog {
     /// marker) is a ghost; a task record put adds or clears a claim.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let sessions = self.bus.sessions().store().clone();
-        let Some(mut watch) = self
-            .watch_until_ready(&self.store.clone(), ">", &shutdown)
-            .await
-        else {
+        let Some(mut watch) = self.watch_until_ready(&self.store, ">", &shutdown).await else {
             return;
         };
         let Some(mut tasks) = self.watch_until_ready(&sessions, "*.t.*", &shutdown).await else {
@@ -166,7 +163,6 @@ impl Watchdog {
         else {
             return;
         };
-        let holder = holder.to_string();
         self.holder_of.insert(entry.key.clone(), holder.clone());
         self.claims.entry(holder).or_default().insert(
             entry.key,
@@ -208,22 +204,17 @@ impl Watchdog {
     /// progress for the stuck timeout.
     pub async fn probe(&mut self) {
         let current: Vec<Presence> = self.seen.values().cloned().collect();
-        let orphans: Vec<String> = self
+        let orphans: Vec<AgentId> = self
             .claims
             .keys()
             .filter(|h| !self.seen.contains_key(h.as_str()))
             .cloned()
             .collect();
         let names = self.bus.names().clone();
-        let subjects =
-            current
-                .iter()
-                .map(|p| p.ping_subject.clone())
-                .chain(orphans.iter().filter_map(|h| {
-                    AgentId::parse(h.as_str())
-                        .ok()
-                        .map(|id| names.agent_ping(&id))
-                }));
+        let subjects = current
+            .iter()
+            .map(|p| p.ping_subject.clone())
+            .chain(orphans.iter().map(|h| names.agent_ping(h)));
         let pings = futures::future::join_all(subjects.map(|subject| {
             let client = self.bus.client.clone();
             let timeout = self.config.probe_timeout;
@@ -259,8 +250,8 @@ impl Watchdog {
                 }
             }
         }
-        for (holder, liveness) in orphans.iter().zip(of_orphans) {
-            if let (Liveness::Gone, Ok(agent_id)) = (liveness, AgentId::parse(holder.as_str())) {
+        for (agent_id, liveness) in orphans.into_iter().zip(of_orphans) {
+            if matches!(liveness, Liveness::Gone) {
                 let ghost = Ghost {
                     agent_id,
                     role: None,
@@ -273,9 +264,8 @@ impl Watchdog {
 
     /// Releases everything `g` held: what its presence listed and its running claims.
     async fn ghost(&mut self, g: Ghost, listed: Vec<InFlight>, reason: &str) {
-        let key = g.agent_id.to_string();
         let mut items = listed;
-        if let Some(held) = self.claims.remove(&key) {
+        if let Some(held) = self.claims.remove(&g.agent_id) {
             for task_key in held.keys() {
                 self.holder_of.remove(task_key);
             }
@@ -286,10 +276,7 @@ impl Watchdog {
                     .filter(|i| !known.contains(&i.ack_subject)),
             );
         }
-        self.seen.remove(&key);
-        if items.is_empty() {
-            return;
-        }
+        self.seen.remove(g.agent_id.as_str());
         self.counters.ghosts.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(agent = %g.agent_id, role = ?g.role, reason, in_flight = items.len(), "ghost process");
         let mut told = std::collections::HashSet::new();
