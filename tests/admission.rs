@@ -579,6 +579,7 @@ async fn crash_leaks_are_reconciled() {
         stopped_by: None,
         outbox: vec![],
         counters: SessionCounters::default(),
+        tokens: Default::default(),
     };
     t.bus
         .sessions()

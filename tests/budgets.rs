@@ -419,3 +419,86 @@ async fn a_spent_global_budget_also_stops_the_orchestrator_at_planning() {
     assert!(rec.tasks.is_empty(), "it never planned: {:?}", rec.tasks);
     fleet.stop().await;
 }
+
+/// The session's ledger counter: `None` when nothing was ever charged to it.
+async fn ledger_messages(fleet: &TestFleet, rec: &SessionRecord) -> Option<u64> {
+    let names = fleet.bus.names();
+    let stream = fleet.bus.js.get_stream(names.stream_spend()).await.unwrap();
+    stream
+        .get_last_raw_message_by_subject(&names.spend(&rec.session_id))
+        .await
+        .ok()
+        .map(|m| m.sequence)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_within_its_budget_runs_on_allowances_without_ledger_round_trips() {
+    let s = spec("");
+    let b = s.control.budgets.clone();
+    let fleet = TestFleet::start(s, sim(Behaviour::Cooperative)).await;
+    let (done, rec) = run(&fleet, "a plain task").await;
+    assert_completed(&done);
+    assert_eq!(
+        ledger_messages(&fleet, &rec).await,
+        None,
+        "no ledger traffic"
+    );
+    let a = &rec.tokens;
+    assert_eq!(a.budget, b.session_tokens);
+    assert_eq!(a.allowance, b.task_tokens + b.call_tokens);
+    assert!(!a.metered);
+    assert!(rec.tasks.iter().all(|t| t.allowance == 0), "all given back");
+    // What was charged: the agents' reported tokens plus the orchestrator's calls.
+    let agents = rec.counters.spend.tokens;
+    assert!(agents > 0);
+    assert!(
+        a.granted > agents && a.granted < a.allowance,
+        "granted {} for agents' {agents}",
+        a.granted
+    );
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowances_that_do_not_all_fit_take_turns_and_the_session_completes_off_the_ledger() {
+    let mut s = spec("");
+    // Room for two attempts' worst case at a time, not four.
+    let allowance = s.control.budgets.task_tokens + s.control.budgets.call_tokens;
+    s.control.budgets.session_tokens = 2 * allowance + allowance / 2;
+    let fleet = TestFleet::start(s, sim(Behaviour::Cooperative)).await;
+    let (done, rec) = run(&fleet, "four roles, two allowances").await;
+    assert_completed(&done);
+    assert_eq!(ledger_messages(&fleet, &rec).await, None);
+    assert!(!rec.tokens.metered);
+    assert_eq!(rec.counters.accepted, 4);
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_smaller_than_one_allowance_meters_every_call_on_the_ledger() {
+    let mut s = spec("");
+    let allowance = s.control.budgets.task_tokens + s.control.budgets.call_tokens;
+    s.control.budgets.session_tokens = allowance - 1;
+    let fleet = TestFleet::start(s, sim(Behaviour::Cooperative)).await;
+    let (done, rec) = run(&fleet, "a tight budget").await;
+    assert_completed(&done);
+    assert!(rec.tokens.metered);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ledger = flotilla_agent::SessionLedger::new(fleet.bus.clone())
+        .read(&rec.session_id)
+        .await
+        .unwrap();
+    // The seed (the plan's tokens) and every agent's and the synthesis's call.
+    assert_eq!(ledger.reserved, 0, "{ledger:?}");
+    assert!(
+        ledger.tokens > rec.counters.spend.tokens && ledger.tokens >= rec.tokens.granted,
+        "{ledger:?} {:?}",
+        rec.tokens
+    );
+    assert_eq!(
+        ledger.calls,
+        rec.counters.spend.calls + 1,
+        "agents' calls and the synthesis"
+    );
+    fleet.stop().await;
+}

@@ -2,10 +2,12 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use flotilla_bus::{MemoryError, SessionMemory};
 use flotilla_llm::LlmError;
-use flotilla_protocol::{OutputError, TaskMessage, TaskOutput};
+use flotilla_protocol::{AgentId, OutputError, TaskMessage, TaskOutput};
 
 /// A task attempt could not produce an output.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +79,91 @@ pub struct TaskContext {
     /// Report real progress (a finished turn): the presence's `progress_ms` and the
     /// delivery's ack wait both restart.
     pub progress: Progress,
+    /// Set when the attempt runs on an allowance of the session's token budget
+    /// instead of the session's ledger.
+    pub allowance: Option<Allowance>,
+}
+
+/// An attempt run on an allowance (see [`flotilla_protocol::TaskMessage::allowance`]):
+/// no ledger round trips, but the agent keeps the attempt within [`Allowance::tokens`]
+/// (less one call ceiling for each of [`Allowance::earlier_holders`], whose last call
+/// may have gone unrecorded) and stops once its claim has been taken over, so every
+/// holder's spend stays inside what the session set aside.
+#[derive(Debug, Clone)]
+pub struct Allowance {
+    /// What the session set aside for the attempt.
+    pub tokens: u64,
+    /// Holders of the attempt before this one.
+    pub earlier_holders: u32,
+    /// At most what the attempt has used, as the agent last recorded it (`u64::MAX`:
+    /// never).
+    spent: Arc<AtomicU64>,
+    claim: Option<ClaimCheck>,
+}
+
+/// Reads the task record to see whether this process still holds the attempt.
+#[derive(Debug, Clone)]
+struct ClaimCheck {
+    records: flotilla_bus::Records,
+    key: String,
+    holder: AgentId,
+    attempt: u32,
+}
+
+impl Allowance {
+    /// An allowance of `tokens` for the holder after `earlier_holders` others;
+    /// `claim` (task record key, holder, attempt) is what [`Allowance::still_held`]
+    /// checks.
+    pub fn new(
+        tokens: u64,
+        earlier_holders: u32,
+        claim: Option<(flotilla_bus::Records, String, AgentId, u32)>,
+    ) -> Self {
+        Self {
+            tokens,
+            earlier_holders,
+            spent: Arc::new(AtomicU64::new(u64::MAX)),
+            claim: claim.map(|(records, key, holder, attempt)| ClaimCheck {
+                records,
+                key,
+                holder,
+                attempt,
+            }),
+        }
+    }
+
+    /// Records at most what the attempt has used over all its holders (the agent
+    /// counts one call ceiling for each earlier holder's unrecorded call).
+    pub fn record_spent(&self, tokens: u64) {
+        self.spent.store(tokens, Ordering::Relaxed);
+    }
+
+    /// What the agent last recorded, for the result; `None` if it never did (the
+    /// session then keeps the whole allowance).
+    pub fn attempt_tokens(&self) -> Option<u64> {
+        match self.spent.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            t => Some(t),
+        }
+    }
+
+    /// False once another holder has claimed the attempt (a watchdog released it while
+    /// this process was stuck): the agent must make no more calls. One KV read.
+    pub async fn still_held(&self) -> Result<bool, AgentError> {
+        let Some(c) = &self.claim else {
+            return Ok(true);
+        };
+        let rec = c
+            .records
+            .get::<flotilla_protocol::TaskRecord>(&c.key)
+            .await
+            .map_err(|e| AgentError::Transient(e.to_string()))?;
+        Ok(rec.is_some_and(|(r, _)| {
+            r.attempt == c.attempt
+                && r.state == flotilla_protocol::TaskRunState::Running
+                && r.holder.as_ref() == Some(&c.holder)
+        }))
+    }
 }
 
 /// Reports an attempt's progress (see [`TaskContext::progress`]). The default reports

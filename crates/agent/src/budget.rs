@@ -123,13 +123,32 @@ impl SessionLedger {
         delta: i128,
         call_tokens: Option<u64>,
     ) -> Result<i128, LedgerUnavailable> {
+        let id = format!("{session}.spend.{:016x}", flotilla_bus::trace::random_u64());
+        self.incr_with_id(session, delta, call_tokens, &id).await
+    }
+
+    /// Charges `tokens` as used: a session's token account moving to the ledger (see
+    /// [`flotilla_protocol::TokenAccount`]). One increment with message id
+    /// `<sid>.spend.seed`, so a repeated seed is not counted twice.
+    pub async fn seed(&self, session: &SessionId, tokens: u64) -> Result<(), LedgerUnavailable> {
+        let tokens = tokens.min(RESERVED_MASK as u64);
+        let id = format!("{session}.spend.seed");
+        self.incr_with_id(session, i128::from(tokens) << SHIFT, None, &id)
+            .await
+            .map(|_| ())
+    }
+
+    async fn incr_with_id(
+        &self,
+        session: &SessionId,
+        delta: i128,
+        call_tokens: Option<u64>,
+        msg_id: &str,
+    ) -> Result<i128, LedgerUnavailable> {
         let subject = self.bus.names().spend(session);
         let mut h = async_nats::HeaderMap::new();
         h.insert("Nats-Incr", delta.to_string().as_str());
-        h.insert(
-            flotilla_protocol::headers::MSG_ID,
-            format!("{session}.spend.{:016x}", flotilla_bus::trace::random_u64()).as_str(),
-        );
+        h.insert(flotilla_protocol::headers::MSG_ID, msg_id);
         if let Some(t) = call_tokens {
             h.insert(CALL_TOKENS, t.to_string().as_str());
         }

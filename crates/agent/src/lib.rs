@@ -26,7 +26,7 @@ pub mod role;
 pub mod tools;
 pub mod worker;
 
-pub use agent::{Agent, AgentError, AgentFuture, TaskContext};
+pub use agent::{Agent, AgentError, AgentFuture, Allowance, TaskContext};
 pub use budget::{BudgetConfig, Exhausted, SessionLedger, SpendMeter};
 pub use limits::{
     LimitError, LimitStats, LimitedLlm, LimiterClient, LimitsConfig, ModelLimits, Permit,

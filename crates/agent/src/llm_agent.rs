@@ -240,9 +240,31 @@ impl LlmAgent {
         request.max_tokens = Some(room as u32);
         let request = &request;
         let estimate = prompt + room;
+        if let Some(a) = &ctx.allowance {
+            // On an allowance: within it, and only while the claim is still ours (a
+            // holder taken over while stuck stops at its next call).
+            let held_back = u64::from(a.earlier_holders).saturating_mul(b.call_tokens);
+            if held_back + *task_spent + estimate > a.tokens {
+                return Err(Exhausted {
+                    budget: BudgetKind::SessionTokens,
+                    reason: format!(
+                        "the attempt's share of the session budget is spent: {} of {} tokens, \
+                         and the next call may use {estimate}",
+                        held_back + *task_spent,
+                        a.tokens
+                    ),
+                }
+                .into());
+            }
+            if ctx.spend.spend().calls > 0 && !a.still_held().await? {
+                return Err(AgentError::Unusable(
+                    "the attempt was taken over by another holder".into(),
+                ));
+            }
+        }
         let reservation = match &self.ledger {
-            // A session budget of 0 means none: nothing to reserve.
-            Some(l) if b.session_tokens > 0 => Some(
+            // On an allowance, or with no session budget: nothing to reserve.
+            Some(l) if b.session_tokens > 0 && ctx.allowance.is_none() => Some(
                 l.reserve(&task.session_id, estimate, b.session_tokens)
                     .await
                     .map_err(|e| AgentError::Transient(e.to_string()))??,
@@ -277,6 +299,11 @@ impl LlmAgent {
         };
         ctx.spend.add_call(used);
         *task_spent += used;
+        if let Some(a) = &ctx.allowance {
+            a.record_spent(
+                u64::from(a.earlier_holders).saturating_mul(b.call_tokens) + *task_spent,
+            );
+        }
         Ok(completion.content)
     }
 }
@@ -312,6 +339,19 @@ impl Agent for LlmAgent {
                 None => None,
             };
             let mut first_turn = 1;
+            if let Some(a) = &ctx.allowance {
+                // Nothing spent yet by this holder: what earlier ones recorded. Without
+                // a conversation store there is no telling, so nothing is left.
+                let earlier = match &conversation {
+                    Some(c) => c.history.tokens,
+                    None if a.earlier_holders > 0 => a.tokens,
+                    None => 0,
+                };
+                task_spent = earlier;
+                a.record_spent(
+                    u64::from(a.earlier_holders).saturating_mul(self.budgets.call_tokens) + earlier,
+                );
+            }
             if let Some(c) = &conversation {
                 let h = &c.history;
                 if !h.summary.is_empty() {

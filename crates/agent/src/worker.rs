@@ -272,7 +272,7 @@ impl Worker {
                     }
                     Claim::Committed(outcome) => {
                         // Committed earlier (we crashed before acking): re-send the notice.
-                        self.notify(&task, outcome, None, None, trace).await
+                        self.notify(&task, outcome, None, None, None, trace).await
                     }
                     Claim::Held {
                         holder,
@@ -297,7 +297,19 @@ impl Worker {
             tracing::info!("resuming an attempt another holder started");
         }
 
-        // Run.
+        // Run (on an allowance, when the session set one aside).
+        let allowance = task.allowance.map(|tokens| {
+            crate::agent::Allowance::new(
+                tokens,
+                claimed.holders.max(1) - 1,
+                Some((
+                    self.bus.sessions().clone(),
+                    key.clone(),
+                    self.agent_id.clone(),
+                    task.attempt,
+                )),
+            )
+        });
         let ctx = TaskContext {
             memory: self.bus.memory().session(&task.session_id),
             spend: crate::budget::SpendMeter::default(),
@@ -306,6 +318,7 @@ impl Worker {
                 flotilla_bus::AckHandle::new(self.bus.client.clone(), ack_subject.to_owned()),
                 self.tracker.clone(),
             ),
+            allowance,
         };
         // The pool consumer keeps the delivery alive while the agent runs; the
         // watchdog's stuck timeout sees only the agent's own progress reports.
@@ -377,8 +390,16 @@ impl Worker {
             }
             return Ok(());
         }
-        self.notify(&task, outcome, Some(ctx.memory.stats()), Some(spend), trace)
-            .await?;
+        let attempt_tokens = ctx.allowance.as_ref().and_then(|a| a.attempt_tokens());
+        self.notify(
+            &task,
+            outcome,
+            Some(ctx.memory.stats()),
+            Some(spend),
+            attempt_tokens,
+            trace,
+        )
+        .await?;
         Ok(())
     }
 
@@ -389,6 +410,7 @@ impl Worker {
         outcome: TaskOutcome,
         memory: Option<flotilla_protocol::MemoryStats>,
         spend: Option<flotilla_protocol::Spend>,
+        attempt_tokens: Option<u64>,
         trace: Option<TraceParent>,
     ) -> Result<(), VerdictError> {
         let msg = InboxMessage::Result(ResultMessage {
@@ -400,6 +422,7 @@ impl Worker {
             outcome,
             memory,
             spend,
+            attempt_tokens,
         });
         let payload = serde_json::to_vec(&msg)
             .map_err(|e| VerdictError::retry(Duration::from_secs(1), e.to_string()))?;

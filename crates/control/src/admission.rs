@@ -170,6 +170,7 @@ impl Admission {
             stopped_by: None,
             outbox: Vec::new(),
             counters: SessionCounters::default(),
+            tokens: Default::default(),
         };
         match self.bus.sessions().create(&key, &record).await {
             Ok(_) => {}

@@ -121,6 +121,8 @@ impl DeadLetterMover {
                 },
                 memory: None,
                 spend: None,
+                // Its holders may have spent: the session keeps the whole allowance.
+                attempt_tokens: None,
             });
             self.bus
                 .publish(&Outgoing {

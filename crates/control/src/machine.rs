@@ -50,6 +50,7 @@ pub fn on_planned(rec: &mut SessionRecord, plan: &Plan, max_in_flight: usize, no
             last_error: None,
             clarification: None,
             questions_closed: false,
+            allowance: 0,
         })
         .collect();
     rec.status = SessionStatus::Running;
@@ -139,7 +140,13 @@ pub fn fill(rec: &mut SessionRecord, max_in_flight: usize) {
             break;
         }
         if rec.tasks[i].state == TaskState::Pending {
+            let Some(allowance) = grant(rec) else {
+                // The budget cannot set aside another attempt's worst case until those
+                // in flight report what they used.
+                break;
+            };
             let t = &mut rec.tasks[i];
+            t.allowance = allowance;
             t.state = TaskState::Dispatched;
             t.attempt += 1;
             let (task_id, attempt) = (t.task_id.clone(), t.attempt);
@@ -148,6 +155,51 @@ pub fn fill(rec: &mut SessionRecord, max_in_flight: usize) {
             in_flight += 1;
         }
     }
+}
+
+/// Sets an attempt's allowance aside from the session's token budget: `Some(tokens)`
+/// (0: the attempt is metered on the ledger), or `None` to wait until attempts in flight
+/// give back what they did not use. When the worst case no longer fits and nothing is
+/// in flight, the session switches to its ledger for good: the `seed` effect charges
+/// everything granted so far to the session's counter.
+fn grant(rec: &mut SessionRecord) -> Option<u64> {
+    let a = &rec.tokens;
+    if a.budget == 0 || a.allowance == 0 || a.metered {
+        return Some(0);
+    }
+    if a.granted.saturating_add(a.allowance) <= a.budget {
+        rec.tokens.granted += a.allowance;
+        return Some(rec.tokens.allowance);
+    }
+    if rec.tasks.iter().any(|t| t.allowance > 0) {
+        return None;
+    }
+    meter(rec);
+    Some(0)
+}
+
+/// Switches the session's token account to its ledger: `granted` is frozen and
+/// charged to the counter as used.
+pub fn meter(rec: &mut SessionRecord) {
+    if rec.tokens.metered {
+        return;
+    }
+    rec.tokens.metered = true;
+    rec.outbox.push(Effect::Seed {
+        tokens: rec.tokens.granted,
+    });
+}
+
+/// The attempt of task `idx` ended: what its holders say it used replaces its
+/// allowance in the account (all of it when they do not say). After the switch to the
+/// ledger the account is frozen: the seed already charged the allowance.
+pub fn give_back(rec: &mut SessionRecord, idx: usize, attempt_tokens: Option<u64>) {
+    let held = std::mem::take(&mut rec.tasks[idx].allowance);
+    if held == 0 || rec.tokens.metered {
+        return;
+    }
+    let used = attempt_tokens.unwrap_or(held);
+    rec.tokens.granted = rec.tokens.granted.saturating_sub(held).saturating_add(used);
 }
 
 /// Checks a result against the task table: `Ok(index)` of a result for the current,
@@ -186,6 +238,7 @@ pub fn on_clarify(
     if let Some(s) = &r.spend {
         rec.counters.spend.add(s);
     }
+    give_back(rec, idx, r.attempt_tokens);
     if !closed {
         rec.counters.clarifications += 1;
     }
@@ -294,6 +347,7 @@ fn apply_result(
     if let Some(s) = &r.spend {
         rec.counters.spend.add(s);
     }
+    give_back(rec, idx, r.attempt_tokens);
     let verdict = match &r.outcome {
         TaskOutcome::Completed => {
             rec.tasks[idx].state = TaskState::Done;
@@ -381,6 +435,12 @@ pub fn derived_effects(rec: &SessionRecord) -> Vec<Effect> {
     let mut out = Vec::new();
     if rec.status == SessionStatus::Planning {
         return out;
+    }
+    // First: metered attempts reserve against the seeded counter.
+    if rec.tokens.metered {
+        out.push(Effect::Seed {
+            tokens: rec.tokens.granted,
+        });
     }
     if !rec.tasks.is_empty() {
         out.push(Effect::Emit {
@@ -470,6 +530,7 @@ mod tests {
             stopped_by: None,
             outbox: vec![],
             counters: SessionCounters::default(),
+            tokens: Default::default(),
         }
     }
 
@@ -496,6 +557,7 @@ mod tests {
             outcome,
             memory: None,
             spend: None,
+            attempt_tokens: None,
         }
     }
 
@@ -579,6 +641,106 @@ mod tests {
             failure.contains("t2") && failure.contains("no artifacts"),
             "{failure}"
         );
+    }
+
+    fn with_account(roles: &[&str], budget: u64, allowance: u64, granted: u64) -> SessionRecord {
+        let mut rec = record(roles);
+        rec.tokens = flotilla_protocol::TokenAccount {
+            budget,
+            allowance,
+            granted,
+            metered: false,
+        };
+        rec
+    }
+
+    fn spent(mut r: ResultMessage, tokens: Option<u64>) -> ResultMessage {
+        r.attempt_tokens = tokens;
+        r
+    }
+
+    #[test]
+    fn attempts_run_on_allowances_while_their_worst_case_fits() {
+        // Plan spent 1,000; three allowances of 10,000 fit a budget of 40,000.
+        let mut rec = with_account(&["a", "b", "c"], 40_000, 10_000, 1_000);
+        let p = plan(&rec);
+        on_planned(&mut rec, &p, 3, 1100);
+        assert_eq!(dispatches(&rec), 3);
+        assert!(rec.tasks.iter().all(|t| t.allowance == 10_000));
+        assert_eq!(rec.tokens.granted, 31_000);
+        assert!(!rec.tokens.metered);
+        assert!(!rec.outbox.iter().any(|e| matches!(e, Effect::Seed { .. })));
+        // A result gives back what its attempt did not use.
+        let r = spent(result(&rec, 0, 1, TaskOutcome::Completed), Some(700));
+        on_result(&mut rec, &r, 3, 3, 1200);
+        assert_eq!(rec.tokens.granted, 21_700);
+        assert_eq!(rec.tasks[0].allowance, 0);
+        // A holder that does not say what it used keeps its whole allowance spent.
+        let r = result(&rec, 1, 1, TaskOutcome::Completed);
+        on_result(&mut rec, &r, 3, 3, 1200);
+        assert_eq!(rec.tokens.granted, 21_700);
+        // A duplicate result gives nothing back twice.
+        let dup = spent(result(&rec, 0, 1, TaskOutcome::Completed), Some(0));
+        on_result(&mut rec, &dup, 3, 3, 1300);
+        assert_eq!(rec.tokens.granted, 21_700);
+    }
+
+    #[test]
+    fn an_allowance_that_does_not_fit_waits_for_those_in_flight() {
+        // Room for two allowances, not three.
+        let mut rec = with_account(&["a", "b", "c"], 25_000, 10_000, 1_000);
+        let p = plan(&rec);
+        on_planned(&mut rec, &p, 3, 1100);
+        assert_eq!(dispatches(&rec), 2, "the third waits");
+        assert_eq!(rec.tasks[2].state, TaskState::Pending);
+        assert_eq!(rec.tokens.granted, 21_000);
+        rec.outbox.clear();
+        // The first attempt used 500: its allowance comes back and the third fits.
+        let r = spent(result(&rec, 0, 1, TaskOutcome::Completed), Some(500));
+        on_result(&mut rec, &r, 3, 3, 1200);
+        assert_eq!(dispatches(&rec), 1);
+        assert_eq!(rec.tasks[2].allowance, 10_000);
+        assert_eq!(rec.tokens.granted, 21_500);
+        assert!(!rec.tokens.metered);
+    }
+
+    #[test]
+    fn with_nothing_in_flight_and_no_room_the_session_moves_to_its_ledger_for_good() {
+        // Plan spent 3,000; an allowance of 10,000 never fits a budget of 12,000.
+        let mut rec = with_account(&["a", "b"], 12_000, 10_000, 3_000);
+        let p = plan(&rec);
+        on_planned(&mut rec, &p, 3, 1100);
+        assert!(rec.tokens.metered);
+        // The seed comes before the dispatches it is for.
+        assert_eq!(
+            rec.outbox
+                .iter()
+                .position(|e| matches!(e, Effect::Seed { .. })),
+            Some(1)
+        );
+        assert!(rec.outbox.contains(&Effect::Seed { tokens: 3_000 }));
+        assert_eq!(dispatches(&rec), 2);
+        assert!(
+            rec.tasks.iter().all(|t| t.allowance == 0),
+            "metered attempts"
+        );
+        // Frozen: results no longer move the account, and a redelivery seeds again with
+        // the same tokens (the same message id de-duplicates it).
+        let r = spent(result(&rec, 0, 1, TaskOutcome::Completed), Some(900));
+        on_result(&mut rec, &r, 3, 3, 1200);
+        assert_eq!(rec.tokens.granted, 3_000);
+        let derived = derived_effects(&rec);
+        assert_eq!(derived.first(), Some(&Effect::Seed { tokens: 3_000 }));
+    }
+
+    #[test]
+    fn a_session_without_a_budget_grants_nothing() {
+        let mut rec = record(&["a", "b"]);
+        let p = plan(&rec);
+        on_planned(&mut rec, &p, 3, 1100);
+        assert_eq!(dispatches(&rec), 2);
+        assert!(rec.tasks.iter().all(|t| t.allowance == 0));
+        assert!(rec.tokens.is_empty());
     }
 
     #[test]

@@ -97,6 +97,33 @@ struct Synthesis {
     summary: String,
 }
 
+/// One handler's model calls, as the session's token account must see them.
+#[derive(Debug, Default)]
+struct Calls {
+    /// How many times the handler's message has been delivered.
+    delivered: u64,
+    /// Tokens used off the ledger.
+    used: u64,
+    /// Charged for calls earlier deliveries of the message may have made.
+    margin: u64,
+    /// The account moved to the ledger, seeded with these tokens.
+    seeded: Option<u64>,
+}
+
+impl Calls {
+    /// Charges the calls to the record about to be written.
+    fn charge(&self, rec: &mut SessionRecord) {
+        if let Some(seed) = self.seeded {
+            if !rec.tokens.metered {
+                rec.tokens.granted = seed;
+                rec.tokens.metered = true;
+            }
+        } else if !rec.tokens.metered && rec.tokens.budget > 0 {
+            rec.tokens.granted += self.used + self.margin;
+        }
+    }
+}
+
 /// Why an orchestrator call ends the session instead of being retried.
 #[derive(Debug, Clone)]
 enum Halt {
@@ -209,7 +236,7 @@ impl Orchestrator {
         // leaves this message to its ack wait), so the watchdog can release it at once
         // if this process dies in a long call.
         let result = self
-            .drive(&session, input, d.delivered() > 1)
+            .drive(&session, input, d.delivered())
             .instrument(span)
             .await;
         self.tracker.finish(&ack_subject);
@@ -220,8 +247,9 @@ impl Orchestrator {
         &self,
         session: &SessionId,
         input: Input,
-        redelivered: bool,
+        delivered: u64,
     ) -> Result<(), VerdictError> {
+        let redelivered = delivered > 1;
         let records = self.bus.sessions();
         let key = keys::session(session);
         // Handlers of one session in this process take turns (no conflicts among
@@ -233,6 +261,11 @@ impl Orchestrator {
         let mut clarified: Option<Result<String, Halt>> = None;
         let mut planned: Option<Result<Result<Plan, String>, Halt>> = None;
         let mut synthesized: Option<Result<Answer, Halt>> = None;
+        // The model calls this handler made off the session's ledger.
+        let mut calls = Calls {
+            delivered,
+            ..Calls::default()
+        };
         // Whether the record in hand was read or written by this handler (the cell's
         // copy may lag behind another process's writes).
         let mut fresh = false;
@@ -264,8 +297,9 @@ impl Orchestrator {
             }
             let mut changed = match (&input, rec.status) {
                 (Some(Input::Start), SessionStatus::Planning) => {
+                    self.open_account(&mut rec);
                     if planned.is_none() {
-                        planned = Some(self.plan(&rec).await?);
+                        planned = Some(self.plan(&rec, &mut calls).await?);
                     }
                     self.on_start(&mut rec, planned.clone());
                     true
@@ -273,7 +307,8 @@ impl Orchestrator {
                 (Some(Input::Result(r)), _)
                     if matches!(r.outcome, flotilla_protocol::TaskOutcome::Clarify { .. }) =>
                 {
-                    self.on_clarification(&mut rec, r, &mut clarified).await?
+                    self.on_clarification(&mut rec, r, &mut clarified, &mut calls)
+                        .await?
                 }
                 (Some(Input::Result(r)), _) => match self.on_result(&mut rec, r) {
                     Ok(true) => true,
@@ -288,7 +323,7 @@ impl Orchestrator {
             };
             if !changed && rec.status == SessionStatus::Synthesizing {
                 if synthesized.is_none() {
-                    synthesized = Some(self.synthesize(&rec).await?);
+                    synthesized = Some(self.synthesize(&rec, &mut calls).await?);
                 }
                 match synthesized.clone() {
                     Some(Ok(answer)) => machine::on_synthesized(&mut rec, answer, now()),
@@ -308,6 +343,7 @@ impl Orchestrator {
                 }
                 return Ok(());
             }
+            calls.charge(&mut rec);
             // The record keeps no outbox: these effects are performed right after the
             // write, before the ack; a crash in between redelivers this message.
             let effects = std::mem::take(&mut rec.outbox);
@@ -389,6 +425,7 @@ impl Orchestrator {
         rec: &mut SessionRecord,
         r: &ResultMessage,
         clarified: &mut Option<Result<String, Halt>>,
+        calls: &mut Calls,
     ) -> Result<bool, VerdictError> {
         let cfg = &self.config.session;
         let verdict = match machine::check(rec, r) {
@@ -408,7 +445,7 @@ impl Orchestrator {
                     match clarified {
                         Some(a) => (a.clone(), false),
                         None => {
-                            let a = self.clarify(rec, idx, r).await?;
+                            let a = self.clarify(rec, idx, r, calls).await?;
                             *clarified = Some(a.clone());
                             (a, false)
                         }
@@ -442,6 +479,7 @@ impl Orchestrator {
         rec: &SessionRecord,
         idx: usize,
         r: &ResultMessage,
+        calls: &mut Calls,
     ) -> Result<Result<String, Halt>, VerdictError> {
         let flotilla_protocol::TaskOutcome::Clarify { question } = &r.outcome else {
             return Ok(Ok(String::new()));
@@ -453,7 +491,8 @@ impl Orchestrator {
             &task.instruction,
             question,
         );
-        let content = match self.complete(rec, &req).await? {
+        let asking = Some((idx, r.attempt_tokens));
+        let content = match self.complete(rec, calls, &req, asking).await? {
             Ok(c) => c,
             Err(e) => return Ok(Err(e)),
         };
@@ -467,23 +506,83 @@ impl Orchestrator {
         Ok(Ok(answer))
     }
 
-    /// One orchestrator call, charged to the session's token ledger: `Ok(Err(_))` when
-    /// the session's budget is spent.
+    /// Opens the session's token account from the budgets (once, at planning).
+    fn open_account(&self, rec: &mut SessionRecord) {
+        let b = &self.config.budgets;
+        if rec.tokens.budget == 0 && b.session_tokens > 0 {
+            rec.tokens.budget = b.session_tokens;
+            rec.tokens.allowance = b.task_tokens.saturating_add(b.call_tokens);
+        }
+    }
+
+    /// One orchestrator call within the session's token budget: `Ok(Err(_))` when the
+    /// budget is spent. Off the ledger while the account has room for it (`asking`: the
+    /// call answers the question of task `idx`, whose attempt reported it used the
+    /// given tokens: its allowance goes back to the budget); otherwise reserved and
+    /// settled on the session's ledger, switching the account over first.
     async fn complete(
         &self,
         rec: &SessionRecord,
+        calls: &mut Calls,
         req: &flotilla_llm::CompletionRequest,
+        asking: Option<(usize, Option<u64>)>,
     ) -> Result<Result<String, Halt>, VerdictError> {
         let transient = |e: String| VerdictError::retry(Duration::from_secs(1), e);
-        if self.config.budgets.session_tokens == 0 {
+        let estimate = u64::from(flotilla_llm::estimate_request_tokens(req));
+        let ledger = flotilla_agent::SessionLedger::new(self.bus.clone());
+        let account = &rec.tokens;
+        if account.budget > 0 && !account.metered && calls.seeded.is_none() {
+            if calls.margin == 0 && calls.delivered > 1 {
+                // Earlier deliveries of this message may have made calls and died
+                // before recording them.
+                calls.margin = (calls.delivered - 1)
+                    .saturating_mul(PLAN_ATTEMPTS as u64)
+                    .saturating_mul(estimate);
+            }
+            let mut granted = account.granted + calls.used + calls.margin;
+            if let Some((idx, reported)) = asking {
+                let held = rec.tasks[idx].allowance;
+                granted = granted.saturating_sub(held) + reported.unwrap_or(held);
+            }
+            // Questions of several tasks may be answered at once, each on this account.
+            let at_once = if asking.is_some() {
+                rec.tasks.len().max(1) as u64
+            } else {
+                1
+            };
+            if granted + estimate.saturating_mul(at_once) <= account.budget {
+                let result = self.llm.complete(req).await;
+                calls.used += result.as_ref().map_or(0, |c| u64::from(c.usage.total()));
+                return match result {
+                    Ok(c) => Ok(Ok(c.content)),
+                    Err(e) => halting(e).map_err(|e| transient(e.to_string())),
+                };
+            }
+            let in_flight = rec
+                .tasks
+                .iter()
+                .enumerate()
+                .any(|(i, t)| t.allowance > 0 && asking.is_none_or(|(a, _)| a != i));
+            if in_flight {
+                return Err(VerdictError::retry(
+                    Duration::from_secs(1),
+                    "the session's budget waits for attempts in flight to report their spend",
+                ));
+            }
+            // Over to the ledger for good: what was granted becomes used there.
+            ledger
+                .seed(&rec.session_id, granted)
+                .await
+                .map_err(|e| transient(e.to_string()))?;
+            calls.seeded = Some(granted);
+        }
+        if account.budget == 0 && self.config.budgets.session_tokens == 0 {
             // No session budget: nothing to reserve.
             return match self.llm.complete(req).await {
                 Ok(c) => Ok(Ok(c.content)),
                 Err(e) => halting(e).map_err(|e| transient(e.to_string())),
             };
         }
-        let ledger = flotilla_agent::SessionLedger::new(self.bus.clone());
-        let estimate = u64::from(flotilla_llm::estimate_request_tokens(req));
         let reservation = match ledger
             .reserve(
                 &rec.session_id,
@@ -514,12 +613,13 @@ impl Orchestrator {
     async fn plan(
         &self,
         rec: &SessionRecord,
+        calls: &mut Calls,
     ) -> Result<Result<Result<Plan, String>, Halt>, VerdictError> {
         let model = &self.config.session.orchestrator_model;
         let mut feedback: Option<String> = None;
         for _ in 0..PLAN_ATTEMPTS {
             let req = prompts::plan(model, rec, feedback.as_deref());
-            let content = match self.complete(rec, &req).await? {
+            let content = match self.complete(rec, calls, &req, None).await? {
                 Ok(c) => c,
                 Err(e) => return Ok(Err(e)),
             };
@@ -539,7 +639,11 @@ impl Orchestrator {
         ))))
     }
 
-    async fn synthesize(&self, rec: &SessionRecord) -> Result<Result<Answer, Halt>, VerdictError> {
+    async fn synthesize(
+        &self,
+        rec: &SessionRecord,
+        calls: &mut Calls,
+    ) -> Result<Result<Answer, Halt>, VerdictError> {
         // Every task record of the session in one request (a batched direct get).
         let records: std::collections::HashMap<TaskId, TaskRecord> = self
             .bus
@@ -574,7 +678,7 @@ impl Orchestrator {
             .map(|s| (s.role.to_string(), s.output.clone()))
             .collect();
         let req = prompts::synthesis(&self.config.session.orchestrator_model, rec, &results);
-        let content = match self.complete(rec, &req).await? {
+        let content = match self.complete(rec, calls, &req, None).await? {
             Ok(c) => c,
             Err(e) => return Ok(Err(e)),
         };
@@ -605,6 +709,10 @@ impl Orchestrator {
                     slots::release_taken(&self.bus, rec.slot, rec.slot_revision).await?
                 }
                 Effect::ReleaseSlot => slots::release(&self.bus, rec.slot, &rec.session_id).await?,
+                Effect::Seed { tokens } => flotilla_agent::SessionLedger::new(self.bus.clone())
+                    .seed(&rec.session_id, *tokens)
+                    .await
+                    .map_err(|e| VerdictError::retry(Duration::from_secs(1), e.to_string()))?,
             }
         }
         Ok(())
@@ -633,6 +741,7 @@ impl Orchestrator {
             feedback: entry.last_error.clone(),
             clarification: entry.clarification.clone(),
             questions_closed: entry.questions_closed,
+            allowance: (entry.allowance > 0).then_some(entry.allowance),
         });
         let out = Outgoing {
             subject: self.bus.names().inbox(&rec.session_id, &entry.role),

@@ -26,6 +26,7 @@ fn bench(c: &mut Criterion) {
         feedback: None,
         clarification: None,
         questions_closed: false,
+        allowance: Some(58_192),
     });
     let result = InboxMessage::Result(ResultMessage {
         v: V1,
@@ -36,6 +37,7 @@ fn bench(c: &mut Criterion) {
         outcome: TaskOutcome::Completed,
         spend: None,
         memory: None,
+        attempt_tokens: Some(1_200),
     });
     for (name, msg) in [("task", task), ("result", result)] {
         let bytes = serde_json::to_vec(&msg).unwrap();

@@ -49,6 +49,15 @@ pub struct TaskMessage {
     /// The session's clarification budget is spent: the agent must not ask again.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub questions_closed: bool,
+    /// Tokens this attempt may spend without the session's ledger: the session set
+    /// them aside from its budget when it dispatched the attempt (its worst case, a
+    /// task budget plus one call). The worker then makes no ledger round trips, admits
+    /// a call only while the attempt's spend plus the call's ceiling stays within it
+    /// (less one call ceiling per earlier holder of the attempt), and reports the
+    /// attempt's spend in its result. Absent: every call reserves and settles on the
+    /// ledger.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowance: Option<u64>,
 }
 
 /// How a task attempt ended, as the worker reports it.
@@ -101,6 +110,12 @@ pub struct ResultMessage {
     /// The attempt's shared-memory traffic.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<crate::record::MemoryStats>,
+    /// For an attempt run on an allowance: at most how many tokens it used, over all
+    /// its holders (the conversation's tokens, plus one call ceiling for each earlier
+    /// holder's unrecorded last call). The session gives the rest of the allowance
+    /// back to its budget. Absent: the attempt keeps its whole allowance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt_tokens: Option<u64>,
 }
 
 /// Anything that may arrive on an inbox subject.

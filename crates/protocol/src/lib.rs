@@ -60,7 +60,7 @@ pub use output::{
 pub use presence::{InFlight, Presence};
 pub use record::{
     AgentHistory, Effect, HistoryTurn, MemoryStats, SessionCounters, SessionRecord, SessionStatus,
-    TaskEntry, TaskRecord, TaskRunState, TaskState,
+    TaskEntry, TaskRecord, TaskRunState, TaskState, TokenAccount,
 };
 pub use subject::{Namespace, ParsedSubject, SubjectError};
 pub use tool::{ToolCall, ToolName, ToolReply};

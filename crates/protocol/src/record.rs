@@ -71,6 +71,37 @@ pub struct TaskEntry {
     /// Why the last attempt was not accepted (sent with the next attempt).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The tokens set aside for the current attempt, while it runs on an allowance
+    /// (0: none, or given back when its result came).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub allowance: u64,
+}
+
+/// How a session's token budget is kept. Attempts and the orchestrator's calls run
+/// on the budget without ledger round trips while the worst case of everything granted
+/// fits in it; once it would not, the session switches to its ledger counter for good
+/// (seeded with what was granted) and every call reserves and settles there. See
+/// docs/architecture.md, "Token budgets".
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenAccount {
+    /// The session's token budget (0: none, nothing is accounted).
+    pub budget: u64,
+    /// What each attempt is granted: a task budget plus one call ceiling.
+    pub allowance: u64,
+    /// The worst case of everything granted off the ledger: the orchestrator's calls
+    /// as they used, ended attempts as their holders reported, attempts in flight at
+    /// their allowance.
+    pub granted: u64,
+    /// Calls are metered on the session's ledger counter from now on.
+    pub metered: bool,
+}
+
+impl TokenAccount {
+    /// True when nothing was accounted (no budget).
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// A side effect the orchestrator has committed to but may not have performed yet.
@@ -96,6 +127,13 @@ pub enum Effect {
     },
     /// Give the session's admission slot back.
     ReleaseSlot,
+    /// Move the session's token account to its ledger: `tokens` (everything granted
+    /// off the ledger) become used on the session's counter, in one increment with
+    /// message id `<sid>.spend.seed`.
+    Seed {
+        /// Tokens.
+        tokens: u64,
+    },
 }
 
 /// Shared-memory traffic counts.
@@ -191,9 +229,16 @@ pub struct SessionRecord {
     /// Counters.
     #[serde(default)]
     pub counters: SessionCounters,
+    /// The session's token budget as the orchestrator keeps it.
+    #[serde(default, skip_serializing_if = "TokenAccount::is_empty")]
+    pub tokens: TokenAccount,
 }
 
 fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+fn is_zero_u32(v: &u32) -> bool {
     *v == 0
 }
 
@@ -262,6 +307,9 @@ pub struct TaskRecord {
     /// The process that claimed it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub holder: Option<AgentId>,
+    /// How many claims this attempt has had (1: only its first holder's).
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub holders: u32,
     /// While `running`: the ack subject of the holder's delivery. The watchdog indexes
     /// running claims by holder from these records, so when the holder dies it can
     /// fence the attempt and publish `-NAK` here on its behalf (redelivery now, not

@@ -70,11 +70,21 @@ fn running(task: &TaskMessage, holder: &AgentId, now: u64) -> TaskRecord {
         attempt: task.attempt,
         state: TaskRunState::Running,
         holder: Some(holder.clone()),
+        holders: 1,
         ack_subject: None,
         output: None,
         error: None,
         outcome: None,
         updated_ms: now,
+    }
+}
+
+/// `holder`'s claim of the attempt `rec` is at: one more holder (also when the same
+/// process claims again: its first handler may still be running).
+fn next_holder(rec: &TaskRecord, task: &TaskMessage, holder: &AgentId, now: u64) -> TaskRecord {
+    TaskRecord {
+        holders: rec.holders.max(1) + 1,
+        ..running(task, holder, now)
     }
 }
 
@@ -126,13 +136,13 @@ pub fn claim(
                 }
             } else {
                 Claim::Take {
-                    record: running(task, holder, now),
+                    record: next_holder(rec, task, holder, now),
                     resumed: true,
                 }
             }
         }
         TaskRunState::Running | TaskRunState::Queued => Claim::Take {
-            record: running(task, holder, now),
+            record: next_holder(rec, task, holder, now),
             resumed: rec.state == TaskRunState::Running,
         },
     }
@@ -231,6 +241,7 @@ mod tests {
             feedback: None,
             clarification: None,
             questions_closed: false,
+            allowance: None,
         }
     }
 
@@ -295,6 +306,33 @@ mod tests {
             claim(Some(&fenced), &task(1), &agent(2), 1000, 21),
             Claim::Take { resumed: false, .. }
         ));
+    }
+
+    #[test]
+    fn every_claim_of_an_attempt_counts_a_holder_and_a_new_attempt_starts_at_one() {
+        let Claim::Take { record, .. } = claim(None, &task(1), &agent(1), 1000, 10) else {
+            panic!()
+        };
+        assert_eq!(record.holders, 1);
+        // Taken over once its holder is presumed dead.
+        let Claim::Take { record, .. } = claim(Some(&record), &task(1), &agent(2), 1000, 2000)
+        else {
+            panic!()
+        };
+        assert_eq!(record.holders, 2);
+        // Fenced, then claimed again (by the same process, whose first handler may
+        // still be running): a third holder.
+        let fenced = fence(&record, &agent(2), 1, 2100).unwrap();
+        let Claim::Take { record, .. } = claim(Some(&fenced), &task(1), &agent(2), 1000, 2200)
+        else {
+            panic!()
+        };
+        assert_eq!(record.holders, 3);
+        let Claim::Take { record, .. } = claim(Some(&record), &task(2), &agent(1), 1000, 2300)
+        else {
+            panic!()
+        };
+        assert_eq!(record.holders, 1, "a new attempt");
     }
 
     fn arb_state() -> impl Strategy<Value = TaskRunState> {
