@@ -321,7 +321,9 @@ impl Orchestrator {
                 },
                 _ => false,
             };
-            if !changed && rec.status == SessionStatus::Synthesizing {
+            // The last result and the answer go in one write: a crash during the
+            // synthesis redelivers the result, whose handler synthesizes again.
+            if rec.status == SessionStatus::Synthesizing {
                 if synthesized.is_none() {
                     synthesized = Some(self.synthesize(&rec, &mut calls).await?);
                 }
