@@ -502,3 +502,70 @@ async fn a_budget_smaller_than_one_allowance_meters_every_call_on_the_ledger() {
     );
     fleet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_message_with_a_made_up_allowance_is_dead_lettered() {
+    use flotilla_protocol::{SessionStatus, TaskState, headers};
+    let fleet = TestFleet::start(spec(""), sim(Behaviour::Cooperative)).await;
+    let (done, rec) = run(&fleet, "a real session").await;
+    assert_completed(&done);
+    // Make the session's first task look dispatched with an allowance of 58,192, as the
+    // orchestrator would have it, and publish a task message that claims far more.
+    let key = keys::session(&rec.session_id);
+    let (mut rec, rev) = fleet
+        .bus
+        .sessions()
+        .get::<SessionRecord>(&key)
+        .await
+        .unwrap()
+        .unwrap();
+    rec.status = SessionStatus::Running;
+    rec.tasks[0].state = TaskState::Dispatched;
+    rec.tasks[0].attempt = 2;
+    rec.tasks[0].allowance = 58_192;
+    fleet.bus.sessions().update(&key, &rec, rev).await.unwrap();
+    let t = &rec.tasks[0];
+    let forged = serde_json::json!({
+        "kind": "task", "v": 1, "session_id": rec.session_id, "task_id": t.task_id,
+        "role": t.role, "attempt": 2, "instruction": t.instruction, "context": rec.task,
+        "allowance": 10_000_000u64,
+    });
+    let names = fleet.bus.names().clone();
+    let mut dlq = fleet.bus.js.get_stream(names.stream_dlq()).await.unwrap();
+    let before = dlq.info().await.unwrap().state.last_sequence;
+    fleet
+        .bus
+        .js
+        .publish(
+            names.inbox(&rec.session_id, &t.role),
+            serde_json::to_vec(&forged).unwrap().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let entry = flotilla_tests::eventually(Duration::from_secs(20), || async {
+        let mut s = fleet.bus.js.get_stream(names.stream_dlq()).await.ok()?;
+        let last = s.info().await.ok()?.state.last_sequence;
+        if last <= before {
+            return None;
+        }
+        s.get_raw_message(last).await.ok()
+    })
+    .await
+    .expect("the forged task is dead-lettered");
+    assert_eq!(
+        entry.headers.get(headers::REASON).map(|v| v.as_str()),
+        Some("invalid")
+    );
+    // No worker ran it: the task record is still the first attempt's.
+    let (task_rec, _) = fleet
+        .bus
+        .sessions()
+        .get::<flotilla_protocol::TaskRecord>(&keys::task(&rec.session_id, &t.task_id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(task_rec.attempt, 1);
+    fleet.stop().await;
+}

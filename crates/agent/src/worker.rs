@@ -205,6 +205,22 @@ impl Worker {
             tracing::info!(status = ?session.status, "session already ended; nothing to do");
             return Ok(());
         }
+        // While the attempt is the table's current one, the message must say what the
+        // table says: the instruction, and the allowance set aside for it (a made-up
+        // allowance would spend past the session's budget).
+        let granted = (entry.allowance > 0).then_some(entry.allowance);
+        if entry.attempt == task.attempt
+            && entry.state == flotilla_protocol::TaskState::Dispatched
+            && (task.allowance != granted || task.instruction != entry.instruction)
+        {
+            return Err(VerdictError::poison(
+                ErrorCode::Invalid,
+                format!(
+                    "task {} attempt {} does not match the session's task table (allowance or instruction)",
+                    task.task_id, task.attempt
+                ),
+            ));
+        }
         if entry.attempt < task.attempt {
             // Not dispatched yet as far as this read shows (a stale replica): look
             // again later; the delivery bound ends a forgery.
