@@ -17,6 +17,13 @@ use flotilla_protocol::{Role, SessionId};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc instead of the system allocator: a session's path allocates many small,
+/// short-lived buffers (messages, records, futures) across threads, where glibc's
+/// malloc spent about a sixth of the fleet's CPU in scenario A and kept freed memory
+/// in per-thread arenas (BENCHMARKS.md, 2026-12-03).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Flotilla: coordinates fleets of LLM agents over NATS JetStream.
 #[derive(Debug, Parser)]
 #[command(name = "flotilla", version, about)]
