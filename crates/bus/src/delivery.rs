@@ -25,7 +25,15 @@ pub struct Delivery {
 
 impl Delivery {
     /// Wraps a message pulled from a consumer.
-    pub fn new(msg: jetstream::Message) -> Self {
+    ///
+    /// The payload is copied out: as received it is a slice of the connection's read
+    /// buffer, and a handler holds its delivery for as long as its work takes (an LLM
+    /// call: seconds to minutes). Each held slice pins the whole buffer chunk it came
+    /// from, 64 KiB or more, which at 2,000 sessions in flight was 150 MB of `serve`'s
+    /// peak (heaptrack, BENCHMARKS.md). A copy of a message of a few hundred bytes is
+    /// cheaper than that by far.
+    pub fn new(mut msg: jetstream::Message) -> Self {
+        msg.message.payload = bytes::Bytes::copy_from_slice(&msg.message.payload);
         let (delivered, stream_sequence) = msg
             .info()
             .map(|i| (i.delivered.max(1) as u64, i.stream_sequence))
