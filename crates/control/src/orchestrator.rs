@@ -111,16 +111,24 @@ struct Calls {
 }
 
 impl Calls {
-    /// Charges the calls to the record about to be written.
-    fn charge(&self, rec: &mut SessionRecord) {
+    /// Charges the calls made so far to `rec`, the record of this compare-and-set round
+    /// (`applied`: what this round's copy already holds). Done before a transition
+    /// that may grant allowances, so they are granted on what the calls used, and
+    /// again before the write.
+    fn charge(&self, rec: &mut SessionRecord, applied: &mut u64) {
         if let Some(seed) = self.seeded {
             if !rec.tokens.metered {
                 rec.tokens.granted = seed;
                 rec.tokens.metered = true;
             }
-        } else if !rec.tokens.metered && rec.tokens.budget > 0 {
-            rec.tokens.granted += self.used + self.margin;
+            return;
         }
+        if rec.tokens.metered || rec.tokens.budget == 0 {
+            return;
+        }
+        let total = self.used + self.margin;
+        rec.tokens.granted += total.saturating_sub(*applied);
+        *applied = total;
     }
 }
 
@@ -270,6 +278,8 @@ impl Orchestrator {
         // copy may lag behind another process's writes).
         let mut fresh = false;
         for _ in 0..CAS_ROUNDS {
+            // What of `calls` this round's copy of the record holds.
+            let mut applied = 0;
             let from_cell = cached.take();
             // A cached copy only ever lags behind: it is good for a compare-and-set
             // (which fails if it lags) but not for a decision to write nothing, to
@@ -301,13 +311,14 @@ impl Orchestrator {
                     if planned.is_none() {
                         planned = Some(self.plan(&rec, &mut calls).await?);
                     }
+                    calls.charge(&mut rec, &mut applied);
                     self.on_start(&mut rec, planned.clone());
                     true
                 }
                 (Some(Input::Result(r)), _)
                     if matches!(r.outcome, flotilla_protocol::TaskOutcome::Clarify { .. }) =>
                 {
-                    self.on_clarification(&mut rec, r, &mut clarified, &mut calls)
+                    self.on_clarification(&mut rec, r, &mut clarified, &mut calls, &mut applied)
                         .await?
                 }
                 (Some(Input::Result(r)), _) => match self.on_result(&mut rec, r) {
@@ -345,7 +356,7 @@ impl Orchestrator {
                 }
                 return Ok(());
             }
-            calls.charge(&mut rec);
+            calls.charge(&mut rec, &mut applied);
             // The record keeps no outbox: these effects are performed right after the
             // write, before the ack; a crash in between redelivers this message.
             let effects = std::mem::take(&mut rec.outbox);
@@ -428,6 +439,7 @@ impl Orchestrator {
         r: &ResultMessage,
         clarified: &mut Option<Result<String, Halt>>,
         calls: &mut Calls,
+        applied: &mut u64,
     ) -> Result<bool, VerdictError> {
         let cfg = &self.config.session;
         let verdict = match machine::check(rec, r) {
@@ -453,6 +465,8 @@ impl Orchestrator {
                         }
                     }
                 };
+                // Charged before the transition: it may dispatch with an allowance.
+                calls.charge(rec, applied);
                 match answer {
                     Ok(answer) => {
                         machine::on_clarify(rec, r, answer, closed, cfg.max_in_flight, now())
@@ -812,5 +826,95 @@ impl Orchestrator {
             )
             .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use flotilla_protocol::{SessionCounters, TokenAccount};
+
+    fn record(account: TokenAccount) -> SessionRecord {
+        SessionRecord {
+            v: V1,
+            session_id: SessionId::parse("s1").unwrap(),
+            task: "T".into(),
+            roles: vec![],
+            status: SessionStatus::Planning,
+            slot: 0,
+            slot_revision: 0,
+            traceparent: String::new(),
+            opened_ms: 0,
+            updated_ms: 0,
+            tasks: vec![],
+            answer: None,
+            failure: None,
+            stopped_by: None,
+            outbox: vec![],
+            counters: SessionCounters::default(),
+            tokens: account,
+        }
+    }
+
+    fn account(granted: u64, metered: bool) -> TokenAccount {
+        TokenAccount {
+            budget: 100_000,
+            allowance: 10_000,
+            granted,
+            metered,
+        }
+    }
+
+    #[test]
+    fn calls_are_charged_once_per_round_whatever_the_number_of_charges() {
+        let mut calls = Calls {
+            delivered: 2,
+            used: 700,
+            margin: 3_000,
+            seeded: None,
+        };
+        let mut rec = record(account(1_000, false));
+        let mut applied = 0;
+        calls.charge(&mut rec, &mut applied);
+        assert_eq!(rec.tokens.granted, 4_700);
+        // Another call in the same round (the synthesis after the last result): only
+        // what is new is added.
+        calls.used += 300;
+        calls.charge(&mut rec, &mut applied);
+        calls.charge(&mut rec, &mut applied);
+        assert_eq!(rec.tokens.granted, 5_000);
+        // A fresh copy of the record in the next round gets everything once.
+        let mut again = record(account(1_000, false));
+        let mut applied = 0;
+        calls.charge(&mut again, &mut applied);
+        assert_eq!(again.tokens.granted, 5_000);
+    }
+
+    #[test]
+    fn a_seeded_handler_moves_the_record_to_the_ledger_with_its_seed() {
+        let calls = Calls {
+            delivered: 1,
+            used: 900,
+            margin: 0,
+            seeded: Some(42_000),
+        };
+        let mut rec = record(account(41_100, false));
+        calls.charge(&mut rec, &mut 0);
+        assert!(rec.tokens.metered);
+        assert_eq!(rec.tokens.granted, 42_000);
+        // Already metered (another handler switched it): frozen.
+        let mut rec = record(account(50_000, true));
+        calls.charge(&mut rec, &mut 0);
+        assert_eq!(rec.tokens.granted, 50_000);
+        let unseeded = Calls {
+            used: 900,
+            ..Calls::default()
+        };
+        unseeded.charge(&mut rec, &mut 0);
+        assert_eq!(
+            rec.tokens.granted, 50_000,
+            "the ledger counts metered calls"
+        );
     }
 }
