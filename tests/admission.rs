@@ -446,16 +446,9 @@ async fn inbox_poison_is_dead_lettered_with_its_reason() {
             .unwrap()
             .await
             .unwrap();
-        let entry = eventually(Duration::from_secs(20), || async {
-            let mut s = t.bus.js.get_stream(names.stream_dlq()).await.ok()?;
-            let last = s.info().await.ok()?.state.last_sequence;
-            if last <= before {
-                return None;
-            }
-            s.get_raw_message(last).await.ok()
-        })
-        .await
-        .unwrap_or_else(|| panic!("{name}: no dead letter"));
+        let entry = flotilla_tests::dead_letter_after(&t.bus, before)
+            .await
+            .unwrap_or_else(|| panic!("{name}: no dead letter"));
         assert_eq!(
             entry.headers.get(headers::REASON).map(|v| v.as_str()),
             Some(reason),

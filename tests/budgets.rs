@@ -544,16 +544,9 @@ async fn a_task_message_with_a_made_up_allowance_is_dead_lettered() {
         .unwrap()
         .await
         .unwrap();
-    let entry = flotilla_tests::eventually(Duration::from_secs(20), || async {
-        let mut s = fleet.bus.js.get_stream(names.stream_dlq()).await.ok()?;
-        let last = s.info().await.ok()?.state.last_sequence;
-        if last <= before {
-            return None;
-        }
-        s.get_raw_message(last).await.ok()
-    })
-    .await
-    .expect("the forged task is dead-lettered");
+    let entry = flotilla_tests::dead_letter_after(&fleet.bus, before)
+        .await
+        .expect("the forged task is dead-lettered");
     assert_eq!(
         entry.headers.get(headers::REASON).map(|v| v.as_str()),
         Some("invalid")

@@ -97,6 +97,23 @@ where
     }
 }
 
+/// The newest dead letter once the dead-letter stream's last sequence passes `before`
+/// (`None` after 20 s).
+pub async fn dead_letter_after(
+    bus: &flotilla_bus::Bus,
+    before: u64,
+) -> Option<async_nats::jetstream::message::StreamMessage> {
+    eventually(Duration::from_secs(20), || async {
+        let mut s = bus.js.get_stream(bus.names().stream_dlq()).await.ok()?;
+        let last = s.info().await.ok()?.state.last_sequence;
+        if last <= before {
+            return None;
+        }
+        s.get_raw_message(last).await.ok()
+    })
+    .await
+}
+
 /// What a scripted call does.
 #[derive(Debug, Clone)]
 pub enum Action {
