@@ -522,7 +522,7 @@ fn v2(body: Vec<u8>) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_leaks_are_reconciled() {
     use flotilla_control::{Admission, SlotTable, slots::SlotValue};
-    use flotilla_protocol::{SessionCounters, SessionRecord, SessionStatus, V1, subject::keys};
+    use flotilla_protocol::{SessionRecord, V1, subject::keys};
     let t = TestFleet::start(spec("unused"), sim(10)).await;
     let slots = SlotTable::new(t.bus.clone(), 600, 1000);
     slots
@@ -552,28 +552,18 @@ async fn crash_leaks_are_reconciled() {
         )
         .await
         .unwrap();
-    let record = SessionRecord {
-        v: V1,
-        session_id: stuck.clone(),
-        task: "stuck before start".into(),
-        roles: ["research", "analysis", "writing"]
+    let record = SessionRecord::planning(
+        stuck.clone(),
+        "stuck before start".into(),
+        ["research", "analysis", "writing"]
             .iter()
             .map(|r| Role::parse(*r).unwrap())
             .collect(),
-        status: SessionStatus::Planning,
-        slot: 6,
-        slot_revision: 0,
-        traceparent: flotilla_bus::trace::new_root().to_string(),
-        opened_ms: long_ago,
-        updated_ms: long_ago,
-        tasks: vec![],
-        answer: None,
-        failure: None,
-        stopped_by: None,
-        outbox: vec![],
-        counters: SessionCounters::default(),
-        tokens: Default::default(),
-    };
+        6,
+        0,
+        flotilla_bus::trace::new_root().to_string(),
+        long_ago,
+    );
     t.bus
         .sessions()
         .create(&keys::session(&stuck), &record)

@@ -20,8 +20,8 @@ use bytes::Bytes;
 use flotilla_bus::{Bus, Delivery, KvError, Outgoing, PoolConsumer, VerdictError};
 use flotilla_protocol::subject::keys;
 use flotilla_protocol::{
-    ErrorCode, EventBody, InboxMessage, MessageId, OpenReply, OpenSession, Role, SessionCounters,
-    SessionId, SessionRecord, SessionStatus, StartMessage, V1, decode, epoch_ms,
+    ErrorCode, EventBody, InboxMessage, MessageId, OpenReply, OpenSession, Role, SessionId,
+    SessionRecord, SessionStatus, StartMessage, V1, decode, epoch_ms,
 };
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -153,25 +153,15 @@ impl Admission {
         };
         let now = epoch_ms(SystemTime::now());
         let trace = flotilla_bus::trace::new_root();
-        let record = SessionRecord {
-            v: V1,
-            session_id: session.clone(),
-            task: req.task.clone(),
+        let record = SessionRecord::planning(
+            session.clone(),
+            req.task.clone(),
             roles,
-            status: SessionStatus::Planning,
             slot,
             slot_revision,
-            traceparent: trace.to_string(),
-            opened_ms: now,
-            updated_ms: now,
-            tasks: Vec::new(),
-            answer: None,
-            failure: None,
-            stopped_by: None,
-            outbox: Vec::new(),
-            counters: SessionCounters::default(),
-            tokens: Default::default(),
-        };
+            trace.to_string(),
+            now,
+        );
         match self.bus.sessions().create(&key, &record).await {
             Ok(_) => {}
             Err(KvError::Exists { .. }) => {

@@ -510,28 +510,18 @@ pub fn on_synthesized(rec: &mut SessionRecord, answer: Answer, now: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flotilla_protocol::{Role, SessionCounters, SessionId, Subtask, V1};
+    use flotilla_protocol::{Role, SessionId, Subtask, V1};
 
     fn record(roles: &[&str]) -> SessionRecord {
-        SessionRecord {
-            v: V1,
-            session_id: SessionId::parse("s1").unwrap(),
-            task: "T".into(),
-            roles: roles.iter().map(|r| Role::parse(*r).unwrap()).collect(),
-            status: SessionStatus::Planning,
-            slot: 0,
-            slot_revision: 0,
-            traceparent: String::new(),
-            opened_ms: 1000,
-            updated_ms: 1000,
-            tasks: vec![],
-            answer: None,
-            failure: None,
-            stopped_by: None,
-            outbox: vec![],
-            counters: SessionCounters::default(),
-            tokens: Default::default(),
-        }
+        SessionRecord::planning(
+            SessionId::parse("s1").unwrap(),
+            "T".into(),
+            roles.iter().map(|r| Role::parse(*r).unwrap()).collect(),
+            0,
+            0,
+            String::new(),
+            1000,
+        )
     }
 
     fn plan(rec: &SessionRecord) -> Plan {

@@ -833,27 +833,20 @@ impl Orchestrator {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use flotilla_protocol::{SessionCounters, TokenAccount};
+    use flotilla_protocol::TokenAccount;
 
     fn record(account: TokenAccount) -> SessionRecord {
         SessionRecord {
-            v: V1,
-            session_id: SessionId::parse("s1").unwrap(),
-            task: "T".into(),
-            roles: vec![],
-            status: SessionStatus::Planning,
-            slot: 0,
-            slot_revision: 0,
-            traceparent: String::new(),
-            opened_ms: 0,
-            updated_ms: 0,
-            tasks: vec![],
-            answer: None,
-            failure: None,
-            stopped_by: None,
-            outbox: vec![],
-            counters: SessionCounters::default(),
             tokens: account,
+            ..SessionRecord::planning(
+                SessionId::parse("s1").unwrap(),
+                "T".into(),
+                vec![],
+                0,
+                0,
+                String::new(),
+                0,
+            )
         }
     }
 

@@ -234,6 +234,40 @@ pub struct SessionRecord {
     pub tokens: TokenAccount,
 }
 
+impl SessionRecord {
+    /// A session admitted at `now` (ms since the Unix epoch), still to be planned,
+    /// holding slot `slot` (taken at `slot_revision`, 0 if unknown).
+    pub fn planning(
+        session_id: SessionId,
+        task: String,
+        roles: Vec<Role>,
+        slot: u32,
+        slot_revision: u64,
+        traceparent: String,
+        now: u64,
+    ) -> Self {
+        Self {
+            v: V1,
+            session_id,
+            task,
+            roles,
+            status: SessionStatus::Planning,
+            slot,
+            slot_revision,
+            traceparent,
+            opened_ms: now,
+            updated_ms: now,
+            tasks: Vec::new(),
+            answer: None,
+            failure: None,
+            stopped_by: None,
+            outbox: Vec::new(),
+            counters: SessionCounters::default(),
+            tokens: TokenAccount::default(),
+        }
+    }
+}
+
 fn is_zero(v: &u64) -> bool {
     *v == 0
 }
