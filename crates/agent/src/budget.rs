@@ -1,7 +1,8 @@
 //! Budgets that stop runaway work: their configuration, the per-session token
 //! [`SessionLedger`] (a server-side counter: reserve before a call, settle after, so
-//! spend overshoots by at most one call), the [`SpendMeter`] an attempt's calls are counted in, and the
-//! [`CallFingerprints`] circuit breaker.
+//! spend overshoots by at most one call; used once a session's attempts no longer fit
+//! on allowances, see [`crate::Allowance`]), the [`SpendMeter`] an attempt's calls are
+//! counted in, and the [`CallFingerprints`] circuit breaker.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -23,8 +24,9 @@ pub struct BudgetConfig {
     pub call_tokens: u64,
     /// Most tokens one agent task attempt may use over all its turns.
     pub task_tokens: u64,
-    /// Most tokens one session may use (orchestrator and agents); 0: no session budget
-    /// (and no ledger round trips).
+    /// Most tokens one session may use (orchestrator and agents); 0: no session budget.
+    /// Attempts run on allowances of it (see [`flotilla_protocol::TokenAccount`]) while
+    /// their worst case fits, and on the [`SessionLedger`] past that.
     pub session_tokens: u64,
     /// Most turns (LLM calls) one agent task attempt may take.
     pub max_turns: u32,
