@@ -132,10 +132,16 @@ impl Allowance {
         }
     }
 
-    /// Records at most what the attempt has used over all its holders (the agent
-    /// counts one call ceiling for each earlier holder's unrecorded call).
-    pub fn record_spent(&self, tokens: u64) {
-        self.spent.store(tokens, Ordering::Relaxed);
+    /// One call ceiling of `call_tokens` for each earlier holder's unrecorded last call.
+    pub fn held_back(&self, call_tokens: u64) -> u64 {
+        u64::from(self.earlier_holders).saturating_mul(call_tokens)
+    }
+
+    /// Records at most what the attempt has used over all its holders: the
+    /// conversation's `tokens` so far plus [`Allowance::held_back`].
+    pub fn record_spent(&self, tokens: u64, call_tokens: u64) {
+        self.spent
+            .store(self.held_back(call_tokens) + tokens, Ordering::Relaxed);
     }
 
     /// What the agent last recorded, for the result; `None` if it never did (the

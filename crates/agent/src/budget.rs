@@ -133,7 +133,6 @@ impl SessionLedger {
     /// [`flotilla_protocol::TokenAccount`]). One increment with message id
     /// `<sid>.spend.seed`, so a repeated seed is not counted twice.
     pub async fn seed(&self, session: &SessionId, tokens: u64) -> Result<(), LedgerUnavailable> {
-        let tokens = tokens.min(RESERVED_MASK as u64);
         let id = format!("{session}.spend.seed");
         self.incr_with_id(session, i128::from(tokens) << SHIFT, None, &id)
             .await

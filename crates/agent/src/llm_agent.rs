@@ -243,7 +243,7 @@ impl LlmAgent {
         if let Some(a) = &ctx.allowance {
             // On an allowance: within it, and only while the claim is still ours (a
             // holder taken over while stuck stops at its next call).
-            let held_back = u64::from(a.earlier_holders).saturating_mul(b.call_tokens);
+            let held_back = a.held_back(b.call_tokens);
             if held_back + *task_spent + estimate > a.tokens {
                 return Err(Exhausted {
                     budget: BudgetKind::SessionTokens,
@@ -300,9 +300,7 @@ impl LlmAgent {
         ctx.spend.add_call(used);
         *task_spent += used;
         if let Some(a) = &ctx.allowance {
-            a.record_spent(
-                u64::from(a.earlier_holders).saturating_mul(b.call_tokens) + *task_spent,
-            );
+            a.record_spent(*task_spent, b.call_tokens);
         }
         Ok(completion.content)
     }
@@ -348,9 +346,7 @@ impl Agent for LlmAgent {
                     None => 0,
                 };
                 task_spent = earlier;
-                a.record_spent(
-                    u64::from(a.earlier_holders).saturating_mul(self.budgets.call_tokens) + earlier,
-                );
+                a.record_spent(earlier, self.budgets.call_tokens);
             }
             if let Some(c) = &conversation {
                 let h = &c.history;

@@ -194,12 +194,22 @@ pub fn meter(rec: &mut SessionRecord) {
 /// allowance in the account (all of it when they do not say). After the switch to the
 /// ledger the account is frozen: the seed already charged the allowance.
 pub fn give_back(rec: &mut SessionRecord, idx: usize, attempt_tokens: Option<u64>) {
-    let held = std::mem::take(&mut rec.tasks[idx].allowance);
-    if held == 0 || rec.tokens.metered {
-        return;
+    if !rec.tokens.metered {
+        rec.tokens.granted = granted_after(rec, idx, attempt_tokens);
+    }
+    rec.tasks[idx].allowance = 0;
+}
+
+/// What the account's `granted` would be once task `idx`'s attempt gives its
+/// allowance back, having used `attempt_tokens` (all of it when unknown).
+pub fn granted_after(rec: &SessionRecord, idx: usize, attempt_tokens: Option<u64>) -> u64 {
+    let held = rec.tasks[idx].allowance;
+    if held == 0 {
+        // Not on an allowance: nothing of it is in the account.
+        return rec.tokens.granted;
     }
     let used = attempt_tokens.unwrap_or(held);
-    rec.tokens.granted = rec.tokens.granted.saturating_sub(held).saturating_add(used);
+    rec.tokens.granted.saturating_sub(held).saturating_add(used)
 }
 
 /// Checks a result against the task table: `Ok(index)` of a result for the current,

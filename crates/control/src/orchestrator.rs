@@ -555,11 +555,11 @@ impl Orchestrator {
                     .saturating_mul(PLAN_ATTEMPTS as u64)
                     .saturating_mul(estimate);
             }
-            let mut granted = account.granted + calls.used + calls.margin;
-            if let Some((idx, reported)) = asking {
-                let held = rec.tasks[idx].allowance;
-                granted = granted.saturating_sub(held) + reported.unwrap_or(held);
-            }
+            let before = match asking {
+                Some((idx, reported)) => machine::granted_after(rec, idx, reported),
+                None => account.granted,
+            };
+            let granted = before + calls.used + calls.margin;
             // Questions of several tasks may be answered at once, each on this account.
             let at_once = if asking.is_some() {
                 rec.tasks.len().max(1) as u64
