@@ -433,7 +433,7 @@ async fn inbox_poison_is_dead_lettered_with_its_reason() {
             "forged result for a task the session lacks",
             names.inbox(&real, &orchestrator),
             format!(r#"{{"kind":"result","v":1,"session_id":"{real}","task_id":"t9","role":"research","attempt":1,"outcome":{{"status":"completed"}}}}"#).into_bytes(),
-            "wrong_session",
+            "forged",
         ),
     ];
     let mut dlq = t.bus.js.get_stream(names.stream_dlq()).await.unwrap();

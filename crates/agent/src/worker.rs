@@ -52,6 +52,11 @@ pub fn open_inbox_delivery(
         .map_err(|e| VerdictError::poison(e.code(), e.to_string()))?;
     msg.check_route(&session, role)
         .map_err(|e| VerdictError::poison(e.code(), e.to_string()))?;
+    flotilla_protocol::headers::check_session(
+        d.header(flotilla_protocol::headers::SESSION),
+        Some(&session),
+    )
+    .map_err(|e| VerdictError::poison(ErrorCode::WrongSession, e.to_string()))?;
     Ok(msg)
 }
 

@@ -79,10 +79,17 @@ impl Delivery {
             .map(|v| v.as_str())
     }
 
-    /// The sender's trace context, if it sent a valid one.
+    /// The sender's trace context: `None` if it sent none, and a new root in place of
+    /// a malformed one (logged; a malformed header is never passed on).
     pub fn trace(&self) -> Option<TraceParent> {
-        self.header(headers::TRACEPARENT)
-            .and_then(|v| TraceParent::parse(v).ok())
+        let raw = self.header(headers::TRACEPARENT)?;
+        match TraceParent::parse(raw) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::warn!(subject = %self.subject(), error = %e, "malformed traceparent replaced by a new trace");
+                Some(crate::trace::new_root())
+            }
+        }
     }
 
     /// Done: remove it from the work queue.
@@ -136,7 +143,11 @@ impl Delivery {
             subject: self.subject().to_owned(),
             reason: code.as_str().to_owned(),
             detail: detail.to_owned(),
-            traceparent: self.header(headers::TRACEPARENT).map(str::to_owned),
+            // Kept only if well-formed: a malformed trace context is never passed on.
+            traceparent: self
+                .header(headers::TRACEPARENT)
+                .filter(|v| TraceParent::parse(v).is_ok())
+                .map(str::to_owned),
             session: self.header(headers::SESSION).map(str::to_owned),
             payload: self.msg.payload.clone(),
         };

@@ -225,6 +225,42 @@ impl Records {
         }
     }
 
+    /// Like [`Records::get`], but answered by the bucket's stream leader (a plain
+    /// message get, not a direct get that any replica may answer from behind): for a
+    /// decision that must see every write acknowledged so far, such as vouching for
+    /// a result by the commit it claims.
+    pub async fn get_latest<T: DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<(T, u64)>, KvError> {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        let subject = format!("{}{key}", self.store.prefix);
+        let msg = match self
+            .store
+            .stream
+            .get_last_raw_message_by_subject(&subject)
+            .await
+        {
+            Ok(m) => m,
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(None),
+            Err(e) => return Err(KvError::unavailable(key, e)),
+        };
+        let deleted = msg
+            .headers
+            .get("KV-Operation")
+            .is_some_and(|v| matches!(v.as_str(), "DEL" | "PURGE"));
+        if deleted {
+            return Ok(None);
+        }
+        let value = decode(&msg.payload, self.max_payload.max(1 << 20)).map_err(|source| {
+            KvError::Corrupt {
+                key: key.to_owned(),
+                source,
+            }
+        })?;
+        Ok(Some((value, msg.sequence)))
+    }
+
     /// Creates `key`; fails with [`KvError::Exists`] if it holds a value.
     pub async fn create<T: Serialize>(&self, key: &str, value: &T) -> Result<u64, KvError> {
         match self.store.create(key, encode(key, value)?).await {

@@ -16,6 +16,9 @@ pub struct Counters {
     pub redelivered: AtomicU64,
     /// Messages moved to the dead-letter queue.
     pub dead_lettered: AtomicU64,
+    /// Results refused as forged (not what the task's holder committed), also
+    /// dead-lettered.
+    pub forged: AtomicU64,
     /// Publishes the server reported as duplicates (de-duplicated by message id).
     pub duplicates: AtomicU64,
     /// Publishes refused because the target inbox was full.
@@ -37,6 +40,8 @@ pub struct CountersSnapshot {
     pub redelivered: u64,
     /// See [`Counters::dead_lettered`].
     pub dead_lettered: u64,
+    /// See [`Counters::forged`].
+    pub forged: u64,
     /// See [`Counters::duplicates`].
     pub duplicates: u64,
     /// See [`Counters::backpressure`].
@@ -61,6 +66,7 @@ impl Counters {
             acked: r(&self.acked),
             redelivered: r(&self.redelivered),
             dead_lettered: r(&self.dead_lettered),
+            forged: r(&self.forged),
             duplicates: r(&self.duplicates),
             backpressure: r(&self.backpressure),
             publish_retries: r(&self.publish_retries),

@@ -21,7 +21,7 @@ use flotilla_bus::{Bus, Delivery, KvError, Outgoing, PoolConsumer, VerdictError}
 use flotilla_protocol::subject::keys;
 use flotilla_protocol::{
     ErrorCode, EventBody, InboxMessage, MessageId, OpenReply, OpenSession, Role, SessionId,
-    SessionRecord, SessionStatus, StartMessage, V1, decode, epoch_ms,
+    SessionRecord, SessionStatus, StartMessage, TraceParent, V1, decode, epoch_ms, headers,
 };
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -126,8 +126,13 @@ impl Admission {
         Ok(roles)
     }
 
-    /// Opens a session for `req`, or says why not.
-    pub async fn admit(&self, req: &OpenSession) -> Result<SessionId, Rejection> {
+    /// Opens a session for `req`, or says why not. `parent`: the client's trace
+    /// context, which the session's trace continues (a new trace without one).
+    pub async fn admit(
+        &self,
+        req: &OpenSession,
+        parent: Option<TraceParent>,
+    ) -> Result<SessionId, Rejection> {
         let roles = self.roles_for(req)?;
         let session = req.session_id.clone().unwrap_or_else(SessionId::generate);
         let key = keys::session(&session);
@@ -152,7 +157,10 @@ impl Admission {
             Err(SlotError::Kv(e)) => return Err(e.into()),
         };
         let now = epoch_ms(SystemTime::now());
-        let trace = flotilla_bus::trace::new_root();
+        let trace = match parent {
+            Some(p) => p.child(flotilla_bus::trace::random_u64()),
+            None => flotilla_bus::trace::new_root(),
+        };
         let record = SessionRecord::planning(
             session.clone(),
             req.task.clone(),
@@ -289,13 +297,23 @@ impl Admission {
             .map(|_| ())
     }
 
-    /// Decodes a raw request and admits it.
-    pub async fn admit_bytes(&self, payload: &[u8]) -> OpenReply {
+    /// Decodes a raw request with its headers and admits it.
+    pub async fn admit_bytes(
+        &self,
+        payload: &[u8],
+        headers: Option<&async_nats::HeaderMap>,
+    ) -> OpenReply {
+        let header = |name: &str| headers.and_then(|h| h.get(name)).map(|v| v.as_str());
         let req: OpenSession = match decode(payload, self.bus.config().max_payload) {
             Ok(r) => r,
             Err(e) => return Rejection::new(e.code(), e.to_string()).reply(),
         };
-        match self.admit(&req).await {
+        let parent =
+            match checked_headers(&req, header(headers::SESSION), header(headers::TRACEPARENT)) {
+                Ok(parent) => parent,
+                Err(r) => return r.reply(),
+            };
+        match self.admit(&req, parent).await {
             Ok(session_id) => OpenReply::Accepted { v: V1, session_id },
             Err(r) => r.reply(),
         }
@@ -331,7 +349,9 @@ impl Admission {
             };
             let this = self.clone();
             tokio::spawn(async move {
-                let reply = this.admit_bytes(&req.message.payload).await;
+                let reply = this
+                    .admit_bytes(&req.message.payload, req.message.headers.as_ref())
+                    .await;
                 let body = Bytes::from(serde_json::to_vec(&reply).unwrap_or_default());
                 let mut headers = async_nats::HeaderMap::new();
                 if let OpenReply::Rejected { code, message, .. } = &reply {
@@ -382,7 +402,13 @@ impl Admission {
                 "a submission must carry its session_id",
             ));
         }
-        match self.admit(&req).await {
+        let parent = checked_headers(
+            &req,
+            d.header(headers::SESSION),
+            d.header(headers::TRACEPARENT),
+        )
+        .map_err(|r| VerdictError::poison(r.code, r.message))?;
+        match self.admit(&req, parent).await {
             Ok(_) => Ok(()),
             Err(r) => match r.code {
                 ErrorCode::PoolFull | ErrorCode::Unavailable => Err(VerdictError::retry(
@@ -393,4 +419,23 @@ impl Admission {
             },
         }
     }
+}
+
+/// Checks an open request's headers: a `Flotilla-Session` header must name the
+/// request's `session_id`; a `traceparent` is the parent of the session's trace if it
+/// is well-formed, and replaced (logged, never passed on) if it is not.
+fn checked_headers(
+    req: &OpenSession,
+    session: Option<&str>,
+    traceparent: Option<&str>,
+) -> Result<Option<TraceParent>, Rejection> {
+    headers::check_session(session, req.session_id.as_ref())
+        .map_err(|e| Rejection::new(ErrorCode::WrongSession, e.to_string()))?;
+    Ok(traceparent.and_then(|raw| match TraceParent::parse(raw) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::warn!(error = %e, "malformed traceparent on an open request; the session starts a new trace");
+            None
+        }
+    }))
 }

@@ -8,15 +8,20 @@
 //! message into the dead-letter stream (reason `max_deliveries`, message id
 //! `dlq.<stream>.<seq>`), deletes it from the work queue, and, for a task, tells the
 //! orchestrator the attempt failed so the session retries it or fails visibly instead of
-//! waiting forever. Every step is idempotent, so a crash anywhere is safe.
+//! waiting forever (committing the failure to the task record first, as a holder would,
+//! so that the record vouches for the notice). Every step is idempotent, so a crash
+//! anywhere is safe.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use flotilla_bus::kv::{Applied, Start, Step};
 use flotilla_bus::{Bus, DeadLetter, Delivery, Outgoing, PoolConsumer, PoolSettings, VerdictError};
+use flotilla_protocol::subject::keys;
+use flotilla_protocol::task_machine;
 use flotilla_protocol::{
-    DEFAULT_MAX_PAYLOAD, InboxMessage, MessageId, ResultMessage, Role, TaskOutcome, V1, decode,
-    headers,
+    DEFAULT_MAX_PAYLOAD, InboxMessage, MessageId, ResultMessage, Role, TaskRecord, V1, decode,
+    epoch_ms, headers,
 };
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -110,15 +115,45 @@ impl DeadLetterMover {
         if let Ok(InboxMessage::Task(task)) =
             decode::<InboxMessage>(&msg.payload, DEFAULT_MAX_PAYLOAD)
         {
+            // Committed to the task record first, like any holder's outcome: the
+            // orchestrator accepts only results that their task record vouches for.
+            let reason = format!("dead-lettered after {} deliveries", adv.deliveries);
+            let key = keys::task(&task.session_id, &task.task_id);
+            let now = epoch_ms(SystemTime::now());
+            let applied = self
+                .bus
+                .sessions()
+                .transition(&key, Start::Read, 8, |current: Option<&TaskRecord>| {
+                    match task_machine::abandon(current, &task, reason.clone(), now) {
+                        Some(rec) => {
+                            let outcome = task_machine::committed_outcome(&rec);
+                            Step::Write(rec, outcome)
+                        }
+                        None => Step::Keep(
+                            current
+                                .filter(|r| r.attempt == task.attempt)
+                                .and_then(task_machine::committed_outcome),
+                        ),
+                    }
+                })
+                .await?;
+            let outcome = match applied {
+                Applied::Written { value, .. } | Applied::Kept(value) => value,
+                Applied::Contended => {
+                    return Err(retry("task record kept changing".into()));
+                }
+            };
+            // A newer attempt exists: this one's notice would be stale.
+            let Some(outcome) = outcome else {
+                return self.delete_moved(&stream, adv.stream_seq).await;
+            };
             let result = InboxMessage::Result(ResultMessage {
                 v: V1,
                 session_id: task.session_id.clone(),
                 task_id: task.task_id.clone(),
                 role: task.role.clone(),
                 attempt: task.attempt,
-                outcome: TaskOutcome::Failed {
-                    reason: format!("dead-lettered after {} deliveries", adv.deliveries),
-                },
+                outcome,
                 memory: None,
                 spend: None,
                 // Its holders may have spent: the session keeps the whole allowance.
@@ -138,11 +173,20 @@ impl DeadLetterMover {
                 })
                 .await?;
         }
-        match stream.delete_message(adv.stream_seq).await {
+        self.delete_moved(&stream, adv.stream_seq).await
+    }
+
+    /// Removes a dead-lettered message from its work queue.
+    async fn delete_moved(
+        &self,
+        stream: &async_nats::jetstream::stream::Stream,
+        seq: u64,
+    ) -> Result<(), VerdictError> {
+        match stream.delete_message(seq).await {
             Ok(_) => Ok(()),
             // Gone already: fine.
             Err(e) if e.to_string().contains("not found") => Ok(()),
-            Err(e) => Err(retry(e.to_string())),
+            Err(e) => Err(VerdictError::retry(Duration::from_secs(1), e.to_string())),
         }
     }
 }

@@ -18,6 +18,7 @@ use flotilla_bus::{
 };
 use flotilla_llm::LlmClient;
 use flotilla_protocol::subject::keys;
+use flotilla_protocol::task_machine;
 use flotilla_protocol::{
     Answer, AnswerSection, DEFAULT_MAX_PAYLOAD, Effect, ErrorCode, EventBody, InboxMessage,
     MessageId, Plan, ResultMessage, Role, SessionId, SessionRecord, SessionStatus, TaskId,
@@ -230,6 +231,11 @@ impl Orchestrator {
             task = match &input { Input::Result(r) => r.task_id.as_str().to_owned(), Input::Start => String::new() },
             trace_id = d.trace().map(|t| t.trace_id_hex()).unwrap_or_default(),
         );
+        if let Input::Result(r) = &input {
+            self.vouch(r, d.delivered())
+                .instrument(span.clone())
+                .await?;
+        }
         let ack_subject = d.ack_subject().unwrap_or_default().to_owned();
         let now = now();
         self.tracker.start(flotilla_protocol::InFlight {
@@ -249,6 +255,20 @@ impl Orchestrator {
             .await;
         self.tracker.finish(&ack_subject);
         result
+    }
+
+    /// Refuses a result that is not what the task's current holder committed (a
+    /// forgery: anyone who can publish to the inbox could otherwise end a task, or the
+    /// session, with a made-up outcome). One read of the task record from the stream
+    /// leader per result: a worker commits before it notifies, so the commit is there.
+    async fn vouch(&self, r: &ResultMessage, delivered: u64) -> Result<(), VerdictError> {
+        let key = keys::task(&r.session_id, &r.task_id);
+        let rec = self.bus.sessions().get_latest::<TaskRecord>(&key).await?;
+        task_machine::vouch(rec.as_ref().map(|(t, _)| t), r, delivered > 1).map_err(|why| {
+            Counters::inc(&self.bus.counters.forged);
+            tracing::warn!(task = %r.task_id, attempt = r.attempt, %why, "forged result refused");
+            VerdictError::poison(ErrorCode::Forged, why)
+        })
     }
 
     async fn drive(

@@ -24,6 +24,9 @@ pub enum ErrorCode {
     UnknownSession,
     /// A message whose body names another session than its subject.
     WrongSession,
+    /// A result that is not what the task's current holder committed to the task
+    /// record: a forgery (or a replay of an older attempt).
+    Forged,
     /// The session pool is full: retry after `retry_after_ms`.
     PoolFull,
     /// A dependency (NATS, KV) failed: retry.
@@ -53,6 +56,7 @@ impl ErrorCode {
             ErrorCode::UnknownRole => "unknown_role",
             ErrorCode::UnknownSession => "unknown_session",
             ErrorCode::WrongSession => "wrong_session",
+            ErrorCode::Forged => "forged",
             ErrorCode::PoolFull => "pool_full",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",

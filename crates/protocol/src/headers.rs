@@ -23,3 +23,52 @@ pub const ORIGIN_SEQUENCE: &str = "Flotilla-Sequence";
 pub const DELIVERIES: &str = "Flotilla-Deliveries";
 /// On a dead letter: the subject it was published to.
 pub const ORIGIN_SUBJECT: &str = "Flotilla-Subject";
+
+/// A message's `Flotilla-Session` header names another session than the message
+/// itself (its subject, or its body): refused as `wrong_session`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("header {SESSION} names session {header:?}, but the message is for {}", .expected.as_deref().unwrap_or("no session"))]
+pub struct SessionHeaderMismatch {
+    /// What the header said.
+    pub header: String,
+    /// The session the subject or body names (`None`: they name none).
+    pub expected: Option<String>,
+}
+
+/// Checks the `Flotilla-Session` header (`header`, if the message has one) against
+/// the session the message's subject or body names. The header is optional for
+/// clients (Flotilla's own publishers always set it); when present it must agree.
+pub fn check_session(
+    header: Option<&str>,
+    expected: Option<&crate::SessionId>,
+) -> Result<(), SessionHeaderMismatch> {
+    match (header, expected) {
+        (None, _) => Ok(()),
+        (Some(h), Some(s)) if h == s.as_str() => Ok(()),
+        (Some(h), s) => Err(SessionHeaderMismatch {
+            header: h.to_owned(),
+            expected: s.map(|s| s.as_str().to_owned()),
+        }),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::SessionId;
+
+    #[test]
+    fn the_session_header_is_optional_but_must_agree() {
+        let s = SessionId::parse("s1").unwrap();
+        assert_eq!(check_session(None, Some(&s)), Ok(()));
+        assert_eq!(check_session(None, None), Ok(()));
+        assert_eq!(check_session(Some("s1"), Some(&s)), Ok(()));
+        let e = check_session(Some("s2"), Some(&s)).unwrap_err();
+        assert!(
+            e.to_string().contains("\"s2\"") && e.to_string().contains("s1"),
+            "{e}"
+        );
+        assert!(check_session(Some("s1"), None).is_err());
+    }
+}

@@ -86,6 +86,18 @@ pub enum TaskOutcome {
     },
 }
 
+impl TaskOutcome {
+    /// The wire tag (`completed`, `failed`, `stopped`, `clarify`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TaskOutcome::Completed => "completed",
+            TaskOutcome::Failed { .. } => "failed",
+            TaskOutcome::Stopped { .. } => "stopped",
+            TaskOutcome::Clarify { .. } => "clarify",
+        }
+    }
+}
+
 /// A worker's notice to the orchestrator that a task attempt ended. The output itself
 /// is in the task record (`<sid>.t.<task>` in the sessions bucket), committed before
 /// this notice is sent.

@@ -19,7 +19,7 @@
 //! worker checks the task against the session's task table before claiming.
 
 use crate::ids::AgentId;
-use crate::inbox::{TaskMessage, TaskOutcome};
+use crate::inbox::{ResultMessage, TaskMessage, TaskOutcome};
 use crate::output::TaskOutput;
 use crate::record::{TaskRecord, TaskRunState};
 use crate::version::V1;
@@ -222,6 +222,103 @@ pub fn output_of(rec: &TaskRecord, attempt: u32) -> Option<&TaskOutput> {
     }
 }
 
+/// The dead-letter mover's commit for an attempt that exhausted its deliveries:
+/// `Some(record)` to write (the attempt failed with `reason`, whoever held it: a late
+/// holder's commit then fails its compare-and-set), or `None` when there is nothing to
+/// write, because the attempt was committed already or a newer one exists. Either
+/// way the outcome to notify is [`committed_outcome`] of the record that results.
+pub fn abandon(
+    current: Option<&TaskRecord>,
+    task: &TaskMessage,
+    reason: String,
+    now: u64,
+) -> Option<TaskRecord> {
+    let base = match current {
+        Some(rec) if rec.attempt > task.attempt => return None,
+        Some(rec) if rec.attempt == task.attempt => {
+            if committed_outcome(rec).is_some() {
+                return None;
+            }
+            rec.clone()
+        }
+        _ => TaskRecord {
+            v: V1,
+            session_id: task.session_id.clone(),
+            task_id: task.task_id.clone(),
+            role: task.role.clone(),
+            attempt: task.attempt,
+            state: TaskRunState::Queued,
+            holder: None,
+            holders: 0,
+            ack_subject: None,
+            output: None,
+            error: None,
+            outcome: None,
+            updated_ms: now,
+        },
+    };
+    Some(commit(
+        &TaskRecord {
+            holder: None,
+            ..base
+        },
+        TaskOutcome::Failed { reason },
+        None,
+        now,
+    ))
+}
+
+/// Whether a result message is what the task's holder committed: `Ok` when `rec` (the
+/// task record, read from the stream leader after the result arrived) holds the
+/// result's attempt, committed with the same outcome. A worker commits before it
+/// notifies, so a genuine result always finds its commit; anything else is forged.
+/// `redelivered`: the result was delivered before, so a record that has moved on to
+/// a newer attempt may be this result's own doing (the orchestrator handled it and
+/// died before the ack); the session's task table then decides (stale or duplicate).
+pub fn vouch(rec: Option<&TaskRecord>, r: &ResultMessage, redelivered: bool) -> Result<(), String> {
+    let Some(rec) = rec else {
+        return Err(format!(
+            "task {} has no record: nothing was committed",
+            r.task_id
+        ));
+    };
+    if rec.role != r.role {
+        return Err(format!(
+            "task {} belongs to role {}, not {}",
+            r.task_id, rec.role, r.role
+        ));
+    }
+    if rec.attempt > r.attempt {
+        if redelivered {
+            return Ok(());
+        }
+        return Err(format!(
+            "stale attempt {} of task {}: its record is at attempt {}",
+            r.attempt, r.task_id, rec.attempt
+        ));
+    }
+    if rec.attempt < r.attempt {
+        return Err(format!(
+            "task {} has not reached attempt {} (its record is at {})",
+            r.task_id, r.attempt, rec.attempt
+        ));
+    }
+    match committed_outcome(rec) {
+        Some(o) if o == r.outcome => Ok(()),
+        Some(o) => Err(format!(
+            "task {} attempt {} was committed as {}, not {}",
+            r.task_id,
+            r.attempt,
+            o.kind(),
+            r.outcome.kind()
+        )),
+        None => Err(format!(
+            "task {} attempt {} is {:?}, not committed",
+            r.task_id, r.attempt, rec.state
+        )),
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -254,6 +351,80 @@ mod tests {
             summary: "s".into(),
             artifacts: vec![],
         }
+    }
+
+    fn result(attempt: u32, outcome: TaskOutcome) -> ResultMessage {
+        ResultMessage {
+            v: V1,
+            session_id: SessionId::parse("s1").unwrap(),
+            task_id: TaskId::parse("t1").unwrap(),
+            role: Role::parse("research").unwrap(),
+            attempt,
+            outcome,
+            spend: None,
+            memory: None,
+            attempt_tokens: None,
+        }
+    }
+
+    fn claimed(attempt: u32) -> TaskRecord {
+        running(&task(attempt), &agent(1), 1000)
+    }
+
+    #[test]
+    fn an_abandoned_attempt_is_committed_as_failed_once() {
+        let why = || "dead-lettered after 5 deliveries".to_owned();
+        let failed = TaskOutcome::Failed { reason: why() };
+        // Never claimed, or claimed by a holder that never committed: failed now, and
+        // the mover's notice is vouched for; the late holder's commit would conflict.
+        for current in [None, Some(claimed(1))] {
+            let rec = abandon(current.as_ref(), &task(1), why(), 5000).unwrap();
+            assert_eq!(rec.state, TaskRunState::Failed);
+            assert_eq!((rec.attempt, rec.holder.as_ref()), (1, None));
+            assert_eq!(vouch(Some(&rec), &result(1, failed.clone()), false), Ok(()));
+        }
+        // An older attempt's record is superseded.
+        let rec = abandon(Some(&claimed(1)), &task(2), why(), 5000).unwrap();
+        assert_eq!(rec.attempt, 2);
+        // Committed already, or a newer attempt exists: nothing to write.
+        let done = commit(&claimed(1), TaskOutcome::Completed, Some(output()), 2000);
+        assert_eq!(abandon(Some(&done), &task(1), why(), 5000), None);
+        assert_eq!(abandon(Some(&claimed(2)), &task(1), why(), 5000), None);
+    }
+
+    #[test]
+    fn only_the_committed_outcome_of_the_attempt_is_vouched_for() {
+        let failed = TaskOutcome::Failed {
+            reason: "no sources".into(),
+        };
+        let done = commit(&claimed(1), TaskOutcome::Completed, Some(output()), 2000);
+        let bad = commit(&claimed(1), failed.clone(), None, 2000);
+        // The holder's own notices.
+        assert_eq!(
+            vouch(Some(&done), &result(1, TaskOutcome::Completed), false),
+            Ok(())
+        );
+        assert_eq!(vouch(Some(&bad), &result(1, failed.clone()), false), Ok(()));
+        // Forgeries: nothing committed, still running, another outcome, another
+        // reason, another role, an attempt not reached, an older attempt.
+        assert!(vouch(None, &result(1, TaskOutcome::Completed), false).is_err());
+        assert!(vouch(Some(&claimed(1)), &result(1, TaskOutcome::Completed), false).is_err());
+        assert!(vouch(Some(&claimed(1)), &result(1, failed.clone()), true).is_err());
+        assert!(vouch(Some(&done), &result(1, failed.clone()), false).is_err());
+        let other = TaskOutcome::Failed {
+            reason: "forged failure".into(),
+        };
+        assert!(vouch(Some(&bad), &result(1, other), false).is_err());
+        let mut foreign = result(1, TaskOutcome::Completed);
+        foreign.role = Role::parse("review").unwrap();
+        assert!(vouch(Some(&done), &foreign, false).is_err());
+        assert!(vouch(Some(&done), &result(2, TaskOutcome::Completed), false).is_err());
+        let moved_on = claimed(2);
+        let why = vouch(Some(&moved_on), &result(1, failed.clone()), false).unwrap_err();
+        assert!(why.contains("stale attempt 1"), "{why}");
+        // ... unless it is a redelivery: the orchestrator may have handled it and
+        // retried the task before dying ahead of the ack (the task table decides).
+        assert_eq!(vouch(Some(&moved_on), &result(1, failed), true), Ok(()));
     }
 
     #[test]

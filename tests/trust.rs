@@ -1,0 +1,166 @@
+//! The trust boundary: results that are not what a task's holder committed are
+//! refused as forged, and headers that disagree with the message are refused, whoever
+//! publishes them. The forger is a Python program with nats-py and the protocol docs.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: failures should panic
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_llm::{LlmClient, schema};
+use flotilla_protocol::{
+    SessionId, SessionRecord, SessionStatus, TraceParent, headers, subject::keys,
+};
+use flotilla_tests::{Action, Scripted, TestFleet, spec};
+use futures::StreamExt;
+
+const NO_ARTIFACTS: &str = r#"{"summary":"I looked into it","artifacts":[]}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_results_are_dead_lettered_and_the_session_completes_with_real_work() {
+    // research fails its first attempt (no artifacts) and takes 4 s over its second;
+    // writing and review take 4 s: time for the forger to strike while they run.
+    let llm = Scripted::new(10, |c| match (c.schema.as_deref(), c.field("role")) {
+        (Some(schema::TASK_OUTPUT), "research") if c.input["attempt"].as_u64() == Some(1) => {
+            Action::Replace(NO_ARTIFACTS.into())
+        }
+        (Some(schema::TASK_OUTPUT), role @ ("research" | "writing" | "review")) => {
+            Action::Late(Duration::from_secs(4), format!(" [real {role}]"))
+        }
+        _ => Action::Pass,
+    });
+    let t = TestFleet::start(spec("unused"), llm.clone() as Arc<dyn LlmClient>).await;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("py/forge.py");
+    let out = tokio::time::timeout(
+        Duration::from_secs(300),
+        tokio::process::Command::new(flotilla_tests::python())
+            .arg(&script)
+            .arg(t.server.url())
+            .output(),
+    )
+    .await
+    .expect("python finished in time")
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "forger failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(stdout.trim().lines().last().unwrap()).unwrap();
+    let sid = SessionId::parse(report["session_id"].as_str().unwrap()).unwrap();
+    let task = |role: &str| report["tasks"][role].as_str().unwrap().to_owned();
+
+    // The session completed, each task accepted once, from its real holder: research
+    // at attempt 2, the others at attempt 1 (three forged failures did not fail review).
+    assert_eq!(report["outcome"], "completed", "{report}");
+    let mut want = vec![
+        (task("research"), 2),
+        (task("analysis"), 1),
+        (task("writing"), 1),
+        (task("review"), 1),
+    ];
+    want.sort();
+    let accepted: Vec<(String, u64)> = report["accepted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p[0].as_str().unwrap().to_owned(), p[1].as_u64().unwrap()))
+        .collect();
+    assert_eq!(accepted, want);
+    let (rec, _) = t
+        .bus
+        .sessions()
+        .get::<SessionRecord>(&keys::session(&sid))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rec.status, SessionStatus::Completed);
+    let answer = serde_json::to_string(&rec.answer).unwrap();
+    for role in ["research", "writing", "review"] {
+        assert!(
+            answer.contains(&format!("[real {role}]")),
+            "the answer uses the real {role} output: {answer}"
+        );
+    }
+    // The session's trace continues the one the client sent.
+    let trace = TraceParent::parse(&rec.traceparent).unwrap();
+    assert_eq!(trace.trace_id_hex(), report["trace_id"].as_str().unwrap());
+
+    // Every forgery is in the dead-letter stream with its reason.
+    let inbox = t
+        .bus
+        .names()
+        .inbox(&sid, &flotilla_protocol::Role::orchestrator());
+    let letters = dead_letters_from(&t, &inbox).await;
+    let reasons: Vec<&str> = letters.iter().map(|(r, _)| r.as_str()).collect();
+    assert_eq!(
+        reasons.iter().filter(|r| **r == "forged").count(),
+        5,
+        "{letters:?}"
+    );
+    assert_eq!(
+        reasons.iter().filter(|r| **r == "wrong_session").count(),
+        1,
+        "{letters:?}"
+    );
+    assert_eq!(letters.len(), 6, "{letters:?}");
+    assert!(
+        letters
+            .iter()
+            .any(|(r, d)| r == "forged" && d.contains("stale attempt 1")),
+        "{letters:?}"
+    );
+    assert!(letters.iter().all(|(_, d)| !d.is_empty()), "{letters:?}");
+    let fleet = t.fleet.as_ref().unwrap();
+    assert_eq!(fleet.counters.snapshot().forged, 5);
+
+    // Admission refused a session header naming another session, and replaced a
+    // garbage traceparent with a trace of its own.
+    assert_eq!(report["mismatch_code"], "wrong_session");
+    let other = SessionId::parse(report["garbage_trace_session"].as_str().unwrap()).unwrap();
+    let (rec, _) = t
+        .bus
+        .sessions()
+        .get::<SessionRecord>(&keys::session(&other))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        TraceParent::parse(&rec.traceparent).is_ok(),
+        "{}",
+        rec.traceparent
+    );
+    t.stop().await;
+}
+
+/// (reason, detail) of every dead letter that came from `subject`.
+async fn dead_letters_from(t: &TestFleet, subject: &str) -> Vec<(String, String)> {
+    let stream = t
+        .bus
+        .js
+        .get_stream(t.bus.names().stream_dlq())
+        .await
+        .unwrap();
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .unwrap();
+    let mut msgs = consumer.messages().await.unwrap();
+    let mut out = Vec::new();
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_millis(500), msgs.next()).await
+    {
+        let h = m.headers.clone().unwrap_or_default();
+        let get = |n: &str| h.get(n).map(|v| v.as_str().to_owned()).unwrap_or_default();
+        if get(headers::ORIGIN_SUBJECT) == subject {
+            assert!(
+                h.get(headers::TRACEPARENT).is_none(),
+                "a garbage traceparent is not passed on"
+            );
+            out.push((get(headers::REASON), get(headers::DETAIL)));
+        }
+    }
+    out
+}
