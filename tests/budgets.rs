@@ -389,7 +389,11 @@ async fn a_conversation_keeps_its_last_turns_and_a_summary_of_the_rest() {
     let (h, _) = fleet
         .bus
         .sessions()
-        .get::<flotilla_protocol::AgentHistory>(&keys::history(&rec.session_id, &stopped.task_id))
+        .get::<flotilla_protocol::AgentHistory>(&keys::history(
+            &rec.session_id,
+            &stopped.role,
+            &stopped.task_id,
+        ))
         .await
         .unwrap()
         .unwrap();
@@ -555,7 +559,7 @@ async fn a_task_message_with_a_made_up_allowance_is_dead_lettered() {
     let (task_rec, _) = fleet
         .bus
         .sessions()
-        .get::<flotilla_protocol::TaskRecord>(&keys::task(&rec.session_id, &t.task_id))
+        .get::<flotilla_protocol::TaskRecord>(&keys::task(&rec.session_id, &t.role, &t.task_id))
         .await
         .unwrap()
         .unwrap();

@@ -87,7 +87,11 @@ async fn a_late_holder_is_fenced_off() {
     let (rec, _) = t
         .bus
         .sessions()
-        .get::<TaskRecord>(&keys::task(&done.session_id, &research.task_id))
+        .get::<TaskRecord>(&keys::task(
+            &done.session_id,
+            &research.role,
+            &research.task_id,
+        ))
         .await
         .unwrap()
         .unwrap();

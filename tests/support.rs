@@ -28,6 +28,7 @@ pub fn spec(url: &str) -> FleetSpec {
         roles: Default::default(),
         tools: Default::default(),
         worker_model: "sim-worker".into(),
+        component_bus: Default::default(),
     }
 }
 

@@ -1,10 +1,10 @@
-//! Agent conversations kept in KV (`<sid>.h.<task>` in the sessions bucket): the last
+//! Agent conversations kept in KV (`<sid>.h.<role>.<task>` in the sessions bucket): the last
 //! `window` turns plus a running summary of older ones, written after every turn by
 //! compare-and-set, so a backup process continues the conversation where a failed one
 //! stopped, and a fenced-off holder cannot overwrite its successor's turns.
 
 use flotilla_bus::{Bus, KvError};
-use flotilla_protocol::{AgentHistory, HistoryTurn, SessionId, TaskId, V1, subject::keys};
+use flotilla_protocol::{AgentHistory, HistoryTurn, Role, SessionId, TaskId, V1, subject::keys};
 
 /// Longest running summary kept, in characters (the oldest part is dropped first).
 const SUMMARY_MAX: usize = 4_000;
@@ -59,10 +59,11 @@ impl HistoryStore {
     pub async fn load(
         &self,
         session: &SessionId,
+        role: &Role,
         task: &TaskId,
         attempt: u32,
     ) -> Result<Conversation, HistoryError> {
-        let key = keys::history(session, task);
+        let key = keys::history(session, role, task);
         let stored = self
             .bus
             .sessions()
@@ -98,9 +99,15 @@ impl HistoryStore {
 
     /// A new conversation for `task`'s `attempt`, without reading KV (a first delivery
     /// has nothing to continue).
-    pub fn fresh(&self, session: &SessionId, task: &TaskId, attempt: u32) -> Conversation {
+    pub fn fresh(
+        &self,
+        session: &SessionId,
+        role: &Role,
+        task: &TaskId,
+        attempt: u32,
+    ) -> Conversation {
         Conversation {
-            key: keys::history(session, task),
+            key: keys::history(session, role, task),
             revision: None,
             history: AgentHistory {
                 v: V1,

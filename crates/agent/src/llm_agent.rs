@@ -328,12 +328,12 @@ impl Agent for LlmAgent {
             // Continue the conversation a failed process left, if any.
             let mut conversation = match &self.history {
                 Some(h) if ctx.resumed => Some(
-                    h.load(&task.session_id, &task.task_id, task.attempt)
+                    h.load(&task.session_id, &task.role, &task.task_id, task.attempt)
                         .await
                         .map_err(|e| AgentError::Transient(e.to_string()))?,
                 ),
                 // A first delivery has no conversation to continue: skip the read.
-                Some(h) => Some(h.fresh(&task.session_id, &task.task_id, task.attempt)),
+                Some(h) => Some(h.fresh(&task.session_id, &task.role, &task.task_id, task.attempt)),
                 None => None,
             };
             let mut first_turn = 1;

@@ -320,6 +320,7 @@ mod tests {
         InFlight {
             session_id: SessionId::parse(format!("s{n}")).unwrap(),
             task_id: None,
+            role: None,
             attempt: None,
             ack_subject: format!("$JS.ACK.FLOTILLA_INBOX_research.role-research.1.{n}.{n}.0.0"),
             since_ms,

@@ -234,7 +234,7 @@ impl Worker {
                 "the session has not dispatched this attempt",
             ));
         }
-        let key = keys::task(&task.session_id, &task.task_id);
+        let key = keys::task(&task.session_id, &task.role, &task.task_id);
         // Tracked for the stuck check (listed in our presence only once overdue). A
         // crash is covered by the claim itself: it names us and this delivery's ack
         // subject, and the watchdog indexes claims by holder.
@@ -242,6 +242,7 @@ impl Worker {
         self.tracker.start(InFlight {
             session_id: task.session_id.clone(),
             task_id: Some(task.task_id.clone()),
+            role: Some(task.role.clone()),
             attempt: Some(task.attempt),
             ack_subject: ack_subject.to_owned(),
             since_ms: now,

@@ -42,6 +42,108 @@ pub struct BusConfig {
     pub publish_attempts: u32,
     /// Shared memory limits and the session template's declared keys.
     pub memory: crate::memory::MemoryConfig,
+    /// Who this process is to the server (none: an open server).
+    pub auth: NatsAuth,
+    /// TLS: the CA to trust and this process's certificate (mutual TLS).
+    pub tls: NatsTls,
+    /// Subject prefix of this process's reply inboxes. Give each user its own
+    /// (`_INBOX_<user>`) so server permissions can keep users from reading each
+    /// other's replies (pull deliveries arrive on reply inboxes too).
+    pub inbox_prefix: String,
+}
+
+/// Credentials: at most one of user and password, a token, an nkey seed, or a
+/// `.creds` file (a user JWT with its nkey seed).
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsAuth {
+    /// User name (with `password`).
+    pub user: Option<String>,
+    /// Password (with `user`).
+    pub password: Option<String>,
+    /// A token.
+    pub token: Option<String>,
+    /// An nkey seed (`SU...`): the server knows the public key.
+    pub nkey_seed: Option<String>,
+    /// A `.creds` file (decentralized JWT authentication).
+    pub creds_file: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for NatsAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Secrets never reach a log line.
+        let hidden = |v: &Option<String>| v.as_ref().map(|_| "<redacted>");
+        f.debug_struct("NatsAuth")
+            .field("user", &self.user)
+            .field("password", &hidden(&self.password))
+            .field("token", &hidden(&self.token))
+            .field("nkey_seed", &hidden(&self.nkey_seed))
+            .field("creds_file", &self.creds_file)
+            .finish()
+    }
+}
+
+impl NatsAuth {
+    /// Which method is configured; an error names the conflict or the missing half.
+    pub fn method(&self) -> Result<AuthMethod<'_>, String> {
+        let mut methods = Vec::new();
+        match (&self.user, &self.password) {
+            (Some(u), Some(p)) => methods.push(AuthMethod::UserPassword(u, p)),
+            (None, None) => {}
+            _ => return Err("nats.auth.user and nats.auth.password go together".into()),
+        }
+        if let Some(t) = &self.token {
+            methods.push(AuthMethod::Token(t));
+        }
+        if let Some(s) = &self.nkey_seed {
+            methods.push(AuthMethod::Nkey(s));
+        }
+        if let Some(c) = &self.creds_file {
+            methods.push(AuthMethod::Creds(c));
+        }
+        match methods.len() {
+            0 => Ok(AuthMethod::None),
+            1 => Ok(methods.remove(0)),
+            _ => Err(
+                "configure one of nats.auth user/password, token, nkey_seed or creds_file".into(),
+            ),
+        }
+    }
+}
+
+/// One way to authenticate (see [`NatsAuth`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod<'a> {
+    /// No credentials.
+    None,
+    /// User and password.
+    UserPassword(&'a str, &'a str),
+    /// A token.
+    Token(&'a str),
+    /// An nkey seed.
+    Nkey(&'a str),
+    /// A `.creds` file.
+    Creds(&'a std::path::Path),
+}
+
+/// TLS settings. A `tls://` URL, or any of these set, makes the connection require TLS.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsTls {
+    /// PEM file of the CA(s) that signed the server's certificate (default: the
+    /// system's roots).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// PEM file of this process's certificate, for servers that verify clients.
+    pub cert_file: Option<std::path::PathBuf>,
+    /// PEM file of that certificate's private key.
+    pub key_file: Option<std::path::PathBuf>,
+}
+
+impl NatsTls {
+    /// Whether any TLS setting is given.
+    pub fn configured(&self) -> bool {
+        self.ca_file.is_some() || self.cert_file.is_some() || self.key_file.is_some()
+    }
 }
 
 impl Default for BusConfig {
@@ -61,6 +163,9 @@ impl Default for BusConfig {
             publish_timeout: Duration::from_secs(5),
             publish_attempts: 6,
             memory: crate::memory::MemoryConfig::default(),
+            auth: NatsAuth::default(),
+            tls: NatsTls::default(),
+            inbox_prefix: "_INBOX".to_owned(),
         }
     }
 }

@@ -32,7 +32,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use flotilla_protocol::Namespace;
 
-pub use config::BusConfig;
+pub use config::{AuthMethod, BusConfig, NatsAuth, NatsTls};
 pub use consumer::{ConsumerError, PoolConsumer, PoolOverrides, PoolSettings, opt_durations};
 pub use delivery::{AckError, AckHandle, DeadLetter, Delivery};
 pub use kv::{Applied, KvError, Records, Start, Step};
@@ -58,6 +58,22 @@ pub enum ConnectError {
         /// The cause.
         #[source]
         source: async_nats::ConnectError,
+    },
+    /// The server refused these credentials, or they are misconfigured.
+    #[error("NATS at {url} refused to authenticate this process: {detail}")]
+    Auth {
+        /// The URL.
+        url: String,
+        /// What went wrong, and what to check.
+        detail: String,
+    },
+    /// The TLS handshake failed, or the TLS settings are unusable.
+    #[error("TLS with NATS at {url} failed: {detail}")]
+    Tls {
+        /// The URL.
+        url: String,
+        /// What went wrong, and what to check.
+        detail: String,
     },
     /// The topology does not match: see the error.
     #[error(transparent)]
@@ -106,17 +122,7 @@ impl Bus {
         counters: Arc<Counters>,
     ) -> Result<Self, ConnectError> {
         let names = Namespace::new(&config.prefix)?;
-        let client = async_nats::ConnectOptions::new()
-            .name(name)
-            .connection_timeout(Duration::from_secs(5))
-            .retry_on_initial_connect()
-            .max_reconnects(None)
-            .connect(config.url.as_str())
-            .await
-            .map_err(|source| ConnectError::Connect {
-                url: config.url.clone(),
-                source,
-            })?;
+        let client = connect_client(config, name).await?;
         // Flush so a wrong URL fails here, not at the first publish.
         if let Err(e) = tokio::time::timeout(Duration::from_secs(10), client.flush()).await {
             tracing::warn!(error = %e, url = %config.url, "nats not reachable yet");
@@ -262,5 +268,129 @@ impl Bus {
             }
         }
         Ok(total)
+    }
+}
+
+/// The options every connection of this process uses: name, credentials, TLS, inbox
+/// prefix, unbounded reconnects, and server errors (permission violations among
+/// them) in the log.
+async fn options(
+    config: &BusConfig,
+    name: &str,
+) -> Result<async_nats::ConnectOptions, ConnectError> {
+    use config::AuthMethod;
+    let url = || config.url.clone();
+    let mut opts = async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(Duration::from_secs(5))
+        .max_reconnects(None)
+        .custom_inbox_prefix(&config.inbox_prefix)
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::ServerError(e) => {
+                    tracing::warn!(error = %e, "nats server error")
+                }
+                async_nats::Event::ClientError(e) => {
+                    tracing::warn!(error = %e, "nats client error")
+                }
+                async_nats::Event::Disconnected => tracing::warn!("nats connection lost"),
+                async_nats::Event::Connected => tracing::info!("nats connected"),
+                other => tracing::debug!(event = %other, "nats event"),
+            }
+        });
+    opts = match config
+        .auth
+        .method()
+        .map_err(|detail| ConnectError::Auth { url: url(), detail })?
+    {
+        AuthMethod::None => opts,
+        AuthMethod::UserPassword(u, p) => opts.user_and_password(u.to_owned(), p.to_owned()),
+        AuthMethod::Token(t) => opts.token(t.to_owned()),
+        AuthMethod::Nkey(seed) => opts.nkey(seed.to_owned()),
+        AuthMethod::Creds(path) => {
+            opts.credentials_file(path)
+                .await
+                .map_err(|e| ConnectError::Auth {
+                    url: url(),
+                    detail: format!("cannot read nats.auth.creds_file {}: {e}", path.display()),
+                })?
+        }
+    };
+    let tls = &config.tls;
+    if tls.cert_file.is_some() != tls.key_file.is_some() {
+        return Err(ConnectError::Tls {
+            url: url(),
+            detail: "nats.tls.cert_file and nats.tls.key_file go together".into(),
+        });
+    }
+    for path in [&tls.ca_file, &tls.cert_file, &tls.key_file]
+        .into_iter()
+        .flatten()
+    {
+        if !path.is_file() {
+            return Err(ConnectError::Tls {
+                url: url(),
+                detail: format!("{} is not a readable file", path.display()),
+            });
+        }
+    }
+    if let Some(ca) = &tls.ca_file {
+        opts = opts.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+        opts = opts.add_client_certificate(cert.clone(), key.clone());
+    }
+    if tls.configured()
+        || config
+            .url
+            .split(',')
+            .any(|u| u.trim().starts_with("tls://"))
+    {
+        opts = opts.require_tls(true);
+    }
+    Ok(opts)
+}
+
+/// Connects: once straight away, so that refused credentials or a failed TLS
+/// handshake are an error that says so; if the server is merely not up yet, the
+/// connection keeps trying in the background (a process may start before its server).
+pub async fn connect_client(
+    config: &BusConfig,
+    name: &str,
+) -> Result<async_nats::Client, ConnectError> {
+    use async_nats::ConnectErrorKind as Kind;
+    let url = config.url.as_str();
+    match options(config, name).await?.connect(url).await {
+        Ok(client) => Ok(client),
+        Err(e) => match e.kind() {
+            Kind::Authentication | Kind::AuthorizationViolation => Err(ConnectError::Auth {
+                url: url.to_owned(),
+                detail: format!(
+                    "{e}; check nats.auth (user and password, token, nkey_seed or creds_file) against the server's accounts"
+                ),
+            }),
+            Kind::Tls => Err(ConnectError::Tls {
+                url: url.to_owned(),
+                detail: format!(
+                    "{e}; check that nats.tls.ca_file is the CA that signed the server's certificate, and, if the server verifies clients, nats.tls.cert_file and key_file"
+                ),
+            }),
+            Kind::ServerParse | Kind::Dns => Err(ConnectError::Connect {
+                url: url.to_owned(),
+                source: e,
+            }),
+            Kind::TimedOut | Kind::Io | Kind::MaxReconnects => {
+                tracing::warn!(error = %e, url, "nats not reachable yet; retrying in the background");
+                options(config, name)
+                    .await?
+                    .retry_on_initial_connect()
+                    .connect(url)
+                    .await
+                    .map_err(|source| ConnectError::Connect {
+                        url: url.to_owned(),
+                        source,
+                    })
+            }
+        },
     }
 }

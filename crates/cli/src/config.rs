@@ -122,6 +122,12 @@ impl Config {
             liveness: self.liveness.clone(),
             limits: self.limits.clone(),
             budgets: self.budgets.clone(),
+            worker_pools: self
+                .session
+                .roles
+                .iter()
+                .map(|r| (r.clone(), self.pool(r)))
+                .collect(),
         }
     }
 }

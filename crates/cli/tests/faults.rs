@@ -207,7 +207,7 @@ async fn running_holder(bus: &Bus, pids: &[u32]) -> (u32, Vec<String>) {
     let mut watch = bus
         .sessions()
         .store()
-        .watch_with_history("*.t.*")
+        .watch_with_history(flotilla_protocol::subject::keys::ALL_TASKS)
         .await
         .unwrap();
     let mut holders: HashMap<String, HashMap<String, bool>> = HashMap::new();
@@ -593,7 +593,7 @@ async fn a_conversation_survives_its_process_between_two_turns() {
 
     // Wait for the research task's first turn to be saved, then kill its holder while
     // the second turn is in flight (each call takes ~1.5 s).
-    let mut watch = bus.sessions().store().watch("*.h.*").await.unwrap();
+    let mut watch = bus.sessions().store().watch("*.h.>").await.unwrap();
     let (victim, task_key) = loop {
         let entry = tokio::time::timeout(Duration::from_secs(60), watch.next())
             .await

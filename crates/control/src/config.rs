@@ -80,6 +80,10 @@ pub struct ControlConfig {
     pub limits: flotilla_agent::LimitsConfig,
     /// Token, turn and clarification budgets.
     pub budgets: flotilla_agent::BudgetConfig,
+    /// The consumer settings of each worker role's pool. `serve` creates these
+    /// consumers at start, so that agents can run under credentials that may not
+    /// create consumers (least privilege); roles missing here create their own.
+    pub worker_pools: std::collections::BTreeMap<flotilla_protocol::Role, PoolSettings>,
 }
 
 impl Default for ControlConfig {
@@ -100,6 +104,7 @@ impl Default for ControlConfig {
             liveness: flotilla_agent::LivenessConfig::default(),
             limits: flotilla_agent::LimitsConfig::default(),
             budgets: flotilla_agent::BudgetConfig::default(),
+            worker_pools: std::collections::BTreeMap::new(),
         }
     }
 }

@@ -118,7 +118,7 @@ impl DeadLetterMover {
             // Committed to the task record first, like any holder's outcome: the
             // orchestrator accepts only results that their task record vouches for.
             let reason = format!("dead-lettered after {} deliveries", adv.deliveries);
-            let key = keys::task(&task.session_id, &task.task_id);
+            let key = keys::task(&task.session_id, &task.role, &task.task_id);
             let now = epoch_ms(SystemTime::now());
             let applied = self
                 .bus

@@ -35,6 +35,16 @@ pub struct FleetSpec {
     pub tools: flotilla_agent::ToolsConfig,
     /// Model the workers use.
     pub worker_model: String,
+    /// Connection settings per component (`serve`, or a role name) where they differ
+    /// from `bus`: each component on its own user, as in `nats/accounts.conf`.
+    pub component_bus: BTreeMap<String, BusConfig>,
+}
+
+impl FleetSpec {
+    /// The connection settings of `component` (`serve` or a role name).
+    pub fn bus_of(&self, component: &str) -> &BusConfig {
+        self.component_bus.get(component).unwrap_or(&self.bus)
+    }
 }
 
 /// A running in-process fleet.
@@ -53,9 +63,20 @@ impl Fleet {
         let shutdown = CancellationToken::new();
         let counters = Arc::new(Counters::default());
         let mut tasks = JoinSet::new();
+        let mut spec = spec;
+        for role in &spec.control.session.roles {
+            let def = spec.roles.get(role).cloned().unwrap_or_default();
+            spec.control
+                .worker_pools
+                .insert(role.clone(), def.pool().apply(&spec.worker));
+        }
         for i in 0..spec.serve_instances.max(1) {
-            let bus =
-                Bus::connect(&spec.bus, &format!("flotilla-serve-{i}"), counters.clone()).await?;
+            let bus = Bus::connect(
+                spec.bus_of("serve"),
+                &format!("flotilla-serve-{i}"),
+                counters.clone(),
+            )
+            .await?;
             let serve = Serve::new(bus, llm.clone(), spec.control.clone());
             let s = shutdown.child_token();
             tasks.spawn(async move {
@@ -67,7 +88,7 @@ impl Fleet {
         for role in &spec.control.session.roles {
             for i in 0..spec.workers_per_role.max(1) {
                 let bus = Bus::connect(
-                    &spec.bus,
+                    spec.bus_of(role.as_str()),
                     &format!("flotilla-agent-{role}-{i}"),
                     counters.clone(),
                 )
@@ -101,7 +122,12 @@ impl Fleet {
             }
         }
         // Ready when the admission service answers.
-        let probe = Bus::connect(&spec.bus, "flotilla-fleet-probe", counters.clone()).await?;
+        let probe = Bus::connect(
+            spec.bus_of("serve"),
+            "flotilla-fleet-probe",
+            counters.clone(),
+        )
+        .await?;
         let ping = format!("$SRV.PING.{}", probe.names().service_name());
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
         while tokio::time::Instant::now() < deadline {

@@ -241,6 +241,7 @@ impl Orchestrator {
         self.tracker.start(flotilla_protocol::InFlight {
             session_id: session.clone(),
             task_id: None,
+            role: None,
             attempt: None,
             ack_subject: ack_subject.clone(),
             since_ms: now,
@@ -262,7 +263,7 @@ impl Orchestrator {
     /// session, with a made-up outcome). One read of the task record from the stream
     /// leader per result: a worker commits before it notifies, so the commit is there.
     async fn vouch(&self, r: &ResultMessage, delivered: u64) -> Result<(), VerdictError> {
-        let key = keys::task(&r.session_id, &r.task_id);
+        let key = keys::task(&r.session_id, &r.role, &r.task_id);
         let rec = self.bus.sessions().get_latest::<TaskRecord>(&key).await?;
         task_machine::vouch(rec.as_ref().map(|(t, _)| t), r, delivered > 1).map_err(|why| {
             Counters::inc(&self.bus.counters.forged);

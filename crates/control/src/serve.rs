@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use flotilla_bus::Bus;
+use flotilla_bus::{Bus, PoolConsumer};
 use flotilla_llm::LlmClient;
 use flotilla_protocol::Role;
 use tokio::task::JoinSet;
@@ -65,6 +65,10 @@ impl Serve {
         // even before any agent of a role has started.
         for role in std::iter::once(Role::orchestrator()).chain(cfg.roles.iter().cloned()) {
             self.bus.ensure_inbox(&role).await?;
+        }
+        // And their pools' consumers, which agents only bind to.
+        for (role, settings) in &self.config.worker_pools {
+            PoolConsumer::for_role(&self.bus, role, settings.clone()).await?;
         }
         let slots = SlotTable::new(self.bus.clone(), cfg.pool_size, cfg.retry_after_ms);
         slots.watch(shutdown.child_token()).await?;

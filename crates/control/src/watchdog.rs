@@ -2,7 +2,7 @@
 //! work for redelivery now instead of when its ack wait runs out.
 //!
 //! It follows two KV watches: the presences in the agents bucket, and the task records
-//! (`*.t.*`) in the sessions bucket, whose running claims it indexes by holder (a claim
+//! (`*.t.>`) in the sessions bucket, whose running claims it indexes by holder (a claim
 //! names its holder and its delivery's ack subject). Every `probe_every` it pings each
 //! process on its own subject:
 //! - **disconnected**: the ping gets "no responders" (the server dropped the process's
@@ -97,7 +97,10 @@ impl Watchdog {
         let Some(mut watch) = self.watch_until_ready(&self.store, ">", &shutdown).await else {
             return;
         };
-        let Some(mut tasks) = self.watch_until_ready(&sessions, "*.t.*", &shutdown).await else {
+        let Some(mut tasks) = self
+            .watch_until_ready(&sessions, keys::ALL_TASKS, &shutdown)
+            .await
+        else {
             return;
         };
         let mut tick = tokio::time::interval(self.config.probe_every);
@@ -169,6 +172,7 @@ impl Watchdog {
             InFlight {
                 session_id: rec.session_id,
                 task_id: Some(rec.task_id),
+                role: Some(rec.role),
                 attempt: Some(rec.attempt),
                 ack_subject,
                 since_ms: rec.updated_ms,
@@ -305,8 +309,10 @@ impl Watchdog {
 
     /// Fences the holder, releases the delivery, logs the reassignment.
     async fn release(&self, p: &Ghost, item: &InFlight, reason: &str) {
-        if let (Some(task_id), Some(attempt)) = (&item.task_id, item.attempt) {
-            match self.fence(&p.agent_id, item, task_id, attempt).await {
+        // A worker's claim: its role is in the item, or the process's presence.
+        let role = item.role.as_ref().or(p.role.as_ref());
+        if let (Some(task_id), Some(role), Some(attempt)) = (&item.task_id, role, item.attempt) {
+            match self.fence(&p.agent_id, item, role, task_id, attempt).await {
                 Ok(Some(role)) => {
                     self.counters.reassigned.fetch_add(1, Ordering::Relaxed);
                     let after_ms = now().saturating_sub(p.renewed_ms.max(item.progress_ms));
@@ -344,10 +350,11 @@ impl Watchdog {
         &self,
         holder: &AgentId,
         item: &InFlight,
+        role: &flotilla_protocol::Role,
         task_id: &flotilla_protocol::TaskId,
         attempt: u32,
     ) -> Result<Option<flotilla_protocol::Role>, KvError> {
-        let key = keys::task(&item.session_id, task_id);
+        let key = keys::task(&item.session_id, role, task_id);
         let applied = self
             .bus
             .sessions()
@@ -396,6 +403,7 @@ impl Ghost {
 struct ClaimView {
     session_id: flotilla_protocol::SessionId,
     task_id: flotilla_protocol::TaskId,
+    role: flotilla_protocol::Role,
     attempt: u32,
     state: TaskRunState,
     #[serde(default)]

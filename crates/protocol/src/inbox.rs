@@ -99,7 +99,7 @@ impl TaskOutcome {
 }
 
 /// A worker's notice to the orchestrator that a task attempt ended. The output itself
-/// is in the task record (`<sid>.t.<task>` in the sessions bucket), committed before
+/// is in the task record (`<sid>.t.<role>.<task>` in the sessions bucket), committed before
 /// this notice is sent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]

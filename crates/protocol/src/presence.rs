@@ -17,6 +17,9 @@ pub struct InFlight {
     /// The task, for a worker's task attempt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task_id: Option<TaskId>,
+    /// The task's role, for a worker's task attempt (it names the task record's key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<crate::Role>,
     /// The attempt, for a worker's task attempt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt: Option<u32>,

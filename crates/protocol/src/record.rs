@@ -1,5 +1,5 @@
 //! Records in the sessions KV bucket (`<p>-sessions`): the session record at key
-//! `<sid>` and one task record per task at `<sid>.t.<task>`. Every change is a
+//! `<sid>` and one task record per task at `<sid>.t.<role>.<task>`. Every change is a
 //! compare-and-set on the key's revision.
 
 use schemars::JsonSchema;
@@ -287,7 +287,7 @@ pub struct HistoryTurn {
     pub user: String,
 }
 
-/// An agent's conversation on a task, key `<sid>.h.<task>` in the sessions bucket: the
+/// An agent's conversation on a task, key `<sid>.h.<role>.<task>` in the sessions bucket: the
 /// last turns plus a running summary of older ones, written after every turn so a
 /// backup process continues where a failed one stopped.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -322,7 +322,7 @@ pub enum TaskRunState {
     Failed,
 }
 
-/// The task record, key `<sid>.t.<task>`: claimed and committed by compare-and-set.
+/// The task record, key `<sid>.t.<role>.<task>`: claimed and committed by compare-and-set.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TaskRecord {

@@ -391,27 +391,31 @@ mod tests {
 /// KV keys in the sessions and slots buckets (built here so keys and subjects share
 /// one module).
 pub mod keys {
-    use crate::ids::{SessionId, TaskId};
+    use crate::ids::{Role, SessionId, TaskId};
 
     /// The session record: `<sid>`.
     pub fn session(session: &SessionId) -> String {
         session.as_str().to_owned()
     }
 
-    /// An agent's conversation on a task: `<sid>.h.<task>`.
-    pub fn history(session: &SessionId, task: &TaskId) -> String {
-        format!("{session}.h.{task}")
+    /// An agent's conversation on a task: `<sid>.h.<role>.<task>`. The role token
+    /// lets server permissions give each role's agents only their own keys.
+    pub fn history(session: &SessionId, role: &Role, task: &TaskId) -> String {
+        format!("{session}.h.{role}.{task}")
     }
 
-    /// A task record: `<sid>.t.<task>`.
-    pub fn task(session: &SessionId, task: &TaskId) -> String {
-        format!("{session}.t.{task}")
+    /// A task record: `<sid>.t.<role>.<task>` (the role token: as for [`history`]).
+    pub fn task(session: &SessionId, role: &Role, task: &TaskId) -> String {
+        format!("{session}.t.{role}.{task}")
     }
 
-    /// Every task record of a session: `<sid>.t.*`.
+    /// Every task record of a session: `<sid>.t.>`.
     pub fn task_pattern(session: &SessionId) -> String {
-        format!("{session}.t.*")
+        format!("{session}.t.>")
     }
+
+    /// Every task record of every session (for watchers): `*.t.>`.
+    pub const ALL_TASKS: &str = "*.t.>";
 
     /// An admission slot: `slot.<n>`.
     pub fn slot(n: u32) -> String {

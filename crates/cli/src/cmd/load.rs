@@ -89,6 +89,7 @@ pub(crate) async fn load(
             roles: config.roles.clone(),
             tools: config.tools.clone(),
             worker_model: config.llm.worker_model.clone(),
+            component_bus: Default::default(),
         };
         let counted = flotilla_llm::InFlightLimit::new(super::run::llm(&config)?, usize::MAX);
         llm_calls = Some(counted.counter());

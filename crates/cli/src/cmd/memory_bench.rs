@@ -106,7 +106,7 @@ async fn write_raw(
 ) -> anyhow::Result<Duration> {
     let mut stores = Vec::new();
     for _ in 0..writers {
-        let client = async_nats::connect(config.nats.url.as_str()).await?;
+        let client = flotilla_bus::connect_client(&config.nats, "flotilla-memory-bench").await?;
         stores.push(
             async_nats::jetstream::new(client)
                 .get_key_value("flotilla-memory")

@@ -14,11 +14,12 @@ use crate::config::Config;
 
 pub(crate) async fn submit(config: Config, a: SubmitArgs) -> anyhow::Result<()> {
     let names = Namespace::new(&config.nats.prefix)?;
-    let nats = async_nats::ConnectOptions::new()
-        .name(format!("flotilla-submit-{}", std::process::id()))
-        .connect(config.nats.url.as_str())
-        .await
-        .with_context(|| format!("connecting to NATS at {}", config.nats.url))?;
+    let nats = flotilla_bus::connect_client(
+        &config.nats,
+        &format!("flotilla-submit-{}", std::process::id()),
+    )
+    .await
+    .with_context(|| format!("connecting to NATS at {}", config.nats.url))?;
     let client = Client::new(nats.clone(), names.clone()).await?;
     let session = SessionId::generate();
     let mut req = OpenSession::new(a.task);
