@@ -115,14 +115,9 @@ impl Worker {
 
     /// Serves the role until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), flotilla_bus::ConsumerError> {
-        self.bus
-            .ensure_inbox(&self.role)
-            .await
-            .map_err(|e| flotilla_bus::ConsumerError {
-                name: self.bus.names().stream_inbox(&self.role),
-                detail: e.to_string(),
-            })?;
-        let consumer = PoolConsumer::for_role(&self.bus, &self.role, self.settings.clone()).await?;
+        let Some(consumer) = self.bind(&shutdown).await? else {
+            return Ok(());
+        };
         let heartbeat = tokio::spawn(crate::presence::heartbeat(
             self.bus.clone(),
             self.agent_id.clone(),
@@ -423,6 +418,44 @@ impl Worker {
         )
         .await?;
         Ok(())
+    }
+
+    /// The role's inbox and pool consumer, once they exist. An agent may start before
+    /// `serve`, and under least-privilege credentials it may not create them itself
+    /// (`serve` does): it waits, with backoff, and says what it waits for. `None` on
+    /// shutdown; an error only when waiting cannot help.
+    async fn bind(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<PoolConsumer>, flotilla_bus::ConsumerError> {
+        let backoff = flotilla_protocol::Backoff::exponential(
+            Duration::from_millis(200),
+            Duration::from_secs(10),
+        )
+        .with_jitter(flotilla_protocol::Jitter::Half);
+        for retry in 0.. {
+            let attempt = match self.bus.ensure_inbox(&self.role).await {
+                Ok(()) => {
+                    PoolConsumer::for_role(&self.bus, &self.role, self.settings.clone()).await
+                }
+                Err(e) => Err(flotilla_bus::ConsumerError {
+                    name: self.bus.names().stream_inbox(&self.role),
+                    permanent: matches!(e, flotilla_bus::TopologyError::Conflict { .. }),
+                    detail: e.to_string(),
+                }),
+            };
+            let e = match attempt {
+                Ok(c) => return Ok(Some(c)),
+                Err(e) if e.permanent => return Err(e),
+                Err(e) => e,
+            };
+            tracing::warn!(role = %self.role, error = %e, "waiting for the role's inbox and consumer (`flotilla serve` creates them; this user may not)");
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(None),
+                _ = tokio::time::sleep(backoff.delay(retry)) => {}
+            }
+        }
+        Ok(None)
     }
 
     /// Tells the orchestrator the attempt ended (de-duplicated by message id).

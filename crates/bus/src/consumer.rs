@@ -29,6 +29,9 @@ pub struct ConsumerError {
     pub name: String,
     /// The cause.
     pub detail: String,
+    /// Retrying cannot help (invalid settings, or a consumer configured otherwise);
+    /// otherwise the stream or consumer may not exist yet, or NATS is unreachable.
+    pub permanent: bool,
 }
 
 /// How a pool consumes.
@@ -240,8 +243,12 @@ impl PoolConsumer {
         let err = |detail: String| ConsumerError {
             name: name.clone(),
             detail,
+            permanent: false,
         };
-        settings.validate().map_err(&err)?;
+        settings.validate().map_err(|detail| ConsumerError {
+            permanent: true,
+            ..err(detail)
+        })?;
         let stream = bus
             .js
             .get_stream(&stream)
@@ -290,9 +297,12 @@ impl PoolConsumer {
             None
         };
         if let Some(m) = mismatch {
-            return Err(err(format!(
-                "the pool's consumer exists with {m}; give every process of the pool the same settings, or delete the consumer"
-            )));
+            return Err(ConsumerError {
+                permanent: true,
+                ..err(format!(
+                    "the pool's consumer exists with {m}; give every process of the pool the same settings, or delete the consumer"
+                ))
+            });
         }
         Ok(Self {
             consumer,

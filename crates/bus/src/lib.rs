@@ -122,7 +122,7 @@ impl Bus {
         counters: Arc<Counters>,
     ) -> Result<Self, ConnectError> {
         let names = Namespace::new(&config.prefix)?;
-        let client = connect_client(config, name).await?;
+        let client = connect_counted(config, name, Some(counters.clone())).await?;
         // Flush so a wrong URL fails here, not at the first publish.
         if let Err(e) = tokio::time::timeout(Duration::from_secs(10), client.flush()).await {
             tracing::warn!(error = %e, url = %config.url, "nats not reachable yet");
@@ -174,6 +174,35 @@ impl Bus {
             memory,
             counters,
         })
+    }
+
+    /// Like [`Bus::connect`], but while the topology is missing and this process may
+    /// not create it (an agent on a least-privilege user that started before `serve`),
+    /// waits with backoff and says so. `None` if `shutdown` comes first.
+    pub async fn connect_patiently(
+        config: &BusConfig,
+        name: &str,
+        counters: Arc<Counters>,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Result<Option<Self>, ConnectError> {
+        let backoff = flotilla_protocol::Backoff::exponential(
+            Duration::from_millis(200),
+            Duration::from_secs(10),
+        )
+        .with_jitter(flotilla_protocol::Jitter::Half);
+        for retry in 0.. {
+            match Self::connect(config, name, counters.clone()).await {
+                Err(ConnectError::Topology(e @ TopologyError::Missing { .. })) => {
+                    tracing::warn!(error = %e, "waiting for the topology");
+                }
+                other => return other.map(Some),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(None),
+                _ = tokio::time::sleep(backoff.delay(retry)) => {}
+            }
+        }
+        Ok(None)
     }
 
     /// The namespace every name derives from.
@@ -277,6 +306,7 @@ impl Bus {
 async fn options(
     config: &BusConfig,
     name: &str,
+    counters: Option<Arc<Counters>>,
 ) -> Result<async_nats::ConnectOptions, ConnectError> {
     use config::AuthMethod;
     let url = || config.url.clone();
@@ -285,17 +315,23 @@ async fn options(
         .connection_timeout(Duration::from_secs(5))
         .max_reconnects(None)
         .custom_inbox_prefix(&config.inbox_prefix)
-        .event_callback(|event| async move {
-            match event {
-                async_nats::Event::ServerError(e) => {
-                    tracing::warn!(error = %e, "nats server error")
+        .event_callback(move |event| {
+            let counters = counters.clone();
+            async move {
+                match event {
+                    async_nats::Event::ServerError(e) => {
+                        if let Some(c) = &counters {
+                            Counters::inc(&c.server_errors);
+                        }
+                        tracing::warn!(error = %e, "nats server error")
+                    }
+                    async_nats::Event::ClientError(e) => {
+                        tracing::warn!(error = %e, "nats client error")
+                    }
+                    async_nats::Event::Disconnected => tracing::warn!("nats connection lost"),
+                    async_nats::Event::Connected => tracing::info!("nats connected"),
+                    other => tracing::debug!(event = %other, "nats event"),
                 }
-                async_nats::Event::ClientError(e) => {
-                    tracing::warn!(error = %e, "nats client error")
-                }
-                async_nats::Event::Disconnected => tracing::warn!("nats connection lost"),
-                async_nats::Event::Connected => tracing::info!("nats connected"),
-                other => tracing::debug!(event = %other, "nats event"),
             }
         });
     opts = match config
@@ -358,9 +394,21 @@ pub async fn connect_client(
     config: &BusConfig,
     name: &str,
 ) -> Result<async_nats::Client, ConnectError> {
+    connect_counted(config, name, None).await
+}
+
+async fn connect_counted(
+    config: &BusConfig,
+    name: &str,
+    counters: Option<Arc<Counters>>,
+) -> Result<async_nats::Client, ConnectError> {
     use async_nats::ConnectErrorKind as Kind;
     let url = config.url.as_str();
-    match options(config, name).await?.connect(url).await {
+    match options(config, name, counters.clone())
+        .await?
+        .connect(url)
+        .await
+    {
         Ok(client) => Ok(client),
         Err(e) => match e.kind() {
             Kind::Authentication | Kind::AuthorizationViolation => Err(ConnectError::Auth {
@@ -381,7 +429,7 @@ pub async fn connect_client(
             }),
             Kind::TimedOut | Kind::Io | Kind::MaxReconnects => {
                 tracing::warn!(error = %e, url, "nats not reachable yet; retrying in the background");
-                options(config, name)
+                options(config, name, counters)
                     .await?
                     .retry_on_initial_connect()
                     .connect(url)

@@ -19,6 +19,8 @@ pub struct Counters {
     /// Results refused as forged (not what the task's holder committed), also
     /// dead-lettered.
     pub forged: AtomicU64,
+    /// Errors the server sent this process (permission violations among them).
+    pub server_errors: AtomicU64,
     /// Publishes the server reported as duplicates (de-duplicated by message id).
     pub duplicates: AtomicU64,
     /// Publishes refused because the target inbox was full.
@@ -42,6 +44,8 @@ pub struct CountersSnapshot {
     pub dead_lettered: u64,
     /// See [`Counters::forged`].
     pub forged: u64,
+    /// See [`Counters::server_errors`].
+    pub server_errors: u64,
     /// See [`Counters::duplicates`].
     pub duplicates: u64,
     /// See [`Counters::backpressure`].
@@ -67,6 +71,7 @@ impl Counters {
             redelivered: r(&self.redelivered),
             dead_lettered: r(&self.dead_lettered),
             forged: r(&self.forged),
+            server_errors: r(&self.server_errors),
             duplicates: r(&self.duplicates),
             backpressure: r(&self.backpressure),
             publish_retries: r(&self.publish_retries),

@@ -37,6 +37,17 @@ pub enum TopologyError {
         /// What exists.
         found: String,
     },
+    /// A stream or bucket does not exist, and this process could not create it: its
+    /// NATS user may not (least privilege), so `flotilla serve` must create it.
+    #[error(
+        "{name} does not exist and this process could not create it ({detail}); if its NATS user may not create streams, start `flotilla serve` first: it creates the topology"
+    )]
+    Missing {
+        /// Stream or bucket name.
+        name: String,
+        /// Why the create failed.
+        detail: String,
+    },
     /// Talking to JetStream failed; retry.
     #[error("jetstream request for {name} failed: {source}")]
     Unavailable {
@@ -303,9 +314,12 @@ pub async fn ensure(
                 match js.create_key_value(want.clone()).await {
                     Ok(_) => {}
                     Err(e) => {
-                        // Lost a creation race: accept it if the winner's config matches.
+                        // Lost a creation race (accepted), or may not create.
                         if js.get_key_value(&want.bucket).await.is_err() {
-                            return Err(unavailable(&want.bucket, e));
+                            return Err(TopologyError::Missing {
+                                name: want.bucket.clone(),
+                                detail: e.to_string(),
+                            });
                         }
                     }
                 }
@@ -320,26 +334,30 @@ async fn ensure_stream(
     js: &jetstream::Context,
     want: &stream::Config,
 ) -> Result<(), TopologyError> {
-    for _ in 0..3 {
-        match js.get_stream(&want.name).await {
-            Ok(mut s) => {
-                let info = s.info().await.map_err(|e| unavailable(&want.name, e))?;
-                return compare_stream(want, &info.config);
-            }
-            Err(e) if stream_missing(&e) => match js.create_stream(want.clone()).await {
-                Ok(_) => return Ok(()),
-                Err(e) => {
-                    tracing::debug!(stream = %want.name, error = %e, "create raced, re-checking");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            Err(e) => return Err(unavailable(&want.name, e)),
+    match js.get_stream(&want.name).await {
+        Ok(mut s) => {
+            let info = s.info().await.map_err(|e| unavailable(&want.name, e))?;
+            compare_stream(want, &info.config)
         }
+        Err(e) if stream_missing(&e) => match js.create_stream(want.clone()).await {
+            Ok(_) => Ok(()),
+            Err(create) => {
+                // Lost a creation race (then the winner's must match), or may not create.
+                tracing::debug!(stream = %want.name, error = %create, "create failed, re-checking");
+                match js.get_stream(&want.name).await {
+                    Ok(mut s) => {
+                        let info = s.info().await.map_err(|e| unavailable(&want.name, e))?;
+                        compare_stream(want, &info.config)
+                    }
+                    Err(_) => Err(TopologyError::Missing {
+                        name: want.name.clone(),
+                        detail: create.to_string(),
+                    }),
+                }
+            }
+        },
+        Err(e) => Err(unavailable(&want.name, e)),
     }
-    Err(TopologyError::Unavailable {
-        name: want.name.clone(),
-        source: "could not create or read the stream".into(),
-    })
 }
 
 /// What one role's inbox stream must look like.

@@ -85,6 +85,24 @@ impl Fleet {
                 }
             });
         }
+        // `serve` is up (it answers admission) before the agents start: it creates the
+        // inboxes and consumers, which agents on least-privilege users may not.
+        let probe = Bus::connect(
+            spec.bus_of("serve"),
+            "flotilla-fleet-probe",
+            counters.clone(),
+        )
+        .await?;
+        let ping = format!("$SRV.PING.{}", probe.names().service_name());
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        while tokio::time::Instant::now() < deadline {
+            let asked = probe.client.request(ping.clone(), bytes::Bytes::new());
+            if let Ok(Ok(_)) = tokio::time::timeout(std::time::Duration::from_secs(1), asked).await
+            {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
         for role in &spec.control.session.roles {
             for i in 0..spec.workers_per_role.max(1) {
                 let bus = Bus::connect(
@@ -120,23 +138,6 @@ impl Fleet {
                     }
                 });
             }
-        }
-        // Ready when the admission service answers.
-        let probe = Bus::connect(
-            spec.bus_of("serve"),
-            "flotilla-fleet-probe",
-            counters.clone(),
-        )
-        .await?;
-        let ping = format!("$SRV.PING.{}", probe.names().service_name());
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-        while tokio::time::Instant::now() < deadline {
-            let asked = probe.client.request(ping.clone(), bytes::Bytes::new());
-            if let Ok(Ok(_)) = tokio::time::timeout(std::time::Duration::from_secs(1), asked).await
-            {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         Ok(Self {
             shutdown,

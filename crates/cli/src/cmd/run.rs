@@ -66,13 +66,19 @@ pub(crate) async fn agent(
         "role {role} is not in session.roles ({})",
         config.role_list()
     );
-    let bus = Bus::connect(
+    // An agent may start before `serve`, and may not be allowed to create the
+    // topology: it waits for it.
+    let Some(bus) = Bus::connect_patiently(
         &config.nats,
         &process_name(&format!("agent-{role}")),
         Arc::new(Counters::default()),
+        &shutdown,
     )
     .await
-    .context("connecting to NATS")?;
+    .context("connecting to NATS")?
+    else {
+        return Ok(());
+    };
     let limited = flotilla_agent::LimitedLlm::wrap(llm(&config)?, &bus, &config.limits);
     let def = config.roles.get(&role).cloned().unwrap_or_default();
     let gateway = flotilla_agent::ToolGateway::new(bus.clone(), config.tools.clone())
