@@ -419,13 +419,16 @@ async fn connect_counted(
             }),
             Kind::Tls => Err(ConnectError::Tls {
                 url: url.to_owned(),
-                detail: format!(
-                    "{e}; check that nats.tls.ca_file is the CA that signed the server's certificate, and, if the server verifies clients, nats.tls.cert_file and key_file"
-                ),
+                detail: format!("{e}; {TLS_HINT}"),
             }),
             Kind::ServerParse | Kind::Dns => Err(ConnectError::Connect {
                 url: url.to_owned(),
                 source: e,
+            }),
+            // A handshake the server's certificate failed can surface as an I/O error.
+            Kind::Io if is_tls_failure(&e.to_string()) => Err(ConnectError::Tls {
+                url: url.to_owned(),
+                detail: format!("{e}; {TLS_HINT}"),
             }),
             Kind::TimedOut | Kind::Io | Kind::MaxReconnects => {
                 tracing::warn!(error = %e, url, "nats not reachable yet; retrying in the background");
@@ -441,4 +444,13 @@ async fn connect_counted(
             }
         },
     }
+}
+
+const TLS_HINT: &str = "check that nats.tls.ca_file is the CA that signed the server's certificate, and, if the server verifies clients, nats.tls.cert_file and key_file";
+
+/// Whether an I/O error from connecting is a TLS failure (async-nats reports some
+/// handshake failures, e.g. an unknown issuer, as I/O errors).
+fn is_tls_failure(message: &str) -> bool {
+    let m = message.to_lowercase();
+    m.contains("certificate") || m.contains("tls") || m.contains("handshake")
 }

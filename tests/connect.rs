@@ -1,0 +1,213 @@
+//! How a Flotilla process proves who it is and talks privately: a token, an nkey, TLS
+//! with a CA made here, and mutual TLS. Wrong credentials and a wrong CA are clear
+//! errors that name what to check. Every case opens a real `Bus` (topology, buckets)
+//! against a real nats-server and round-trips a record.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: failures should panic
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use flotilla_bus::{Bus, BusConfig, ConnectError, Counters, NatsAuth, NatsTls};
+use flotilla_testkit::NatsServer;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose, SanType};
+
+async fn connect(config: &BusConfig) -> Result<Bus, ConnectError> {
+    Bus::connect(config, "connect-test", Arc::new(Counters::default())).await
+}
+
+/// Opens a bus and writes and reads a record: the connection really works.
+async fn works(config: &BusConfig) {
+    let bus = connect(config).await.unwrap_or_else(|e| panic!("{e}"));
+    let rev = bus
+        .slots()
+        .create("probe.1", &serde_json::json!({"ok": true}))
+        .await
+        .unwrap();
+    let (v, r) = bus
+        .slots()
+        .get::<serde_json::Value>("probe.1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((v, r), (serde_json::json!({"ok": true}), rev));
+}
+
+fn at(url: &str) -> BusConfig {
+    BusConfig {
+        url: url.to_owned(),
+        ..BusConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_or_an_nkey_authenticates_and_a_wrong_one_is_named() {
+    let server = NatsServer::builder()
+        .arg("--auth")
+        .arg("s3cret-token")
+        .start()
+        .unwrap();
+    let mut c = at(&server.url());
+    c.auth.token = Some("s3cret-token".into());
+    works(&c).await;
+    // The secret never reaches a log line.
+    assert!(!format!("{c:?}").contains("s3cret"), "{c:?}");
+    c.auth.token = Some("guess".into());
+    let err = connect(&c).await.unwrap_err();
+    assert!(matches!(err, ConnectError::Auth { .. }), "{err}");
+    assert!(err.to_string().contains("nats.auth"), "{err}");
+    // Two methods at once is a configuration error, before any connection.
+    c.auth.user = Some("u".into());
+    c.auth.password = Some("p".into());
+    let err = connect(&c).await.unwrap_err();
+    assert!(err.to_string().contains("one of"), "{err}");
+
+    let user = nkeys::KeyPair::new_user();
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("nkey.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "authorization {{ users = [ {{ nkey: {} }} ] }}\n",
+            user.public_key()
+        ),
+    )
+    .unwrap();
+    let server = NatsServer::builder()
+        .arg("-c")
+        .arg(conf.to_string_lossy())
+        .start()
+        .unwrap();
+    let mut c = at(&server.url());
+    c.auth = NatsAuth {
+        nkey_seed: Some(user.seed().unwrap()),
+        ..NatsAuth::default()
+    };
+    works(&c).await;
+    c.auth.nkey_seed = Some(nkeys::KeyPair::new_user().seed().unwrap());
+    let err = connect(&c).await.unwrap_err();
+    assert!(matches!(err, ConnectError::Auth { .. }), "{err}");
+}
+
+/// A CA, and a server and a client certificate it signed, as PEM files in `dir`.
+struct Pki {
+    ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+}
+
+fn ca(name: &str) -> (rcgen::Certificate, KeyPair) {
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.distinguished_name.push(DnType::CommonName, name);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    (p.self_signed(&key).unwrap(), key)
+}
+
+fn pki(dir: &Path) -> Pki {
+    let (ca_cert, ca_key) = ca("flotilla test CA");
+    let write = |name: &str, pem: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, pem).unwrap();
+        path
+    };
+    let server_key = KeyPair::generate().unwrap();
+    let mut sp = CertificateParams::new(Vec::<String>::new()).unwrap();
+    sp.subject_alt_names = vec![
+        SanType::IpAddress("127.0.0.1".parse().unwrap()),
+        SanType::DnsName("localhost".try_into().unwrap()),
+    ];
+    sp.distinguished_name
+        .push(DnType::CommonName, "nats-server");
+    let server_cert = sp.signed_by(&server_key, &ca_cert, &ca_key).unwrap();
+    let client_key = KeyPair::generate().unwrap();
+    let mut cp = CertificateParams::new(Vec::<String>::new()).unwrap();
+    cp.distinguished_name
+        .push(DnType::CommonName, "flotilla-agent");
+    let client_cert = cp.signed_by(&client_key, &ca_cert, &ca_key).unwrap();
+    Pki {
+        ca: write("ca.pem", ca_cert.pem()),
+        server_cert: write("server.pem", server_cert.pem()),
+        server_key: write("server-key.pem", server_key.serialize_pem()),
+        client_cert: write("client.pem", client_cert.pem()),
+        client_key: write("client-key.pem", client_key.serialize_pem()),
+    }
+}
+
+fn tls_server(pki: &Pki, verify_clients: bool) -> NatsServer {
+    let mut b = NatsServer::builder()
+        .arg("--tls")
+        .arg("--tlscert")
+        .arg(pki.server_cert.to_string_lossy())
+        .arg("--tlskey")
+        .arg(pki.server_key.to_string_lossy());
+    if verify_clients {
+        b = b
+            .arg("--tlsverify")
+            .arg("--tlscacert")
+            .arg(pki.ca.to_string_lossy());
+    }
+    b.start().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_our_ca_works_and_a_wrong_ca_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let server = tls_server(&pki, false);
+    let url = format!("tls://127.0.0.1:{}", server.port());
+    let mut c = at(&url);
+    c.tls = NatsTls {
+        ca_file: Some(pki.ca.clone()),
+        ..NatsTls::default()
+    };
+    works(&c).await;
+
+    // A CA that did not sign the server's certificate.
+    let other = tempfile::tempdir().unwrap();
+    let (wrong, _) = ca("some other CA");
+    let wrong_ca = other.path().join("wrong-ca.pem");
+    std::fs::write(&wrong_ca, wrong.pem()).unwrap();
+    c.tls.ca_file = Some(wrong_ca);
+    let err = connect(&c).await.unwrap_err();
+    assert!(matches!(err, ConnectError::Tls { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("nats.tls.ca_file"), "{msg}");
+    assert!(msg.to_lowercase().contains("certificate"), "{msg}");
+
+    // No CA configured on a tls:// URL: the system roots do not know ours either.
+    let err = connect(&at(&url)).await.unwrap_err();
+    assert!(matches!(err, ConnectError::Tls { .. }), "{err}");
+
+    // A missing file is named before any connection.
+    c.tls.ca_file = Some(dir.path().join("nope.pem"));
+    let err = connect(&c).await.unwrap_err();
+    assert!(err.to_string().contains("nope.pem"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_needs_a_client_certificate_from_the_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let server = tls_server(&pki, true);
+    let url = format!("tls://127.0.0.1:{}", server.port());
+    let mut c = at(&url);
+    c.tls = NatsTls {
+        ca_file: Some(pki.ca.clone()),
+        cert_file: Some(pki.client_cert.clone()),
+        key_file: Some(pki.client_key.clone()),
+    };
+    works(&c).await;
+
+    // Without a client certificate the server refuses the connection.
+    c.tls.cert_file = None;
+    c.tls.key_file = None;
+    assert!(connect(&c).await.is_err());
+    // Half a client identity is a configuration error.
+    c.tls.cert_file = Some(pki.client_cert.clone());
+    let err = connect(&c).await.unwrap_err();
+    assert!(err.to_string().contains("key_file"), "{err}");
+}
