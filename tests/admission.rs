@@ -429,6 +429,7 @@ async fn inbox_poison_is_dead_lettered_with_its_reason() {
         ("body names another session", names.inbox(&real, &research), task(&ghost, ""), "wrong_session"),
         ("start on a worker inbox", names.inbox(&ghost, &research), format!(r#"{{"kind":"start","v":1,"session_id":"{ghost}"}}"#).into_bytes(), "unknown_role"),
         ("task on the orchestrator inbox", names.inbox(&ghost, &orchestrator), task(&ghost, ""), "unknown_role"),
+        ("task for research on the analysis inbox", names.inbox(&ghost, &Role::parse("analysis").unwrap()), task(&ghost, ""), "unknown_role"),
         (
             "forged result for a task the session lacks",
             names.inbox(&real, &orchestrator),
@@ -470,13 +471,21 @@ async fn inbox_poison_is_dead_lettered_with_its_reason() {
             Some(names.stream_inbox(&inbox_role(&names, &subject)).as_str()),
             "{name}"
         );
-        assert!(
-            entry
-                .headers
-                .get(headers::DETAIL)
-                .is_some_and(|d| !d.as_str().is_empty()),
-            "{name}"
-        );
+        let detail = entry
+            .headers
+            .get(headers::DETAIL)
+            .map(|d| d.as_str().to_owned())
+            .unwrap_or_default();
+        assert!(!detail.is_empty(), "{name}");
+        if name == "task for research on the analysis inbox" {
+            assert!(
+                detail.contains("a task for role research arrived on the analysis inbox"),
+                "{detail}"
+            );
+        }
+        // One subject form for dead letters: <p>.dlq.<stream>.<code>.
+        let origin = names.stream_inbox(&inbox_role(&names, &subject));
+        assert_eq!(entry.subject.as_str(), names.dlq(&origin, reason), "{name}");
         assert_eq!(
             &entry.payload[..],
             &body[..],

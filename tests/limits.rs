@@ -354,6 +354,16 @@ async fn a_python_client_acquires_and_settles_permits() {
     assert_eq!(v["settled"], true, "{v}");
     assert_eq!(v["refused"]["status"], "refused", "{v}");
     assert_eq!(v["refused"]["code"], "too_large", "{v}");
+    assert_eq!(
+        v["bad"],
+        serde_json::json!({
+            "acquire_garbage": "malformed",
+            "acquire_v2": "unsupported_version",
+            "acquire_unknown_field": "unknown_field",
+            "settle_garbage": "malformed",
+        }),
+        "{v}"
+    );
     // The settlement reached the leader: its window holds 80 used tokens, not 120.
     let key = flotilla_control::limiter::window_key(MODEL);
     let used = flotilla_tests::eventually(Duration::from_secs(10), || {

@@ -44,6 +44,19 @@ async def main(url: str, model: str) -> None:
         timeout=2,
     )
     out["refused"] = json.loads(too_big.data)
+    # Requests the leader cannot read are answered with their error code.
+    bad = {}
+    for name, subject, body in [
+        ("acquire_garbage", "flotilla.limits.acquire", b"\x00not json"),
+        ("acquire_v2", "flotilla.limits.acquire", json.dumps({"v": 2, "model": model, "tokens": 1}).encode()),
+        ("acquire_unknown_field", "flotilla.limits.acquire",
+         json.dumps({"v": 1, "model": model, "tokens": 1, "urgent": True}).encode()),
+        ("settle_garbage", "flotilla.limits.settle", b"{"),
+    ]:
+        r = json.loads((await nc.request(subject, body, timeout=2)).data)
+        assert r["status"] == "error" and r["v"] == 1 and r["message"], r
+        bad[name] = r["code"]
+    out["bad"] = bad
     print(json.dumps(out))
     await nc.close()
 

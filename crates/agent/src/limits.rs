@@ -95,6 +95,17 @@ pub enum LimitError {
         /// Detail.
         message: String,
     },
+    /// The limiter could not read the request (`code` from the closed set): a bug or
+    /// a version skew between this process and the leader; do not retry it.
+    #[error("rate limiter rejected the request for {model} ({code}): {message}")]
+    Rejected {
+        /// The model.
+        model: String,
+        /// Why.
+        code: flotilla_protocol::ErrorCode,
+        /// Detail.
+        message: String,
+    },
 }
 
 /// A granted permit: settle it after the call.
@@ -234,6 +245,15 @@ impl LimiterClient {
                             message,
                         });
                     }
+                    // Our own request was unreadable: a bug or a version skew, and
+                    // asking again would not help.
+                    Ok(AcquireReply::Error { code, message, .. }) => {
+                        return Err(LimitError::Rejected {
+                            model: model.to_owned(),
+                            code,
+                            message,
+                        });
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "unreadable limiter reply");
                         Duration::from_millis(100)
@@ -366,7 +386,9 @@ impl LimitedLlm {
                         message,
                         ..
                     } => LlmError::OverBudget(message),
-                    LimitError::Refused { .. } => LlmError::Refused(e.to_string()),
+                    LimitError::Refused { .. } | LimitError::Rejected { .. } => {
+                        LlmError::Refused(e.to_string())
+                    }
                 })?;
             if permit.waited >= Duration::from_millis(1) {
                 crate::budget::SpendMeter::record_wait(permit.waited);

@@ -483,8 +483,11 @@ impl Limiter {
                     let _ = req.respond(Ok(body)).await;
                 }
                 Some(req) = settle.next() => {
-                    state.settle(&req.message.payload);
-                    let _ = req.respond(Ok(Bytes::from_static(b"{\"v\":1}"))).await;
+                    let body = match state.settle(&req.message.payload) {
+                        Ok(()) => Bytes::from_static(b"{\"v\":1}"),
+                        Err(e) => Bytes::from(serde_json::to_vec(&e).unwrap_or_default()),
+                    };
+                    let _ = req.respond(Ok(body)).await;
                 }
                 _ = renew.tick() => {
                     match self.publish_lease(subject, seq).await {
@@ -580,10 +583,10 @@ impl State {
         let req: AcquireRequest = match flotilla_protocol::decode(payload, 64 * 1024) {
             Ok(r) => r,
             Err(e) => {
-                return AcquireReply::Refused {
+                return AcquireReply::Error {
                     v: V1,
-                    code: AcquireRefusal::TooLarge,
-                    message: format!("malformed request: {e}"),
+                    code: e.code(),
+                    message: e.to_string(),
                 };
             }
         };
@@ -655,9 +658,17 @@ impl State {
         }
     }
 
-    fn settle(&mut self, payload: &[u8]) {
-        let Ok(req) = flotilla_protocol::decode::<SettleRequest>(payload, 64 * 1024) else {
-            return;
+    /// Applies a settlement; a request it cannot read is answered with its error.
+    fn settle(&mut self, payload: &[u8]) -> Result<(), AcquireReply> {
+        let req = match flotilla_protocol::decode::<SettleRequest>(payload, 64 * 1024) {
+            Ok(r) => r,
+            Err(e) => {
+                return Err(AcquireReply::Error {
+                    v: V1,
+                    code: e.code(),
+                    message: e.to_string(),
+                });
+            }
         };
         let now = now_ms();
         let (term, n) = req
@@ -669,7 +680,7 @@ impl State {
         if same_term {
             // Settled once: a repeated settlement (its reply was lost) changes nothing.
             let Some((reserved, _)) = self.open.remove(&n) else {
-                return;
+                return Ok(());
             };
             self.global_inflight = self.global_inflight.saturating_sub(reserved);
         } else {
@@ -689,6 +700,7 @@ impl State {
             }
             self.dirty = true;
         }
+        Ok(())
     }
 }
 

@@ -161,6 +161,14 @@ pub enum RouteError {
         /// The inbox's role.
         role: Role,
     },
+    /// A task for one worker role arrived on another role's inbox.
+    #[error("a task for role {task_role} arrived on the {inbox} inbox")]
+    WrongRole {
+        /// The role the task names.
+        task_role: Role,
+        /// The inbox's role.
+        inbox: Role,
+    },
 }
 
 impl RouteError {
@@ -168,7 +176,7 @@ impl RouteError {
     pub fn code(&self) -> ErrorCode {
         match self {
             RouteError::WrongSession { .. } => ErrorCode::WrongSession,
-            RouteError::WrongInbox { .. } => ErrorCode::UnknownRole,
+            RouteError::WrongInbox { .. } | RouteError::WrongRole { .. } => ErrorCode::UnknownRole,
         }
     }
 }
@@ -203,7 +211,13 @@ impl InboxMessage {
         }
         let ok = match self {
             InboxMessage::Start(_) | InboxMessage::Result(_) => role.is_orchestrator(),
-            InboxMessage::Task(t) => !role.is_orchestrator() && &t.role == role,
+            InboxMessage::Task(t) if !role.is_orchestrator() && &t.role != role => {
+                return Err(RouteError::WrongRole {
+                    task_role: t.role.clone(),
+                    inbox: role.clone(),
+                });
+            }
+            InboxMessage::Task(_) => !role.is_orchestrator(),
         };
         if ok {
             Ok(())

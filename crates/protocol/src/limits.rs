@@ -62,9 +62,20 @@ pub enum AcquireReply {
         /// Human-readable detail.
         message: String,
     },
+    /// The request could not be read (malformed, an unknown field, another version,
+    /// too large): fix the request. Also the reply to such a settlement.
+    Error {
+        /// Protocol version (1).
+        v: V1,
+        /// One of the closed set of error codes.
+        code: crate::ErrorCode,
+        /// Human-readable detail.
+        message: String,
+    },
 }
 
-/// Request on `<p>.limits.settle` (reply: `{"v":1}`).
+/// Request on `<p>.limits.settle` (reply: `{"v":1}`, or an [`AcquireReply::Error`]
+/// for a request the leader cannot read).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SettleRequest {
