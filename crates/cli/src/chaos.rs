@@ -136,6 +136,17 @@ impl ProcessFleet {
         });
     }
 
+    /// The process ids of the `serve` processes now.
+    pub(crate) async fn serve_pids(&self) -> Vec<u32> {
+        self.slots
+            .lock()
+            .await
+            .iter()
+            .filter(|s| s.kind == Chaos::KillServe)
+            .map(|s| s.child.id())
+            .collect()
+    }
+
     /// The process ids of the fleet now.
     pub(crate) async fn pids(&self) -> Vec<u32> {
         self.slots

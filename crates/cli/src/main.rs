@@ -123,6 +123,10 @@ enum BenchCommand {
     /// P processes call a fake OpenAI-compatible server enforcing RPM and TPM through
     /// the fleet rate limiter: 429s, quota used, permit rate, added delay.
     Limits(LimitsBenchArgs),
+    /// One client opens sessions at many times what the pool admits: `pool_full`
+    /// answers with `retry_after_ms`, `serve`'s memory, and the latency of the
+    /// sessions already running, against a phase without the flood.
+    Flood(cmd::flood::FloodArgs),
     /// (internal) one process of `bench limits --processes P`.
     #[command(hide = true)]
     LimitsWorker(LimitsWorkerArgs),
@@ -317,6 +321,9 @@ async fn main() -> anyhow::Result<()> {
             cmd::limits_bench::run(config, a, cli.nats_url.is_some()).await
         }
         Command::Bench(BenchCommand::LimitsWorker(a)) => cmd::limits_bench::worker(config, a).await,
+        Command::Bench(BenchCommand::Flood(a)) => {
+            cmd::flood::run(config, a, cli.nats_url.is_some()).await
+        }
         Command::Session { session_id } => cmd::session(config, session_id).await,
         Command::Dlq(c) => cmd::dlq(config, c).await,
     }

@@ -33,6 +33,16 @@ pub(crate) fn usage(pid: u32) -> Option<Usage> {
     })
 }
 
+/// The resident set size of process `pid` now (`VmRSS`), KiB.
+pub(crate) fn rss_kb(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
 /// This process's usage.
 pub(crate) fn own() -> Option<Usage> {
     usage(std::process::id())

@@ -296,6 +296,44 @@ fn chaos_bench_kills_processes_and_loses_nothing() {
 }
 
 #[test]
+fn a_flood_of_opens_is_answered_pool_full_and_running_sessions_complete() {
+    let (_, v) = run_json(
+        &[
+            "bench",
+            "flood",
+            "--pool-size",
+            "6",
+            "--sessions",
+            "3",
+            "--llm-latency-ms",
+            "100",
+            "--flood-s",
+            "3",
+            "--json",
+        ],
+        &[],
+        Duration::from_secs(240),
+    );
+    // Every open got an answer: accepted while slots were free, then pool_full with
+    // a retry-after; never a timeout, never anything else.
+    let f = &v["flood"];
+    assert!(f["requests"].as_u64().unwrap() >= 10, "{v}");
+    assert_eq!(f["unanswered"], 0, "{v}");
+    assert_eq!(f["other_rejections"], 0, "{v}");
+    assert!(f["pool_full"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(f["pool_full"], f["pool_full_with_retry_after"], "{v}");
+    assert_eq!(
+        f["requests"].as_u64().unwrap(),
+        f["accepted"].as_u64().unwrap() + f["pool_full"].as_u64().unwrap(),
+        "{v}"
+    );
+    // The sessions that were running completed, in both phases.
+    assert_eq!(v["alone"]["completed"], 3, "{v}");
+    assert_eq!(v["flooded"]["completed"], 3, "{v}");
+    assert!(v["serve_rss_peak_kb"].as_u64().unwrap() > 0, "{v}");
+}
+
+#[test]
 fn memory_bench_across_processes_loses_no_update() {
     let (_, v) = run_json(
         &[

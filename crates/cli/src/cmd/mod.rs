@@ -1,6 +1,7 @@
 //! One function per subcommand.
 
 mod dlq;
+pub(crate) mod flood;
 pub(crate) mod limits_bench;
 mod load;
 pub(crate) mod memory_bench;
