@@ -104,6 +104,40 @@ async fn each_component_runs_on_its_own_user_and_a_worker_may_do_nothing_else() 
         .task_id
         .clone();
 
+    // Every process answers its ping on its own user (the watchdog's liveness check),
+    // with the documented body.
+    let serve_js = jetstream::new(
+        async_nats::ConnectOptions::with_user_and_password(
+            "serve".into(),
+            "change-me-serve".into(),
+        )
+        .custom_inbox_prefix("_INBOX_serve")
+        .connect(&url)
+        .await
+        .unwrap(),
+    );
+    let agents = serve_js.get_key_value("flotilla-agents").await.unwrap();
+    let mut keys = agents.keys().await.unwrap();
+    let mut pinged = 0;
+    while let Some(Ok(key)) = futures::StreamExt::next(&mut keys).await {
+        let Some(raw) = agents.get(&key).await.unwrap() else {
+            continue;
+        };
+        let p: flotilla_protocol::Presence = serde_json::from_slice(&raw).unwrap();
+        let reply = tokio::time::timeout(
+            Duration::from_secs(5),
+            serve_js
+                .client()
+                .request(p.ping_subject.clone(), Bytes::new()),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(&reply.payload[..], b"pong", "{key}");
+        pinged += 1;
+    }
+    assert!(pinged >= 5, "serve and four roles answer pings ({pinged})");
+
     // A research worker's credentials, on a connection that reports server errors.
     let (tx, mut errors) = mpsc::unbounded_channel::<String>();
     let nc = async_nats::ConnectOptions::with_user_and_password(
