@@ -1,4 +1,5 @@
-//! How a Flotilla process proves who it is and talks privately: a token, an nkey, TLS
+//! How a Flotilla process proves who it is and talks privately: a token, an nkey, a
+//! `.creds` file on an operator-mode server (JWTs signed here), TLS
 //! with a CA made here, and mutual TLS. Wrong credentials and a wrong CA are clear
 //! errors that name what to check. Every case opens a real `Bus` (topology, buckets)
 //! against a real nats-server and round-trips a record.
@@ -210,4 +211,100 @@ async fn mutual_tls_needs_a_client_certificate_from_the_ca() {
     c.tls.cert_file = Some(pki.client_cert.clone());
     let err = connect(&c).await.unwrap_err();
     assert!(err.to_string().contains("key_file"), "{err}");
+}
+
+/// Base64url without padding (JWT segments).
+fn b64url(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+/// A NATS JWT with `claims`, signed by `signer`.
+fn jwt(mut claims: serde_json::Value, signer: &nkeys::KeyPair) -> String {
+    claims["iss"] = signer.public_key().into();
+    claims["iat"] = 1_700_000_000u64.into();
+    claims["jti"] = b64url(claims["sub"].as_str().unwrap().as_bytes()).into();
+    let header = b64url(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let body = b64url(&serde_json::to_vec(&claims).unwrap());
+    let sig = signer.sign(format!("{header}.{body}").as_bytes()).unwrap();
+    format!("{header}.{body}.{}", b64url(&sig))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_creds_file_authenticates_against_an_operator_mode_server() {
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let user = nkeys::KeyPair::new_user();
+    let op_jwt = jwt(
+        serde_json::json!({"sub": operator.public_key(), "name": "test-operator",
+            "nats": {"type": "operator", "version": 2}}),
+        &operator,
+    );
+    let limits = serde_json::json!({"subs": -1, "data": -1, "payload": -1, "imports": -1,
+        "exports": -1, "wildcards": true, "conn": -1, "leaf": -1,
+        "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1});
+    let acc_jwt = jwt(
+        serde_json::json!({"sub": account.public_key(), "name": "flotilla",
+            "nats": {"type": "account", "version": 2, "limits": limits}}),
+        &operator,
+    );
+    // JetStream in operator mode needs a system account.
+    let system = nkeys::KeyPair::new_account();
+    let sys_jwt = jwt(
+        serde_json::json!({"sub": system.public_key(), "name": "SYS",
+            "nats": {"type": "account", "version": 2}}),
+        &operator,
+    );
+    let user_jwt = jwt(
+        serde_json::json!({"sub": user.public_key(), "name": "agent",
+            "nats": {"type": "user", "version": 2, "pub": {}, "sub": {},
+                "subs": -1, "data": -1, "payload": -1}}),
+        &account,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("operator.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "operator: {op_jwt}\nsystem_account: {sys}\nresolver: MEMORY\nresolver_preload: {{\n  {}: {acc_jwt}\n  {sys}: {sys_jwt}\n}}\n",
+            account.public_key(),
+            sys = system.public_key()
+        ),
+    )
+    .unwrap();
+    let creds = dir.path().join("agent.creds");
+    std::fs::write(
+        &creds,
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+             -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+            user.seed().unwrap()
+        ),
+    )
+    .unwrap();
+    let server = NatsServer::builder()
+        .arg("-c")
+        .arg(conf.to_string_lossy())
+        .start()
+        .unwrap();
+    let mut c = at(&server.url());
+    c.auth.creds_file = Some(creds);
+    works(&c).await;
+    // Without credentials the server refuses.
+    let err = connect(&at(&server.url())).await.unwrap_err();
+    assert!(matches!(err, ConnectError::Auth { .. }), "{err}");
+    // A missing creds file is named.
+    c.auth.creds_file = Some(dir.path().join("nope.creds"));
+    let err = connect(&c).await.unwrap_err();
+    assert!(err.to_string().contains("nope.creds"), "{err}");
 }
