@@ -278,16 +278,7 @@ async fn each_component_runs_on_its_own_user_and_a_worker_may_do_nothing_else() 
 
     // Nothing was changed: the streams, buckets and consumers are there, and the
     // session record is as it was.
-    let inspector = jetstream::new(
-        async_nats::ConnectOptions::with_user_and_password(
-            "serve".into(),
-            "change-me-serve".into(),
-        )
-        .custom_inbox_prefix("_INBOX_serve")
-        .connect(&url)
-        .await
-        .unwrap(),
-    );
+    let inspector = &serve_js;
     for stream in ["FLOTILLA_INBOX_research", "KV_flotilla-slots"] {
         inspector.get_stream(stream).await.unwrap();
     }
