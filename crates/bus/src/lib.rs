@@ -326,9 +326,13 @@ async fn options(
                         tracing::warn!(error = %e, "nats server error")
                     }
                     async_nats::Event::ClientError(e) => {
-                        tracing::warn!(error = %e, "nats client error")
+                        // Repeats at every reconnect attempt while the server is away.
+                        tracing::debug!(error = %e, "nats client error")
                     }
-                    async_nats::Event::Disconnected => tracing::warn!("nats connection lost"),
+                    // Also at every clean shutdown of the server: not a warning.
+                    async_nats::Event::Disconnected => {
+                        tracing::info!("nats connection lost; reconnecting")
+                    }
                     async_nats::Event::Connected => tracing::info!("nats connected"),
                     other => tracing::debug!(event = %other, "nats event"),
                 }
