@@ -67,6 +67,46 @@ enum Command {
         /// The session id.
         session_id: SessionId,
     },
+    /// Sessions, newest first: status, age, tokens, roles, and why a failed one failed.
+    Sessions {
+        /// Only sessions in this status (planning, running, synthesizing, completed, failed).
+        #[arg(long)]
+        status: Option<String>,
+        /// Only sessions opened within this long (e.g. 10m, 2h).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<std::time::Duration>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A session's timeline, live until `done` (or replayed once it has ended).
+    Watch {
+        /// The session id.
+        session_id: SessionId,
+        /// One event per line as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The fleet's processes from their presence, pinged: role, work in flight, last
+    /// heartbeat; a process whose presence outlived it is marked GHOST.
+    Agents {
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A session's shared memory: keys, revisions and values (one key in full).
+    Memory {
+        /// The session id.
+        session_id: SessionId,
+        /// One key, printed in full.
+        key: Option<String>,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -326,5 +366,18 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Session { session_id } => cmd::session(config, session_id).await,
         Command::Dlq(c) => cmd::dlq(config, c).await,
+        Command::Sessions {
+            status,
+            since,
+            limit,
+            json,
+        } => cmd::views::sessions(config, status, since, limit, json).await,
+        Command::Watch { session_id, json } => cmd::views::watch(config, session_id, json).await,
+        Command::Agents { json } => cmd::views::agents(config, json).await,
+        Command::Memory {
+            session_id,
+            key,
+            json,
+        } => cmd::views::memory(config, session_id, key, json).await,
     }
 }

@@ -223,6 +223,150 @@ fn serve_agents_and_submit_as_separate_processes() {
     drop(procs);
 }
 
+/// `flotilla <args> --nats-url <url>`: its stdout, after asserting it succeeded.
+fn cli(args: &[&str], url: &str) -> String {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).args(["--nats-url", url]);
+    let out = run_with_timeout(cmd, Duration::from_secs(60));
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "flotilla {args:?}\nstdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn live_views_list_sessions_replay_a_timeline_and_show_agents_and_memory() {
+    let server = NatsServer::start().unwrap();
+    let url = server.url();
+    let mut procs = Procs(vec![spawn(&["serve"], &url)]);
+    for role in ["research", "analysis", "writing", "review"] {
+        procs.0.push(spawn(&["agent", "--role", role], &url));
+    }
+    let mut sids = Vec::new();
+    for task in [
+        "first: plan a bakery launch",
+        "second: compare vector databases",
+    ] {
+        let out = submit_wait(&[], &url, task);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        sids.push(stdout.lines().next().unwrap().to_owned());
+    }
+    let wide = |s: &str| {
+        s.lines()
+            .filter(|l| l.chars().count() > 80)
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+
+    // sessions: newest first, with status, tokens and roles; filters; JSON.
+    let table = cli(&["sessions"], &url);
+    assert!(wide(&table).is_empty(), "{table}");
+    let first = table.find(&sids[0]).expect("first session listed");
+    let second = table.find(&sids[1]).expect("second session listed");
+    assert!(second < first, "newest first:\n{table}");
+    let rows: serde_json::Value =
+        serde_json::from_str(&cli(&["sessions", "--json"], &url)).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 2, "{rows}");
+    assert_eq!(rows[0]["session_id"], sids[1].as_str());
+    for r in rows.as_array().unwrap() {
+        assert_eq!(r["status"], "completed");
+        assert!(r["tokens"].as_u64().unwrap() > 0, "{r}");
+        assert_eq!(r["roles"].as_array().unwrap().len(), 4, "{r}");
+    }
+    let failed: serde_json::Value =
+        serde_json::from_str(&cli(&["sessions", "--status", "failed", "--json"], &url)).unwrap();
+    assert_eq!(failed, serde_json::json!([]));
+    let recent: serde_json::Value =
+        serde_json::from_str(&cli(&["sessions", "--since", "10m", "--json"], &url)).unwrap();
+    assert_eq!(recent.as_array().unwrap().len(), 2);
+
+    // watch: an ended session replays to done, plan, tasks with holders, durations.
+    let timeline = cli(&["watch", &sids[0]], &url);
+    assert!(wide(&timeline).is_empty(), "{timeline}");
+    for want in [
+        "opened",
+        "planned",
+        "dispatched",
+        "accepted in",
+        " by research-",
+        "done       completed",
+    ] {
+        assert!(timeline.contains(want), "{want} in:\n{timeline}");
+    }
+    assert!(
+        timeline.trim_end().lines().last().unwrap().contains("done"),
+        "{timeline}"
+    );
+    let events: Vec<serde_json::Value> = cli(&["watch", &sids[0], "--json"], &url)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.last().unwrap()["body"]["type"], "done");
+
+    // agents: serve and one process per role, alive.
+    let agents: serde_json::Value =
+        serde_json::from_str(&cli(&["agents", "--json"], &url)).unwrap();
+    let roles: std::collections::BTreeSet<String> = agents
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["role"].as_str().unwrap().to_owned())
+        .collect();
+    for role in ["orchestrator", "research", "analysis", "writing", "review"] {
+        assert!(roles.contains(role), "{agents}");
+    }
+    assert!(
+        agents
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["ghost"] == false),
+        "{agents}"
+    );
+    assert!(wide(&cli(&["agents"], &url)).is_empty());
+
+    // memory: the findings the agents shared, with revisions; one key in full.
+    let mem: serde_json::Value =
+        serde_json::from_str(&cli(&["memory", &sids[0], "--json"], &url)).unwrap();
+    let findings = mem
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["key"] == "findings")
+        .unwrap_or_else(|| panic!("{mem}"));
+    assert!(findings["revision"].as_u64().unwrap() > 0);
+    assert_eq!(findings["value"].as_array().unwrap().len(), 4, "{findings}");
+    let one = cli(&["memory", &sids[0], "findings"], &url);
+    assert!(
+        one.contains("revision") && one.contains("research"),
+        "{one}"
+    );
+
+    // A process killed with SIGKILL leaves its presence behind: a ghost.
+    let mut victim = procs.0.pop().unwrap();
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    let agents: serde_json::Value =
+        serde_json::from_str(&cli(&["agents", "--json"], &url)).unwrap();
+    assert!(
+        agents
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["role"] == "review" && a["ghost"] == true),
+        "{agents}"
+    );
+    drop(procs);
+}
+
 #[test]
 fn demo_runs_on_its_own_embedded_server() {
     let (stdout, v) = run_json(

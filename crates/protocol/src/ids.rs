@@ -160,9 +160,21 @@ id_type!(
 );
 
 impl SessionId {
-    /// A fresh, globally unique session id (a NUID: 22 base-62 characters).
+    /// A fresh, globally unique session id: a UUIDv7 (time-ordered, so ids sort by
+    /// creation time and listings can go newest first without reading records).
     pub fn generate() -> Self {
-        Self(nuid::next().to_string())
+        Self(uuid::Uuid::now_v7().to_string())
+    }
+
+    /// When the session id was generated, ms since the Unix epoch, if it is a UUIDv7
+    /// (client-chosen ids are not).
+    pub fn created_ms(&self) -> Option<u64> {
+        let u = uuid::Uuid::parse_str(&self.0).ok()?;
+        if u.get_version_num() != 7 {
+            return None;
+        }
+        let (secs, nanos) = u.get_timestamp()?.to_unix();
+        Some(secs * 1000 + u64::from(nanos) / 1_000_000)
     }
 }
 
@@ -254,6 +266,20 @@ mod tests {
         assert!(Role::parse("Research").is_err());
         assert!(Role::parse("1abc").is_err());
         assert!(Role::parse("research").is_ok());
+    }
+
+    #[test]
+    fn generated_session_ids_are_uuidv7_and_sort_by_creation() {
+        let a = SessionId::generate();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let b = SessionId::generate();
+        assert_eq!(a.as_str().len(), 36);
+        assert!(SessionId::parse(a.as_str()).is_ok());
+        assert!(a.as_str() < b.as_str(), "{a} then {b}");
+        let now = crate::epoch_ms(std::time::SystemTime::now());
+        let made = b.created_ms().unwrap();
+        assert!(made <= now && now - made < 60_000, "{made} vs {now}");
+        assert_eq!(SessionId::parse("my-id-123").unwrap().created_ms(), None);
     }
 
     #[test]

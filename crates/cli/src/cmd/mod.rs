@@ -7,6 +7,7 @@ mod load;
 pub(crate) mod memory_bench;
 mod run;
 mod submit;
+pub(crate) mod views;
 
 pub(crate) use dlq::dlq;
 pub(crate) use load::load;
