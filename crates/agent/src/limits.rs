@@ -146,6 +146,8 @@ impl LimitStats {
         self.wait_us.fetch_add(us, Ordering::Relaxed);
         if waited >= Duration::from_millis(1) {
             self.waited.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("flotilla_rate_limit_waits_total").increment(1);
+            metrics::histogram!("flotilla_rate_limit_wait_seconds").record(waited.as_secs_f64());
         }
         let mut w = self.waits.lock().unwrap_or_else(|p| p.into_inner());
         // Bounded: a bench's percentiles come from the first million permits.

@@ -400,6 +400,7 @@ impl PoolConsumer {
                 let delivery = Delivery::new(msg);
                 if delivery.delivered() > 1 {
                     Counters::inc(&bus.counters.redelivered);
+                    metrics::counter!("flotilla_redeliveries_total").increment(1);
                 }
                 let h = handler.clone();
                 let ack = delivery.handle(&bus);

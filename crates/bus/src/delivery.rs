@@ -276,6 +276,8 @@ impl Bus {
         };
         if !ack.duplicate {
             Counters::inc(&self.counters.dead_lettered);
+            metrics::counter!("flotilla_dead_letters_total", "reason" => letter.reason.clone())
+                .increment(1);
         }
         Ok(())
     }

@@ -388,6 +388,8 @@ impl SessionMemory {
             Ok(rev) => Ok(rev),
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
                 self.count(|c| &c.conflicts);
+                metrics::counter!("flotilla_cas_conflicts_total", "bucket" => "memory")
+                    .increment(1);
                 Err(MemoryError::Exists(key.0.clone()))
             }
             Err(e) => Err(MemoryError::Unavailable(e.to_string())),
@@ -407,6 +409,8 @@ impl SessionMemory {
             Ok(rev) => Ok(rev),
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
                 self.count(|c| &c.conflicts);
+                metrics::counter!("flotilla_cas_conflicts_total", "bucket" => "memory")
+                    .increment(1);
                 Err(MemoryError::Conflict(key.0.clone()))
             }
             Err(e) => Err(MemoryError::Unavailable(e.to_string())),
@@ -424,6 +428,8 @@ impl SessionMemory {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == kv::DeleteErrorKind::WrongLastRevision => {
                 self.count(|c| &c.conflicts);
+                metrics::counter!("flotilla_cas_conflicts_total", "bucket" => "memory")
+                    .increment(1);
                 Err(MemoryError::Conflict(key.0.clone()))
             }
             Err(e) => Err(MemoryError::Unavailable(e.to_string())),
@@ -536,6 +542,7 @@ impl SessionMemory {
             if !waited {
                 waited = true;
                 self.count(|c| &c.lock_waits);
+                metrics::counter!("flotilla_lock_waits_total").increment(1);
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(MemoryError::LockHeld(name.0.clone()));
@@ -555,6 +562,7 @@ impl SessionMemory {
         let bytes = self.check(key, value)?;
         let expired = || {
             self.count(|c| &c.lock_expiries);
+            metrics::counter!("flotilla_lock_expiries_total").increment(1);
             MemoryError::LockExpired(guard.name.0.clone())
         };
         if tokio::time::Instant::now() + GUARD_MARGIN >= guard.expires_at {

@@ -42,7 +42,11 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the control plane: admission, the submit queue and the orchestrator.
-    Serve,
+    Serve {
+        /// Serve Prometheus metrics at http://<addr>/metrics (e.g. 127.0.0.1:9464).
+        #[arg(long)]
+        metrics_addr: Option<std::net::SocketAddr>,
+    },
     /// Run a worker pool process for one role.
     Agent {
         /// The role to serve.
@@ -51,6 +55,9 @@ enum Command {
         /// Tasks handled at once by this process (overrides `worker.concurrency`).
         #[arg(long)]
         concurrency: Option<usize>,
+        /// Serve Prometheus metrics at http://<addr>/metrics.
+        #[arg(long)]
+        metrics_addr: Option<std::net::SocketAddr>,
     },
     /// Submit a task; prints the session id (and, with --wait, the answer).
     Submit(SubmitArgs),
@@ -295,6 +302,9 @@ struct LoadArgs {
     /// for the server-side figures (messages, CPU and memory need the embedded server).
     #[arg(long)]
     nats_monitor_port: Option<u16>,
+    /// Serve the in-process fleet's Prometheus metrics at http://<addr>/metrics.
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 fn init_tracing(default: &str) {
@@ -341,15 +351,26 @@ async fn main() -> anyhow::Result<()> {
     if let Some(url) = &cli.nats_url {
         config.nats.url = url.clone();
     }
-    let quiet = !matches!(cli.command, Command::Serve | Command::Agent { .. });
+    let quiet = !matches!(cli.command, Command::Serve { .. } | Command::Agent { .. });
     init_tracing(if quiet { "warn" } else { &config.log });
     match cli.command {
-        Command::Serve => cmd::serve(config, shutdown_on_signal()).await,
-        Command::Agent { role, concurrency } => {
+        Command::Serve { metrics_addr } => {
+            cmd::serve_metrics(metrics_addr)?;
+            cmd::serve(config, shutdown_on_signal()).await
+        }
+        Command::Agent {
+            role,
+            concurrency,
+            metrics_addr,
+        } => {
+            cmd::serve_metrics(metrics_addr)?;
             cmd::agent(config, role, concurrency, shutdown_on_signal()).await
         }
         Command::Submit(a) => cmd::submit(config, a).await,
-        Command::Demo(a) => cmd::load(config, a, cli.nats_url.is_some(), true).await,
+        Command::Demo(a) => {
+            cmd::serve_metrics(a.metrics_addr)?;
+            cmd::load(config, a, cli.nats_url.is_some(), true).await
+        }
         Command::Bench(BenchCommand::Sessions(a)) => {
             cmd::load(config, a, cli.nats_url.is_some(), false).await
         }

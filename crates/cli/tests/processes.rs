@@ -1,7 +1,7 @@
 //! The `flotilla` binary as separate OS processes: `serve`, one `agent` per role,
 //! `submit --wait`, and `demo --json` on its embedded server.
 
-#![allow(clippy::expect_used)] // helpers of a test binary: failing to spawn should panic
+#![allow(clippy::expect_used, clippy::unwrap_used)] // helpers of a test binary: failures should panic
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -364,6 +364,194 @@ fn live_views_list_sessions_replay_a_timeline_and_show_agents_and_memory() {
             .any(|a| a["role"] == "review" && a["ghost"] == true),
         "{agents}"
     );
+    drop(procs);
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The body of `GET http://127.0.0.1:<port>/metrics`, once it answers.
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            let mut body = String::new();
+            let _ = s.read_to_string(&mut body);
+            if body.starts_with("HTTP/1.1 200") {
+                return body;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no metrics on port {port}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The sum of every sample of `name` whose labels contain all of `labels`.
+fn sample(body: &str, name: &str, labels: &[&str]) -> f64 {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn serve_and_agents_export_prometheus_metrics_that_match_what_happened() {
+    let server = NatsServer::start().unwrap();
+    let url = server.url();
+    let (serve_port, research_port) = (free_port(), free_port());
+    let serve_addr = format!("127.0.0.1:{serve_port}");
+    let research_addr = format!("127.0.0.1:{research_port}");
+    let mut procs = Procs(vec![spawn(&["serve", "--metrics-addr", &serve_addr], &url)]);
+    procs.0.push(spawn(
+        &[
+            "agent",
+            "--role",
+            "research",
+            "--metrics-addr",
+            &research_addr,
+        ],
+        &url,
+    ));
+    for role in ["analysis", "writing", "review"] {
+        procs.0.push(spawn(&["agent", "--role", role], &url));
+    }
+    for task in [
+        "metrics one: plan a bakery launch",
+        "metrics two: explain JetStream",
+    ] {
+        let out = submit_wait(&[], &url, task);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Garbage on an inbox: one dead letter, by reason.
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "submit",
+        "--queue",
+        "--roles",
+        "research,analysis,astrology",
+        "--nats-url",
+        &url,
+        "x",
+    ]);
+    assert!(
+        run_with_timeout(cmd, Duration::from_secs(30))
+            .status
+            .success()
+    );
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        let body = scrape(serve_port);
+        // The gauges refresh every 5 s.
+        if sample(
+            &body,
+            "flotilla_dead_letters_total",
+            &["reason=\"unknown_role\""],
+        ) == 1.0
+            && sample(&body, "flotilla_dead_letter_queue_depth", &[]) == 1.0
+        {
+            break body;
+        }
+        assert!(std::time::Instant::now() < deadline, "{body}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(
+        sample(&body, "flotilla_sessions_total", &["outcome=\"completed\""]),
+        2.0,
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, "flotilla_sessions_total", &["outcome=\"failed\""]),
+        0.0,
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, "flotilla_session_duration_seconds_count", &[]),
+        2.0,
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, "flotilla_tasks_total", &["outcome=\"completed\""]),
+        8.0,
+        "{body}"
+    );
+    assert_eq!(
+        sample(
+            &body,
+            "flotilla_tasks_total",
+            &["role=\"research\"", "outcome=\"completed\""]
+        ),
+        2.0,
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, "flotilla_sessions_in_use", &[]),
+        0.0,
+        "{body}"
+    );
+    assert!(
+        sample(&body, "flotilla_session_slots", &[]) >= 1.0,
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, "flotilla_inbox_depth", &["role=\"research\""]),
+        0.0,
+        "{body}"
+    );
+    // The orchestrator's own calls: a plan and a synthesis per session.
+    assert_eq!(
+        sample(&body, "flotilla_llm_calls_total", &[]),
+        4.0,
+        "{body}"
+    );
+    assert!(
+        sample(
+            &body,
+            "flotilla_llm_tokens_total",
+            &["direction=\"output\""]
+        ) > 0.0
+    );
+    assert_eq!(
+        sample(&body, "flotilla_forged_results_total", &[]),
+        0.0,
+        "{body}"
+    );
+
+    // The research agent: one call per research task, tokens both ways.
+    let body = scrape(research_port);
+    assert_eq!(
+        sample(&body, "flotilla_llm_calls_total", &[]),
+        2.0,
+        "{body}"
+    );
+    for dir in ["input", "output"] {
+        let d = format!("direction=\"{dir}\"");
+        assert!(
+            sample(&body, "flotilla_llm_tokens_total", &[d.as_str()]) > 0.0,
+            "{body}"
+        );
+    }
     drop(procs);
 }
 

@@ -98,6 +98,28 @@ struct Synthesis {
     summary: String,
 }
 
+/// A session ended: its outcome, its duration, and the budget that stopped it, if any.
+fn session_ended_metrics(rec: &SessionRecord) {
+    let outcome = if rec.status == SessionStatus::Completed {
+        "completed"
+    } else {
+        "failed"
+    };
+    metrics::counter!("flotilla_sessions_total", "outcome" => outcome).increment(1);
+    metrics::histogram!("flotilla_session_duration_seconds")
+        .record(rec.updated_ms.saturating_sub(rec.opened_ms) as f64 / 1000.0);
+    match rec.stopped_by {
+        Some(flotilla_protocol::BudgetKind::CircuitBreaker) => {
+            metrics::counter!("flotilla_circuit_opens_total").increment(1)
+        }
+        Some(kind) => {
+            metrics::counter!("flotilla_budget_exhausted_total", "kind" => kind.to_string())
+                .increment(1)
+        }
+        None => {}
+    }
+}
+
 /// One handler's model calls, as the session's token account must see them.
 #[derive(Debug, Default)]
 struct Calls {
@@ -267,6 +289,7 @@ impl Orchestrator {
         let rec = self.bus.sessions().get_latest::<TaskRecord>(&key).await?;
         task_machine::vouch(rec.as_ref().map(|(t, _)| t), r, delivered > 1).map_err(|why| {
             Counters::inc(&self.bus.counters.forged);
+            metrics::counter!("flotilla_forged_results_total").increment(1);
             tracing::warn!(task = %r.task_id, attempt = r.attempt, %why, "forged result refused");
             VerdictError::poison(ErrorCode::Forged, why)
         })
@@ -298,6 +321,8 @@ impl Orchestrator {
         // Whether the record in hand was read or written by this handler (the cell's
         // copy may lag behind another process's writes).
         let mut fresh = false;
+        // A result's effect on its task, counted once its write lands.
+        let mut task_outcome: Option<(Role, &'static str)> = None;
         for _ in 0..CAS_ROUNDS {
             // What of `calls` this round's copy of the record holds.
             let mut applied = 0;
@@ -343,13 +368,16 @@ impl Orchestrator {
                         .await?
                 }
                 (Some(Input::Result(r)), _) => match self.on_result(&mut rec, r) {
-                    Ok(true) => true,
+                    Ok(Some(outcome)) => {
+                        task_outcome = Some((r.role.clone(), outcome));
+                        true
+                    }
                     // Rejected or a duplicate as the cached copy saw it: look again.
-                    Ok(false) | Err(_) if !fresh => {
+                    Ok(None) | Err(_) if !fresh => {
                         fresh = true;
                         continue;
                     }
-                    other => other?,
+                    other => other?.is_some(),
                 },
                 _ => false,
             };
@@ -395,7 +423,12 @@ impl Orchestrator {
                         }
                     }
                     self.perform(&rec, &effects).await?;
+                    if let Some((role, outcome)) = task_outcome.take() {
+                        metrics::counter!("flotilla_tasks_total", "role" => role.to_string(), "outcome" => outcome)
+                            .increment(1);
+                    }
                     if rec.status.is_terminal() {
+                        session_ended_metrics(&rec);
                         tracing::info!(status = ?rec.status, "session ended");
                         self.cache.forget(session);
                         return Ok(());
@@ -410,6 +443,8 @@ impl Orchestrator {
                 }
                 // Another process wrote since: read it again.
                 Err(KvError::Conflict { .. }) => {
+                    metrics::counter!("flotilla_cas_conflicts_total", "bucket" => "sessions")
+                        .increment(1);
                     fresh = false;
                     continue;
                 }
@@ -440,16 +475,27 @@ impl Orchestrator {
 
     /// A worker's result: accepted, retried or failed by the state machine. `Ok(false)`
     /// when it changes nothing (a duplicate).
-    fn on_result(&self, rec: &mut SessionRecord, r: &ResultMessage) -> Result<bool, VerdictError> {
+    /// The task outcome for the metrics (`completed`, `retried`, `failed`, `stale`),
+    /// or `None` when the result changes nothing (a duplicate).
+    fn on_result(
+        &self,
+        rec: &mut SessionRecord,
+        r: &ResultMessage,
+    ) -> Result<Option<&'static str>, VerdictError> {
         let cfg = &self.config.session;
-        match machine::on_result(rec, r, cfg.max_in_flight, cfg.max_task_attempts, now()) {
-            ResultVerdict::Duplicate => Ok(false),
-            ResultVerdict::Foreign(why) => Err(VerdictError::poison(ErrorCode::WrongSession, why)),
-            v => {
-                tracing::info!(verdict = ?v, task = %r.task_id, attempt = r.attempt, "result");
-                Ok(true)
+        let v = machine::on_result(rec, r, cfg.max_in_flight, cfg.max_task_attempts, now());
+        let outcome = match &v {
+            ResultVerdict::Duplicate => return Ok(None),
+            ResultVerdict::Foreign(why) => {
+                return Err(VerdictError::poison(ErrorCode::WrongSession, why.clone()));
             }
-        }
+            ResultVerdict::Accepted => "completed",
+            ResultVerdict::Retrying => "retried",
+            ResultVerdict::Failed => "failed",
+            ResultVerdict::Stale => "stale",
+        };
+        tracing::info!(verdict = ?v, task = %r.task_id, attempt = r.attempt, "result");
+        Ok(Some(outcome))
     }
 
     /// A worker's question: answered with the LLM (once across rounds), or, with the

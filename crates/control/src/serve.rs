@@ -97,6 +97,40 @@ impl Serve {
         let s = shutdown.child_token();
         tasks.spawn(async move { Ok(mover.run(s).await?) });
 
+        // Gauges for Prometheus, every 5 s: sessions and slots in use, the dead-letter
+        // queue's depth and each role's inbox depth (one stream info each).
+        let (bus, gauged, roles, size, s) = (
+            self.bus.clone(),
+            slots.clone(),
+            cfg.roles.clone(),
+            cfg.pool_size,
+            shutdown.child_token(),
+        );
+        tasks.spawn(async move {
+            loop {
+                metrics::gauge!("flotilla_session_slots").set(f64::from(size));
+                metrics::gauge!("flotilla_sessions_in_use").set(f64::from(gauged.taken()));
+                let names = bus.names();
+                if let Ok(mut dlq) = bus.js.get_stream(names.stream_dlq()).await
+                    && let Ok(info) = dlq.info().await
+                {
+                    metrics::gauge!("flotilla_dead_letter_queue_depth")
+                        .set(info.state.messages as f64);
+                }
+                for role in std::iter::once(Role::orchestrator()).chain(roles.iter().cloned()) {
+                    if let Ok(mut inbox) = bus.js.get_stream(names.stream_inbox(&role)).await
+                        && let Ok(info) = inbox.info().await
+                    {
+                        metrics::gauge!("flotilla_inbox_depth", "role" => role.to_string())
+                            .set(info.state.messages as f64);
+                    }
+                }
+                tokio::select! {
+                    _ = s.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+                }
+            }
+        });
         let (every, grace, s) = (cfg.reconcile_every, cfg.slot_grace, shutdown.child_token());
         tasks.spawn(async move {
             loop {

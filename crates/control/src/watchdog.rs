@@ -282,6 +282,7 @@ impl Watchdog {
         }
         self.seen.remove(g.agent_id.as_str());
         self.counters.ghosts.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("flotilla_heartbeats_missed_total").increment(1);
         tracing::warn!(agent = %g.agent_id, role = ?g.role, reason, in_flight = items.len(), "ghost process");
         let mut told = std::collections::HashSet::new();
         for item in &items {
@@ -315,6 +316,7 @@ impl Watchdog {
             match self.fence(&p.agent_id, item, role, task_id, attempt).await {
                 Ok(Some(role)) => {
                     self.counters.reassigned.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("flotilla_reassignments_total").increment(1);
                     let after_ms = now().saturating_sub(p.renewed_ms.max(item.progress_ms));
                     let body = EventBody::Reassigned {
                         task_id: task_id.clone(),

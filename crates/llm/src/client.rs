@@ -83,6 +83,16 @@ pub struct Usage {
     pub completion_tokens: u32,
 }
 
+/// Counts a call's tokens for Prometheus: `flotilla_llm_tokens_total{model, direction}`
+/// (`input`, `output`) and `flotilla_llm_calls_total{model}`.
+pub fn record_usage(model: &str, usage: &Usage) {
+    metrics::counter!("flotilla_llm_calls_total", "model" => model.to_owned()).increment(1);
+    metrics::counter!("flotilla_llm_tokens_total", "model" => model.to_owned(), "direction" => "input")
+        .increment(u64::from(usage.prompt_tokens));
+    metrics::counter!("flotilla_llm_tokens_total", "model" => model.to_owned(), "direction" => "output")
+        .increment(u64::from(usage.completion_tokens));
+}
+
 impl Usage {
     /// Prompt plus completion.
     pub fn total(&self) -> u32 {

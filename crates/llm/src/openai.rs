@@ -403,7 +403,11 @@ impl OpenAiClient {
 
 impl LlmClient for OpenAiClient {
     fn complete<'a>(&'a self, request: &'a CompletionRequest) -> LlmFuture<'a> {
-        Box::pin(self.complete_inner(request))
+        Box::pin(async move {
+            let c = self.complete_inner(request).await?;
+            crate::client::record_usage(&request.model, &c.usage);
+            Ok(c)
+        })
     }
 }
 

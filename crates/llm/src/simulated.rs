@@ -319,6 +319,7 @@ impl LlmClient for SimulatedProvider {
             if !latency.is_zero() {
                 tokio::time::sleep(latency).await;
             }
+            crate::client::record_usage(&request.model, &completion.usage);
             Ok(completion)
         })
     }
