@@ -97,6 +97,18 @@ async def main(url):
     for _ in range(3):
         await forge(result(sid, task_of["review"], "review", 1,
                            {"status": "failed", "reason": "forged failure"}))
+    # The stale one once the research task's record has moved to attempt 2 (its claim).
+    kv = await js.key_value("flotilla-sessions")
+    key = f"{sid}.t.research.{task_of['research']}"
+    for _ in range(300):
+        try:
+            if json.loads((await kv.get(key)).value)["attempt"] == 2:
+                break
+        except Exception:  # not there yet
+            pass
+        await asyncio.sleep(0.02)
+    else:
+        raise AssertionError("research never claimed attempt 2")
     await forge(result(sid, task_of["research"], "research", 1, {"status": "completed"}))
     await forge(result(sid, task_of["analysis"], "analysis", 1, {"status": "completed"}),
                 session_header="someone-else")
