@@ -400,6 +400,7 @@ impl Worker {
                     "fenced: {} lost its claim to another holder",
                     self.agent_id
                 )),
+                tokens: None,
             };
             let id = format!("fenced.{}.{}.{}", task.task_id, task.attempt, self.agent_id);
             if let Err(e) = self.bus.emit(&task.session_id, &id, body, trace).await {

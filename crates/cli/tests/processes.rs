@@ -295,7 +295,8 @@ fn live_views_list_sessions_replay_a_timeline_and_show_agents_and_memory() {
         "opened",
         "planned",
         "dispatched",
-        "accepted in",
+        "ok in",
+        " tok",
         " by research-",
         "done       completed",
     ] {

@@ -51,6 +51,7 @@ pub fn on_planned(rec: &mut SessionRecord, plan: &Plan, max_in_flight: usize, no
             clarification: None,
             questions_closed: false,
             allowance: 0,
+            tokens: 0,
         })
         .collect();
     rec.status = SessionStatus::Running;
@@ -247,6 +248,7 @@ pub fn on_clarify(
     };
     if let Some(s) = &r.spend {
         rec.counters.spend.add(s);
+        rec.tasks[idx].tokens = rec.tasks[idx].tokens.saturating_add(s.tokens);
     }
     give_back(rec, idx, r.attempt_tokens);
     if !closed {
@@ -331,6 +333,7 @@ fn check_inner(rec: &mut SessionRecord, r: &ResultMessage) -> ResultVerdict {
                     attempt: r.attempt,
                     accepted: false,
                     reason: Some("stale attempt fenced off".into()),
+                    tokens: None,
                 },
             );
             return ResultVerdict::Stale;
@@ -356,8 +359,10 @@ fn apply_result(
     }
     if let Some(s) = &r.spend {
         rec.counters.spend.add(s);
+        rec.tasks[idx].tokens = rec.tasks[idx].tokens.saturating_add(s.tokens);
     }
     give_back(rec, idx, r.attempt_tokens);
+    let tokens = Some(rec.tasks[idx].tokens);
     let verdict = match &r.outcome {
         TaskOutcome::Completed => {
             rec.tasks[idx].state = TaskState::Done;
@@ -371,6 +376,7 @@ fn apply_result(
                     attempt,
                     accepted: true,
                     reason: None,
+                    tokens,
                 },
             );
             ResultVerdict::Accepted
@@ -403,6 +409,7 @@ fn apply_result(
                     attempt,
                     accepted: false,
                     reason: Some(reason.clone()),
+                    tokens,
                 },
             );
             rec.tasks[idx].last_error = Some(reason.clone());
@@ -472,6 +479,7 @@ pub fn derived_effects(rec: &SessionRecord) -> Vec<Effect> {
                     attempt: t.attempt,
                     accepted: true,
                     reason: None,
+                    tokens: Some(t.tokens),
                 },
             }),
             _ => {}
@@ -559,6 +567,41 @@ mod tests {
             spend: None,
             attempt_tokens: None,
         }
+    }
+
+    #[test]
+    fn a_task_counts_the_tokens_of_all_its_attempts_and_its_result_events_say_so() {
+        let mut rec = record(&["research", "analysis", "writing"]);
+        let plan = plan(&rec);
+        on_planned(&mut rec, &plan, 3, 1000);
+        let spent = |mut r: ResultMessage, tokens| {
+            r.spend = Some(flotilla_protocol::Spend {
+                tokens,
+                ..Default::default()
+            });
+            r
+        };
+        let failed = TaskOutcome::Failed {
+            reason: "no".into(),
+        };
+        let r = spent(result(&rec, 0, 1, failed), 120);
+        assert_eq!(on_result(&mut rec, &r, 3, 3, 1100), ResultVerdict::Retrying);
+        fill(&mut rec, 3);
+        let r = spent(result(&rec, 0, 2, TaskOutcome::Completed), 80);
+        assert_eq!(on_result(&mut rec, &r, 3, 3, 1200), ResultVerdict::Accepted);
+        assert_eq!(rec.tasks[0].tokens, 200);
+        let said: Vec<Option<u64>> = rec
+            .outbox
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Emit {
+                    body: EventBody::Result { tokens, .. },
+                    ..
+                } => Some(*tokens),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(said, vec![Some(120), Some(200)]);
     }
 
     fn dispatches(rec: &SessionRecord) -> usize {

@@ -147,6 +147,10 @@ pub enum EventBody {
         /// Why not, when not accepted.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
+        /// Tokens the task's attempts have spent so far, as their results reported
+        /// (absent on a fenced holder's own event).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tokens: Option<u64>,
     },
     /// The watchdog took a task away from a dead or stuck holder and released it for
     /// redelivery now.

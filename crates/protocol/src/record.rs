@@ -75,6 +75,9 @@ pub struct TaskEntry {
     /// (0: none, or given back when its result came).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub allowance: u64,
+    /// Tokens the task's attempts reported spending so far (their results' `spend`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tokens: u64,
 }
 
 /// How a session's token budget is kept. Attempts and the orchestrator's calls run

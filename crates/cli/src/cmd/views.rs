@@ -373,6 +373,7 @@ async fn describe(
             attempt,
             accepted,
             reason,
+            tokens,
         } => {
             let took = started
                 .get(&(task_id.to_string(), *attempt))
@@ -389,11 +390,12 @@ async fn describe(
                 .and_then(|(r, _)| r.holder)
                 .map(|h| format!(" by {h}"))
                 .unwrap_or_default();
+            let tokens = tokens.map(|t| format!(", {t} tok")).unwrap_or_default();
             if *accepted {
-                format!("result     {task_id} {role} attempt {attempt} accepted{took}{holder}")
+                format!("result     {task_id} {role} #{attempt} ok{took}{tokens}{holder}")
             } else {
                 format!(
-                    "result     {task_id} {role} attempt {attempt} REJECTED{took}: {}",
+                    "result     {task_id} {role} #{attempt} REJECTED{took}{tokens}: {}",
                     reason.as_deref().unwrap_or("")
                 )
             }
