@@ -308,3 +308,44 @@ async fn a_creds_file_authenticates_against_an_operator_mode_server() {
     let err = connect(&c).await.unwrap_err();
     assert!(err.to_string().contains("nope.creds"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_url_list_fails_over_and_a_lost_connection_comes_back_and_is_counted() {
+    // A list whose first server is not there: the client uses the one that is.
+    let mut server = NatsServer::start().unwrap();
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let list = format!("nats://127.0.0.1:{dead},{}", server.url());
+    works(&at(&list)).await;
+    assert!(matches!(
+        connect(&at("nats://127.0.0.1:4222,not a url")).await,
+        Err(ConnectError::BadUrl { .. })
+    ));
+
+    // The server dies and comes back on the same port: the bus reconnects (with
+    // backoff) and counts the loss.
+    let port = server.port();
+    let counters = Arc::new(Counters::default());
+    let bus = Bus::connect(&at(&server.url()), "reconnects", counters.clone())
+        .await
+        .unwrap();
+    server.kill();
+    let lost = flotilla_tests::eventually(std::time::Duration::from_secs(20), || async {
+        (counters.snapshot().disconnects >= 1).then_some(())
+    })
+    .await;
+    assert!(lost.is_some(), "the loss was not counted");
+    let _again = NatsServer::builder()
+        .arg("-p")
+        .arg(port.to_string())
+        .start()
+        .unwrap();
+    let back = flotilla_tests::eventually(std::time::Duration::from_secs(30), || async {
+        (bus.client.connection_state() == async_nats::connection::State::Connected).then_some(())
+    })
+    .await;
+    assert!(back.is_some(), "no reconnection");
+    bus.client.flush().await.unwrap();
+}

@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BusConfig {
-    /// NATS server URL(s), comma-separated.
+    /// NATS server URL(s): one, several comma-separated (a cluster's nodes), or, in a
+    /// config file, a list of URLs.
+    #[serde(deserialize_with = "one_or_many")]
     pub url: String,
     /// Namespace prefix of every subject, stream and bucket.
     pub prefix: String,
@@ -181,5 +183,41 @@ impl BusConfig {
                 .copied()
                 .unwrap_or(self.inbox_bound)
         }
+    }
+}
+
+/// A URL, or a list of URLs joined with commas.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Urls {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Urls::deserialize(d)? {
+        Urls::One(u) => u,
+        Urls::Many(v) => v.join(","),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_url_is_one_or_a_list() {
+        let one: BusConfig =
+            serde_json::from_str(r#"{"url": "nats://a:4222,nats://b:4222"}"#).unwrap_or_default();
+        assert_eq!(one.url, "nats://a:4222,nats://b:4222");
+        let many: BusConfig =
+            serde_json::from_str(r#"{"url": ["nats://a:4222", "nats://b:4222"]}"#)
+                .unwrap_or_default();
+        assert_eq!(many.url, "nats://a:4222,nats://b:4222");
+        assert_eq!(
+            crate::server_addrs(&many.url).map(|v| v.len()).ok(),
+            Some(2)
+        );
+        assert!(crate::server_addrs("nats://a:4222,::nonsense::").is_err());
+        assert!(crate::server_addrs(" , ").is_err());
     }
 }

@@ -59,6 +59,14 @@ pub enum ConnectError {
         #[source]
         source: async_nats::ConnectError,
     },
+    /// `nats.url` is not a URL, or a comma-separated list of them.
+    #[error("nats.url {url:?} is not a NATS URL or a comma-separated list of them: {detail}")]
+    BadUrl {
+        /// The configured value.
+        url: String,
+        /// Which part failed and why.
+        detail: String,
+    },
     /// The server refused these credentials, or they are misconfigured.
     #[error("NATS at {url} refused to authenticate this process: {detail}")]
     Auth {
@@ -314,6 +322,19 @@ async fn options(
         .name(name)
         .connection_timeout(Duration::from_secs(5))
         .max_reconnects(None)
+        // Exponential with jitter, so a fleet does not reconnect in step.
+        // (Called before every attempt, the first included: that one goes at once.)
+        .reconnect_delay_callback(|attempts| {
+            if attempts <= 1 {
+                return Duration::ZERO;
+            }
+            flotilla_protocol::Backoff::exponential(
+                Duration::from_millis(100),
+                Duration::from_secs(8),
+            )
+            .with_jitter(flotilla_protocol::Jitter::Half)
+            .delay((attempts - 2).min(32) as u32)
+        })
         .custom_inbox_prefix(&config.inbox_prefix)
         .event_callback(move |event| {
             let counters = counters.clone();
@@ -331,9 +352,16 @@ async fn options(
                     }
                     // Also at every clean shutdown of the server: not a warning.
                     async_nats::Event::Disconnected => {
+                        if let Some(c) = &counters {
+                            Counters::inc(&c.disconnects);
+                        }
+                        ::metrics::counter!("flotilla_nats_disconnects_total").increment(1);
                         tracing::info!("nats connection lost; reconnecting")
                     }
-                    async_nats::Event::Connected => tracing::info!("nats connected"),
+                    async_nats::Event::Connected => {
+                        ::metrics::counter!("flotilla_nats_connects_total").increment(1);
+                        tracing::info!("nats connected")
+                    }
                     other => tracing::debug!(event = %other, "nats event"),
                 }
             }
@@ -408,9 +436,11 @@ async fn connect_counted(
 ) -> Result<async_nats::Client, ConnectError> {
     use async_nats::ConnectErrorKind as Kind;
     let url = config.url.as_str();
+    // One or more servers: a comma-separated list (a cluster's nodes).
+    let servers = server_addrs(url)?;
     match options(config, name, counters.clone())
         .await?
-        .connect(url)
+        .connect(servers.clone())
         .await
     {
         Ok(client) => Ok(client),
@@ -439,7 +469,7 @@ async fn connect_counted(
                 options(config, name, counters)
                     .await?
                     .retry_on_initial_connect()
-                    .connect(url)
+                    .connect(servers.clone())
                     .await
                     .map_err(|source| ConnectError::Connect {
                         url: url.to_owned(),
@@ -457,4 +487,27 @@ const TLS_HINT: &str = "check that nats.tls.ca_file is the CA that signed the se
 fn is_tls_failure(message: &str) -> bool {
     let m = message.to_lowercase();
     m.contains("certificate") || m.contains("tls") || m.contains("handshake")
+}
+
+/// The servers of `nats.url`: one URL, or several separated by commas (a cluster's
+/// nodes; the client picks one and fails over to the others).
+pub fn server_addrs(url: &str) -> Result<Vec<async_nats::ServerAddr>, ConnectError> {
+    let servers: Vec<async_nats::ServerAddr> = url
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            u.parse().map_err(|e| ConnectError::BadUrl {
+                url: url.to_owned(),
+                detail: format!("{u}: {e}"),
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    if servers.is_empty() {
+        return Err(ConnectError::BadUrl {
+            url: url.to_owned(),
+            detail: "no server".into(),
+        });
+    }
+    Ok(servers)
 }

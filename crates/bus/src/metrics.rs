@@ -21,6 +21,8 @@ pub struct Counters {
     pub forged: AtomicU64,
     /// Errors the server sent this process (permission violations among them).
     pub server_errors: AtomicU64,
+    /// Times this process's connections were lost (each is then re-established).
+    pub disconnects: AtomicU64,
     /// Publishes the server reported as duplicates (de-duplicated by message id).
     pub duplicates: AtomicU64,
     /// Publishes refused because the target inbox was full.
@@ -46,6 +48,8 @@ pub struct CountersSnapshot {
     pub forged: u64,
     /// See [`Counters::server_errors`].
     pub server_errors: u64,
+    /// See [`Counters::disconnects`].
+    pub disconnects: u64,
     /// See [`Counters::duplicates`].
     pub duplicates: u64,
     /// See [`Counters::backpressure`].
@@ -72,6 +76,7 @@ impl Counters {
             dead_lettered: r(&self.dead_lettered),
             forged: r(&self.forged),
             server_errors: r(&self.server_errors),
+            disconnects: r(&self.disconnects),
             duplicates: r(&self.duplicates),
             backpressure: r(&self.backpressure),
             publish_retries: r(&self.publish_retries),
