@@ -313,6 +313,30 @@ async fn topology_is_idempotent_and_refuses_conflicts() {
     // Other roles are unaffected, and each role's bound is its own.
     let analysis = Role::parse("analysis").unwrap();
     c.ensure_inbox(&analysis).await.unwrap();
+    // A process configured for a cluster (replicas = 3) against streams of one
+    // replica is refused, naming the stream and the field, before it touches anything.
+    let r3 = BusConfig {
+        replicas: 3,
+        ..config.clone()
+    };
+    let err = Bus::connect(&r3, "r3", Arc::new(Counters::default()))
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(
+            err,
+            flotilla_bus::ConnectError::Topology(TopologyError::Conflict {
+                field: "num_replicas",
+                ..
+            })
+        ),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("FLOTILLA_") && msg.contains('3') && msg.contains('1'),
+        "{msg}"
+    );
     // A different prefix lives side by side.
     let side = BusConfig {
         prefix: "other".into(),

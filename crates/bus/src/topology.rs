@@ -263,6 +263,10 @@ fn compare_stream(want: &stream::Config, have: &stream::Config) -> Result<(), To
         unlimited(have.max_messages_per_subject),
     )?;
     check(n, "storage", want.storage, have.storage)?;
+    // A deployment moved to a cluster raises its streams' replicas first (docs:
+    // architecture, "From one server to a cluster"); a process still configured for
+    // the other count says so here instead of running on streams it does not expect.
+    check(n, "num_replicas", want.num_replicas, have.num_replicas)?;
     check(
         n,
         "allow_msg_counter",
@@ -309,6 +313,12 @@ pub async fn ensure(
                     have.max_messages_per_subject,
                 )?;
                 check(&want.bucket, "max_age", want.max_age, have.max_age)?;
+                check(
+                    &want.bucket,
+                    "num_replicas",
+                    want.num_replicas,
+                    have.num_replicas,
+                )?;
             }
             Err(e) if stream_missing(&e) => {
                 match js.create_key_value(want.clone()).await {
