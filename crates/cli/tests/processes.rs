@@ -351,7 +351,12 @@ fn live_views_list_sessions_replay_a_timeline_and_show_agents_and_memory() {
         "{one}"
     );
 
-    // A process killed with SIGKILL leaves its presence behind: a ghost.
+    // A process killed with SIGKILL leaves its presence behind (until its TTL, or
+    // until a watchdog buries it): a ghost. Serve, whose watchdog would bury it within
+    // a probe, goes first.
+    let mut serve = procs.0.remove(0);
+    serve.kill().unwrap();
+    serve.wait().unwrap();
     let mut victim = procs.0.pop().unwrap();
     victim.kill().unwrap();
     victim.wait().unwrap();
@@ -362,7 +367,10 @@ fn live_views_list_sessions_replay_a_timeline_and_show_agents_and_memory() {
             .as_array()
             .unwrap()
             .iter()
-            .any(|a| a["role"] == "review" && a["ghost"] == true),
+            .filter(|a| a["ghost"] == true)
+            .filter(|a| a["role"] == "review" || a["role"] == "orchestrator")
+            .count()
+            == 2,
         "{agents}"
     );
     drop(procs);
