@@ -22,6 +22,15 @@ fn users_conf() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../nats/accounts.conf")
 }
 
+/// A server on `nats/accounts.conf` (the test's own port and store).
+fn users_server() -> NatsServer {
+    NatsServer::builder()
+        .arg("-c")
+        .arg(users_conf().to_string_lossy())
+        .start()
+        .unwrap()
+}
+
 /// The settings of `user` from `nats/accounts.conf`.
 fn as_user(url: &str, user: &str) -> BusConfig {
     BusConfig {
@@ -38,11 +47,7 @@ fn as_user(url: &str, user: &str) -> BusConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_component_runs_on_its_own_user_and_a_worker_may_do_nothing_else() {
-    let server = NatsServer::builder()
-        .arg("-c")
-        .arg(users_conf().to_string_lossy())
-        .start()
-        .unwrap();
+    let server = users_server();
     let url = server.url();
 
     // A wrong password is a clear error, not a hang.
@@ -342,11 +347,7 @@ impl flotilla_agent::Agent for Idle {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_started_before_serve_waits_for_its_consumer() {
-    let server = NatsServer::builder()
-        .arg("-c")
-        .arg(users_conf().to_string_lossy())
-        .start()
-        .unwrap();
+    let server = users_server();
     let url = server.url();
     let research: flotilla_protocol::Role = "research".parse().unwrap();
     let shutdown = tokio_util::sync::CancellationToken::new();

@@ -452,7 +452,7 @@ fn serve_and_agents_export_prometheus_metrics_that_match_what_happened() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    // Garbage on an inbox: one dead letter, by reason.
+    // A submission naming an unknown role: one dead letter, by reason.
     let mut cmd = Command::new(BIN);
     cmd.args([
         "submit",
