@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+use tracing::Instrument;
 
 use bytes::Bytes;
 use flotilla_bus::Bus;
@@ -377,10 +378,20 @@ impl LimitedLlm {
         let estimate = u64::from(flotilla_llm::estimate_request_tokens(request));
         let mut retries = 0;
         loop {
+            let span = tracing::info_span!(
+                "rate_limit",
+                model = %request.model,
+                tokens = estimate,
+                waited_ms = tracing::field::Empty,
+            );
             let permit = self
                 .limiter
                 .acquire(&request.model, estimate)
+                .instrument(span.clone())
                 .await
+                .inspect(|p| {
+                    span.record("waited_ms", p.waited.as_millis() as u64);
+                })
                 .map_err(|e| match e {
                     LimitError::Timeout { .. } => LlmError::RateLimited { retry_after: None },
                     LimitError::Refused {

@@ -31,6 +31,7 @@ use flotilla_protocol::{InvalidId, SessionId, TaskId, ToolCall, ToolName, ToolRe
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// How the gateway treats one tool.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -139,6 +140,18 @@ pub enum ToolError {
 }
 
 impl ToolError {
+    /// A short stable name of the kind of failure (the `error.type` of a call's span).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Unknown { .. } => "unknown_tool",
+            Self::Failed { .. } => "failed",
+            Self::Timeout { .. } => "timeout",
+            Self::Unavailable { .. } => "unavailable",
+            Self::CircuitOpen { .. } => "circuit_open",
+            Self::BadReply { .. } => "bad_reply",
+        }
+    }
+
     /// Whether the same call may succeed later (timeouts, unavailable, circuit open).
     pub fn is_transient(&self) -> bool {
         matches!(
@@ -343,7 +356,32 @@ impl ToolGateway {
     }
 
     /// Calls `tool` with `arguments` for `task` of `session`, and returns its result.
+    /// The call is a span (`execute_tool <name>`, OpenTelemetry GenAI attributes).
     pub async fn call(
+        &self,
+        session: &SessionId,
+        task: &TaskId,
+        tool: &str,
+        arguments: &serde_json::Value,
+    ) -> Result<serde_json::Value, ToolError> {
+        let span = tracing::info_span!(
+            "execute_tool",
+            otel.name = format!("execute_tool {tool}"),
+            gen_ai.operation.name = "execute_tool",
+            gen_ai.tool.name = tool,
+            error.type = tracing::field::Empty,
+        );
+        let out = self
+            .call_in_span(session, task, tool, arguments)
+            .instrument(span.clone())
+            .await;
+        if let Err(e) = &out {
+            span.record("error.type", e.kind());
+        }
+        out
+    }
+
+    async fn call_in_span(
         &self,
         session: &SessionId,
         task: &TaskId,
@@ -389,6 +427,13 @@ impl ToolGateway {
         let admitted = lock(&t.breaker).admit(Instant::now());
         if let Err(retry_in) = admitted {
             self.stats.circuit_open.fetch_add(1, Ordering::Relaxed);
+            flotilla_bus::trace::span_event(
+                "circuit_open",
+                vec![flotilla_bus::trace::KeyValue::new(
+                    "gen_ai.tool.name",
+                    tool.to_owned(),
+                )],
+            );
             return Err(ToolError::CircuitOpen {
                 tool: tool.to_owned(),
                 retry_in,

@@ -160,6 +160,7 @@ impl Worker {
             agent = %self.agent_id,
             trace_id = trace.map(|t| t.trace_id_hex()).unwrap_or_default(),
         );
+        flotilla_bus::trace::set_parent(&span, trace);
         let ack_subject = d.ack_subject().unwrap_or_default().to_owned();
         let result = self
             .run_task(task, trace, &ack_subject, d.delivered() > 1)
@@ -313,6 +314,19 @@ impl Worker {
         if resumed && claimed.attempt == task.attempt {
             tracing::info!("resuming an attempt another holder started");
         }
+        if claimed.holders > 1 && claimed.attempt == task.attempt {
+            // Another holder had this attempt (taken over, or fenced by the watchdog).
+            flotilla_bus::trace::span_event(
+                "reassigned",
+                vec![
+                    flotilla_bus::trace::KeyValue::new("flotilla.attempt", i64::from(task.attempt)),
+                    flotilla_bus::trace::KeyValue::new(
+                        "flotilla.holders",
+                        i64::from(claimed.holders),
+                    ),
+                ],
+            );
+        }
 
         // Run (on an allowance, when the session set one aside).
         let allowance = task.allowance.map(|tokens| {
@@ -363,6 +377,13 @@ impl Worker {
             Err(AgentError::Unusable(why)) => (None, TaskOutcome::Failed { reason: why }),
             Err(AgentError::Stopped(e)) => {
                 tracing::warn!(budget = %e.budget, reason = %e.reason, "budget stopped the attempt");
+                flotilla_bus::trace::span_event(
+                    "budget_exhausted",
+                    vec![flotilla_bus::trace::KeyValue::new(
+                        "flotilla.budget",
+                        e.budget.to_string(),
+                    )],
+                );
                 (
                     None,
                     TaskOutcome::Stopped {
@@ -391,6 +412,7 @@ impl Worker {
             .await?;
         if matches!(applied, Applied::Contended) {
             tracing::warn!("claim was taken over while running; result fenced off");
+            flotilla_bus::trace::span_event("fenced", Vec::new());
             let body = EventBody::Result {
                 task_id: task.task_id.clone(),
                 role: task.role.clone(),

@@ -324,6 +324,12 @@ impl Records {
                     });
                 }
                 Err(KvError::Conflict { .. } | KvError::Exists { .. }) => {
+                    metrics::counter!("flotilla_cas_conflicts_total", "bucket" => "records")
+                        .increment(1);
+                    crate::trace::span_event(
+                        "cas_conflict",
+                        vec![crate::trace::KeyValue::new("flotilla.key", key.to_owned())],
+                    );
                     current = self.get::<T>(key).await?;
                 }
                 Err(e) => return Err(e),

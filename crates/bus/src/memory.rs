@@ -390,6 +390,10 @@ impl SessionMemory {
                 self.count(|c| &c.conflicts);
                 metrics::counter!("flotilla_cas_conflicts_total", "bucket" => "memory")
                     .increment(1);
+                crate::trace::span_event(
+                    "cas_conflict",
+                    vec![crate::trace::KeyValue::new("flotilla.bucket", "memory")],
+                );
                 Err(MemoryError::Exists(key.0.clone()))
             }
             Err(e) => Err(MemoryError::Unavailable(e.to_string())),
@@ -411,6 +415,10 @@ impl SessionMemory {
                 self.count(|c| &c.conflicts);
                 metrics::counter!("flotilla_cas_conflicts_total", "bucket" => "memory")
                     .increment(1);
+                crate::trace::span_event(
+                    "cas_conflict",
+                    vec![crate::trace::KeyValue::new("flotilla.bucket", "memory")],
+                );
                 Err(MemoryError::Conflict(key.0.clone()))
             }
             Err(e) => Err(MemoryError::Unavailable(e.to_string())),
@@ -430,6 +438,10 @@ impl SessionMemory {
                 self.count(|c| &c.conflicts);
                 metrics::counter!("flotilla_cas_conflicts_total", "bucket" => "memory")
                     .increment(1);
+                crate::trace::span_event(
+                    "cas_conflict",
+                    vec![crate::trace::KeyValue::new("flotilla.bucket", "memory")],
+                );
                 Err(MemoryError::Conflict(key.0.clone()))
             }
             Err(e) => Err(MemoryError::Unavailable(e.to_string())),
@@ -543,6 +555,10 @@ impl SessionMemory {
                 waited = true;
                 self.count(|c| &c.lock_waits);
                 metrics::counter!("flotilla_lock_waits_total").increment(1);
+                crate::trace::span_event(
+                    "lock_wait",
+                    vec![crate::trace::KeyValue::new("flotilla.lock", name.0.clone())],
+                );
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(MemoryError::LockHeld(name.0.clone()));
@@ -563,6 +579,13 @@ impl SessionMemory {
         let expired = || {
             self.count(|c| &c.lock_expiries);
             metrics::counter!("flotilla_lock_expiries_total").increment(1);
+            crate::trace::span_event(
+                "lock_expired",
+                vec![crate::trace::KeyValue::new(
+                    "flotilla.lock",
+                    guard.name.0.clone(),
+                )],
+            );
             MemoryError::LockExpired(guard.name.0.clone())
         };
         if tokio::time::Instant::now() + GUARD_MARGIN >= guard.expires_at {

@@ -35,7 +35,8 @@ pub struct Outgoing {
     pub session: Option<SessionId>,
     /// Task attempt, if any (sets `Flotilla-Attempt`).
     pub attempt: Option<u32>,
-    /// Trace context of the sender; a child span id is generated for this hop.
+    /// Trace context of the session; the message carries the sending span's context
+    /// (see [`crate::trace::outgoing`]).
     pub trace: Option<TraceParent>,
     /// Body.
     pub payload: Bytes,
@@ -46,10 +47,7 @@ impl Outgoing {
     pub fn headers(&self) -> HeaderMap {
         let mut h = HeaderMap::new();
         h.insert(headers::MSG_ID, self.msg_id.as_str());
-        let tp = match self.trace {
-            Some(t) => t.child(crate::trace::random_u64()),
-            None => crate::trace::new_root(),
-        };
+        let tp = crate::trace::outgoing(self.trace);
         h.insert(headers::TRACEPARENT, tp.to_string().as_str());
         if let Some(s) = &self.session {
             h.insert(headers::SESSION, s.as_str());

@@ -92,6 +92,8 @@ pub(crate) struct Config {
     pub(crate) embedded: EmbeddedConfig,
     /// Log filter (`RUST_LOG` syntax) when `RUST_LOG` is unset.
     pub(crate) log: String,
+    /// OpenTelemetry trace export.
+    pub(crate) telemetry: crate::telemetry::TelemetryConfig,
 }
 
 impl Config {
@@ -148,6 +150,7 @@ fn defaults() -> Config {
         llm: LlmConfig::default(),
         embedded: EmbeddedConfig::default(),
         log: "info".into(),
+        telemetry: crate::telemetry::TelemetryConfig::default(),
     }
 }
 
@@ -164,6 +167,7 @@ pub(crate) fn load(path: Option<&Path>) -> anyhow::Result<Config> {
     }
     fig = fig.merge(Env::prefixed("FLOTILLA_").split("__"));
     let mut config: Config = fig.extract().context("invalid configuration")?;
+    config.telemetry.apply_env(|k| std::env::var(k).ok())?;
     // A role's inbox bound is a topology setting: fold it into the bus config.
     for (role, def) in &config.roles {
         if let Some(b) = def.inbox_bound {

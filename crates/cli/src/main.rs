@@ -9,13 +9,13 @@ mod config;
 mod embedded;
 mod load;
 mod procstat;
+mod telemetry;
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use flotilla_protocol::{Role, SessionId};
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 /// mimalloc instead of the system allocator: a session's path allocates many small,
 /// short-lived buffers (messages, records, futures) across threads, where glibc's
@@ -307,14 +307,6 @@ struct LoadArgs {
     metrics_addr: Option<std::net::SocketAddr>,
 }
 
-fn init_tracing(default: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 /// Cancels the token on Ctrl-C or SIGTERM.
 fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();
@@ -352,7 +344,18 @@ async fn main() -> anyhow::Result<()> {
         config.nats.url = url.clone();
     }
     let quiet = !matches!(cli.command, Command::Serve { .. } | Command::Agent { .. });
-    init_tracing(if quiet { "warn" } else { &config.log });
+    let service = match &cli.command {
+        Command::Serve { .. } => "flotilla-serve".to_owned(),
+        Command::Agent { role, .. } => format!("flotilla-agent-{role}"),
+        Command::Demo(_) => "flotilla-demo".to_owned(),
+        Command::Bench(_) => "flotilla-bench".to_owned(),
+        _ => "flotilla".to_owned(),
+    };
+    let _telemetry = telemetry::init(
+        if quiet { "warn" } else { &config.log },
+        &config.telemetry,
+        &service,
+    )?;
     match cli.command {
         Command::Serve { metrics_addr } => {
             cmd::serve_metrics(metrics_addr)?;

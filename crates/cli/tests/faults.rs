@@ -645,3 +645,297 @@ async fn a_conversation_survives_its_process_between_two_turns() {
         records[0].counters.spend
     );
 }
+
+/// Export settings for a process: its spans go to `endpoint` over `protocol`, in
+/// batches flushed every 200 ms.
+fn otel_env<'a>(endpoint: &'a str, protocol: &'a str) -> [(&'a str, &'a str); 3] {
+    [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", protocol),
+        ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+    ]
+}
+
+/// The spans of one trace, by span id, and the ancestry of each.
+struct Trace(HashMap<String, flotilla_testkit::ReceivedSpan>);
+
+impl Trace {
+    fn new(spans: &[flotilla_testkit::ReceivedSpan], trace_id: &str) -> Self {
+        Self(
+            spans
+                .iter()
+                .filter(|s| s.trace_id == trace_id)
+                .map(|s| (s.span_id.clone(), s.clone()))
+                .collect(),
+        )
+    }
+
+    /// Spans called `name`, or `name <detail>` (`chat gpt-4o`), oldest first.
+    fn named(&self, name: &str) -> Vec<&flotilla_testkit::ReceivedSpan> {
+        let prefix = format!("{name} ");
+        let mut v: Vec<_> = self
+            .0
+            .values()
+            .filter(|s| s.name == name || s.name.starts_with(&prefix))
+            .collect();
+        v.sort_by_key(|s| s.start_unix_nanos);
+        v
+    }
+
+    /// Whether `ancestor` is `span`'s parent, grandparent, ... within this trace.
+    fn descends(&self, span: &flotilla_testkit::ReceivedSpan, ancestor: &str) -> bool {
+        let mut cur = span.parent_span_id.clone();
+        for _ in 0..64 {
+            if cur == ancestor {
+                return true;
+            }
+            match self.0.get(&cur) {
+                Some(p) => cur = p.parent_span_id.clone(),
+                None => return false,
+            }
+        }
+        false
+    }
+
+    /// The nearest ancestor of `span` called one of `names`.
+    fn nearest(&self, span: &flotilla_testkit::ReceivedSpan, names: &[&str]) -> Option<String> {
+        let mut cur = self.0.get(&span.parent_span_id);
+        for _ in 0..64 {
+            let p = cur?;
+            if names.contains(&p.name.as_str()) {
+                return Some(p.span_id.clone());
+            }
+            cur = self.0.get(&p.parent_span_id);
+        }
+        None
+    }
+
+    /// Every span's parent is in the trace, except the one root.
+    fn roots(&self) -> Vec<&flotilla_testkit::ReceivedSpan> {
+        self.0
+            .values()
+            .filter(|s| !self.0.contains_key(&s.parent_span_id))
+            .collect()
+    }
+}
+
+async fn trace_id_of(bus: &Bus, sid: &flotilla_protocol::SessionId) -> String {
+    let (rec, _) = bus
+        .sessions()
+        .get::<SessionRecord>(&keys::session(sid))
+        .await
+        .unwrap()
+        .unwrap();
+    flotilla_protocol::TraceParent::parse(&rec.traceparent)
+        .unwrap()
+        .trace_id_hex()
+}
+
+/// One session run as separate OS processes (`serve` exporting over http/protobuf, the
+/// agents over gRPC) is one OpenTelemetry trace: admission, planning, each task, each
+/// LLM call and the synthesis, with every parent link pointing at the span that sent
+/// the message or made the call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_session_is_one_trace_across_processes() {
+    let server = NatsServer::start().unwrap();
+    let url = server.url();
+    let otlp = flotilla_testkit::OtlpReceiver::start().await.unwrap();
+    let (http, grpc) = (otlp.http_endpoint(), otlp.grpc_endpoint());
+    let base = [("FLOTILLA_LLM__SIMULATED__LATENCY_MS", "50")];
+    let serve_env: Vec<_> = base
+        .iter()
+        .copied()
+        .chain(otel_env(&http, "http/protobuf"))
+        .collect();
+    let agent_env: Vec<_> = base
+        .iter()
+        .copied()
+        .chain(otel_env(&grpc, "grpc"))
+        .collect();
+    let mut procs = Procs(HashMap::new());
+    procs.spawn(&["serve"], &url, &serve_env);
+    let roles = ["research", "analysis", "writing", "review"];
+    for role in roles {
+        procs.spawn(&["agent", "--role", role], &url, &agent_env);
+    }
+    let (bus, client) = inspector(&url).await;
+    let (done, _) = client
+        .run("trace a launch plan", Duration::from_secs(120))
+        .await
+        .unwrap();
+    assert!(done.completed(), "{:?}", done.event.body);
+    let tid = trace_id_of(&bus, &done.session_id).await;
+
+    // Admission, start, plan, 4 tasks, 4 results, synthesis, 6 LLM calls.
+    let spans = otlp
+        .wait_for(Duration::from_secs(30), |s| {
+            let t = Trace::new(s, &tid);
+            t.named("chat").len() >= 6
+                && t.named("orchestrate").len() >= 5
+                && t.named("task").len() >= 4
+        })
+        .await;
+    let t = Trace::new(&spans, &tid);
+    let names: Vec<_> =
+        t.0.values()
+            .map(|s| (s.service.as_str(), s.name.as_str()))
+            .collect();
+    let roots = t.roots();
+    assert_eq!(roots.len(), 1, "one root: {names:?}");
+    let admit = t.named("admit");
+    assert_eq!(admit.len(), 1, "{names:?}");
+    assert_eq!(admit[0].span_id, roots[0].span_id, "admission is the root");
+    assert_eq!(admit[0].service, "flotilla-serve");
+    assert_eq!(admit[0].attr("session"), Some(done.session_id.as_str()));
+
+    let orchestrate = t.named("orchestrate");
+    let start: Vec<_> = orchestrate
+        .iter()
+        .filter(|s| s.attr("input") == Some("start"))
+        .collect();
+    assert_eq!(start.len(), 1, "{names:?}");
+    assert_eq!(
+        start[0].parent_span_id, admit[0].span_id,
+        "start is admission's child"
+    );
+    let plan = t.named("plan");
+    assert_eq!(plan.len(), 1, "{names:?}");
+    assert_eq!(plan[0].parent_span_id, start[0].span_id);
+
+    let tasks = t.named("task");
+    assert_eq!(tasks.len(), 4, "{names:?}");
+    let mut seen_roles: Vec<_> = tasks
+        .iter()
+        .map(|s| s.attr("role").unwrap().to_owned())
+        .collect();
+    seen_roles.sort();
+    let mut want: Vec<_> = roles.iter().map(|r| r.to_string()).collect();
+    want.sort();
+    assert_eq!(seen_roles, want);
+    for task in &tasks {
+        let role = task.attr("role").unwrap();
+        assert_eq!(
+            task.service,
+            format!("flotilla-agent-{role}"),
+            "exported by the agent process"
+        );
+        // Dispatched by the handler that made it ready: the start, or the result of a
+        // task it depends on.
+        let parent = t.0.get(&task.parent_span_id).map(|p| p.name.as_str());
+        assert_eq!(parent, Some("orchestrate"), "{task:?}");
+        assert!(t.descends(task, &start[0].span_id), "{task:?}");
+        // The task's result is handled in a span that the task's span parents.
+        let handled = orchestrate.iter().filter(|o| {
+            o.attr("input") == Some("result")
+                && o.attr("task") == task.attr("task")
+                && t.descends(o, &task.span_id)
+        });
+        assert_eq!(handled.count(), 1, "result of {role}: {names:?}");
+    }
+
+    assert!(
+        tasks.iter().any(|x| x.parent_span_id == start[0].span_id),
+        "the first wave is dispatched by the start handler"
+    );
+    let synth = t.named("synthesize");
+    assert_eq!(synth.len(), 1, "{names:?}");
+    let chats = t.named("chat");
+    assert_eq!(chats.len(), 6, "plan, 4 tasks, synthesis: {names:?}");
+    for chat in &chats {
+        assert_eq!(chat.attr("gen_ai.operation.name"), Some("chat"));
+        assert!(
+            chat.attr("gen_ai.request.model")
+                .is_some_and(|m| !m.is_empty())
+        );
+        for k in ["gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens"] {
+            let n: u64 = chat.attr(k).unwrap_or_default().parse().unwrap_or(0);
+            assert!(n > 0, "{k} on {chat:?}");
+        }
+    }
+    // Each call belongs to the step that made it.
+    let owner =
+        |c: &&&flotilla_testkit::ReceivedSpan| t.nearest(c, &["plan", "task", "synthesize"]);
+    for step in plan.iter().chain(&tasks).chain(&synth) {
+        let calls = chats
+            .iter()
+            .filter(|c| owner(c).as_deref() == Some(step.span_id.as_str()));
+        assert_eq!(calls.count(), 1, "one call by {step:?}");
+    }
+}
+
+/// A worker killed mid-task: the watchdog's reassignment and the new holder's task
+/// span are in the session's trace, the new holder's span marked `reassigned`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reassignment_shows_in_the_sessions_trace() {
+    let server = NatsServer::start().unwrap();
+    let url = server.url();
+    let otlp = flotilla_testkit::OtlpReceiver::start().await.unwrap();
+    let http = otlp.http_endpoint();
+    let env: Vec<_> = FAST_LIVENESS
+        .iter()
+        .copied()
+        .chain(otel_env(&http, "http/protobuf"))
+        .collect();
+    let mut procs = Procs(HashMap::new());
+    let research = procs.fleet(&url, &env);
+    let (bus, client) = inspector(&url).await;
+    let set = start_sessions(&client, 2, "trace a reassignment");
+    let (victim, held) = running_holder(&bus, &research).await;
+    procs.kill9(victim);
+    let records = check_all_completed(&bus, set, 2).await;
+    let from = format!("research-{victim}");
+    for key in &held {
+        let (rec, _) = bus
+            .sessions()
+            .get::<TaskRecord>(key)
+            .await
+            .unwrap()
+            .unwrap();
+        let sid = rec.session_id.clone();
+        assert!(records.iter().any(|r| r.session_id == sid));
+        let tid = trace_id_of(&bus, &sid).await;
+        let task_id = rec.task_id.to_string();
+        let spans = otlp
+            .wait_for(Duration::from_secs(30), |s| {
+                let t = Trace::new(s, &tid);
+                !t.named("reassign").is_empty()
+                    && t.named("task")
+                        .iter()
+                        .any(|x| x.attr("task") == Some(task_id.as_str()))
+                    && !t.named("synthesize").is_empty()
+            })
+            .await;
+        let t = Trace::new(&spans, &tid);
+        let names: Vec<_> =
+            t.0.values()
+                .map(|s| (s.service.as_str(), s.name.as_str()))
+                .collect();
+        let reassign: Vec<_> = t
+            .named("reassign")
+            .into_iter()
+            .filter(|s| s.attr("task") == Some(task_id.as_str()))
+            .collect();
+        assert_eq!(reassign.len(), 1, "{names:?}");
+        assert_eq!(reassign[0].attr("from"), Some(from.as_str()));
+        assert_eq!(reassign[0].service, "flotilla-serve");
+        assert!(
+            t.descends(reassign[0], &t.named("admit")[0].span_id),
+            "in the session's trace"
+        );
+        // The dead holder never ended its span; the new holder's is the one exported.
+        let runs: Vec<_> = t
+            .named("task")
+            .into_iter()
+            .filter(|s| s.attr("task") == Some(task_id.as_str()))
+            .collect();
+        assert_eq!(runs.len(), 1, "{names:?}");
+        assert_ne!(runs[0].attr("agent"), Some(from.as_str()));
+        assert!(
+            runs[0].events.iter().any(|e| e == "reassigned"),
+            "{:?}",
+            runs[0]
+        );
+        assert!(runs[0].start_unix_nanos > reassign[0].start_unix_nanos);
+        assert_eq!(t.roots().len(), 1, "{names:?}");
+    }
+}

@@ -25,6 +25,7 @@ use flotilla_protocol::{
 };
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::config::SessionConfig;
 use crate::slots::{SlotError, SlotTable};
@@ -135,6 +136,24 @@ impl Admission {
     ) -> Result<SessionId, Rejection> {
         let roles = self.roles_for(req)?;
         let session = req.session_id.clone().unwrap_or_else(SessionId::generate);
+        // The session's trace: this span, a child of the client's when it sent one.
+        let span =
+            tracing::info_span!("admit", session = %session, trace_id = tracing::field::Empty);
+        flotilla_bus::trace::set_parent(&span, parent);
+        let trace = span.in_scope(|| flotilla_bus::trace::outgoing(parent));
+        span.record("trace_id", trace.trace_id_hex());
+        self.admit_as(req, session, roles, trace)
+            .instrument(span)
+            .await
+    }
+
+    async fn admit_as(
+        &self,
+        req: &OpenSession,
+        session: SessionId,
+        roles: Vec<Role>,
+        trace: TraceParent,
+    ) -> Result<SessionId, Rejection> {
         let key = keys::session(&session);
         // No read first: the record's create says whether the session exists (a
         // retried open then gives its slot back); only a full pool looks, so that a
@@ -157,10 +176,6 @@ impl Admission {
             Err(SlotError::Kv(e)) => return Err(e.into()),
         };
         let now = epoch_ms(SystemTime::now());
-        let trace = match parent {
-            Some(p) => p.child(flotilla_bus::trace::random_u64()),
-            None => flotilla_bus::trace::new_root(),
-        };
         let record = SessionRecord::planning(
             session.clone(),
             req.task.clone(),
@@ -188,9 +203,6 @@ impl Admission {
                 return Err(e.into());
             }
         }
-        let span =
-            tracing::info_span!("admit", session = %session, trace_id = %trace.trace_id_hex());
-        let _g = span.enter();
         if let Err(e) = self.publish_start(&session, trace).await {
             // Undo, so the client can simply retry.
             let _ = self.bus.sessions().delete(&key, None).await;

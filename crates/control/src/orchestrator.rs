@@ -110,11 +110,19 @@ fn session_ended_metrics(rec: &SessionRecord) {
         .record(rec.updated_ms.saturating_sub(rec.opened_ms) as f64 / 1000.0);
     match rec.stopped_by {
         Some(flotilla_protocol::BudgetKind::CircuitBreaker) => {
-            metrics::counter!("flotilla_circuit_opens_total").increment(1)
+            metrics::counter!("flotilla_circuit_opens_total").increment(1);
+            flotilla_bus::trace::span_event("circuit_open", Vec::new());
         }
         Some(kind) => {
             metrics::counter!("flotilla_budget_exhausted_total", "kind" => kind.to_string())
-                .increment(1)
+                .increment(1);
+            flotilla_bus::trace::span_event(
+                "budget_exhausted",
+                vec![flotilla_bus::trace::KeyValue::new(
+                    "flotilla.budget",
+                    kind.to_string(),
+                )],
+            );
         }
         None => {}
     }
@@ -251,8 +259,10 @@ impl Orchestrator {
             session = %session,
             role = "orchestrator",
             task = match &input { Input::Result(r) => r.task_id.as_str().to_owned(), Input::Start => String::new() },
+            input = match &input { Input::Result(_) => "result", Input::Start => "start" },
             trace_id = d.trace().map(|t| t.trace_id_hex()).unwrap_or_default(),
         );
+        flotilla_bus::trace::set_parent(&span, d.trace());
         if let Input::Result(r) = &input {
             self.vouch(r, d.delivered())
                 .instrument(span.clone())
@@ -355,7 +365,11 @@ impl Orchestrator {
                 (Some(Input::Start), SessionStatus::Planning) => {
                     self.open_account(&mut rec);
                     if planned.is_none() {
-                        planned = Some(self.plan(&rec, &mut calls).await?);
+                        planned = Some(
+                            self.plan(&rec, &mut calls)
+                                .instrument(tracing::info_span!("plan"))
+                                .await?,
+                        );
                     }
                     calls.charge(&mut rec, &mut applied);
                     self.on_start(&mut rec, planned.clone());
@@ -385,7 +399,11 @@ impl Orchestrator {
             // synthesis redelivers the result, whose handler synthesizes again.
             if rec.status == SessionStatus::Synthesizing {
                 if synthesized.is_none() {
-                    synthesized = Some(self.synthesize(&rec, &mut calls).await?);
+                    synthesized = Some(
+                        self.synthesize(&rec, &mut calls)
+                            .instrument(tracing::info_span!("synthesize"))
+                            .await?,
+                    );
                 }
                 match synthesized.clone() {
                     Some(Ok(answer)) => machine::on_synthesized(&mut rec, answer, now()),
@@ -445,6 +463,13 @@ impl Orchestrator {
                 Err(KvError::Conflict { .. }) => {
                     metrics::counter!("flotilla_cas_conflicts_total", "bucket" => "sessions")
                         .increment(1);
+                    flotilla_bus::trace::span_event(
+                        "cas_conflict",
+                        vec![flotilla_bus::trace::KeyValue::new(
+                            "flotilla.bucket",
+                            "sessions",
+                        )],
+                    );
                     fresh = false;
                     continue;
                 }

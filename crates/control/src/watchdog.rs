@@ -24,6 +24,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
+use tracing::Instrument;
 
 use async_nats::RequestErrorKind;
 use async_nats::jetstream::kv;
@@ -327,10 +328,36 @@ impl Watchdog {
                         after_ms,
                     };
                     let id = format!("reassigned.{task_id}.{attempt}.{}", p.agent_id);
-                    if let Err(e) = self.bus.emit(&item.session_id, &id, body, None).await {
-                        tracing::warn!(error = %e, "could not log a reassignment");
+                    // A span of the session's trace (one read of its record, only when
+                    // something is reassigned), so the reassignment shows in the trace
+                    // between the dead holder's task span and the next holder's.
+                    let trace = self
+                        .bus
+                        .sessions()
+                        .get::<flotilla_protocol::SessionRecord>(&keys::session(&item.session_id))
+                        .await
+                        .ok()
+                        .flatten()
+                        .and_then(|(r, _)| {
+                            flotilla_protocol::TraceParent::parse(&r.traceparent).ok()
+                        });
+                    let span = tracing::info_span!(
+                        "reassign",
+                        session = %item.session_id,
+                        task = %task_id,
+                        attempt,
+                        from = %p.agent_id,
+                        reason,
+                    );
+                    flotilla_bus::trace::set_parent(&span, trace);
+                    async {
+                        if let Err(e) = self.bus.emit(&item.session_id, &id, body, trace).await {
+                            tracing::warn!(error = %e, "could not log a reassignment");
+                        }
+                        tracing::warn!(session = %item.session_id, task = %task_id, attempt, from = %p.agent_id, reason, "task reassigned");
                     }
-                    tracing::warn!(session = %item.session_id, task = %task_id, attempt, from = %p.agent_id, reason, "task reassigned");
+                    .instrument(span)
+                    .await;
                 }
                 // Not held by that process any more: nothing to release.
                 Ok(None) => return,

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 use crate::client::{CompletionRequest, LlmClient, LlmFuture};
 
@@ -93,7 +94,28 @@ impl LlmClient for InFlightLimit {
                 }
             };
             self.counter.started.fetch_add(1, Ordering::Relaxed);
-            let out = self.inner.complete(request).await;
+            // The call's span, with OpenTelemetry's GenAI attributes.
+            let span = tracing::info_span!(
+                "chat",
+                otel.name = format!("chat {}", request.model),
+                otel.kind = "client",
+                gen_ai.operation.name = "chat",
+                gen_ai.request.model = %request.model,
+                gen_ai.request.max_tokens = request.max_tokens,
+                gen_ai.usage.input_tokens = tracing::field::Empty,
+                gen_ai.usage.output_tokens = tracing::field::Empty,
+                error.type = tracing::field::Empty,
+            );
+            let out = self.inner.complete(request).instrument(span.clone()).await;
+            match &out {
+                Ok(c) => {
+                    span.record("gen_ai.usage.input_tokens", c.usage.prompt_tokens);
+                    span.record("gen_ai.usage.output_tokens", c.usage.completion_tokens);
+                }
+                Err(e) => {
+                    span.record("error.type", e.kind());
+                }
+            }
             drop(place);
             out
         })

@@ -132,6 +132,19 @@ pub enum LlmError {
     OverBudget(String),
 }
 
+impl LlmError {
+    /// A short stable name of the kind of failure (the `error.type` of a call's span).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::RateLimited { .. } => "rate_limited",
+            Self::Unavailable(_) => "unavailable",
+            Self::BadResponse(_) => "bad_response",
+            Self::Refused(_) => "refused",
+            Self::OverBudget(_) => "over_budget",
+        }
+    }
+}
+
 /// The future a [`LlmClient`] returns.
 pub type LlmFuture<'a> = Pin<Box<dyn Future<Output = Result<Completion, LlmError>> + Send + 'a>>;
 

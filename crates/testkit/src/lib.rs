@@ -12,10 +12,14 @@
 //!   on a random loopback port: requests and tokens per sliding window (429 with
 //!   `Retry-After`), bearer-key checking, a script of faults ([`Behaviour`]), counters
 //!   ([`FakeStats`]) and a log of request bodies.
+//! - [`otlp`]: [`OtlpReceiver`], an OTLP trace receiver (http/protobuf and gRPC) that
+//!   keeps the spans it is sent, for tests of trace export.
 
 pub mod fake_openai;
+pub mod otlp;
 
 pub use fake_openai::{Behaviour, FakeConfig, FakeOpenAi, FakeStartError, FakeStats, Responder};
+pub use otlp::{OtlpReceiver, ReceivedSpan};
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
