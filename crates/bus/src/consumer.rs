@@ -17,7 +17,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Bus;
 use crate::delivery::Delivery;
-use crate::metrics::Counters;
 use crate::verdict::{VerdictError, settle};
 use flotilla_protocol::Role;
 
@@ -399,8 +398,7 @@ impl PoolConsumer {
                 };
                 let delivery = Delivery::new(msg);
                 if delivery.delivered() > 1 {
-                    Counters::inc(&bus.counters.redelivered);
-                    metrics::counter!("flotilla_redeliveries_total").increment(1);
+                    bus.counters.redelivered.increment();
                 }
                 let h = handler.clone();
                 let ack = delivery.handle(&bus);

@@ -8,7 +8,6 @@ use bytes::Bytes;
 use flotilla_protocol::{ErrorCode, TraceParent, headers};
 
 use crate::Bus;
-use crate::metrics::Counters;
 
 /// Acknowledging failed; the server will redeliver after the ack wait.
 #[derive(Debug, thiserror::Error)]
@@ -95,7 +94,7 @@ impl Delivery {
     /// Done: remove it from the work queue.
     pub async fn ack(&self, bus: &Bus) -> Result<(), AckError> {
         self.msg.ack().await.map_err(|e| AckError(e.to_string()))?;
-        Counters::inc(&bus.counters.acked);
+        bus.counters.acked.increment();
         Ok(())
     }
 
@@ -275,9 +274,9 @@ impl Bus {
             Err(e) => return Err(e.to_string()),
         };
         if !ack.duplicate {
-            Counters::inc(&self.counters.dead_lettered);
-            metrics::counter!("flotilla_dead_letters_total", "reason" => letter.reason.clone())
-                .increment(1);
+            self.counters
+                .dead_lettered
+                .increment_labeled(&[("reason", letter.reason.clone())]);
         }
         Ok(())
     }

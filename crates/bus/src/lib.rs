@@ -341,8 +341,10 @@ async fn options(
             async move {
                 match event {
                     async_nats::Event::ServerError(e) => {
-                        if let Some(c) = &counters {
-                            Counters::inc(&c.server_errors);
+                        match &counters {
+                            Some(c) => c.server_errors.increment(),
+                            None => ::metrics::counter!("flotilla_nats_server_errors_total")
+                                .increment(1),
                         }
                         tracing::warn!(error = %e, "nats server error")
                     }
@@ -352,10 +354,12 @@ async fn options(
                     }
                     // Also at every clean shutdown of the server: not a warning.
                     async_nats::Event::Disconnected => {
-                        if let Some(c) = &counters {
-                            Counters::inc(&c.disconnects);
+                        match &counters {
+                            Some(c) => c.disconnects.increment(),
+                            None => {
+                                ::metrics::counter!("flotilla_nats_disconnects_total").increment(1)
+                            }
                         }
-                        ::metrics::counter!("flotilla_nats_disconnects_total").increment(1);
                         tracing::info!("nats connection lost; reconnecting")
                     }
                     async_nats::Event::Connected => {

@@ -16,7 +16,6 @@ use flotilla_protocol::{
 };
 
 use crate::Bus;
-use crate::metrics::Counters;
 
 /// JetStream error code: the subject holds `max_msgs_per_subject` messages and the
 /// stream discards new ones per subject.
@@ -137,7 +136,7 @@ impl Bus {
             let err = match res {
                 Ok(ack) => {
                     if ack.duplicate {
-                        Counters::inc(&self.counters.duplicates);
+                        self.counters.duplicates.increment();
                     }
                     return Ok(Published {
                         sequence: ack.sequence,
@@ -162,7 +161,7 @@ impl Bus {
                 }
                 PublishErrorKind::Other => match jetstream_code(&err) {
                     Some(SUBJECT_FULL) | Some(STREAM_FULL) => {
-                        Counters::inc(&self.counters.backpressure);
+                        self.counters.backpressure.increment();
                         return Err(PublishError::Full {
                             subject: out.subject.clone(),
                         });
@@ -184,7 +183,7 @@ impl Bus {
                     source: err,
                 });
             }
-            Counters::inc(&self.counters.publish_retries);
+            self.counters.publish_retries.increment();
             tracing::debug!(subject = %out.subject, msg_id = %out.msg_id, error = %err, "publish retry");
             // Same message id every time: the server's de-duplication makes the
             // retries idempotent.

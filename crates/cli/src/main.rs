@@ -375,6 +375,7 @@ async fn main() -> anyhow::Result<()> {
             cmd::load(config, a, cli.nats_url.is_some(), true).await
         }
         Command::Bench(BenchCommand::Sessions(a)) => {
+            cmd::serve_metrics(a.metrics_addr)?;
             cmd::load(config, a, cli.nats_url.is_some(), false).await
         }
         Command::Bench(BenchCommand::Memory(a)) => {

@@ -547,6 +547,27 @@ fn serve_and_agents_export_prometheus_metrics_that_match_what_happened() {
         "{body}"
     );
 
+    // The message counters the bench summaries read are these metrics: 8 tasks
+    // dispatched, none redelivered or de-duplicated.
+    assert_eq!(
+        sample(&body, "flotilla_tasks_dispatched_total", &[]),
+        8.0,
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, "flotilla_redeliveries_total", &[]),
+        0.0,
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, "flotilla_publish_duplicates_total", &[]),
+        0.0,
+        "{body}"
+    );
+    // start and 4 results per session, and the queued submission.
+    assert!(sample(&body, "flotilla_acks_total", &[]) >= 10.0, "{body}");
+    let serve_body = body;
+
     // The research agent: one call per research task, tokens both ways.
     let body = scrape(research_port);
     assert_eq!(
@@ -559,6 +580,65 @@ fn serve_and_agents_export_prometheus_metrics_that_match_what_happened() {
         assert!(
             sample(&body, "flotilla_llm_tokens_total", &[d.as_str()]) > 0.0,
             "{body}"
+        );
+    }
+    assert_eq!(
+        sample(&body, "flotilla_acks_total", &[]),
+        2.0,
+        "one per task: {body}"
+    );
+    assert_eq!(
+        sample(&body, "flotilla_nats_connects_total", &[]),
+        1.0,
+        "{body}"
+    );
+
+    // Every metric the shipped Grafana dashboard queries is exported by these
+    // processes, and is in the catalogue.
+    let dashboard = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../deploy/grafana/dashboards/flotilla.json"),
+    )
+    .unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    let mut queried = std::collections::BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let mut rest = expr;
+            while let Some(i) = rest.find("flotilla_") {
+                let name: String = rest[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                rest = &rest[i + name.len()..];
+                queried.insert(name);
+            }
+        }
+    }
+    assert!(queried.len() >= 20, "{queried:?}");
+    let exported = |name: &str| {
+        [&serve_body, &body].iter().any(|b| {
+            b.lines().any(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+            })
+        })
+    };
+    for name in &queried {
+        assert!(
+            exported(name),
+            "the dashboard queries {name}, which nobody exports"
+        );
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        assert!(
+            flotilla_bus::metrics::CATALOG
+                .iter()
+                .any(|(n, _, _)| *n == base),
+            "{base} is not in flotilla_bus::metrics::CATALOG"
         );
     }
     drop(procs);

@@ -13,9 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use flotilla_agent::open_inbox_delivery;
-use flotilla_bus::{
-    Bus, Counters, Delivery, KvError, Outgoing, PoolConsumer, PublishError, VerdictError,
-};
+use flotilla_bus::{Bus, Delivery, KvError, Outgoing, PoolConsumer, PublishError, VerdictError};
 use flotilla_llm::LlmClient;
 use flotilla_protocol::subject::keys;
 use flotilla_protocol::task_machine;
@@ -298,8 +296,7 @@ impl Orchestrator {
         let key = keys::task(&r.session_id, &r.role, &r.task_id);
         let rec = self.bus.sessions().get_latest::<TaskRecord>(&key).await?;
         task_machine::vouch(rec.as_ref().map(|(t, _)| t), r, delivered > 1).map_err(|why| {
-            Counters::inc(&self.bus.counters.forged);
-            metrics::counter!("flotilla_forged_results_total").increment(1);
+            self.bus.counters.forged.increment();
             tracing::warn!(task = %r.task_id, attempt = r.attempt, %why, "forged result refused");
             VerdictError::poison(ErrorCode::Forged, why)
         })
@@ -875,7 +872,7 @@ impl Orchestrator {
             match self.bus.publish(&out).await {
                 Ok(p) => {
                     if !p.duplicate {
-                        Counters::inc(&self.bus.counters.dispatched);
+                        self.bus.counters.dispatched.increment();
                     }
                     break;
                 }

@@ -33,6 +33,7 @@ pub(crate) fn serve_metrics(addr: Option<std::net::SocketAddr>) -> anyhow::Resul
         .context("metrics histogram buckets")?
         .install()
         .with_context(|| format!("serving metrics on {addr}"))?;
+    flotilla_bus::metrics::describe_all();
     tracing::info!(%addr, "prometheus metrics at /metrics");
     Ok(())
 }
