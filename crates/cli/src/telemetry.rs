@@ -160,8 +160,13 @@ pub(crate) fn init(
         .with_target("flotilla_agent", level)
         .with_target("flotilla_control", level)
         .with_target("flotilla_llm", level);
+    // Span attributes are the fields Flotilla sets (session, role, task, agent, GenAI):
+    // no thread, source location or busy/idle times on every span.
     let otel = tracing_opentelemetry::layer()
         .with_tracer(provider.tracer("flotilla"))
+        .with_threads(false)
+        .with_location(false)
+        .with_tracked_inactivity(false)
         .with_filter(targets);
     tracing_subscriber::registry().with(fmt).with(otel).init();
     tracing::info!(endpoint, protocol = ?config.otlp_protocol, "exporting spans over OTLP");
