@@ -41,6 +41,8 @@ pub struct InFlightLimit {
     places: Arc<Semaphore>,
     max: usize,
     counter: Arc<CallCounter>,
+    /// Whether each call is a `chat` span (off for a counter wrapped by another bound).
+    span: bool,
 }
 
 impl std::fmt::Debug for InFlightLimit {
@@ -60,6 +62,17 @@ impl InFlightLimit {
             places: Arc::new(Semaphore::new(max)),
             max,
             counter: Arc::default(),
+            span: true,
+        }
+    }
+
+    /// Only counts the calls of `inner` (no bound, no span): the load generator's view
+    /// of a whole in-process fleet, whose components each put their own bound (and
+    /// span) around it.
+    pub fn counting(inner: Arc<dyn LlmClient>) -> Self {
+        Self {
+            span: false,
+            ..Self::new(inner, Semaphore::MAX_PERMITS)
         }
     }
 
@@ -72,6 +85,7 @@ impl InFlightLimit {
             places: Arc::new(Semaphore::new(self.max)),
             max: self.max,
             counter: self.counter.clone(),
+            span: self.span,
         }
     }
 
@@ -94,6 +108,11 @@ impl LlmClient for InFlightLimit {
                 }
             };
             self.counter.started.fetch_add(1, Ordering::Relaxed);
+            if !self.span {
+                let out = self.inner.complete(request).await;
+                drop(place);
+                return out;
+            }
             // The call's span, with OpenTelemetry's GenAI attributes.
             let span = tracing::info_span!(
                 "chat",

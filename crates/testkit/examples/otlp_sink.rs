@@ -17,10 +17,20 @@ async fn main() {
     let mut last = usize::MAX;
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let n = r.spans().len();
+        let n = r.span_count();
         if n != last {
             println!("spans {n}");
             last = n;
+        }
+        if std::env::var_os("OTLP_SINK_SUMMARY").is_some() && n > 0 && n == last {
+            let mut by_name = std::collections::BTreeMap::<String, (usize, usize, usize)>::new();
+            for s in r.spans() {
+                let e = by_name.entry(s.name).or_default();
+                e.0 += 1;
+                e.1 += s.events.len();
+                e.2 += s.attributes.len();
+            }
+            println!("name: spans, events, attributes {by_name:?}");
         }
     }
 }

@@ -208,6 +208,11 @@ impl OtlpReceiver {
             .clone()
     }
 
+    /// How many spans have been received.
+    pub fn span_count(&self) -> usize {
+        self.spans.0.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
     /// Waits until `done` holds for the spans received, or `timeout` passes; returns
     /// the spans either way.
     pub async fn wait_for(

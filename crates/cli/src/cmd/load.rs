@@ -91,7 +91,7 @@ pub(crate) async fn load(
             worker_model: config.llm.worker_model.clone(),
             component_bus: Default::default(),
         };
-        let counted = flotilla_llm::InFlightLimit::new(super::run::llm(&config)?, usize::MAX);
+        let counted = flotilla_llm::InFlightLimit::counting(super::run::llm(&config)?);
         llm_calls = Some(counted.counter());
         let fleet = Fleet::start(spec, Arc::new(counted))
             .await
