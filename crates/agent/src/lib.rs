@@ -11,6 +11,8 @@
 //!   wrapper that waits for permits.
 //! - [`presence`]: heartbeats of what a process is doing, and ping answers.
 //! - [`role`]: worker roles defined in configuration (prompt, model, tools, limits).
+//! - [`stops`]: sessions ended from outside (cancel, deadline) whose work this process
+//!   must abort, and the answer to the fleet's stop notice.
 //! - [`tools`]: the tool gateway (cache, idempotency, timeouts, retries, rate limits,
 //!   circuit breakers) and serving a tool from Rust.
 //! - [`worker`]: the pool process: pull, claim, run, validate, commit, notify, ack;
@@ -23,6 +25,7 @@ pub mod limits;
 pub mod llm_agent;
 pub mod presence;
 pub mod role;
+pub mod stops;
 pub mod tools;
 pub mod worker;
 
@@ -34,6 +37,7 @@ pub use limits::{
 pub use llm_agent::{FINDINGS, Finding, LlmAgent};
 pub use presence::{LivenessConfig, Tracker};
 pub use role::RoleSpec;
+pub use stops::{StopGuard, Stops};
 pub use tools::{
     Breaker, Pacer, ServeToolError, ToolError, ToolGateway, ToolSpec, ToolStats, ToolsConfig,
     serve_tool,

@@ -69,6 +69,7 @@ pub struct Worker {
     settings: PoolSettings,
     liveness: LivenessConfig,
     tracker: Tracker,
+    stops: crate::stops::Stops,
 }
 
 impl std::fmt::Debug for Worker {
@@ -92,6 +93,7 @@ impl Worker {
             settings,
             tracker: Tracker::overdue_after(LivenessConfig::default().list_after()),
             liveness: LivenessConfig::default(),
+            stops: crate::stops::Stops::default(),
         }
     }
 
@@ -118,6 +120,13 @@ impl Worker {
         let Some(consumer) = self.bind(&shutdown).await? else {
             return Ok(());
         };
+        let stop_notices = crate::stops::listen(
+            self.bus.clone(),
+            self.agent_id.to_string(),
+            self.stops.clone(),
+            shutdown.child_token(),
+        )
+        .await;
         let heartbeat = tokio::spawn(crate::presence::heartbeat(
             self.bus.clone(),
             self.agent_id.clone(),
@@ -139,6 +148,7 @@ impl Worker {
             })
             .await;
         let _ = heartbeat.await;
+        let _ = stop_notices.await;
         Ok(())
     }
 
@@ -149,6 +159,11 @@ impl Worker {
                 ErrorCode::UnknownRole,
                 "only task messages go to worker inboxes",
             ));
+        };
+        // A session ended from outside (cancel, deadline): no work for it starts here.
+        let Some(guard) = self.stops.guard(&task.session_id) else {
+            tracing::debug!(session = %task.session_id, task = %task.task_id, "session stopped; task dropped");
+            return Ok(());
         };
         let trace = d.trace();
         let span = tracing::info_span!(
@@ -162,10 +177,21 @@ impl Worker {
         );
         flotilla_bus::trace::set_parent(&span, trace);
         let ack_subject = d.ack_subject().unwrap_or_default().to_owned();
-        let result = self
+        let run = self
             .run_task(task, trace, &ack_subject, d.delivered() > 1)
-            .instrument(span)
-            .await;
+            .instrument(span.clone());
+        // Stopped mid-task: the model or tool call in flight is dropped (aborted), and
+        // nothing is committed or reported for a session that has ended.
+        let result = tokio::select! {
+            r = run => r,
+            _ = guard.token().cancelled() => {
+                span.in_scope(|| {
+                    tracing::info!("session stopped; task aborted");
+                    flotilla_bus::trace::span_event("stopped", Vec::new());
+                });
+                Ok(())
+            }
+        };
         self.tracker.finish(&ack_subject);
         result
     }

@@ -178,7 +178,7 @@ pub const CATALOG: &[(&str, MetricKind, &str)] = &[
     (
         "flotilla_sessions_total",
         MetricKind::Counter,
-        "Sessions ended, by outcome (completed, failed).",
+        "Sessions ended, by outcome (completed, failed, cancelled, deadline_exceeded).",
     ),
     (
         "flotilla_session_duration_seconds",
@@ -340,7 +340,7 @@ pub fn describe_all() {
         (
             "flotilla_sessions_total",
             "outcome",
-            &["completed", "failed"],
+            &["completed", "failed", "cancelled", "deadline_exceeded"],
         ),
         (
             "flotilla_cas_conflicts_total",

@@ -76,7 +76,8 @@ enum Command {
     },
     /// Sessions, newest first: status, age, tokens, roles, and why a failed one failed.
     Sessions {
-        /// Only sessions in this status (planning, running, synthesizing, completed, failed).
+        /// Only sessions in this status (planning, running, synthesizing, completed,
+        /// failed, cancelled, deadline_exceeded).
         #[arg(long)]
         status: Option<String>,
         /// Only sessions opened within this long (e.g. 10m, 2h).
@@ -101,6 +102,19 @@ enum Command {
     /// heartbeat; a process whose presence outlived it is marked GHOST.
     Agents {
         /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a session: its work in flight stops, nothing more is dispatched, its slot
+    /// is freed and `done` says `cancelled`. Cancelling an ended session says how it
+    /// ended.
+    Cancel {
+        /// The session id.
+        session_id: SessionId,
+        /// Why (kept in the record and the `done` event).
+        #[arg(long)]
+        reason: Option<String>,
+        /// The reply as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -132,6 +146,10 @@ struct SubmitArgs {
     /// Submit through the durable `<p>.submit` queue instead of the request/reply endpoint.
     #[arg(long)]
     queue: bool,
+    /// End the session (outcome `deadline_exceeded`, finished tasks kept) if it runs
+    /// longer than this, e.g. 90s or 5m.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    deadline: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -399,6 +417,11 @@ async fn main() -> anyhow::Result<()> {
         } => cmd::views::sessions(config, status, since, limit, json).await,
         Command::Watch { session_id, json } => cmd::views::watch(config, session_id, json).await,
         Command::Agents { json } => cmd::views::agents(config, json).await,
+        Command::Cancel {
+            session_id,
+            reason,
+            json,
+        } => cmd::cancel(config, session_id, reason, json).await,
         Command::Memory {
             session_id,
             key,

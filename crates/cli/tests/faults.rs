@@ -939,3 +939,263 @@ async fn a_reassignment_shows_in_the_sessions_trace() {
         assert_eq!(t.roots().len(), 1, "{names:?}");
     }
 }
+
+// ---- session control ----------------------------------------------------------------
+
+/// A fake OpenAI-compatible server answering as the simulator would, each call taking
+/// `latency`: the fleet's processes call it over HTTP, and its log shows every call.
+async fn fake_provider(latency: Duration) -> flotilla_testkit::FakeOpenAi {
+    use flotilla_llm::{ChatMessage, ChatRole, CompletionRequest, ResponseFormat};
+    use flotilla_llm::{SimConfig, SimulatedProvider};
+    let sim = SimulatedProvider::new(SimConfig {
+        latency_ms: 0,
+        ..SimConfig::default()
+    });
+    let responder: flotilla_testkit::Responder = Arc::new(move |body: &serde_json::Value| {
+        let messages = body["messages"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| ChatMessage {
+                role: match m["role"].as_str() {
+                    Some("system") => ChatRole::System,
+                    Some("assistant") => ChatRole::Assistant,
+                    _ => ChatRole::User,
+                },
+                content: m["content"].as_str().unwrap_or_default().to_owned(),
+            })
+            .collect();
+        let format = &body["response_format"]["json_schema"];
+        let req = CompletionRequest {
+            model: body["model"].as_str().unwrap_or_default().to_owned(),
+            messages,
+            response_format: format["name"].as_str().map(|n| ResponseFormat {
+                name: n.to_owned(),
+                schema: format["schema"].clone().into(),
+            }),
+            max_tokens: body["max_tokens"].as_u64().map(|t| t as u32),
+        };
+        sim.respond(&req)
+            .map(|(_, c)| c.content)
+            .unwrap_or_default()
+    });
+    flotilla_testkit::FakeOpenAi::start(flotilla_testkit::FakeConfig {
+        latency,
+        responder: Some(responder),
+        ..flotilla_testkit::FakeConfig::default()
+    })
+    .await
+    .unwrap()
+}
+
+/// Calls the provider received whose prompt mentions `marker`.
+fn calls_mentioning(fake: &flotilla_testkit::FakeOpenAi, marker: &str) -> usize {
+    fake.requests_log()
+        .iter()
+        .filter(|r| r.to_string().contains(marker))
+        .count()
+}
+
+/// Cancel a session while its tasks run on agent processes: the reply comes once every
+/// process has stopped its work; from then on no model call of that session starts,
+/// its token spend stays where it was, its slot is free and `done` says `cancelled`.
+/// Another session on the same fleet completes. A second cancel, one of an unknown
+/// session, and `flotilla cancel` on the binary are typed answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_a_sessions_work_in_flight_across_processes() {
+    use flotilla_protocol::{
+        CancelReply, ErrorCode, OpenReply, OpenSession, SessionId, SessionOutcome,
+    };
+    let server = NatsServer::start().unwrap();
+    let url = server.url();
+    let fake = fake_provider(Duration::from_millis(2500)).await;
+    let base = fake.base_url();
+    let env = [
+        ("FLOTILLA_LLM__PROVIDER", "openai"),
+        ("FLOTILLA_LLM__OPENAI__BASE_URL", base.as_str()),
+        ("OPENAI_API_KEY", "sk-test"),
+    ];
+    let mut procs = Procs(HashMap::new());
+    procs.fleet(&url, &env);
+    let (bus, client) = inspector(&url).await;
+
+    let open = |task: &str| {
+        let mut req = OpenSession::new(task);
+        req.session_id = Some(SessionId::generate());
+        req
+    };
+    let doomed = open("cancel-marker-41: compare three queues");
+    let other = open("keep-marker-42: compare three caches");
+    let doomed_id = doomed.session_id.clone().unwrap();
+    let other_id = other.session_id.clone().unwrap();
+    let doomed_done = client.watch(&doomed_id);
+    let other_done = client.watch(&other_id);
+    for req in [&doomed, &other] {
+        let reply = client.open(req, Duration::from_secs(60)).await.unwrap();
+        assert!(matches!(reply, OpenReply::Accepted { .. }), "{reply:?}");
+    }
+
+    // Wait until workers are in the middle of the doomed session's tasks.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let running = bus
+            .sessions()
+            .get_matching::<TaskRecord>(&keys::task_pattern(&doomed_id))
+            .await
+            .unwrap()
+            .iter()
+            .filter(|(_, r, _)| r.state == TaskRunState::Running)
+            .count();
+        if running > 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no task ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let reply = client
+        .cancel(
+            &doomed_id,
+            Some("the user gave up".into()),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    let calls_at_ack = calls_mentioning(&fake, "cancel-marker-41");
+    let running_at_ack: Vec<String> = bus
+        .sessions()
+        .get_matching::<TaskRecord>(&keys::task_pattern(&doomed_id))
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|(_, r, _)| r.state == TaskRunState::Running)
+        .map(|(k, _, _)| k)
+        .collect();
+    let (rec, _) = bus
+        .sessions()
+        .get::<SessionRecord>(&keys::session(&doomed_id))
+        .await
+        .unwrap()
+        .unwrap();
+    let CancelReply::Cancelled {
+        confirmed,
+        expected,
+        ..
+    } = reply
+    else {
+        panic!("{reply:?}");
+    };
+    // serve and five agents, each confirmed it stopped the session's work.
+    assert_eq!((confirmed, expected), (6, 6));
+    assert_eq!(rec.status, SessionStatus::Cancelled);
+    assert!(
+        calls_at_ack >= 2,
+        "a plan and at least one task call were made"
+    );
+    let tokens_at_ack = rec.counters.spend.tokens;
+
+    let done = tokio::time::timeout(Duration::from_secs(10), doomed_done)
+        .await
+        .unwrap()
+        .unwrap();
+    let EventBody::Done {
+        outcome, failure, ..
+    } = &done.body
+    else {
+        panic!("{done:?}");
+    };
+    assert_eq!(*outcome, SessionOutcome::Cancelled);
+    assert_eq!(failure.as_deref(), Some("the user gave up"));
+
+    // The slot is free: nobody holds the session's slot for it.
+    let slot: Option<(serde_json::Value, u64)> =
+        bus.slots().get(&keys::slot(rec.slot)).await.unwrap();
+    assert!(
+        slot.is_none_or(|(v, _)| v["session_id"] != doomed_id.as_str()),
+        "slot {} still held",
+        rec.slot
+    );
+
+    // Twice the provider's latency later: not one more call for the cancelled
+    // session, its spend unchanged, while the other session completes.
+    let other = tokio::time::timeout(Duration::from_secs(90), other_done)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(
+            &other.body,
+            EventBody::Done {
+                outcome: SessionOutcome::Completed,
+                ..
+            }
+        ),
+        "{other:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(calls_mentioning(&fake, "cancel-marker-41"), calls_at_ack);
+    let (after, _) = bus
+        .sessions()
+        .get::<SessionRecord>(&keys::session(&doomed_id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(after.counters.spend.tokens, tokens_at_ack);
+    assert_eq!(after.status, SessionStatus::Cancelled);
+    // The tasks running at the cancel were aborted, not finished: their calls (2.5 s
+    // each) would have ended and been committed by now.
+    assert!(!running_at_ack.is_empty());
+    for key in &running_at_ack {
+        let (t, _) = bus
+            .sessions()
+            .get::<TaskRecord>(key)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(t.state, TaskRunState::Running, "{key} was not aborted");
+    }
+    assert!(calls_mentioning(&fake, "keep-marker-42") >= 6);
+
+    // Again: already ended, idempotent; an unknown session: a typed error.
+    let again = client
+        .cancel(&doomed_id, None, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            again,
+            CancelReply::AlreadyEnded {
+                outcome: SessionOutcome::Cancelled,
+                ..
+            }
+        ),
+        "{again:?}"
+    );
+    let unknown = client
+        .cancel(&SessionId::generate(), None, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            unknown,
+            CancelReply::Rejected {
+                code: ErrorCode::UnknownSession,
+                ..
+            }
+        ),
+        "{unknown:?}"
+    );
+    let out = Command::new(BIN)
+        .args(["cancel", other_id.as_str(), "--json", "--nats-url", &url])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["status"], "already_ended");
+    assert_eq!(v["outcome"], "completed");
+}

@@ -20,8 +20,9 @@ use bytes::Bytes;
 use flotilla_bus::{Bus, Delivery, KvError, Outgoing, PoolConsumer, VerdictError};
 use flotilla_protocol::subject::keys;
 use flotilla_protocol::{
-    ErrorCode, EventBody, InboxMessage, MessageId, OpenReply, OpenSession, Role, SessionId,
-    SessionRecord, SessionStatus, StartMessage, TraceParent, V1, decode, epoch_ms, headers,
+    CancelReply, CancelSession, ErrorCode, EventBody, InboxMessage, MessageId, OpenReply,
+    OpenSession, Role, SessionId, SessionRecord, SessionStatus, StartMessage, TraceParent, V1,
+    decode, epoch_ms, headers,
 };
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -74,6 +75,7 @@ pub struct Admission {
     bus: Bus,
     config: Arc<SessionConfig>,
     slots: SlotTable,
+    ender: Option<crate::ender::Ender>,
 }
 
 impl Admission {
@@ -83,7 +85,15 @@ impl Admission {
             bus,
             config: Arc::new(config),
             slots,
+            ender: None,
         }
+    }
+
+    /// Ends sessions with `ender`: cancel requests, and the deadlines of the sessions
+    /// this process admits.
+    pub fn with_ender(mut self, ender: crate::ender::Ender) -> Self {
+        self.ender = Some(ender);
+        self
     }
 
     /// The slot table.
@@ -176,7 +186,7 @@ impl Admission {
             Err(SlotError::Kv(e)) => return Err(e.into()),
         };
         let now = epoch_ms(SystemTime::now());
-        let record = SessionRecord::planning(
+        let mut record = SessionRecord::planning(
             session.clone(),
             req.task.clone(),
             roles,
@@ -185,6 +195,7 @@ impl Admission {
             trace.to_string(),
             now,
         );
+        record.deadline_ms = req.deadline_ms.map(|d| now.saturating_add(d));
         match self.bus.sessions().create(&key, &record).await {
             Ok(_) => {}
             Err(KvError::Exists { .. }) => {
@@ -210,6 +221,9 @@ impl Admission {
             return Err(Rejection::new(ErrorCode::Unavailable, e.to_string()));
         }
         tracing::info!(slot, "session opened");
+        if let (Some(ender), Some(deadline)) = (&self.ender, record.deadline_ms) {
+            ender.at_deadline(&session, deadline);
+        }
         // Informational; a failure here loses nothing the session needs.
         let opened = EventBody::Opened {
             task: req.task.clone(),
@@ -350,11 +364,24 @@ impl Admission {
             .name("open")
             .add(names.session_open())
             .await?;
+        let mut cancel = service
+            .endpoint_builder()
+            .name("cancel")
+            .add(names.session_cancel())
+            .await?;
         let limit = Arc::new(tokio::sync::Semaphore::new(1024));
         loop {
             let req = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 r = endpoint.next() => match r { Some(r) => r, None => break },
+                r = cancel.next() => match r {
+                    Some(r) => {
+                        let this = self.clone();
+                        tokio::spawn(async move { this.answer_cancel(r).await });
+                        continue;
+                    }
+                    None => break,
+                },
             };
             let Ok(permit) = limit.clone().acquire_owned().await else {
                 break;
@@ -382,6 +409,71 @@ impl Admission {
         }
         let _ = service.stop().await;
         Ok(())
+    }
+
+    /// Answers one cancel request.
+    async fn answer_cancel(&self, req: async_nats::service::Request) {
+        let reply = self.cancel_bytes(&req.message.payload).await;
+        let body = Bytes::from(serde_json::to_vec(&reply).unwrap_or_default());
+        let mut headers = async_nats::HeaderMap::new();
+        if let CancelReply::Rejected { code, message, .. } = &reply {
+            headers.insert("Nats-Service-Error", message.as_str());
+            headers.insert(
+                "Nats-Service-Error-Code",
+                code.status().to_string().as_str(),
+            );
+        }
+        if let Err(e) = req.respond_with_headers(Ok(body), headers).await {
+            tracing::debug!(error = %e, "could not reply to a cancel request");
+        }
+    }
+
+    /// The reply to a cancel request's payload.
+    pub async fn cancel_bytes(&self, payload: &[u8]) -> CancelReply {
+        let rejected = |code: ErrorCode, message: String| CancelReply::Rejected {
+            v: V1,
+            code,
+            message,
+        };
+        let req: CancelSession = match decode(payload, self.bus.config().max_payload) {
+            Ok(r) => r,
+            Err(e) => return rejected(e.code(), e.to_string()),
+        };
+        let Some(ender) = &self.ender else {
+            return rejected(
+                ErrorCode::Unavailable,
+                "this admission instance does not end sessions".into(),
+            );
+        };
+        let reason = req
+            .reason
+            .clone()
+            .filter(|r| !r.trim().is_empty())
+            .unwrap_or_else(|| "cancelled on request".into());
+        let reason: String = reason.chars().take(1024).collect();
+        match ender
+            .end(&req.session_id, SessionStatus::Cancelled, &reason)
+            .await
+        {
+            Ok(crate::ender::Ended::Now {
+                confirmed,
+                expected,
+            }) => CancelReply::Cancelled {
+                v: V1,
+                session_id: req.session_id,
+                confirmed,
+                expected,
+            },
+            Ok(crate::ender::Ended::Already(outcome)) => CancelReply::AlreadyEnded {
+                v: V1,
+                session_id: req.session_id,
+                outcome,
+            },
+            Err(crate::ender::EndError::Unknown(s)) => {
+                rejected(ErrorCode::UnknownSession, format!("no session {s}"))
+            }
+            Err(e) => rejected(ErrorCode::Unavailable, e.to_string()),
+        }
     }
 
     /// Consumes the durable submit queue until `shutdown`. A submission must carry its

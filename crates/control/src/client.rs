@@ -113,7 +113,41 @@ impl Client {
         payload: Bytes,
         timeout: Duration,
     ) -> Result<OpenReply, ClientError> {
-        let subject = self.names.session_open();
+        let msg = self
+            .request(self.names.session_open(), payload, timeout)
+            .await?;
+        decode(&msg.payload, DEFAULT_MAX_PAYLOAD).map_err(|e| ClientError::BadReply(e.to_string()))
+    }
+
+    /// Cancels `session` (`reason` goes into the record and the `done` event). The
+    /// reply says whether this request ended it, or it had ended already; both are
+    /// success for a caller that wants it stopped.
+    pub async fn cancel(
+        &self,
+        session: &SessionId,
+        reason: Option<String>,
+        timeout: Duration,
+    ) -> Result<flotilla_protocol::CancelReply, ClientError> {
+        let req = flotilla_protocol::CancelSession {
+            v: flotilla_protocol::V1,
+            session_id: session.clone(),
+            reason,
+        };
+        let payload = Bytes::from(
+            serde_json::to_vec(&req).map_err(|e| ClientError::BadReply(e.to_string()))?,
+        );
+        let msg = self
+            .request(self.names.session_cancel(), payload, timeout)
+            .await?;
+        decode(&msg.payload, DEFAULT_MAX_PAYLOAD).map_err(|e| ClientError::BadReply(e.to_string()))
+    }
+
+    async fn request(
+        &self,
+        subject: String,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<async_nats::Message, ClientError> {
         let req = self.nats.request(subject.clone(), payload);
         let msg = match tokio::time::timeout(timeout, req).await {
             Err(_) => return Err(ClientError::Timeout(timeout)),
@@ -126,7 +160,7 @@ impl Client {
             Ok(Err(e)) => return Err(ClientError::Nats(e.to_string())),
             Ok(Ok(m)) => m,
         };
-        decode(&msg.payload, DEFAULT_MAX_PAYLOAD).map_err(|e| ClientError::BadReply(e.to_string()))
+        Ok(msg)
     }
 
     /// Registers interest in `session`'s `done` event; await the receiver.

@@ -36,6 +36,10 @@ pub struct SessionConfig {
     /// A slot without a live session record for this long is reclaimed.
     #[serde(with = "humantime_serde")]
     pub slot_grace: Duration,
+    /// How long ending a session (cancel, deadline) waits for every live process to
+    /// confirm it stopped the session's work before answering anyway.
+    #[serde(with = "humantime_serde")]
+    pub stop_wait: Duration,
 }
 
 impl Default for SessionConfig {
@@ -60,6 +64,7 @@ impl Default for SessionConfig {
             orchestrator_model: "gpt-4o-mini".to_owned(),
             reconcile_every: Duration::from_secs(30),
             slot_grace: Duration::from_secs(60),
+            stop_wait: Duration::from_secs(2),
         }
     }
 }

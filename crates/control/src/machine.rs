@@ -6,6 +6,7 @@
 //! planning --plan--> running --all tasks done--> synthesizing --answer--> completed
 //!     \                 \--a task failed for good-----------------------> failed
 //!      \--plan invalid too often------------------------------------------> failed
+//! any state but an ended one --cancel--> cancelled, --deadline--> deadline_exceeded
 //! ```
 
 use flotilla_protocol::{
@@ -127,6 +128,48 @@ fn fail_with(rec: &mut SessionRecord, failure: String, budget: Option<BudgetKind
         },
     );
     rec.outbox.push(Effect::ReleaseSlot);
+}
+
+/// The outcome a terminal status reports in `done`.
+pub fn outcome_of(status: SessionStatus) -> SessionOutcome {
+    match status {
+        SessionStatus::Completed => SessionOutcome::Completed,
+        SessionStatus::Cancelled => SessionOutcome::Cancelled,
+        SessionStatus::DeadlineExceeded => SessionOutcome::DeadlineExceeded,
+        _ => SessionOutcome::Failed,
+    }
+}
+
+/// Ends a session from outside its own course: cancelled on request, or past its
+/// deadline. `partial`: the sections of the tasks that finished (kept for a deadline).
+/// Returns false, changing nothing, when the session has ended already.
+pub fn end(
+    rec: &mut SessionRecord,
+    status: SessionStatus,
+    reason: String,
+    partial: Option<Answer>,
+    now: u64,
+) -> bool {
+    if rec.status.is_terminal() || !status.is_terminal() {
+        return false;
+    }
+    rec.status = status;
+    rec.failure = Some(reason.clone());
+    rec.answer = partial.clone();
+    rec.updated_ms = now;
+    emit(
+        rec,
+        "done".into(),
+        EventBody::Done {
+            outcome: outcome_of(status),
+            answer: partial,
+            failure: Some(reason),
+            duration_ms: now.saturating_sub(rec.opened_ms),
+            budget: None,
+        },
+    );
+    rec.outbox.push(Effect::ReleaseSlot);
+    true
 }
 
 /// Dispatches pending tasks while fewer than `max_in_flight` are dispatched.
@@ -486,15 +529,10 @@ pub fn derived_effects(rec: &SessionRecord) -> Vec<Effect> {
         }
     }
     if rec.status.is_terminal() {
-        let completed = rec.status == SessionStatus::Completed;
         out.push(Effect::Emit {
             id: "done".into(),
             body: EventBody::Done {
-                outcome: if completed {
-                    SessionOutcome::Completed
-                } else {
-                    SessionOutcome::Failed
-                },
+                outcome: outcome_of(rec.status),
                 answer: rec.answer.clone(),
                 failure: rec.failure.clone(),
                 duration_ms: rec.updated_ms.saturating_sub(rec.opened_ms),

@@ -82,6 +82,7 @@ pub struct Orchestrator {
     config: Arc<ControlConfig>,
     tracker: flotilla_agent::Tracker,
     cache: RecordCache,
+    stops: flotilla_agent::Stops,
 }
 
 impl std::fmt::Debug for Orchestrator {
@@ -209,7 +210,15 @@ impl Orchestrator {
             config,
             tracker: flotilla_agent::Tracker::default(),
             cache: RecordCache::default(),
+            stops: flotilla_agent::Stops::default(),
         }
+    }
+
+    /// Sessions ended from outside (cancel, deadline) whose messages this process
+    /// drops, and whose handlers (and their model calls) it aborts.
+    pub fn with_stops(mut self, stops: flotilla_agent::Stops) -> Self {
+        self.stops = stops;
+        self
     }
 
     /// Reports in-flight deliveries to `tracker` (published by the process's presence).
@@ -261,6 +270,10 @@ impl Orchestrator {
             trace_id = d.trace().map(|t| t.trace_id_hex()).unwrap_or_default(),
         );
         flotilla_bus::trace::set_parent(&span, d.trace());
+        // Ended from outside: the record says so; nothing is left to do here.
+        let Some(guard) = self.stops.guard(&session) else {
+            return Ok(());
+        };
         if let Input::Result(r) = &input {
             self.vouch(r, d.delivered())
                 .instrument(span.clone())
@@ -280,10 +293,18 @@ impl Orchestrator {
         // Listed in our presence soon after (never awaited: a crash before that write
         // leaves this message to its ack wait), so the watchdog can release it at once
         // if this process dies in a long call.
-        let result = self
+        let drive = self
             .drive(&session, input, d.delivered())
-            .instrument(span)
-            .await;
+            .instrument(span.clone());
+        // Stopped meanwhile: a plan or synthesis call in flight is dropped (aborted).
+        let result = tokio::select! {
+            r = drive => r,
+            _ = guard.token().cancelled() => {
+                span.in_scope(|| tracing::info!("session stopped; handler aborted"));
+                self.cache.forget(&session);
+                Ok(())
+            }
+        };
         self.tracker.finish(&ack_subject);
         result
     }

@@ -72,8 +72,25 @@ impl Serve {
         }
         let slots = SlotTable::new(self.bus.clone(), cfg.pool_size, cfg.retry_after_ms);
         slots.watch(shutdown.child_token()).await?;
-        let admission = Admission::new(self.bus.clone(), cfg.clone(), slots.clone());
+        // Sessions ended from outside (cancel, deadline): this process's own work for
+        // them stops at once, and it answers the stop notices of the fleet.
+        let agent_id = flotilla_protocol::AgentId::generate(&Role::orchestrator());
+        let stops = flotilla_agent::Stops::default();
+        let stop_notices = flotilla_agent::stops::listen(
+            self.bus.clone(),
+            agent_id.to_string(),
+            stops.clone(),
+            shutdown.child_token(),
+        )
+        .await;
+        let ender = crate::ender::Ender::new(self.bus.clone(), stops.clone(), cfg.stop_wait);
+        let admission =
+            Admission::new(self.bus.clone(), cfg.clone(), slots.clone()).with_ender(ender.clone());
         let mut tasks: JoinSet<Result<(), ServeError>> = JoinSet::new();
+        tasks.spawn(async move {
+            let _ = stop_notices.await;
+            Ok(())
+        });
 
         let restarter = admission.clone();
         let (a, s) = (admission.clone(), shutdown.child_token());
@@ -89,7 +106,8 @@ impl Serve {
         );
         tasks.spawn(async move { Ok(a.serve_queue(settings, s).await?) });
         let orch = Orchestrator::new(self.bus.clone(), self.llm.clone(), self.config.clone())
-            .with_tracker(self.tracker.clone());
+            .with_tracker(self.tracker.clone())
+            .with_stops(stops);
         let s = shutdown.child_token();
         tasks.spawn(async move { Ok(orch.run(s).await?) });
 
@@ -145,13 +163,18 @@ impl Serve {
                                 tracing::warn!(session = %session, error = %e, "could not restart session");
                             }
                         }
+                        // Deadlines whose timer died with the process that admitted them.
+                        for (session, deadline) in &found.past_deadline {
+                            if let Err(e) = ender.end_past_deadline(session, *deadline).await {
+                                tracing::warn!(session = %session, error = %e, "could not end a session past its deadline");
+                            }
+                        }
                     }
                     Err(e) => tracing::warn!(error = %e, "slot reconciliation failed"),
                 }
             }
         });
         // Presence of this process, and the watchdog over every process's presence.
-        let agent_id = flotilla_protocol::AgentId::generate(&Role::orchestrator());
         let (b, l, s, id) = (
             self.bus.clone(),
             self.config.liveness.clone(),

@@ -60,6 +60,8 @@ pub struct Reconciled {
     pub reclaimed: u32,
     /// Sessions still planning long after admission.
     pub stuck_planning: Vec<SessionId>,
+    /// Sessions not ended past their deadline (ms since the epoch).
+    pub past_deadline: Vec<(SessionId, u64)>,
 }
 
 /// The local view: which slots look taken, and how fast slots are freed.
@@ -274,7 +276,13 @@ impl SlotTable {
                 None => true,
                 Some((r, _)) => {
                     if r.status == SessionStatus::Planning && r.slot == n {
-                        out.stuck_planning.push(r.session_id);
+                        out.stuck_planning.push(r.session_id.clone());
+                    }
+                    if let Some(d) = r.deadline_ms.filter(|d| *d <= now)
+                        && !r.status.is_terminal()
+                        && r.slot == n
+                    {
+                        out.past_deadline.push((r.session_id.clone(), d));
                     }
                     r.status.is_terminal() || r.slot != n
                 }

@@ -86,6 +86,10 @@ pub enum SessionOutcome {
     Completed,
     /// The session could not finish; `failure` says why.
     Failed,
+    /// Cancelled on request; `failure` carries the reason given.
+    Cancelled,
+    /// Its deadline passed; `answer` holds the sections of the tasks that finished.
+    DeadlineExceeded,
 }
 
 /// A task as planned.

@@ -26,6 +26,7 @@
 pub mod backoff;
 pub mod budget;
 pub mod codec;
+pub mod control;
 pub mod error;
 pub mod event;
 pub mod headers;
@@ -46,6 +47,7 @@ pub mod version;
 pub use backoff::{Backoff, Jitter};
 pub use budget::{BudgetKind, Ledger, Spend};
 pub use codec::{DEFAULT_MAX_PAYLOAD, DecodeError, decode, encode};
+pub use control::{CancelReply, CancelSession, StopAck, StopSession};
 pub use error::{Disposition, ErrorCode};
 pub use event::{Event, EventBody, EventKindName, PlannedTask, SessionOutcome};
 pub use ids::{AgentId, InvalidId, MessageId, Role, SessionId, TaskId};

@@ -28,6 +28,11 @@ pub struct OpenSession {
     /// configured default set.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub roles: Vec<Role>,
+    /// How long the session may run, in ms from its admission. Past it the session
+    /// ends with outcome `deadline_exceeded`, keeping the results of the tasks that
+    /// finished; in-flight work is stopped as by a cancel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
 }
 
 /// Why an [`OpenSession`] is not acceptable, before any configuration is consulted.
@@ -45,6 +50,9 @@ pub enum OpenError {
     /// The orchestrator is not a worker role.
     #[error("the orchestrator cannot be a worker role")]
     OrchestratorAsWorker,
+    /// `deadline_ms` is 0.
+    #[error("deadline_ms must be at least 1")]
+    ZeroDeadline,
 }
 
 impl OpenError {
@@ -65,6 +73,7 @@ impl OpenSession {
             task: task.into(),
             session_id: None,
             roles: Vec::new(),
+            deadline_ms: None,
         }
     }
 
@@ -75,6 +84,9 @@ impl OpenSession {
         }
         if self.task.len() > MAX_TASK_BYTES {
             return Err(OpenError::TaskTooLong(self.task.len()));
+        }
+        if self.deadline_ms == Some(0) {
+            return Err(OpenError::ZeroDeadline);
         }
         for (i, r) in self.roles.iter().enumerate() {
             if r.is_orchestrator() {

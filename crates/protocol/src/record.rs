@@ -24,12 +24,23 @@ pub enum SessionStatus {
     Completed,
     /// Ended without one.
     Failed,
+    /// Ended by a cancel request (`<p>.session.cancel`).
+    Cancelled,
+    /// Ended because its deadline (`deadline_ms` at opening) passed; the tasks that
+    /// finished are kept in `answer`.
+    DeadlineExceeded,
 }
 
 impl SessionStatus {
     /// True once the session has ended.
     pub fn is_terminal(self) -> bool {
-        matches!(self, SessionStatus::Completed | SessionStatus::Failed)
+        matches!(
+            self,
+            SessionStatus::Completed
+                | SessionStatus::Failed
+                | SessionStatus::Cancelled
+                | SessionStatus::DeadlineExceeded
+        )
     }
 }
 
@@ -235,6 +246,10 @@ pub struct SessionRecord {
     /// The session's token budget as the orchestrator keeps it.
     #[serde(default, skip_serializing_if = "TokenAccount::is_empty")]
     pub tokens: TokenAccount,
+    /// When the session must have ended, ms since the Unix epoch (from the open
+    /// request's `deadline_ms`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
 }
 
 impl SessionRecord {
@@ -267,6 +282,7 @@ impl SessionRecord {
             outbox: Vec::new(),
             counters: SessionCounters::default(),
             tokens: TokenAccount::default(),
+            deadline_ms: None,
         }
     }
 }

@@ -53,6 +53,13 @@ pub fn all() -> Vec<(&'static str, String)> {
         ),
         ("tool_call.json", pretty(schema_for!(crate::ToolCall))),
         ("tool_reply.json", pretty(schema_for!(crate::ToolReply))),
+        (
+            "cancel_session.json",
+            pretty(schema_for!(crate::CancelSession)),
+        ),
+        ("cancel_reply.json", pretty(schema_for!(crate::CancelReply))),
+        ("stop_session.json", pretty(schema_for!(crate::StopSession))),
+        ("stop_ack.json", pretty(schema_for!(crate::StopAck))),
     ]
 }
 

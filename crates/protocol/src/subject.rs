@@ -51,6 +51,10 @@ pub struct InvalidPrefix(pub String);
 pub enum ParsedSubject {
     /// `<p>.session.open`
     SessionOpen,
+    /// `<p>.session.cancel`
+    SessionCancel,
+    /// `<p>.ctl.stop`
+    CtlStop,
     /// `<p>.submit`
     Submit,
     /// `<p>.s.<sid>.in.<role>`
@@ -119,6 +123,17 @@ impl Namespace {
     /// Admission endpoint: `<p>.session.open`.
     pub fn session_open(&self) -> String {
         format!("{}.session.open", self.prefix)
+    }
+
+    /// Cancel requests: `<p>.session.cancel` (request/reply, [`crate::CancelSession`]).
+    pub fn session_cancel(&self) -> String {
+        format!("{}.session.cancel", self.prefix)
+    }
+
+    /// The fleet-wide stop notice for an ended session: `<p>.ctl.stop`
+    /// ([`crate::StopSession`], answered by every process with a [`crate::StopAck`]).
+    pub fn ctl_stop(&self) -> String {
+        format!("{}.ctl.stop", self.prefix)
     }
 
     /// Durable submissions: `<p>.submit`.
@@ -308,6 +323,8 @@ impl Namespace {
         };
         match tokens.as_slice() {
             ["session", "open"] => Ok(ParsedSubject::SessionOpen),
+            ["session", "cancel"] => Ok(ParsedSubject::SessionCancel),
+            ["ctl", "stop"] => Ok(ParsedSubject::CtlStop),
             ["submit"] => Ok(ParsedSubject::Submit),
             ["s", sid, "in", role] => Ok(ParsedSubject::Inbox {
                 session: SessionId::parse(*sid).map_err(bad)?,

@@ -210,7 +210,11 @@ impl OtlpReceiver {
 
     /// How many spans have been received.
     pub fn span_count(&self) -> usize {
-        self.spans.0.lock().unwrap_or_else(PoisonError::into_inner).len()
+        self.spans
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     /// Waits until `done` holds for the spans received, or `timeout` passes; returns

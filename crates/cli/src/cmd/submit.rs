@@ -25,6 +25,7 @@ pub(crate) async fn submit(config: Config, a: SubmitArgs) -> anyhow::Result<()> 
     let mut req = OpenSession::new(a.task);
     req.session_id = Some(session.clone());
     req.roles = a.roles;
+    req.deadline_ms = a.deadline.map(|d| (d.as_millis() as u64).max(1));
     let done = client.watch(&session);
     if a.queue {
         let js = async_nats::jetstream::new(nats);
@@ -75,9 +76,72 @@ pub(crate) async fn submit(config: Config, a: SubmitArgs) -> anyhow::Result<()> 
             eprintln!("\ncompleted in {duration_ms} ms");
             Ok(())
         }
-        EventBody::Done { failure, .. } => {
-            anyhow::bail!("session failed: {}", failure.unwrap_or_default())
+        EventBody::Done {
+            outcome,
+            failure,
+            answer,
+            ..
+        } => {
+            if let Some(answer) = answer {
+                println!("\n{}\n", answer.summary);
+                for s in &answer.sections {
+                    println!("## {} ({})\n{}", s.role, s.task_id, s.output.summary);
+                }
+            }
+            let how = match outcome {
+                SessionOutcome::Cancelled => "cancelled",
+                SessionOutcome::DeadlineExceeded => "past its deadline",
+                _ => "failed",
+            };
+            anyhow::bail!("session {how}: {}", failure.unwrap_or_default())
         }
         other => anyhow::bail!("unexpected event {other:?}"),
+    }
+}
+
+/// `flotilla cancel <sid>`.
+pub(crate) async fn cancel(
+    config: Config,
+    session: SessionId,
+    reason: Option<String>,
+    json: bool,
+) -> anyhow::Result<()> {
+    use flotilla_protocol::CancelReply;
+    let names = Namespace::new(&config.nats.prefix)?;
+    let nats = flotilla_bus::connect_client(
+        &config.nats,
+        &format!("flotilla-cancel-{}", std::process::id()),
+    )
+    .await
+    .with_context(|| format!("connecting to NATS at {}", config.nats.url))?;
+    let client = Client::new(nats, names).await?;
+    let reply = client
+        .cancel(&session, reason, Duration::from_secs(30))
+        .await?;
+    if json {
+        println!("{}", serde_json::to_string(&reply)?);
+    }
+    match reply {
+        CancelReply::Cancelled {
+            confirmed,
+            expected,
+            ..
+        } => {
+            if !json {
+                println!("{session} cancelled ({confirmed} of {expected} processes confirmed)");
+            }
+            Ok(())
+        }
+        CancelReply::AlreadyEnded { outcome, .. } => {
+            if !json {
+                let outcome = serde_json::to_value(outcome)?;
+                println!(
+                    "{session} had already ended: {}",
+                    outcome.as_str().unwrap_or("?")
+                );
+            }
+            Ok(())
+        }
+        CancelReply::Rejected { code, message, .. } => anyhow::bail!("{code}: {message}"),
     }
 }

@@ -87,6 +87,8 @@ fn status_name(s: SessionStatus) -> &'static str {
         SessionStatus::Synthesizing => "synthesizing",
         SessionStatus::Completed => "completed",
         SessionStatus::Failed => "failed",
+        SessionStatus::Cancelled => "cancelled",
+        SessionStatus::DeadlineExceeded => "deadline_exceeded",
     }
 }
 
@@ -127,6 +129,14 @@ pub(crate) async fn sessions(
             outcome: match r.status {
                 SessionStatus::Completed => Some("completed".into()),
                 SessionStatus::Failed => Some(r.failure.clone().unwrap_or_else(|| "failed".into())),
+                SessionStatus::Cancelled => Some(format!(
+                    "cancelled: {}",
+                    r.failure.clone().unwrap_or_default()
+                )),
+                SessionStatus::DeadlineExceeded => Some(format!(
+                    "deadline exceeded: {}",
+                    r.failure.clone().unwrap_or_default()
+                )),
                 _ => None,
             },
             session_id: r.session_id,
