@@ -118,6 +118,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Answer the question a session's task waits on (see `input_requested` in
+    /// `flotilla watch`); the task goes on with the answer.
+    Answer {
+        /// The session id.
+        session_id: SessionId,
+        /// The answer.
+        answer: String,
+        /// The task whose question it answers (needed only while several wait).
+        #[arg(long)]
+        task: Option<flotilla_protocol::TaskId>,
+        /// The reply as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// A session's shared memory: keys, revisions and values (one key in full).
     Memory {
         /// The session id.
@@ -146,6 +160,9 @@ struct SubmitArgs {
     /// Submit through the durable `<p>.submit` queue instead of the request/reply endpoint.
     #[arg(long)]
     queue: bool,
+    /// Send the tasks' questions to a person (answer with `flotilla answer`).
+    #[arg(long)]
+    human_input: bool,
     /// End the session (outcome `deadline_exceeded`, finished tasks kept) if it runs
     /// longer than this, e.g. 90s or 5m.
     #[arg(long, value_parser = humantime::parse_duration)]
@@ -422,6 +439,12 @@ async fn main() -> anyhow::Result<()> {
             reason,
             json,
         } => cmd::cancel(config, session_id, reason, json).await,
+        Command::Answer {
+            session_id,
+            answer,
+            task,
+            json,
+        } => cmd::answer(config, session_id, task, answer, json).await,
         Command::Memory {
             session_id,
             key,

@@ -1199,3 +1199,108 @@ async fn cancel_stops_a_sessions_work_in_flight_across_processes() {
     assert_eq!(v["status"], "already_ended");
     assert_eq!(v["outcome"], "completed");
 }
+
+/// A research question waits for a person; the research agent that asked is killed
+/// with SIGKILL meanwhile. The answer still reaches the task: it runs again on the
+/// other research process with the answer in its input, and the session completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_after_the_asking_worker_died_resumes_the_task_elsewhere() {
+    use flotilla_protocol::{AnswerReply, OpenReply, OpenSession, SessionId, SessionOutcome};
+    let server = NatsServer::start().unwrap();
+    let url = server.url();
+    let env = [
+        ("FLOTILLA_LLM__SIMULATED__LATENCY_MS", "20"),
+        ("FLOTILLA_LLM__SIMULATED__BEHAVIOUR", "clarify_once"),
+        ("FLOTILLA_SESSION__HUMAN_ROLES", "[\"research\"]"),
+    ];
+    let mut procs = Procs(HashMap::new());
+    let research = procs.fleet(&url, &env);
+    let (bus, client) = inspector(&url).await;
+    let sid = SessionId::generate();
+    let mut req = OpenSession::new("a question for a person, then a crash");
+    req.session_id = Some(sid.clone());
+    let done = client.watch(&sid);
+    let reply = client.open(&req, Duration::from_secs(60)).await.unwrap();
+    assert!(matches!(reply, OpenReply::Accepted { .. }), "{reply:?}");
+
+    // The research task waits for a person; its record names the agent that asked.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let (task_key, asker) = loop {
+        let (rec, _) = bus
+            .sessions()
+            .get::<SessionRecord>(&keys::session(&sid))
+            .await
+            .unwrap()
+            .unwrap();
+        if let Some(t) = rec
+            .tasks
+            .iter()
+            .find(|t| t.state == TaskState::AwaitingInput && t.role.as_str() == "research")
+        {
+            let key = keys::task(&sid, &t.role, &t.task_id);
+            let (tr, _) = bus
+                .sessions()
+                .get::<TaskRecord>(&key)
+                .await
+                .unwrap()
+                .unwrap();
+            break (key, tr.holder.unwrap().to_string());
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no question came");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let victim = *research
+        .iter()
+        .find(|p| asker == format!("research-{p}"))
+        .expect("one of the research processes asked");
+    procs.kill9(victim);
+
+    let reply = client
+        .answer(
+            &sid,
+            None,
+            "the one with the best docs",
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(reply, AnswerReply::Accepted { .. }), "{reply:?}");
+    let event = tokio::time::timeout(Duration::from_secs(90), done)
+        .await
+        .unwrap()
+        .unwrap();
+    let EventBody::Done {
+        outcome, answer, ..
+    } = &event.body
+    else {
+        panic!("{event:?}")
+    };
+    assert_eq!(*outcome, SessionOutcome::Completed, "{event:?}");
+    let research_section = answer
+        .as_ref()
+        .unwrap()
+        .sections
+        .iter()
+        .find(|s| s.role.as_str() == "research")
+        .unwrap();
+    assert!(
+        research_section
+            .output
+            .summary
+            .contains("(told: the one with the best docs)"),
+        "{}",
+        research_section.output.summary
+    );
+    let (tr, _) = bus
+        .sessions()
+        .get::<TaskRecord>(&task_key)
+        .await
+        .unwrap()
+        .unwrap();
+    let survivor = research.iter().find(|p| **p != victim).unwrap();
+    assert_eq!(
+        tr.holder.unwrap().to_string(),
+        format!("research-{survivor}")
+    );
+    assert_eq!(tr.attempt, 2, "the answer is the task's next attempt");
+}

@@ -20,9 +20,9 @@ use bytes::Bytes;
 use flotilla_bus::{Bus, Delivery, KvError, Outgoing, PoolConsumer, VerdictError};
 use flotilla_protocol::subject::keys;
 use flotilla_protocol::{
-    CancelReply, CancelSession, ErrorCode, EventBody, InboxMessage, MessageId, OpenReply,
-    OpenSession, Role, SessionId, SessionRecord, SessionStatus, StartMessage, TraceParent, V1,
-    decode, epoch_ms, headers,
+    AnswerInput, AnswerReply, CancelReply, CancelSession, ErrorCode, EventBody, InboxMessage,
+    MessageId, OpenReply, OpenSession, Role, SessionId, SessionRecord, SessionStatus, StartMessage,
+    TraceParent, V1, decode, epoch_ms, headers,
 };
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -196,6 +196,7 @@ impl Admission {
             now,
         );
         record.deadline_ms = req.deadline_ms.map(|d| now.saturating_add(d));
+        record.human_input = req.human_input;
         match self.bus.sessions().create(&key, &record).await {
             Ok(_) => {}
             Err(KvError::Exists { .. }) => {
@@ -369,6 +370,11 @@ impl Admission {
             .name("cancel")
             .add(names.session_cancel())
             .await?;
+        let mut answer = service
+            .endpoint_builder()
+            .name("answer")
+            .add(names.session_answer())
+            .await?;
         let limit = Arc::new(tokio::sync::Semaphore::new(1024));
         loop {
             let req = tokio::select! {
@@ -378,6 +384,25 @@ impl Admission {
                     Some(r) => {
                         let this = self.clone();
                         tokio::spawn(async move { this.answer_cancel(r).await });
+                        continue;
+                    }
+                    None => break,
+                },
+                r = answer.next() => match r {
+                    Some(r) => {
+                        let this = self.clone();
+                        tokio::spawn(async move {
+                            let reply = this.input_bytes(&r.message.payload).await;
+                            let body = Bytes::from(serde_json::to_vec(&reply).unwrap_or_default());
+                            let mut headers = async_nats::HeaderMap::new();
+                            if let AnswerReply::Rejected { code, message, .. } = &reply {
+                                headers.insert("Nats-Service-Error", message.as_str());
+                                headers.insert("Nats-Service-Error-Code", code.status().to_string().as_str());
+                            }
+                            if let Err(e) = r.respond_with_headers(Ok(body), headers).await {
+                                tracing::debug!(error = %e, "could not reply to an answer");
+                            }
+                        });
                         continue;
                     }
                     None => break,
@@ -409,6 +434,99 @@ impl Admission {
         }
         let _ = service.stop().await;
         Ok(())
+    }
+
+    /// The reply to a person's answer (`<p>.session.answer`): stored durably in the
+    /// session's orchestrator inbox before it says `accepted`.
+    pub async fn input_bytes(&self, payload: &[u8]) -> AnswerReply {
+        let rejected = |code: ErrorCode, message: String| AnswerReply::Rejected {
+            v: V1,
+            code,
+            message,
+        };
+        let req: AnswerInput = match decode(payload, self.bus.config().max_payload) {
+            Ok(r) => r,
+            Err(e) => return rejected(e.code(), e.to_string()),
+        };
+        if req.answer.trim().is_empty()
+            || req.answer.len() > flotilla_protocol::open::MAX_TASK_BYTES
+        {
+            return rejected(
+                ErrorCode::Invalid,
+                "an answer is 1 byte to 16 KiB, not blank".into(),
+            );
+        }
+        let rec = match self
+            .bus
+            .sessions()
+            .get::<SessionRecord>(&keys::session(&req.session_id))
+            .await
+        {
+            Ok(Some((rec, _))) => rec,
+            Ok(None) => {
+                return rejected(
+                    ErrorCode::UnknownSession,
+                    format!("no session {}", req.session_id),
+                );
+            }
+            Err(e) => return rejected(ErrorCode::Unavailable, e.to_string()),
+        };
+        if rec.status.is_terminal() {
+            return rejected(ErrorCode::NotAwaitingInput, "the session has ended".into());
+        }
+        let waiting: Vec<_> = rec
+            .tasks
+            .iter()
+            .filter(|t| t.state == flotilla_protocol::TaskState::AwaitingInput)
+            .collect();
+        let task = match (&req.task_id, waiting.as_slice()) {
+            (Some(id), _) => match waiting.iter().find(|t| &t.task_id == id) {
+                Some(t) => *t,
+                None => {
+                    return rejected(
+                        ErrorCode::NotAwaitingInput,
+                        format!("task {id} has no question waiting"),
+                    );
+                }
+            },
+            (None, [one]) => *one,
+            (None, []) => {
+                return rejected(ErrorCode::NotAwaitingInput, "no question is waiting".into());
+            }
+            (None, many) => {
+                let ids: Vec<_> = many.iter().map(|t| t.task_id.as_str()).collect();
+                return rejected(
+                    ErrorCode::NotAwaitingInput,
+                    format!(
+                        "{} questions wait; name the task_id ({})",
+                        many.len(),
+                        ids.join(", ")
+                    ),
+                );
+            }
+        };
+        let msg = flotilla_protocol::InputMessage {
+            v: V1,
+            session_id: req.session_id.clone(),
+            task_id: task.task_id.clone(),
+            attempt: task.attempt,
+            answer: Some(req.answer),
+        };
+        match crate::ender::publish_input(&self.bus, &msg).await {
+            Ok(p) if p.duplicate => rejected(
+                ErrorCode::NotAwaitingInput,
+                format!(
+                    "task {} was answered already (or its wait timed out)",
+                    task.task_id
+                ),
+            ),
+            Ok(_) => AnswerReply::Accepted {
+                v: V1,
+                session_id: req.session_id,
+                task_id: task.task_id.clone(),
+            },
+            Err(e) => rejected(ErrorCode::Unavailable, e.to_string()),
+        }
     }
 
     /// Answers one cancel request.

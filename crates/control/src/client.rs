@@ -142,6 +142,30 @@ impl Client {
         decode(&msg.payload, DEFAULT_MAX_PAYLOAD).map_err(|e| ClientError::BadReply(e.to_string()))
     }
 
+    /// Answers the question a task of `session` waits on (`task`: which one, needed
+    /// only while several wait).
+    pub async fn answer(
+        &self,
+        session: &SessionId,
+        task: Option<flotilla_protocol::TaskId>,
+        answer: &str,
+        timeout: Duration,
+    ) -> Result<flotilla_protocol::AnswerReply, ClientError> {
+        let req = flotilla_protocol::AnswerInput {
+            v: flotilla_protocol::V1,
+            session_id: session.clone(),
+            task_id: task,
+            answer: answer.to_owned(),
+        };
+        let payload = Bytes::from(
+            serde_json::to_vec(&req).map_err(|e| ClientError::BadReply(e.to_string()))?,
+        );
+        let msg = self
+            .request(self.names.session_answer(), payload, timeout)
+            .await?;
+        decode(&msg.payload, DEFAULT_MAX_PAYLOAD).map_err(|e| ClientError::BadReply(e.to_string()))
+    }
+
     async fn request(
         &self,
         subject: String,

@@ -40,6 +40,13 @@ pub struct SessionConfig {
     /// confirm it stopped the session's work before answering anyway.
     #[serde(with = "humantime_serde")]
     pub stop_wait: Duration,
+    /// Roles whose tasks' questions go to a person in every session (a session's open
+    /// request can ask for that for all its roles with `human_input`).
+    pub human_roles: Vec<Role>,
+    /// How long a question waits for a person before the task is told to commit to
+    /// its best interpretation.
+    #[serde(with = "humantime_serde")]
+    pub input_wait: Duration,
 }
 
 impl Default for SessionConfig {
@@ -65,6 +72,8 @@ impl Default for SessionConfig {
             reconcile_every: Duration::from_secs(30),
             slot_grace: Duration::from_secs(60),
             stop_wait: Duration::from_secs(2),
+            human_roles: Vec::new(),
+            input_wait: Duration::from_secs(600),
         }
     }
 }

@@ -20,8 +20,8 @@ use flotilla_agent::Stops;
 use flotilla_bus::{Bus, KvError};
 use flotilla_protocol::subject::keys;
 use flotilla_protocol::{
-    Answer, AnswerSection, SessionId, SessionOutcome, SessionRecord, SessionStatus, StopAck,
-    StopSession, TaskRecord, TaskState, TraceParent, V1, epoch_ms,
+    Answer, AnswerSection, InputMessage, SessionId, SessionOutcome, SessionRecord, SessionStatus,
+    StopAck, StopSession, TaskId, TaskRecord, TaskState, TraceParent, V1, epoch_ms,
 };
 use futures::StreamExt;
 
@@ -67,7 +67,9 @@ pub struct Ender {
     bus: Bus,
     stops: Stops,
     stop_wait: Duration,
-    timers: Arc<Mutex<HashSet<SessionId>>>,
+    /// Timers running: `<sid>` (session deadlines), `<sid>.<task>.<attempt>` (waits
+    /// for input).
+    timers: Arc<Mutex<HashSet<String>>>,
 }
 
 impl std::fmt::Debug for Ender {
@@ -148,7 +150,7 @@ impl Ender {
     pub fn at_deadline(&self, session: &SessionId, deadline_ms: u64) {
         {
             let mut timers = self.timers.lock().unwrap_or_else(PoisonError::into_inner);
-            if !timers.insert(session.clone()) {
+            if !timers.insert(session.to_string()) {
                 return;
             }
         }
@@ -161,11 +163,49 @@ impl Ender {
             this.timers
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .remove(&session);
+                .remove(session.as_str());
             if let Err(e) = result {
                 // The slot reconciler looks again later.
                 tracing::warn!(session = %session, error = %e, "could not end a session past its deadline");
             }
+        });
+    }
+
+    /// Tells the orchestrator, at `deadline_ms`, that nobody answered the question of
+    /// `task`'s `attempt` (unless a person did first: same message id). One timer per
+    /// question in this process.
+    pub fn at_input_deadline(
+        &self,
+        session: &SessionId,
+        task: &TaskId,
+        attempt: u32,
+        deadline_ms: u64,
+    ) {
+        let key = format!("{session}.{task}.{attempt}");
+        {
+            let mut timers = self.timers.lock().unwrap_or_else(PoisonError::into_inner);
+            if !timers.insert(key.clone()) {
+                return;
+            }
+        }
+        let (this, session, task) = (self.clone(), session.clone(), task.clone());
+        tokio::spawn(async move {
+            let now = epoch_ms(SystemTime::now());
+            tokio::time::sleep(Duration::from_millis(deadline_ms.saturating_sub(now))).await;
+            let msg = InputMessage {
+                v: V1,
+                session_id: session.clone(),
+                task_id: task,
+                attempt,
+                answer: None,
+            };
+            if let Err(e) = publish_input(&this.bus, &msg).await {
+                tracing::warn!(session = %session, error = %e, "could not end a wait for input; the reconciler looks again");
+            }
+            this.timers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&key);
         });
     }
 
@@ -307,6 +347,29 @@ impl Ender {
         }
         Ok(())
     }
+}
+
+/// Publishes `msg` to its session's orchestrator inbox (de-duplicated: a person's
+/// answer and the timeout share the message id, so only the first counts).
+pub async fn publish_input(
+    bus: &Bus,
+    msg: &InputMessage,
+) -> Result<flotilla_bus::Published, flotilla_bus::PublishError> {
+    let payload = Bytes::from(
+        serde_json::to_vec(&flotilla_protocol::InboxMessage::Input(msg.clone()))
+            .unwrap_or_default(),
+    );
+    bus.publish(&flotilla_bus::Outgoing {
+        subject: bus
+            .names()
+            .inbox(&msg.session_id, &flotilla_protocol::Role::orchestrator()),
+        msg_id: flotilla_protocol::MessageId::input(&msg.session_id, &msg.task_id, msg.attempt),
+        session: Some(msg.session_id.clone()),
+        attempt: Some(msg.attempt),
+        trace: None,
+        payload,
+    })
+    .await
 }
 
 fn outcome_name(status: SessionStatus) -> &'static str {

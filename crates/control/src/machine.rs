@@ -53,6 +53,8 @@ pub fn on_planned(rec: &mut SessionRecord, plan: &Plan, max_in_flight: usize, no
             questions_closed: false,
             allowance: 0,
             tokens: 0,
+            question: None,
+            input_deadline_ms: None,
         })
         .collect();
     rec.status = SessionStatus::Running;
@@ -314,10 +316,147 @@ pub fn on_clarify(
             question,
             answer,
             closed,
+            by: None,
         },
     );
     fill(rec, max_in_flight);
     ResultVerdict::Retrying
+}
+
+/// A clarification question that goes to a person: the task waits (`awaiting_input`)
+/// until `deadline_ms`, and so does the session unless other tasks run. Emits
+/// `input_requested`.
+pub fn on_input_requested(
+    rec: &mut SessionRecord,
+    r: &ResultMessage,
+    deadline_ms: u64,
+    max_in_flight: usize,
+    now: u64,
+) -> ResultVerdict {
+    let idx = match check(rec, r) {
+        Ok(i) => i,
+        Err(v) => return v,
+    };
+    let question = match &r.outcome {
+        flotilla_protocol::TaskOutcome::Clarify { question } => question.clone(),
+        _ => return ResultVerdict::Foreign("not a clarification".into()),
+    };
+    if let Some(s) = &r.spend {
+        rec.counters.spend.add(s);
+        rec.tasks[idx].tokens = rec.tasks[idx].tokens.saturating_add(s.tokens);
+    }
+    give_back(rec, idx, r.attempt_tokens);
+    rec.updated_ms = now;
+    let t = &mut rec.tasks[idx];
+    t.state = TaskState::AwaitingInput;
+    t.question = Some(question);
+    t.input_deadline_ms = Some(deadline_ms);
+    let body = input_requested_event(t);
+    let id = format!("input.{}.{}", t.task_id, t.attempt);
+    emit(rec, id, body);
+    // A waiting task holds no place in flight: the next one may go.
+    fill(rec, max_in_flight);
+    settle_status(rec);
+    ResultVerdict::Retrying
+}
+
+fn input_requested_event(t: &TaskEntry) -> EventBody {
+    EventBody::InputRequested {
+        task_id: t.task_id.clone(),
+        role: t.role.clone(),
+        attempt: t.attempt,
+        question: t.question.clone().unwrap_or_default(),
+        deadline_ms: t.input_deadline_ms.unwrap_or_default(),
+    }
+}
+
+/// `awaiting_input` while every task still to finish waits for a person; `running`
+/// otherwise (a session not yet ended).
+fn settle_status(rec: &mut SessionRecord) {
+    if rec.status.is_terminal() || rec.status == SessionStatus::Synthesizing {
+        return;
+    }
+    let open: Vec<_> = rec
+        .tasks
+        .iter()
+        .filter(|t| {
+            matches!(
+                t.state,
+                TaskState::Pending | TaskState::Dispatched | TaskState::AwaitingInput
+            )
+        })
+        .collect();
+    rec.status = if !open.is_empty() && open.iter().all(|t| t.state == TaskState::AwaitingInput) {
+        SessionStatus::AwaitingInput
+    } else {
+        SessionStatus::Running
+    };
+}
+
+/// What became of an answer from a person.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InputVerdict {
+    /// Taken: the task goes on with it.
+    Taken,
+    /// Nothing waits for it (answered already, timed out, another attempt).
+    NotAwaiting,
+}
+
+/// A person's `answer` to task `task_id`'s question asked by `attempt` (`None`: the
+/// wait timed out, and the task is told to commit to its best interpretation). The
+/// task is dispatched again with the answer, on whichever process holds its role.
+pub fn on_input(
+    rec: &mut SessionRecord,
+    task_id: &TaskId,
+    attempt: u32,
+    answer: Option<String>,
+    max_in_flight: usize,
+    now: u64,
+) -> InputVerdict {
+    let Some(idx) = rec.tasks.iter().position(|t| {
+        &t.task_id == task_id && t.attempt == attempt && t.state == TaskState::AwaitingInput
+    }) else {
+        return InputVerdict::NotAwaiting;
+    };
+    if rec.status.is_terminal() {
+        return InputVerdict::NotAwaiting;
+    }
+    let (text, by, closed) = match answer {
+        Some(a) => (a, "human", false),
+        None => (
+            "Nobody answered your question in time. Commit to your best interpretation of \
+             the instruction as written, and say what you assumed."
+                .to_owned(),
+            "deadline",
+            true,
+        ),
+    };
+    rec.counters.clarifications += 1;
+    rec.updated_ms = now;
+    let t = &mut rec.tasks[idx];
+    let question = t.question.take().unwrap_or_default();
+    t.input_deadline_ms = None;
+    t.state = TaskState::Pending;
+    t.clarification = Some(text.clone());
+    t.questions_closed = closed;
+    let (task_id, role, attempt) = (t.task_id.clone(), t.role.clone(), t.attempt);
+    let n = rec.counters.clarifications;
+    emit(
+        rec,
+        format!("clarification.{task_id}.{attempt}"),
+        EventBody::Clarification {
+            task_id,
+            role,
+            n,
+            question,
+            answer: text,
+            closed,
+            by: Some(by.to_owned()),
+        },
+    );
+    rec.status = SessionStatus::Running;
+    fill(rec, max_in_flight);
+    InputVerdict::Taken
 }
 
 /// Applies a worker's result.
@@ -513,6 +652,10 @@ pub fn derived_effects(rec: &SessionRecord) -> Vec<Effect> {
             TaskState::Dispatched if !rec.status.is_terminal() => out.push(Effect::Dispatch {
                 task_id: t.task_id.clone(),
                 attempt: t.attempt,
+            }),
+            TaskState::AwaitingInput if !rec.status.is_terminal() => out.push(Effect::Emit {
+                id: format!("input.{}.{}", t.task_id, t.attempt),
+                body: input_requested_event(t),
             }),
             TaskState::Done => out.push(Effect::Emit {
                 id: format!("result.{}.{}", t.task_id, t.attempt),
@@ -898,5 +1041,100 @@ mod tests {
             ResultVerdict::Foreign(_)
         ));
         assert_eq!(rec, before);
+    }
+
+    #[test]
+    fn a_question_for_a_person_waits_then_the_answer_or_the_timeout_sends_it_on() {
+        let mut rec = record(&["a", "b", "c", "d"]);
+        let p = plan(&rec);
+        on_planned(&mut rec, &p, 3, 1100);
+        rec.outbox.clear();
+        let ask = |rec: &SessionRecord, i: usize| {
+            result(
+                rec,
+                i,
+                rec.tasks[i].attempt,
+                TaskOutcome::Clarify {
+                    question: "which one?".into(),
+                },
+            )
+        };
+        // The first three ask; a waiting task frees its place, so the fourth goes.
+        for i in 0..3 {
+            let r = ask(&rec, i);
+            assert_eq!(
+                on_input_requested(&mut rec, &r, 9000, 3, 1200),
+                ResultVerdict::Retrying
+            );
+        }
+        assert_eq!(rec.tasks[3].state, TaskState::Dispatched);
+        assert_eq!(rec.status, SessionStatus::Running, "one task still runs");
+        let r = ask(&rec, 3);
+        on_input_requested(&mut rec, &r, 9000, 3, 1250);
+        assert_eq!(rec.status, SessionStatus::AwaitingInput);
+        let asked: Vec<_> = std::mem::take(&mut rec.outbox);
+        let derived = derived_effects(&rec);
+        for e in &asked {
+            if let Effect::Emit { id, .. } = e {
+                assert!(
+                    derived
+                        .iter()
+                        .any(|d| matches!(d, Effect::Emit { id: i, .. } if i == id)),
+                    "{id} not derived"
+                );
+            }
+        }
+        // A person answers task 0; a stale attempt's answer is refused.
+        let t0 = rec.tasks[0].task_id.clone();
+        assert_eq!(
+            on_input(&mut rec, &t0, 7, Some("x".into()), 3, 1300),
+            InputVerdict::NotAwaiting
+        );
+        assert_eq!(
+            on_input(&mut rec, &t0, 1, Some("the red one".into()), 3, 1300),
+            InputVerdict::Taken
+        );
+        assert_eq!(rec.status, SessionStatus::Running);
+        let t = &rec.tasks[0];
+        assert_eq!((t.state, t.attempt), (TaskState::Dispatched, 2));
+        assert_eq!(t.clarification.as_deref(), Some("the red one"));
+        assert!(!t.questions_closed && t.question.is_none());
+        assert_eq!(
+            on_input(&mut rec, &t0, 1, Some("again".into()), 3, 1300),
+            InputVerdict::NotAwaiting
+        );
+        // Task 1 times out: told to commit, and its questions close.
+        let t1 = rec.tasks[1].task_id.clone();
+        assert_eq!(
+            on_input(&mut rec, &t1, 1, None, 3, 9001),
+            InputVerdict::Taken
+        );
+        assert!(rec.tasks[1].questions_closed);
+        // Cancelled: waiting tasks wait no longer; nothing is taken after the end.
+        assert!(end(
+            &mut rec,
+            SessionStatus::Cancelled,
+            "stop".into(),
+            None,
+            9100
+        ));
+        assert!(!end(
+            &mut rec,
+            SessionStatus::DeadlineExceeded,
+            "late".into(),
+            None,
+            9200
+        ));
+        let t2 = rec.tasks[2].task_id.clone();
+        assert_eq!(
+            on_input(&mut rec, &t2, 1, Some("y".into()), 3, 9300),
+            InputVerdict::NotAwaiting
+        );
+        assert!(
+            derived_effects(&rec)
+                .iter()
+                .all(|e| !matches!(e, Effect::Dispatch { .. }))
+        );
+        assert!(derived_effects(&rec).contains(&Effect::ReleaseSlot));
     }
 }

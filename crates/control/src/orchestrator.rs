@@ -38,6 +38,7 @@ const CAS_ROUNDS: usize = 32;
 enum Input {
     Start,
     Result(Box<ResultMessage>),
+    Answer(Box<flotilla_protocol::InputMessage>),
 }
 
 /// Session records as this process last wrote or read them, one cell per live
@@ -83,6 +84,7 @@ pub struct Orchestrator {
     tracker: flotilla_agent::Tracker,
     cache: RecordCache,
     stops: flotilla_agent::Stops,
+    ender: Option<crate::ender::Ender>,
 }
 
 impl std::fmt::Debug for Orchestrator {
@@ -211,7 +213,14 @@ impl Orchestrator {
             tracker: flotilla_agent::Tracker::default(),
             cache: RecordCache::default(),
             stops: flotilla_agent::Stops::default(),
+            ender: None,
         }
+    }
+
+    /// Keeps the timers of questions waiting for a person with `ender`.
+    pub fn with_ender(mut self, ender: crate::ender::Ender) -> Self {
+        self.ender = Some(ender);
+        self
     }
 
     /// Sessions ended from outside (cancel, deadline) whose messages this process
@@ -254,6 +263,7 @@ impl Orchestrator {
         let input = match msg {
             InboxMessage::Start(_) => Input::Start,
             InboxMessage::Result(r) => Input::Result(Box::new(r)),
+            InboxMessage::Input(i) => Input::Answer(Box::new(i)),
             InboxMessage::Task(_) => {
                 return Err(VerdictError::poison(
                     ErrorCode::UnknownRole,
@@ -265,8 +275,16 @@ impl Orchestrator {
             "orchestrate",
             session = %session,
             role = "orchestrator",
-            task = match &input { Input::Result(r) => r.task_id.as_str().to_owned(), Input::Start => String::new() },
-            input = match &input { Input::Result(_) => "result", Input::Start => "start" },
+            task = match &input {
+                Input::Result(r) => r.task_id.as_str().to_owned(),
+                Input::Answer(a) => a.task_id.as_str().to_owned(),
+                Input::Start => String::new(),
+            },
+            input = match &input {
+                Input::Result(_) => "result",
+                Input::Answer(_) => "answer",
+                Input::Start => "start",
+            },
             trace_id = d.trace().map(|t| t.trace_id_hex()).unwrap_or_default(),
         );
         flotilla_bus::trace::set_parent(&span, d.trace());
@@ -411,6 +429,24 @@ impl Orchestrator {
                     }
                     other => other?.is_some(),
                 },
+                (Some(Input::Answer(a)), _) => {
+                    let cfg = &self.config.session;
+                    match machine::on_input(
+                        &mut rec,
+                        &a.task_id,
+                        a.attempt,
+                        a.answer.clone(),
+                        cfg.max_in_flight,
+                        now(),
+                    ) {
+                        machine::InputVerdict::Taken => true,
+                        machine::InputVerdict::NotAwaiting if !fresh => {
+                            fresh = true;
+                            continue;
+                        }
+                        machine::InputVerdict::NotAwaiting => false,
+                    }
+                }
                 _ => false,
             };
             // The last result and the answer go in one write: a crash during the
@@ -459,6 +495,17 @@ impl Orchestrator {
                         }
                     }
                     self.perform(&rec, &effects).await?;
+                    if let Some(ender) = &self.ender {
+                        for t in rec
+                            .tasks
+                            .iter()
+                            .filter(|t| t.state == TaskState::AwaitingInput)
+                        {
+                            if let Some(d) = t.input_deadline_ms {
+                                ender.at_input_deadline(session, &t.task_id, t.attempt, d);
+                            }
+                        }
+                    }
                     if let Some((role, outcome)) = task_outcome.take() {
                         metrics::counter!("flotilla_tasks_total", "role" => role.to_string(), "outcome" => outcome)
                             .increment(1);
@@ -552,6 +599,21 @@ impl Orchestrator {
         applied: &mut u64,
     ) -> Result<bool, VerdictError> {
         let cfg = &self.config.session;
+        // A question for a person: the task waits for an answer on
+        // `<p>.session.answer`, or for the deadline.
+        if rec.human_input || cfg.human_roles.contains(&r.role) {
+            let deadline = now().saturating_add(cfg.input_wait.as_millis() as u64);
+            return match machine::on_input_requested(rec, r, deadline, cfg.max_in_flight, now()) {
+                ResultVerdict::Duplicate => Ok(false),
+                ResultVerdict::Foreign(why) => {
+                    Err(VerdictError::poison(ErrorCode::WrongSession, why))
+                }
+                v => {
+                    tracing::info!(verdict = ?v, task = %r.task_id, attempt = r.attempt, "question for a person");
+                    Ok(true)
+                }
+            };
+        }
         let verdict = match machine::check(rec, r) {
             Err(v) => v,
             Ok(idx) => {

@@ -107,7 +107,8 @@ impl Serve {
         tasks.spawn(async move { Ok(a.serve_queue(settings, s).await?) });
         let orch = Orchestrator::new(self.bus.clone(), self.llm.clone(), self.config.clone())
             .with_tracker(self.tracker.clone())
-            .with_stops(stops);
+            .with_stops(stops)
+            .with_ender(ender.clone());
         let s = shutdown.child_token();
         tasks.spawn(async move { Ok(orch.run(s).await?) });
 
@@ -150,6 +151,7 @@ impl Serve {
             }
         });
         let (every, grace, s) = (cfg.reconcile_every, cfg.slot_grace, shutdown.child_token());
+        let bus = self.bus.clone();
         tasks.spawn(async move {
             loop {
                 tokio::select! {
@@ -161,6 +163,12 @@ impl Serve {
                         for session in &found.stuck_planning {
                             if let Err(e) = restarter.restart_if_planning(session).await {
                                 tracing::warn!(session = %session, error = %e, "could not restart session");
+                            }
+                        }
+                        // Questions whose wait timed out while no timer ran for them.
+                        for msg in &found.input_timed_out {
+                            if let Err(e) = crate::ender::publish_input(&bus, msg).await {
+                                tracing::warn!(session = %msg.session_id, error = %e, "could not end a wait for input");
                             }
                         }
                         // Deadlines whose timer died with the process that admitted them.

@@ -62,6 +62,8 @@ pub struct Reconciled {
     pub stuck_planning: Vec<SessionId>,
     /// Sessions not ended past their deadline (ms since the epoch).
     pub past_deadline: Vec<(SessionId, u64)>,
+    /// Questions still waiting for a person past their wait: the timeout to send.
+    pub input_timed_out: Vec<flotilla_protocol::InputMessage>,
 }
 
 /// The local view: which slots look taken, and how fast slots are freed.
@@ -283,6 +285,18 @@ impl SlotTable {
                         && r.slot == n
                     {
                         out.past_deadline.push((r.session_id.clone(), d));
+                    }
+                    for t in r.tasks.iter().filter(|t| {
+                        t.state == flotilla_protocol::TaskState::AwaitingInput
+                            && t.input_deadline_ms.is_some_and(|d| d <= now)
+                    }) {
+                        out.input_timed_out.push(flotilla_protocol::InputMessage {
+                            v: flotilla_protocol::V1,
+                            session_id: r.session_id.clone(),
+                            task_id: t.task_id.clone(),
+                            attempt: t.attempt,
+                            answer: None,
+                        });
                     }
                     r.status.is_terminal() || r.slot != n
                 }

@@ -49,6 +49,9 @@ pub enum Behaviour {
     ClarifyForever,
     /// Asks a question until clarifications close, then answers.
     ClarifyUntilClosed,
+    /// Asks one question, then answers quoting the clarification it got (tests that
+    /// an answer, from a person or not, reaches the task).
+    ClarifyOnce,
     /// Calls the same tool with the same arguments forever: stopped by the circuit
     /// breaker.
     SameToolForever,
@@ -122,10 +125,12 @@ fn adversarial(b: Behaviour, w: &WorkInput, turn: usize, last: &str) -> String {
                 w.instruction.repeat(4 * turn)
             ),
         }),
-        Behaviour::ClarifyForever | Behaviour::ClarifyUntilClosed => serde_json::json!({
-            "action": "clarify",
-            "question": format!("What exactly is meant by \"{}\"?", w.instruction),
-        }),
+        Behaviour::ClarifyForever | Behaviour::ClarifyUntilClosed | Behaviour::ClarifyOnce => {
+            serde_json::json!({
+                "action": "clarify",
+                "question": format!("What exactly is meant by \"{}\"?", w.instruction),
+            })
+        }
         Behaviour::SameToolForever => serde_json::json!({
             "action": "tool",
             "tool": "search",
@@ -174,6 +179,8 @@ struct WorkInput {
     instruction: String,
     #[serde(default)]
     questions_closed: bool,
+    #[serde(default)]
+    clarification: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -243,7 +250,10 @@ impl SimulatedProvider {
                 if self.config.behaviour != Behaviour::Cooperative
                     && !(self.config.behaviour == Behaviour::ClarifyUntilClosed
                         && serde_json::from_str::<WorkInput>(input)
-                            .is_ok_and(|w| w.questions_closed)) =>
+                            .is_ok_and(|w| w.questions_closed))
+                    && !(self.config.behaviour == Behaviour::ClarifyOnce
+                        && serde_json::from_str::<WorkInput>(input)
+                            .is_ok_and(|w| w.clarification.is_some())) =>
             {
                 let w: WorkInput = serde_json::from_str(input).map_err(bad)?;
                 let turn = 1 + request
@@ -261,8 +271,13 @@ impl SimulatedProvider {
             Some(schema::TASK_OUTPUT) => {
                 let w: WorkInput = serde_json::from_str(input).map_err(bad)?;
                 let n = 1 + (rng.next() % 3) as usize;
+                let told = w
+                    .clarification
+                    .as_deref()
+                    .map(|c| format!(" (told: {c})"))
+                    .unwrap_or_default();
                 let out = TaskOutput {
-                    summary: format!("{} result for {}: {}", w.role, w.task_id, w.instruction),
+                    summary: format!("{} result for {}: {}{told}", w.role, w.task_id, w.instruction),
                     artifacts: (1..=n)
                         .map(|i| Artifact {
                             name: format!("{}-{}-{i}", w.role, w.task_id),

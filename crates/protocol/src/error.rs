@@ -27,6 +27,9 @@ pub enum ErrorCode {
     /// A result that is not what the task's current holder committed to the task
     /// record: a forgery (or a replay of an older attempt).
     Forged,
+    /// An answer for a question nobody is waiting for (answered already, timed out, or
+    /// never asked): nothing to do.
+    NotAwaitingInput,
     /// The session pool is full: retry after `retry_after_ms`.
     PoolFull,
     /// A dependency (NATS, KV) failed: retry.
@@ -57,6 +60,7 @@ impl ErrorCode {
             ErrorCode::UnknownSession => "unknown_session",
             ErrorCode::WrongSession => "wrong_session",
             ErrorCode::Forged => "forged",
+            ErrorCode::NotAwaitingInput => "not_awaiting_input",
             ErrorCode::PoolFull => "pool_full",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
@@ -81,6 +85,7 @@ impl ErrorCode {
             ErrorCode::Internal => 500,
             ErrorCode::Oversized => 413,
             ErrorCode::UnknownSession => 404,
+            ErrorCode::NotAwaitingInput => 409,
             _ => 400,
         }
     }

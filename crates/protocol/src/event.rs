@@ -35,11 +35,13 @@ pub enum EventKindName {
     BudgetExhausted,
     /// `circuit_open`
     CircuitOpen,
+    /// `input_requested`
+    InputRequested,
 }
 
 impl EventKindName {
     /// Every kind.
-    pub const ALL: [EventKindName; 12] = [
+    pub const ALL: [EventKindName; 13] = [
         EventKindName::Opened,
         EventKindName::Planned,
         EventKindName::Dispatched,
@@ -52,6 +54,7 @@ impl EventKindName {
         EventKindName::RateLimitWait,
         EventKindName::BudgetExhausted,
         EventKindName::CircuitOpen,
+        EventKindName::InputRequested,
     ];
 
     /// The subject token.
@@ -69,6 +72,7 @@ impl EventKindName {
             EventKindName::RateLimitWait => "rate_limit_wait",
             EventKindName::BudgetExhausted => "budget_exhausted",
             EventKindName::CircuitOpen => "circuit_open",
+            EventKindName::InputRequested => "input_requested",
         }
     }
 
@@ -197,6 +201,24 @@ pub enum EventBody {
         /// The budget is spent: the answer commits to an interpretation and the agent
         /// may not ask again.
         closed: bool,
+        /// Who answered when not the orchestrator's model: `human`, or `deadline` (no
+        /// answer came in time; the answer tells the agent to commit to its reading).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
+    },
+    /// A task's question waits for a person: answer it on `<p>.session.answer`.
+    InputRequested {
+        /// Task.
+        task_id: TaskId,
+        /// Role.
+        role: Role,
+        /// The attempt that asked.
+        attempt: u32,
+        /// The question.
+        question: String,
+        /// When the session stops waiting (ms since the epoch) and the task goes on
+        /// with its best interpretation.
+        deadline_ms: u64,
     },
     /// An agent call waited for a rate-limit permit.
     RateLimitWait {
@@ -260,6 +282,7 @@ impl EventBody {
             EventBody::RateLimitWait { .. } => EventKindName::RateLimitWait,
             EventBody::BudgetExhausted { .. } => EventKindName::BudgetExhausted,
             EventBody::CircuitOpen { .. } => EventKindName::CircuitOpen,
+            EventBody::InputRequested { .. } => EventKindName::InputRequested,
         }
     }
 }

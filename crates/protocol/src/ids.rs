@@ -226,6 +226,12 @@ impl MessageId {
         Self(format!("{session}.{task}.{attempt}.result"))
     }
 
+    /// The answer to the question of `task`'s `attempt` (a person's, or the timeout's:
+    /// the same id, so only the first is stored).
+    pub fn input(session: &SessionId, task: &TaskId, attempt: u32) -> Self {
+        Self(format!("{session}.{task}.{attempt}.input"))
+    }
+
     /// An event of a session; `discriminator` makes it unique within the session.
     pub fn event(session: &SessionId, discriminator: &str) -> Self {
         Self(format!("{session}.ev.{discriminator}"))

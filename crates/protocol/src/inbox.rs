@@ -140,6 +140,26 @@ pub enum InboxMessage {
     Task(TaskMessage),
     /// To the orchestrator: a task attempt ended.
     Result(ResultMessage),
+    /// To the orchestrator: the answer to a task's question that waited for a person
+    /// (from `<p>.session.answer`), or the notice that nobody answered in time.
+    Input(InputMessage),
+}
+
+/// The answer to a question that waited for a person.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InputMessage {
+    /// Protocol version (1).
+    pub v: V1,
+    /// The session.
+    pub session_id: SessionId,
+    /// The task that asked.
+    pub task_id: TaskId,
+    /// The attempt that asked.
+    pub attempt: u32,
+    /// The answer; `None` when the wait timed out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer: Option<String>,
 }
 
 /// A message arrived on an inbox it does not belong to.
@@ -188,6 +208,7 @@ impl InboxMessage {
             InboxMessage::Start(m) => &m.session_id,
             InboxMessage::Task(m) => &m.session_id,
             InboxMessage::Result(m) => &m.session_id,
+            InboxMessage::Input(m) => &m.session_id,
         }
     }
 
@@ -197,6 +218,7 @@ impl InboxMessage {
             InboxMessage::Start(_) => "start",
             InboxMessage::Task(_) => "task",
             InboxMessage::Result(_) => "result",
+            InboxMessage::Input(_) => "input",
         }
     }
 
@@ -210,7 +232,9 @@ impl InboxMessage {
             });
         }
         let ok = match self {
-            InboxMessage::Start(_) | InboxMessage::Result(_) => role.is_orchestrator(),
+            InboxMessage::Start(_) | InboxMessage::Result(_) | InboxMessage::Input(_) => {
+                role.is_orchestrator()
+            }
             InboxMessage::Task(t) if !role.is_orchestrator() && &t.role != role => {
                 return Err(RouteError::WrongRole {
                     task_role: t.role.clone(),

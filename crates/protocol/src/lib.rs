@@ -47,11 +47,13 @@ pub mod version;
 pub use backoff::{Backoff, Jitter};
 pub use budget::{BudgetKind, Ledger, Spend};
 pub use codec::{DEFAULT_MAX_PAYLOAD, DecodeError, decode, encode};
-pub use control::{CancelReply, CancelSession, StopAck, StopSession};
+pub use control::{AnswerInput, AnswerReply, CancelReply, CancelSession, StopAck, StopSession};
 pub use error::{Disposition, ErrorCode};
 pub use event::{Event, EventBody, EventKindName, PlannedTask, SessionOutcome};
 pub use ids::{AgentId, InvalidId, MessageId, Role, SessionId, TaskId};
-pub use inbox::{InboxMessage, ResultMessage, RouteError, StartMessage, TaskMessage, TaskOutcome};
+pub use inbox::{
+    InboxMessage, InputMessage, ResultMessage, RouteError, StartMessage, TaskMessage, TaskOutcome,
+};
 pub use limits::{
     AcquireRefusal, AcquireReply, AcquireRequest, LimiterLease, SettleRequest, WindowSnapshot,
 };

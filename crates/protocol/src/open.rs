@@ -33,6 +33,11 @@ pub struct OpenSession {
     /// finished; in-flight work is stopped as by a cancel.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_ms: Option<u64>,
+    /// Route the tasks' clarification questions to a person (`input_requested`
+    /// events, answered on `<p>.session.answer`) instead of the orchestrator's model.
+    /// Roles can also be routed to people for every session (`session.human_roles`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub human_input: bool,
 }
 
 /// Why an [`OpenSession`] is not acceptable, before any configuration is consulted.
@@ -74,6 +79,7 @@ impl OpenSession {
             session_id: None,
             roles: Vec::new(),
             deadline_ms: None,
+            human_input: false,
         }
     }
 

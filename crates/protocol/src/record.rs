@@ -18,6 +18,9 @@ pub enum SessionStatus {
     Planning,
     /// Tasks are being dispatched and run.
     Running,
+    /// A task's question waits for a person's answer (`input_requested`); its slot is
+    /// held meanwhile.
+    AwaitingInput,
     /// Every task ended; the orchestrator is writing the answer.
     Synthesizing,
     /// Ended with an answer.
@@ -52,6 +55,8 @@ pub enum TaskState {
     Pending,
     /// Published to the worker inbox.
     Dispatched,
+    /// Its last attempt asked a question that waits for a person.
+    AwaitingInput,
     /// Its result was accepted.
     Done,
     /// It failed for good.
@@ -89,6 +94,12 @@ pub struct TaskEntry {
     /// Tokens the task's attempts reported spending so far (their results' `spend`).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub tokens: u64,
+    /// The question waiting for a person, while `state` is `awaiting_input`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub question: Option<String>,
+    /// Until when it waits (ms since the epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_deadline_ms: Option<u64>,
 }
 
 /// How a session's token budget is kept. Attempts and the orchestrator's calls run
@@ -250,6 +261,9 @@ pub struct SessionRecord {
     /// request's `deadline_ms`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_ms: Option<u64>,
+    /// Its tasks' questions go to a person (the open request's `human_input`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub human_input: bool,
 }
 
 impl SessionRecord {
@@ -283,6 +297,7 @@ impl SessionRecord {
             counters: SessionCounters::default(),
             tokens: TokenAccount::default(),
             deadline_ms: None,
+            human_input: false,
         }
     }
 }

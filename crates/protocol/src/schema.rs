@@ -60,6 +60,8 @@ pub fn all() -> Vec<(&'static str, String)> {
         ("cancel_reply.json", pretty(schema_for!(crate::CancelReply))),
         ("stop_session.json", pretty(schema_for!(crate::StopSession))),
         ("stop_ack.json", pretty(schema_for!(crate::StopAck))),
+        ("answer_input.json", pretty(schema_for!(crate::AnswerInput))),
+        ("answer_reply.json", pretty(schema_for!(crate::AnswerReply))),
     ]
 }
 

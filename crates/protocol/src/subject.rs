@@ -53,6 +53,8 @@ pub enum ParsedSubject {
     SessionOpen,
     /// `<p>.session.cancel`
     SessionCancel,
+    /// `<p>.session.answer`
+    SessionAnswer,
     /// `<p>.ctl.stop`
     CtlStop,
     /// `<p>.submit`
@@ -128,6 +130,12 @@ impl Namespace {
     /// Cancel requests: `<p>.session.cancel` (request/reply, [`crate::CancelSession`]).
     pub fn session_cancel(&self) -> String {
         format!("{}.session.cancel", self.prefix)
+    }
+
+    /// A person's answers to tasks' questions: `<p>.session.answer` (request/reply,
+    /// [`crate::AnswerInput`]).
+    pub fn session_answer(&self) -> String {
+        format!("{}.session.answer", self.prefix)
     }
 
     /// The fleet-wide stop notice for an ended session: `<p>.ctl.stop`
@@ -324,6 +332,7 @@ impl Namespace {
         match tokens.as_slice() {
             ["session", "open"] => Ok(ParsedSubject::SessionOpen),
             ["session", "cancel"] => Ok(ParsedSubject::SessionCancel),
+            ["session", "answer"] => Ok(ParsedSubject::SessionAnswer),
             ["ctl", "stop"] => Ok(ParsedSubject::CtlStop),
             ["submit"] => Ok(ParsedSubject::Submit),
             ["s", sid, "in", role] => Ok(ParsedSubject::Inbox {

@@ -12,7 +12,7 @@ pub(crate) mod views;
 pub(crate) use dlq::dlq;
 pub(crate) use load::load;
 pub(crate) use run::{agent, serve, session};
-pub(crate) use submit::{cancel, submit};
+pub(crate) use submit::{answer, cancel, submit};
 
 /// Installs the Prometheus exporter, serving `GET http://<addr>/metrics`, when an
 /// address is given.

@@ -26,6 +26,7 @@ pub(crate) async fn submit(config: Config, a: SubmitArgs) -> anyhow::Result<()> 
     req.session_id = Some(session.clone());
     req.roles = a.roles;
     req.deadline_ms = a.deadline.map(|d| (d.as_millis() as u64).max(1));
+    req.human_input = a.human_input;
     let done = client.watch(&session);
     if a.queue {
         let js = async_nats::jetstream::new(nats);
@@ -143,5 +144,39 @@ pub(crate) async fn cancel(
             Ok(())
         }
         CancelReply::Rejected { code, message, .. } => anyhow::bail!("{code}: {message}"),
+    }
+}
+
+/// `flotilla answer <sid> "<text>"`.
+pub(crate) async fn answer(
+    config: Config,
+    session: SessionId,
+    task: Option<flotilla_protocol::TaskId>,
+    text: String,
+    json: bool,
+) -> anyhow::Result<()> {
+    use flotilla_protocol::AnswerReply;
+    let names = Namespace::new(&config.nats.prefix)?;
+    let nats = flotilla_bus::connect_client(
+        &config.nats,
+        &format!("flotilla-answer-{}", std::process::id()),
+    )
+    .await
+    .with_context(|| format!("connecting to NATS at {}", config.nats.url))?;
+    let client = Client::new(nats, names).await?;
+    let reply = client
+        .answer(&session, task, &text, Duration::from_secs(30))
+        .await?;
+    if json {
+        println!("{}", serde_json::to_string(&reply)?);
+    }
+    match reply {
+        AnswerReply::Accepted { task_id, .. } => {
+            if !json {
+                println!("{session} {task_id}: answer taken; the task goes on with it");
+            }
+            Ok(())
+        }
+        AnswerReply::Rejected { code, message, .. } => anyhow::bail!("{code}: {message}"),
     }
 }

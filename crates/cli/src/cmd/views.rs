@@ -84,6 +84,7 @@ fn status_name(s: SessionStatus) -> &'static str {
     match s {
         SessionStatus::Planning => "planning",
         SessionStatus::Running => "running",
+        SessionStatus::AwaitingInput => "awaiting_input",
         SessionStatus::Synthesizing => "synthesizing",
         SessionStatus::Completed => "completed",
         SessionStatus::Failed => "failed",
@@ -427,10 +428,23 @@ async fn describe(
             n,
             question,
             closed,
+            by,
             ..
         } => format!(
-            "clarify #{n} {task_id}{}: {question}",
+            "clarify #{n} {task_id}{}{}: {question}",
+            by.as_deref()
+                .map(|b| format!(" by {b}"))
+                .unwrap_or_default(),
             if *closed { " (closed)" } else { "" }
+        ),
+        EventBody::InputRequested {
+            task_id,
+            question,
+            deadline_ms,
+            ..
+        } => format!(
+            "ASK        {task_id} waits for a person (flotilla answer; {} left): {question}",
+            age(deadline_ms.saturating_sub(now_ms()))
         ),
         EventBody::RateLimitWait {
             task_id,
