@@ -232,6 +232,22 @@ pub async fn heartbeat(
     config: LivenessConfig,
     shutdown: CancellationToken,
 ) {
+    heartbeat_with(bus, agent_id, role, tracker, config, shutdown, None).await
+}
+
+/// [`heartbeat`], telling `first_written` once the first presence write was answered
+/// (stored or refused): a process that waits for it before taking work is listed
+/// before any claim of its can be seen, so the watchdog never meets its claims as
+/// those of an unknown holder.
+pub async fn heartbeat_with(
+    bus: Bus,
+    agent_id: AgentId,
+    role: Role,
+    tracker: Tracker,
+    config: LivenessConfig,
+    shutdown: CancellationToken,
+    mut first_written: Option<tokio::sync::oneshot::Sender<()>>,
+) {
     let names = bus.names().clone();
     let ping_subject = names.agent_ping(&agent_id);
     let mut pings = match bus.client.subscribe(ping_subject.clone()).await {
@@ -274,6 +290,9 @@ pub async fn heartbeat(
                 }
             }
             Err(e) => tracing::warn!(error = %e, "presence not renewed"),
+        }
+        if let Some(tx) = first_written.take() {
+            let _ = tx.send(());
         }
         // The periodic renewal, or sooner when a task turns overdue.
         let mut deadline = tokio::time::Instant::now()

@@ -127,14 +127,19 @@ impl Worker {
             shutdown.child_token(),
         )
         .await;
-        let heartbeat = tokio::spawn(crate::presence::heartbeat(
+        let (listed, first_written) = tokio::sync::oneshot::channel();
+        let heartbeat = tokio::spawn(crate::presence::heartbeat_with(
             self.bus.clone(),
             self.agent_id.clone(),
             self.role.clone(),
             self.tracker.clone(),
             self.liveness.clone(),
             shutdown.child_token(),
+            Some(listed),
         ));
+        // Listed in presence before the first claim (bounded: a slow bucket delays
+        // work by at most the publish timeout).
+        let _ = tokio::time::timeout(self.bus.config().publish_timeout, first_written).await;
         tracing::info!(role = %self.role, agent = %self.agent_id, "worker pool process started");
         let this = Arc::new(self);
         let bus = this.bus.clone();

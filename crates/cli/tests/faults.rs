@@ -1304,3 +1304,175 @@ async fn an_answer_after_the_asking_worker_died_resumes_the_task_elsewhere() {
     );
     assert_eq!(tr.attempt, 2, "the answer is the task's next attempt");
 }
+
+/// Every `serve` and every agent is killed with SIGKILL while sessions are in every
+/// phase, one waiting for a person and one in the middle of its synthesis among them.
+/// New processes take over: every session completes from where it was, and the person's
+/// answers (given after the crash) reach their tasks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_resume_after_every_process_is_killed() {
+    use flotilla_protocol::{AnswerReply, OpenReply, OpenSession, SessionId, SessionOutcome};
+    let server = NatsServer::start().unwrap();
+    let url = server.url();
+    let env = [
+        ("FLOTILLA_LLM__SIMULATED__LATENCY_MS", "1200"),
+        ("FLOTILLA_LLM__SIMULATED__JITTER", "0.3"),
+        ("FLOTILLA_LLM__SIMULATED__BEHAVIOUR", "clarify_once"),
+        ("FLOTILLA_LIVENESS__PROBE_EVERY", "200ms"),
+        ("FLOTILLA_LIVENESS__HEARTBEAT_EVERY", "300ms"),
+        ("FLOTILLA_LIVENESS__PRESENCE_TTL", "2s"),
+    ];
+    let mut procs = Procs(HashMap::new());
+    procs.fleet(&url, &env);
+    let (bus, client) = inspector(&url).await;
+
+    let mut ids = Vec::new();
+    let mut waits = Vec::new();
+    for i in 0..6 {
+        let sid = SessionId::generate();
+        let mut req = OpenSession::new(format!("resume {i}: plan a data migration"));
+        req.session_id = Some(sid.clone());
+        req.human_input = i == 0;
+        waits.push(client.watch(&sid));
+        let reply = client.open(&req, Duration::from_secs(60)).await.unwrap();
+        assert!(matches!(reply, OpenReply::Accepted { .. }), "{reply:?}");
+        ids.push(sid);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    let status = |sid: SessionId| {
+        let bus = bus.clone();
+        async move {
+            bus.sessions()
+                .get::<SessionRecord>(&keys::session(&sid))
+                .await
+                .unwrap()
+                .unwrap()
+                .0
+                .status
+        }
+    };
+    // Mid-synthesis: every task record committed, the session not ended (the last
+    // result and the answer are one write, made after the synthesis call).
+    let synthesizing = |sid: SessionId| {
+        let bus = bus.clone();
+        async move {
+            let tasks = bus
+                .sessions()
+                .get_matching::<TaskRecord>(&keys::task_pattern(&sid))
+                .await
+                .unwrap();
+            let (rec, _) = bus
+                .sessions()
+                .get::<SessionRecord>(&keys::session(&sid))
+                .await
+                .unwrap()
+                .unwrap();
+            tasks.len() == 4
+                && tasks.iter().all(|(_, t, _)| t.state == TaskRunState::Done)
+                && !rec.status.is_terminal()
+        }
+    };
+    // Kill everything once one session waits for a person and another synthesizes.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let mut mid_synthesis = None;
+    loop {
+        for (i, sid) in ids.iter().enumerate().skip(1) {
+            if synthesizing(sid.clone()).await {
+                mid_synthesis = Some(i);
+            }
+        }
+        if mid_synthesis.is_some() && status(ids[0].clone()).await == SessionStatus::AwaitingInput {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never caught a synthesis"
+        );
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let pids: Vec<u32> = procs.0.keys().copied().collect();
+    for pid in pids {
+        procs.kill9(pid);
+    }
+    let mut before = Vec::new();
+    for sid in &ids {
+        before.push(status(sid.clone()).await);
+    }
+    let mid_synthesis = mid_synthesis.unwrap();
+    assert!(
+        synthesizing(ids[mid_synthesis].clone()).await,
+        "session {mid_synthesis} was mid-synthesis at the kill"
+    );
+    assert_eq!(before[0], SessionStatus::AwaitingInput);
+    assert!(before.iter().all(|s| !s.is_terminal()), "{before:?}");
+
+    // A new fleet; the person answers after the crash.
+    procs.fleet(&url, &env);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while status(ids[0].clone()).await != SessionStatus::Completed {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the waiting session never ended"
+        );
+        let (rec, _) = bus
+            .sessions()
+            .get::<SessionRecord>(&keys::session(&ids[0]))
+            .await
+            .unwrap()
+            .unwrap();
+        for t in rec
+            .tasks
+            .iter()
+            .filter(|t| t.state == TaskState::AwaitingInput)
+        {
+            // Refused while no serve answers yet, or when answered already.
+            let reply = client
+                .answer(
+                    &ids[0],
+                    Some(t.task_id.clone()),
+                    "keep the old schema",
+                    Duration::from_secs(10),
+                )
+                .await;
+            if !matches!(reply, Ok(AnswerReply::Accepted { .. })) {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (i, done) in waits.into_iter().enumerate() {
+        let event = tokio::time::timeout(Duration::from_secs(120), done)
+            .await
+            .unwrap()
+            .unwrap();
+        let EventBody::Done {
+            outcome, answer, ..
+        } = &event.body
+        else {
+            panic!("{event:?}")
+        };
+        assert_eq!(
+            *outcome,
+            SessionOutcome::Completed,
+            "session {i} was {:?}",
+            before[i]
+        );
+        let (rec, _) = bus
+            .sessions()
+            .get::<SessionRecord>(&keys::session(&ids[i]))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(rec.counters.accepted, 4, "one accepted result per task");
+        let sections = &answer.as_ref().unwrap().sections;
+        assert_eq!(sections.len(), 4);
+        if i == 0 {
+            assert!(
+                sections
+                    .iter()
+                    .all(|s| s.output.summary.contains("(told: keep the old schema)")),
+                "{sections:?}"
+            );
+        }
+    }
+}
