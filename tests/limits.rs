@@ -240,7 +240,7 @@ async fn a_429_that_still_happens_is_waited_out_and_fed_back_to_the_limiter() {
 /// usage from the responses, and the rate limiter in front of both models.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_runs_on_an_openai_compatible_endpoint_through_the_limiter() {
-    use flotilla_llm::{ChatRole, ResponseFormat, SimConfig, SimulatedProvider};
+    use flotilla_llm::{SimConfig, SimulatedProvider};
     use flotilla_tests::{TestFleet, spec};
 
     let sim = SimulatedProvider::new(SimConfig {
@@ -248,30 +248,7 @@ async fn a_session_runs_on_an_openai_compatible_endpoint_through_the_limiter() {
         ..SimConfig::default()
     });
     let responder: flotilla_testkit::Responder = Arc::new(move |body: &serde_json::Value| {
-        let messages = body["messages"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|m| ChatMessage {
-                role: match m["role"].as_str() {
-                    Some("system") => ChatRole::System,
-                    Some("assistant") => ChatRole::Assistant,
-                    _ => ChatRole::User,
-                },
-                content: m["content"].as_str().unwrap_or_default().to_owned(),
-            })
-            .collect();
-        let format = &body["response_format"]["json_schema"];
-        let req = CompletionRequest {
-            model: body["model"].as_str().unwrap_or_default().to_owned(),
-            messages,
-            response_format: format["name"].as_str().map(|n| ResponseFormat {
-                name: n.to_owned(),
-                schema: format["schema"].clone().into(),
-            }),
-            max_tokens: body["max_tokens"].as_u64().map(|t| t as u32),
-        };
-        sim.respond(&req)
+        sim.respond(&CompletionRequest::from_openai_body(body))
             .map(|(_, c)| c.content)
             .unwrap_or_default()
     });

@@ -945,37 +945,14 @@ async fn a_reassignment_shows_in_the_sessions_trace() {
 /// A fake OpenAI-compatible server answering as the simulator would, each call taking
 /// `latency`: the fleet's processes call it over HTTP, and its log shows every call.
 async fn fake_provider(latency: Duration) -> flotilla_testkit::FakeOpenAi {
-    use flotilla_llm::{ChatMessage, ChatRole, CompletionRequest, ResponseFormat};
+    use flotilla_llm::CompletionRequest;
     use flotilla_llm::{SimConfig, SimulatedProvider};
     let sim = SimulatedProvider::new(SimConfig {
         latency_ms: 0,
         ..SimConfig::default()
     });
     let responder: flotilla_testkit::Responder = Arc::new(move |body: &serde_json::Value| {
-        let messages = body["messages"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|m| ChatMessage {
-                role: match m["role"].as_str() {
-                    Some("system") => ChatRole::System,
-                    Some("assistant") => ChatRole::Assistant,
-                    _ => ChatRole::User,
-                },
-                content: m["content"].as_str().unwrap_or_default().to_owned(),
-            })
-            .collect();
-        let format = &body["response_format"]["json_schema"];
-        let req = CompletionRequest {
-            model: body["model"].as_str().unwrap_or_default().to_owned(),
-            messages,
-            response_format: format["name"].as_str().map(|n| ResponseFormat {
-                name: n.to_owned(),
-                schema: format["schema"].clone().into(),
-            }),
-            max_tokens: body["max_tokens"].as_u64().map(|t| t as u32),
-        };
-        sim.respond(&req)
+        sim.respond(&CompletionRequest::from_openai_body(body))
             .map(|(_, c)| c.content)
             .unwrap_or_default()
     });

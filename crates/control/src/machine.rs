@@ -271,6 +271,28 @@ pub fn check(rec: &mut SessionRecord, r: &ResultMessage) -> Result<usize, Result
     }
 }
 
+/// What an attempt that ended reported spending: added to the session's and the
+/// task's counts, and its allowance given back.
+fn account_attempt(rec: &mut SessionRecord, idx: usize, r: &ResultMessage) {
+    if let Some(s) = &r.spend {
+        rec.counters.spend.add(s);
+        rec.tasks[idx].tokens = rec.tasks[idx].tokens.saturating_add(s.tokens);
+    }
+    give_back(rec, idx, r.attempt_tokens);
+}
+
+/// A clarification question from the current attempt: its task's index and the
+/// question, with the attempt's spend accounted; otherwise the verdict.
+fn asked(rec: &mut SessionRecord, r: &ResultMessage) -> Result<(usize, String), ResultVerdict> {
+    let idx = check(rec, r)?;
+    let flotilla_protocol::TaskOutcome::Clarify { question } = &r.outcome else {
+        return Err(ResultVerdict::Foreign("not a clarification".into()));
+    };
+    let question = question.clone();
+    account_attempt(rec, idx, r);
+    Ok((idx, question))
+}
+
 /// A clarification question from the current attempt of a task: records the
 /// orchestrator's `answer` and dispatches the task again with it. `closed` when the
 /// session's clarification budget is spent (the answer then commits to an
@@ -283,19 +305,10 @@ pub fn on_clarify(
     max_in_flight: usize,
     now: u64,
 ) -> ResultVerdict {
-    let idx = match check(rec, r) {
-        Ok(i) => i,
+    let (idx, question) = match asked(rec, r) {
+        Ok(found) => found,
         Err(v) => return v,
     };
-    let question = match &r.outcome {
-        flotilla_protocol::TaskOutcome::Clarify { question } => question.clone(),
-        _ => return ResultVerdict::Foreign("not a clarification".into()),
-    };
-    if let Some(s) = &r.spend {
-        rec.counters.spend.add(s);
-        rec.tasks[idx].tokens = rec.tasks[idx].tokens.saturating_add(s.tokens);
-    }
-    give_back(rec, idx, r.attempt_tokens);
     if !closed {
         rec.counters.clarifications += 1;
     }
@@ -333,19 +346,10 @@ pub fn on_input_requested(
     max_in_flight: usize,
     now: u64,
 ) -> ResultVerdict {
-    let idx = match check(rec, r) {
-        Ok(i) => i,
+    let (idx, question) = match asked(rec, r) {
+        Ok(found) => found,
         Err(v) => return v,
     };
-    let question = match &r.outcome {
-        flotilla_protocol::TaskOutcome::Clarify { question } => question.clone(),
-        _ => return ResultVerdict::Foreign("not a clarification".into()),
-    };
-    if let Some(s) = &r.spend {
-        rec.counters.spend.add(s);
-        rec.tasks[idx].tokens = rec.tasks[idx].tokens.saturating_add(s.tokens);
-    }
-    give_back(rec, idx, r.attempt_tokens);
     rec.updated_ms = now;
     let t = &mut rec.tasks[idx];
     t.state = TaskState::AwaitingInput;
@@ -539,11 +543,7 @@ fn apply_result(
     if let Some(m) = &r.memory {
         rec.counters.memory.add(m);
     }
-    if let Some(s) = &r.spend {
-        rec.counters.spend.add(s);
-        rec.tasks[idx].tokens = rec.tasks[idx].tokens.saturating_add(s.tokens);
-    }
-    give_back(rec, idx, r.attempt_tokens);
+    account_attempt(rec, idx, r);
     let tokens = Some(rec.tasks[idx].tokens);
     let verdict = match &r.outcome {
         TaskOutcome::Completed => {

@@ -74,6 +74,39 @@ pub struct CompletionRequest {
     pub max_tokens: Option<u32>,
 }
 
+impl CompletionRequest {
+    /// The request an OpenAI-style `/v1/chat/completions` JSON body describes (what
+    /// [`crate::OpenAiClient`] sends): for servers and fakes that answer such requests
+    /// with a [`LlmClient`] behind them. Missing parts are left empty.
+    pub fn from_openai_body(body: &serde_json::Value) -> Self {
+        let messages = body["messages"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| ChatMessage {
+                role: match m["role"].as_str() {
+                    Some("system") => ChatRole::System,
+                    Some("assistant") => ChatRole::Assistant,
+                    _ => ChatRole::User,
+                },
+                content: m["content"].as_str().unwrap_or_default().to_owned(),
+            })
+            .collect();
+        let format = &body["response_format"]["json_schema"];
+        Self {
+            model: body["model"].as_str().unwrap_or_default().to_owned(),
+            messages,
+            response_format: format["name"].as_str().map(|n| ResponseFormat {
+                name: n.to_owned(),
+                schema: format["schema"].clone().into(),
+            }),
+            max_tokens: body["max_tokens"]
+                .as_u64()
+                .map(|t| u32::try_from(t).unwrap_or(u32::MAX)),
+        }
+    }
+}
+
 /// Token usage reported for a call.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {

@@ -570,4 +570,20 @@ mod tests {
         h.insert("retry-after-ms", HeaderValue::from_static("1250"));
         assert_eq!(retry_after(&h), Some(Duration::from_millis(1250)));
     }
+
+    #[test]
+    fn a_body_reads_back_as_the_request_it_came_from() {
+        let client = OpenAiClient::new(OpenAiConfig::default()).unwrap();
+        let request = CompletionRequest {
+            model: "m".into(),
+            messages: vec![ChatMessage::system("s"), ChatMessage::user("u")],
+            response_format: Some(ResponseFormat {
+                name: "flotilla_plan".into(),
+                schema: std::sync::Arc::new(json!({"type": "object"})),
+            }),
+            max_tokens: Some(99),
+        };
+        let body = client.body(&request, &request.messages);
+        assert_eq!(CompletionRequest::from_openai_body(&body), request);
+    }
 }
