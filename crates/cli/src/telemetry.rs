@@ -160,6 +160,15 @@ pub(crate) fn init(
         .with_target("flotilla_agent", level)
         .with_target("flotilla_control", level)
         .with_target("flotilla_llm", level);
+    // Spans at `level`; of the log's events only warnings and errors become span
+    // events (the rest stay in the log): the span events that matter (conflicts,
+    // takeovers, budget stops) are added directly (`flotilla_bus::trace::span_event`).
+    let targets = tracing_subscriber::filter::FilterExt::and(
+        targets,
+        tracing_subscriber::filter::filter_fn(|meta| {
+            meta.is_span() || *meta.level() <= tracing::Level::WARN
+        }),
+    );
     // Span attributes are the fields Flotilla sets (session, role, task, agent, GenAI):
     // no thread, source location or busy/idle times on every span.
     let otel = tracing_opentelemetry::layer()
