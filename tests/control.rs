@@ -27,13 +27,13 @@ fn steady(ms: u64) -> Arc<dyn flotilla_llm::LlmClient> {
 /// without a deadline on the same fleet completes, and a zero deadline is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deadline_ends_the_session_keeping_finished_tasks() {
-    // Plan at 1.5 s, the first three tasks at about 3 s, the fourth not before 4.5 s,
-    // the synthesis after that: a 4 s deadline falls between.
-    let t = TestFleet::start(spec("unused"), steady(1500)).await;
+    // Plan at 2 s, the first three tasks at about 4 s, the fourth not before 6 s, the
+    // synthesis after that: a 5.5 s deadline falls between.
+    let t = TestFleet::start(spec("unused"), steady(2000)).await;
     let sid = SessionId::generate();
     let mut req = OpenSession::new("deadline: compare three message brokers");
     req.session_id = Some(sid.clone());
-    req.deadline_ms = Some(4000);
+    req.deadline_ms = Some(5500);
     let done = t.client.watch(&sid);
     let reply = t.client.open(&req, Duration::from_secs(30)).await.unwrap();
     assert!(matches!(reply, OpenReply::Accepted { .. }), "{reply:?}");
@@ -64,7 +64,7 @@ async fn a_deadline_ends_the_session_keeping_finished_tasks() {
         failure.as_deref().unwrap().contains("deadline"),
         "{failure:?}"
     );
-    assert!(*duration_ms >= 4000, "{duration_ms}");
+    assert!(*duration_ms >= 5500, "{duration_ms}");
     let (rec, _) = t
         .bus
         .sessions()

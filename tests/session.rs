@@ -96,6 +96,7 @@ async fn one_session_completes_with_every_role() {
                 | EventKindName::RateLimitWait
                 | EventKindName::BudgetExhausted
                 | EventKindName::CircuitOpen
+                | EventKindName::InputRequested
         ) {
             continue;
         }

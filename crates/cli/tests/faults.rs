@@ -991,6 +991,9 @@ async fn cancel_stops_a_sessions_work_in_flight_across_processes() {
         ("FLOTILLA_LLM__PROVIDER", "openai"),
         ("FLOTILLA_LLM__OPENAI__BASE_URL", base.as_str()),
         ("OPENAI_API_KEY", "sk-test"),
+        // Every process answers at once; a generous bound keeps a busy machine from
+        // turning a slow answer into a missing one.
+        ("FLOTILLA_SESSION__STOP_WAIT", "15s"),
     ];
     let mut procs = Procs(HashMap::new());
     procs.fleet(&url, &env);
