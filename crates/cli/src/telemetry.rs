@@ -176,6 +176,9 @@ pub(crate) fn init(
         .with_threads(false)
         .with_location(false)
         .with_tracked_inactivity(false)
+        // Parents come from the tracing span tree (and the messages' traceparent), not
+        // from a thread-local OpenTelemetry context attached at every poll of a span.
+        .with_context_activation(false)
         .with_filter(targets);
     tracing_subscriber::registry().with(fmt).with(otel).init();
     tracing::info!(endpoint, protocol = ?config.otlp_protocol, "exporting spans over OTLP");
