@@ -149,7 +149,7 @@ async fn no_429s_and_most_of_the_quota_used_under_a_load_exceeding_both_limits()
         "{s:?}"
     );
     assert!(
-        stats.waited.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        stats.waited.get() > 0,
         "the offered load was over the limits, so callers waited"
     );
     shutdown.cancel();
@@ -213,7 +213,7 @@ async fn a_429_that_still_happens_is_waited_out_and_fed_back_to_the_limiter() {
     assert!(done.usage.total() > 0);
     let s = fake.stats();
     assert_eq!((s.http_429, s.ok), (1, 1), "{s:?}");
-    assert_eq!(stats.http_429.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(stats.http_429.get(), 1);
     // The leader paused the model's window for the Retry-After (seen in its snapshot).
     let key = flotilla_control::limiter::window_key(MODEL);
     let paused = flotilla_tests::eventually(Duration::from_secs(10), || {

@@ -5,6 +5,7 @@
 //!
 //! Models without configured limits are called directly, with no round trip.
 
+use flotilla_bus::metrics::Count;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -125,29 +126,42 @@ pub struct Permit {
 }
 
 /// Rate-limit counters of one process (read by benches and summaries).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct LimitStats {
-    /// Permits granted.
-    pub granted: AtomicU64,
-    /// Permits that had to wait.
-    pub waited: AtomicU64,
+    /// Permits granted (`flotilla_rate_limit_permits_total`).
+    pub granted: Count,
+    /// Permits that had to wait (`flotilla_rate_limit_waits_total`; how long, in
+    /// `flotilla_rate_limit_wait_seconds`).
+    pub waited: Count,
     /// Total wait, microseconds.
     pub wait_us: AtomicU64,
-    /// 429s that still happened.
-    pub http_429: AtomicU64,
-    /// Acquires that timed out.
-    pub timeouts: AtomicU64,
+    /// 429s that still happened (`flotilla_llm_rate_limited_total`).
+    pub http_429: Count,
+    /// Acquires that timed out (`flotilla_rate_limit_timeouts_total`).
+    pub timeouts: Count,
     waits: std::sync::Mutex<Vec<u64>>,
+}
+
+impl Default for LimitStats {
+    fn default() -> Self {
+        Self {
+            granted: Count::new("flotilla_rate_limit_permits_total"),
+            waited: Count::new("flotilla_rate_limit_waits_total"),
+            wait_us: AtomicU64::new(0),
+            http_429: Count::new("flotilla_llm_rate_limited_total"),
+            timeouts: Count::new("flotilla_rate_limit_timeouts_total"),
+            waits: std::sync::Mutex::default(),
+        }
+    }
 }
 
 impl LimitStats {
     fn record_wait(&self, waited: Duration) {
         let us = waited.as_micros() as u64;
-        self.granted.fetch_add(1, Ordering::Relaxed);
+        self.granted.increment();
         self.wait_us.fetch_add(us, Ordering::Relaxed);
         if waited >= Duration::from_millis(1) {
-            self.waited.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("flotilla_rate_limit_waits_total").increment(1);
+            self.waited.increment();
             metrics::histogram!("flotilla_rate_limit_wait_seconds").record(waited.as_secs_f64());
         }
         let mut w = self.waits.lock().unwrap_or_else(|p| p.into_inner());
@@ -267,7 +281,7 @@ impl LimiterClient {
             };
             let now = tokio::time::Instant::now();
             if now >= deadline {
-                self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                self.stats.timeouts.increment();
                 return Err(LimitError::Timeout {
                     model: model.to_owned(),
                     waited: started.elapsed(),
@@ -284,7 +298,7 @@ impl LimiterClient {
     /// which errs on the safe side.
     pub async fn settle(&self, permit: &Permit, used: u64, rate_limited: Option<Duration>) {
         if rate_limited.is_some() {
-            self.stats.http_429.fetch_add(1, Ordering::Relaxed);
+            self.stats.http_429.increment();
         }
         let body = SettleRequest {
             v: V1,

@@ -20,12 +20,13 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use bytes::Bytes;
 use flotilla_bus::Bus;
+use flotilla_bus::metrics::Count;
 use flotilla_protocol::subject::keys;
 use flotilla_protocol::{InvalidId, SessionId, TaskId, ToolCall, ToolName, ToolReply, V1, headers};
 use serde::{Deserialize, Serialize};
@@ -263,18 +264,31 @@ impl Breaker {
 }
 
 /// What the gateway did, for tests, benches and summaries.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ToolStats {
-    /// Calls asked of the gateway.
-    pub calls: AtomicU64,
-    /// Calls answered from the deterministic cache.
-    pub cache_hits: AtomicU64,
-    /// Side-effecting calls answered from their idempotency record.
-    pub replayed: AtomicU64,
-    /// Requests sent to tools (attempts, retries included).
-    pub attempts: AtomicU64,
-    /// Calls failed fast by an open breaker.
-    pub circuit_open: AtomicU64,
+    /// Calls asked of the gateway (`flotilla_tool_calls_total`).
+    pub calls: Count,
+    /// Calls answered from the deterministic cache (`flotilla_tool_cache_hits_total`).
+    pub cache_hits: Count,
+    /// Side-effecting calls answered from their idempotency record
+    /// (`flotilla_tool_replays_total`).
+    pub replayed: Count,
+    /// Requests sent to tools, retries included (`flotilla_tool_attempts_total`).
+    pub attempts: Count,
+    /// Calls failed fast by an open breaker (`flotilla_tool_circuit_open_total`).
+    pub circuit_open: Count,
+}
+
+impl Default for ToolStats {
+    fn default() -> Self {
+        Self {
+            calls: Count::new("flotilla_tool_calls_total"),
+            cache_hits: Count::new("flotilla_tool_cache_hits_total"),
+            replayed: Count::new("flotilla_tool_replays_total"),
+            attempts: Count::new("flotilla_tool_attempts_total"),
+            circuit_open: Count::new("flotilla_tool_circuit_open_total"),
+        }
+    }
 }
 
 struct Tool {
@@ -388,7 +402,7 @@ impl ToolGateway {
         tool: &str,
         arguments: &serde_json::Value,
     ) -> Result<serde_json::Value, ToolError> {
-        self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        self.stats.calls.increment();
         let t = self.tools.get(tool).ok_or_else(|| ToolError::Unknown {
             tool: tool.to_owned(),
         })?;
@@ -420,13 +434,13 @@ impl ToolGateway {
             } else {
                 &self.stats.cache_hits
             };
-            counter.fetch_add(1, Ordering::Relaxed);
+            counter.increment();
             tracing::debug!(tool, key, "tool result from the cache bucket");
             return Ok(result);
         }
         let admitted = lock(&t.breaker).admit(Instant::now());
         if let Err(retry_in) = admitted {
-            self.stats.circuit_open.fetch_add(1, Ordering::Relaxed);
+            self.stats.circuit_open.increment();
             flotilla_bus::trace::span_event(
                 "circuit_open",
                 vec![flotilla_bus::trace::KeyValue::new(
@@ -475,7 +489,7 @@ impl ToolGateway {
             }
             let at = lock(&t.pacer).reserve(Instant::now());
             tokio::time::sleep_until(at).await;
-            self.stats.attempts.fetch_add(1, Ordering::Relaxed);
+            self.stats.attempts.increment();
             let request = async_nats::Request::new()
                 .payload(body.clone())
                 .headers(headers.clone())

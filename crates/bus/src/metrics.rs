@@ -271,6 +271,46 @@ pub const CATALOG: &[(&str, MetricKind, &str)] = &[
         "How long those calls waited.",
     ),
     (
+        "flotilla_rate_limit_permits_total",
+        MetricKind::Counter,
+        "Fleet rate-limit permits granted.",
+    ),
+    (
+        "flotilla_rate_limit_timeouts_total",
+        MetricKind::Counter,
+        "Permit requests that timed out.",
+    ),
+    (
+        "flotilla_llm_rate_limited_total",
+        MetricKind::Counter,
+        "Provider 429 answers despite a permit.",
+    ),
+    (
+        "flotilla_tool_calls_total",
+        MetricKind::Counter,
+        "Tool calls asked of the gateway.",
+    ),
+    (
+        "flotilla_tool_cache_hits_total",
+        MetricKind::Counter,
+        "Tool calls answered from the deterministic cache.",
+    ),
+    (
+        "flotilla_tool_replays_total",
+        MetricKind::Counter,
+        "Side-effecting tool calls answered from their idempotency record.",
+    ),
+    (
+        "flotilla_tool_attempts_total",
+        MetricKind::Counter,
+        "Requests sent to tools, retries included.",
+    ),
+    (
+        "flotilla_tool_circuit_open_total",
+        MetricKind::Counter,
+        "Tool calls failed fast by an open circuit breaker.",
+    ),
+    (
         "flotilla_llm_calls_total",
         MetricKind::Counter,
         "LLM calls answered, by model.",

@@ -5,7 +5,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -119,7 +118,7 @@ pub(crate) async fn worker(config: Config, a: LimitsWorkerArgs) -> anyhow::Resul
         report.errors += e;
     }
     report.waits_us = stats.waits_us();
-    let _ = stats.granted.load(Ordering::Relaxed);
+    let _ = stats.granted.get();
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }
