@@ -312,11 +312,30 @@ pub fn on_clarify(
     if !closed {
         rec.counters.clarifications += 1;
     }
+    answered(rec, idx, question, answer, closed, None, now);
+    fill(rec, max_in_flight);
+    ResultVerdict::Retrying
+}
+
+/// Task `idx` goes on with `answer` to `question` in its next attempt (`closed`: it
+/// may not ask again), and the `clarification` event says so (`by`: who answered, when
+/// not the orchestrator's model).
+fn answered(
+    rec: &mut SessionRecord,
+    idx: usize,
+    question: String,
+    answer: String,
+    closed: bool,
+    by: Option<&str>,
+    now: u64,
+) {
     rec.updated_ms = now;
     let t = &mut rec.tasks[idx];
     t.state = TaskState::Pending;
     t.clarification = Some(answer.clone());
     t.questions_closed = closed;
+    t.question = None;
+    t.input_deadline_ms = None;
     let (task_id, role, attempt) = (t.task_id.clone(), t.role.clone(), t.attempt);
     let n = rec.counters.clarifications;
     emit(
@@ -329,11 +348,9 @@ pub fn on_clarify(
             question,
             answer,
             closed,
-            by: None,
+            by: by.map(str::to_owned),
         },
     );
-    fill(rec, max_in_flight);
-    ResultVerdict::Retrying
 }
 
 /// A clarification question that goes to a person: the task waits (`awaiting_input`)
@@ -436,28 +453,8 @@ pub fn on_input(
         ),
     };
     rec.counters.clarifications += 1;
-    rec.updated_ms = now;
-    let t = &mut rec.tasks[idx];
-    let question = t.question.take().unwrap_or_default();
-    t.input_deadline_ms = None;
-    t.state = TaskState::Pending;
-    t.clarification = Some(text.clone());
-    t.questions_closed = closed;
-    let (task_id, role, attempt) = (t.task_id.clone(), t.role.clone(), t.attempt);
-    let n = rec.counters.clarifications;
-    emit(
-        rec,
-        format!("clarification.{task_id}.{attempt}"),
-        EventBody::Clarification {
-            task_id,
-            role,
-            n,
-            question,
-            answer: text,
-            closed,
-            by: Some(by.to_owned()),
-        },
-    );
+    let question = rec.tasks[idx].question.clone().unwrap_or_default();
+    answered(rec, idx, question, text, closed, Some(by), now);
     rec.status = SessionStatus::Running;
     fill(rec, max_in_flight);
     InputVerdict::Taken
