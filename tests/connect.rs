@@ -349,3 +349,52 @@ async fn a_url_list_fails_over_and_a_lost_connection_comes_back_and_is_counted()
     assert!(back.is_some(), "no reconnection");
     bus.client.flush().await.unwrap();
 }
+
+/// On a 3-node cluster with `replicas = 3`: the fleet creates every stream and bucket
+/// with three replicas, a session completes with the fleet spread over the nodes'
+/// URLs, and a process configured for one replica is refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_completes_on_a_three_node_cluster_with_three_replicas() {
+    use flotilla_control::Fleet;
+    let cluster = flotilla_testkit::NatsCluster::start().unwrap();
+    let mut spec = flotilla_tests::spec(&cluster.url_list());
+    spec.bus.replicas = 3;
+    let fleet = Fleet::start(spec.clone(), flotilla_tests::sim(20))
+        .await
+        .unwrap();
+    let bus = connect(&spec.bus).await.unwrap();
+    let client = flotilla_control::Client::new(bus.client.clone(), bus.names().clone())
+        .await
+        .unwrap();
+    let (done, _) = client
+        .run(
+            "on three nodes: compare two caches",
+            std::time::Duration::from_secs(120),
+        )
+        .await
+        .unwrap();
+    assert!(done.completed(), "{:?}", done.event.body);
+    for stream in [
+        bus.names()
+            .stream_inbox(&flotilla_protocol::Role::orchestrator()),
+        bus.names().stream_events(),
+        format!("KV_{}", bus.names().bucket_sessions()),
+    ] {
+        let mut s = bus.js.get_stream(&stream).await.unwrap();
+        let info = s.info().await.unwrap();
+        assert_eq!(info.config.num_replicas, 3, "{stream}");
+        let cl = info.cluster.as_ref().expect("clustered");
+        assert_eq!(cl.replicas.len(), 2, "{stream}: a leader and two replicas");
+    }
+    // A process set up for one replica is told which stream disagrees.
+    let Err(err) = connect(&BusConfig {
+        replicas: 1,
+        ..spec.bus.clone()
+    })
+    .await
+    else {
+        panic!("a replica mismatch is refused");
+    };
+    assert!(err.to_string().contains("num_replicas"), "{err}");
+    fleet.stop().await;
+}

@@ -5,6 +5,8 @@
 //!
 //! # Layout
 //! - [`NatsServer`]: one running server (`start`, `url`, `kill`).
+//! - [`cluster`]: [`NatsCluster`], three clustered servers with JetStream (kill -9,
+//!   restart, freeze and thaw a node).
 //! - [`Builder`]: options (binary, extra arguments).
 //! - [`locate_nats_server`]: where the binary is looked for, and the install hint when
 //!   it is missing.
@@ -15,9 +17,11 @@
 //! - [`otlp`]: [`OtlpReceiver`], an OTLP trace receiver (http/protobuf and gRPC) that
 //!   keeps the spans it is sent, for tests of trace export.
 
+pub mod cluster;
 pub mod fake_openai;
 pub mod otlp;
 
+pub use cluster::NatsCluster;
 pub use fake_openai::{Behaviour, FakeConfig, FakeOpenAi, FakeStartError, FakeStats, Responder};
 pub use otlp::{OtlpReceiver, ReceivedSpan};
 
