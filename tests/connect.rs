@@ -398,3 +398,127 @@ async fn a_session_completes_on_a_three_node_cluster_with_three_replicas() {
     assert!(err.to_string().contains("num_replicas"), "{err}");
     fleet.stop().await;
 }
+
+/// On a replicated bucket the server refuses a lost compare-and-set with error 10164
+/// (10071 on one server), which the client library reports as an unknown error. Every
+/// such refusal must still read as a conflict (or "exists"), not as an outage: records,
+/// shared memory and the memory lock, on a 3-node cluster with three replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_races_on_a_cluster_are_conflicts_not_outages() {
+    use flotilla_bus::{KvError, MemKey, MemoryError};
+    use flotilla_protocol::SessionId;
+    use std::time::Duration;
+    let cluster = flotilla_testkit::NatsCluster::start().unwrap();
+    let mut config = flotilla_tests::spec(&cluster.url_list()).bus;
+    config.replicas = 3;
+    let bus = connect(&config).await.unwrap();
+
+    let records = bus.sessions();
+    let key = format!("race-{}", SessionId::generate());
+    let r1 = records.create(&key, &1u32).await.unwrap();
+    assert!(
+        matches!(
+            records.create(&key, &2u32).await,
+            Err(KvError::Exists { .. })
+        ),
+        "a second create is told the key exists"
+    );
+    let r2 = records.update(&key, &3u32, r1).await.unwrap();
+    assert!(matches!(
+        records.update(&key, &4u32, r1).await,
+        Err(KvError::Conflict { .. })
+    ));
+    assert!(matches!(
+        records.delete(&key, Some(r1)).await,
+        Err(KvError::Conflict { .. })
+    ));
+    assert_eq!(
+        records.get_latest::<u32>(&key).await.unwrap(),
+        Some((3, r2))
+    );
+
+    // Races in flight at once: the leader refuses a compare-and-set while another on
+    // the same key is still being replicated, and that refusal is the one (10164) the
+    // client library does not name. One writer wins each race; every other is told it
+    // lost, none that the store is down.
+    for round in 0..5u32 {
+        let race = format!("race-{round}-{}", SessionId::generate());
+        let creates = futures::future::join_all((0..24u32).map(|i| {
+            let records = records.clone();
+            let race = race.clone();
+            async move { records.create(&race, &i).await }
+        }))
+        .await;
+        let won: Vec<u64> = creates
+            .iter()
+            .filter_map(|r| r.as_ref().ok().copied())
+            .collect();
+        assert_eq!(won.len(), 1, "one create wins: {creates:?}");
+        let won = won[0];
+        assert!(
+            creates
+                .iter()
+                .all(|r| r.is_ok() || matches!(r, Err(KvError::Exists { .. }))),
+            "every lost create is told the key exists: {creates:?}"
+        );
+        let updates = futures::future::join_all((0..24u32).map(|i| {
+            let records = records.clone();
+            let race = race.clone();
+            async move { records.update(&race, &(100 + i), won).await }
+        }))
+        .await;
+        assert_eq!(
+            updates.iter().filter(|r| r.is_ok()).count(),
+            1,
+            "{updates:?}"
+        );
+        assert!(
+            updates
+                .iter()
+                .all(|r| r.is_ok() || matches!(r, Err(KvError::Conflict { .. }))),
+            "every lost update is a conflict: {updates:?}"
+        );
+    }
+
+    let mem = bus.memory().session(&SessionId::generate());
+    let k = MemKey::parse("plan").unwrap();
+    let m1 = mem.create(&k, &"a").await.unwrap();
+    assert!(matches!(
+        mem.create(&k, &"b").await,
+        Err(MemoryError::Exists(_))
+    ));
+    let mem_rev = mem.compare_and_set(&k, m1, &"c").await.unwrap();
+    assert!(matches!(
+        mem.compare_and_set(&k, m1, &"lost").await,
+        Err(MemoryError::Conflict(_))
+    ));
+    assert!(matches!(
+        mem.delete(&k, m1).await,
+        Err(MemoryError::Conflict(_))
+    ));
+    let raced = futures::future::join_all((0..24u32).map(|i| {
+        let mem = mem.clone();
+        let k = k.clone();
+        async move { mem.compare_and_set(&k, mem_rev, &i).await }
+    }))
+    .await;
+    assert_eq!(raced.iter().filter(|r| r.is_ok()).count(), 1, "{raced:?}");
+    assert!(
+        raced
+            .iter()
+            .all(|r| r.is_ok() || matches!(r, Err(MemoryError::Conflict(_)))),
+        "every lost compare-and-set is a conflict: {raced:?}"
+    );
+    // A held lock makes the next taker wait and be told it is held.
+    let lock = MemKey::parse("editor").unwrap();
+    let guard = mem
+        .lock(&lock, Duration::from_secs(5), Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(matches!(
+        mem.lock(&lock, Duration::from_secs(1), Duration::from_millis(300))
+            .await,
+        Err(MemoryError::LockHeld(_))
+    ));
+    mem.unlock(guard).await.unwrap();
+}

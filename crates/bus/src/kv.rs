@@ -265,9 +265,11 @@ impl Records {
     pub async fn create<T: Serialize>(&self, key: &str, value: &T) -> Result<u64, KvError> {
         match self.store.create(key, encode(key, value)?).await {
             Ok(rev) => Ok(rev),
-            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Err(KvError::Exists {
-                key: key.to_owned(),
-            }),
+            Err(e) if e.kind() == CreateErrorKind::AlreadyExists || wrong_last_sequence(&e) => {
+                Err(KvError::Exists {
+                    key: key.to_owned(),
+                })
+            }
             Err(e) => Err(KvError::unavailable(key, e)),
         }
     }
@@ -282,9 +284,11 @@ impl Records {
     ) -> Result<u64, KvError> {
         match self.store.update(key, encode(key, value)?, revision).await {
             Ok(rev) => Ok(rev),
-            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Err(KvError::Conflict {
-                key: key.to_owned(),
-            }),
+            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision || wrong_last_sequence(&e) => {
+                Err(KvError::Conflict {
+                    key: key.to_owned(),
+                })
+            }
             Err(e) => Err(KvError::unavailable(key, e)),
         }
     }
@@ -342,7 +346,10 @@ impl Records {
     pub async fn delete(&self, key: &str, revision: Option<u64>) -> Result<(), KvError> {
         match self.store.delete_expect_revision(key, revision).await {
             Ok(()) => Ok(()),
-            Err(e) if e.kind() == kv::DeleteErrorKind::WrongLastRevision => {
+            Err(e)
+                if e.kind() == kv::DeleteErrorKind::WrongLastRevision
+                    || wrong_last_sequence(&e) =>
+            {
                 Err(KvError::Conflict {
                     key: key.to_owned(),
                 })
@@ -350,4 +357,27 @@ impl Records {
             Err(e) => Err(KvError::unavailable(key, e)),
         }
     }
+}
+
+/// The JetStream API error code somewhere in `e`'s chain of sources.
+pub(crate) fn jetstream_code(e: &(dyn std::error::Error + 'static)) -> Option<u64> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(je) = err.downcast_ref::<async_nats::jetstream::Error>() {
+            return Some(je.error_code().0);
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// A compare-and-set write (a KV create, update or revision-checked delete, or a
+/// publish with an expected last subject sequence) refused because the subject moved
+/// on. A single server answers error 10071; a clustered stream answers 10164 (the same
+/// refusal, without the sequence in its text, so every replica gives the same answer),
+/// which async-nats 0.51 reports as an unknown error. Both are a conflict, never an
+/// outage: treating 10164 as "unavailable" turned every lost race on a cluster into a
+/// redelivery.
+pub fn wrong_last_sequence(e: &(dyn std::error::Error + 'static)) -> bool {
+    matches!(jetstream_code(e), Some(10071 | 10164))
 }

@@ -35,7 +35,7 @@ use flotilla_protocol::Namespace;
 pub use config::{AuthMethod, BusConfig, NatsAuth, NatsTls};
 pub use consumer::{ConsumerError, PoolConsumer, PoolOverrides, PoolSettings, opt_durations};
 pub use delivery::{AckError, AckHandle, DeadLetter, Delivery};
-pub use kv::{Applied, KvError, Records, Start, Step};
+pub use kv::{Applied, KvError, Records, Start, Step, wrong_last_sequence};
 pub use memory::{
     LockGuard, MemKey, Memory, MemoryConfig, MemoryError, MemoryStats, SessionMemory, Versioned,
 };

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::kv::wrong_last_sequence;
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use flotilla_protocol::{Namespace, SessionId, subject::keys};
@@ -386,7 +387,7 @@ impl SessionMemory {
         self.count(|c| &c.cas_attempts);
         match self.mem.store.create(self.key(key), bytes).await {
             Ok(rev) => Ok(rev),
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists || wrong_last_sequence(&e) => {
                 self.count(|c| &c.conflicts);
                 metrics::counter!("flotilla_cas_conflicts_total", "bucket" => "memory")
                     .increment(1);
@@ -411,7 +412,10 @@ impl SessionMemory {
         self.count(|c| &c.cas_attempts);
         match self.mem.store.update(self.key(key), bytes, revision).await {
             Ok(rev) => Ok(rev),
-            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+            Err(e)
+                if e.kind() == kv::UpdateErrorKind::WrongLastRevision
+                    || wrong_last_sequence(&e) =>
+            {
                 self.count(|c| &c.conflicts);
                 metrics::counter!("flotilla_cas_conflicts_total", "bucket" => "memory")
                     .increment(1);
@@ -434,7 +438,10 @@ impl SessionMemory {
             .await
         {
             Ok(()) => Ok(()),
-            Err(e) if e.kind() == kv::DeleteErrorKind::WrongLastRevision => {
+            Err(e)
+                if e.kind() == kv::DeleteErrorKind::WrongLastRevision
+                    || wrong_last_sequence(&e) =>
+            {
                 self.count(|c| &c.conflicts);
                 metrics::counter!("flotilla_cas_conflicts_total", "bucket" => "memory")
                     .increment(1);
@@ -547,7 +554,8 @@ impl SessionMemory {
                         });
                     }
                     Err(e)
-                        if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {}
+                        if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence
+                            || wrong_last_sequence(&e) => {}
                     Err(e) => return Err(MemoryError::Unavailable(e.to_string())),
                 }
             }
@@ -618,7 +626,12 @@ impl SessionMemory {
             .await
         {
             Ok(()) => Ok(()),
-            Err(e) if e.kind() == kv::DeleteErrorKind::WrongLastRevision => Ok(()),
+            Err(e)
+                if e.kind() == kv::DeleteErrorKind::WrongLastRevision
+                    || wrong_last_sequence(&e) =>
+            {
+                Ok(())
+            }
             Err(e) => Err(MemoryError::Unavailable(e.to_string())),
         }
     }

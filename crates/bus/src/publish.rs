@@ -5,7 +5,6 @@
 //! server drops the copy. A full inbox is not an error to retry blindly: it comes back
 //! as [`PublishError::Full`] so the caller can apply backpressure.
 
-use std::error::Error as _;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -106,12 +105,6 @@ pub enum PublishError {
     },
 }
 
-fn jetstream_code(e: &async_nats::jetstream::context::PublishError) -> Option<u64> {
-    e.source()
-        .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
-        .map(|je| je.error_code().0)
-}
-
 impl Bus {
     /// Publishes `out` to JetStream, retrying with the same message id until
     /// acknowledged or out of attempts.
@@ -159,7 +152,7 @@ impl Bus {
                         source: err,
                     });
                 }
-                PublishErrorKind::Other => match jetstream_code(&err) {
+                PublishErrorKind::Other => match crate::kv::jetstream_code(&err) {
                     Some(SUBJECT_FULL) | Some(STREAM_FULL) => {
                         self.counters.backpressure.increment();
                         return Err(PublishError::Full {
