@@ -418,3 +418,72 @@ async fn a_refused_orchestrator_call_fails_the_session_instead_of_retrying_forev
     );
     t.stop().await;
 }
+
+/// A handler whose store does not answer (a stream without a leader while a cluster
+/// elects one, a server restarting) is run again in place, backed off, with its
+/// delivery kept alive: the outage spends none of the message's deliveries, even when
+/// it lasts longer than the ack wait and the pool allows two deliveries only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_is_waited_out_in_place_without_spending_deliveries() {
+    use flotilla_bus::{Bus, BusConfig, Counters, Delivery, KvError, PoolConsumer, PoolSettings};
+    let server = flotilla_testkit::NatsServer::start().unwrap();
+    let config = BusConfig {
+        url: server.url(),
+        ..BusConfig::default()
+    };
+    let bus = Bus::connect(&config, "outage", Arc::new(Counters::default()))
+        .await
+        .unwrap();
+    let role = Role::parse("research").unwrap();
+    bus.ensure_inbox(&role).await.unwrap();
+    let settings = PoolSettings {
+        ack_wait: Duration::from_secs(2),
+        max_deliver: 2,
+        ..PoolSettings::default()
+    };
+    let consumer = PoolConsumer::for_role(&bus, &role, settings).await.unwrap();
+    let subject = bus
+        .names()
+        .inbox(&flotilla_protocol::SessionId::generate(), &role);
+    bus.js
+        .publish(subject, Bytes::from_static(b"{}"))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    // Unavailable four times (about 1.5 to 3 s of backoff in all), then handled.
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let (s, b) = (seen.clone(), bus.clone());
+    let serving = tokio::spawn(consumer.serve(b, shutdown.clone(), move |d: Delivery| {
+        let s = s.clone();
+        async move {
+            let n = {
+                let mut s = s.lock().unwrap();
+                s.push(d.delivered());
+                s.len()
+            };
+            if n <= 4 {
+                let e = KvError::Unavailable {
+                    key: "task.x".into(),
+                    source: "no leader".into(),
+                };
+                (d, Err(e.into()))
+            } else {
+                (d, Ok(()))
+            }
+        }
+    }));
+    assert!(inbox_is_empty(&bus).await, "the message was acked");
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen, vec![1; 5], "one delivery, handled five times");
+    assert_eq!(bus.counters.snapshot().redelivered, 0);
+    let mut dlq = bus.js.get_stream(bus.names().stream_dlq()).await.unwrap();
+    assert_eq!(
+        dlq.info().await.unwrap().state.messages,
+        0,
+        "nothing dead-lettered"
+    );
+    shutdown.cancel();
+    serving.await.unwrap();
+}

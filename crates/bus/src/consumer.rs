@@ -319,10 +319,31 @@ impl PoolConsumer {
     {
         let settle_bus = bus.clone();
         let handler = Arc::new(handler);
+        let stop = shutdown.clone();
         self.run(bus, shutdown, move |d| {
-            let (h, b) = (handler.clone(), settle_bus.clone());
+            let (h, b, stop) = (handler.clone(), settle_bus.clone(), stop.clone());
             async move {
-                let (d, verdict) = h(d).await;
+                let started = tokio::time::Instant::now();
+                let (mut d, mut verdict) = h(d).await;
+                // An outage is waited out here, the delivery kept alive by `run`'s
+                // keepalive: a nak would spend one of its bounded deliveries per try.
+                let mut retry = 0;
+                while let Err(e) = &verdict
+                    && e.is_outage()
+                    && started.elapsed() < crate::verdict::OUTAGE_PATIENCE
+                {
+                    tracing::debug!(
+                        subject = d.subject(),
+                        retry,
+                        "jetstream unavailable; handling again"
+                    );
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(crate::verdict::OUTAGE_BACKOFF.delay(retry)) => {}
+                    }
+                    retry += 1;
+                    (d, verdict) = h(d).await;
+                }
                 settle(&b, &d, verdict).await;
             }
         })

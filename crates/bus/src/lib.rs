@@ -184,9 +184,12 @@ impl Bus {
         })
     }
 
-    /// Like [`Bus::connect`], but while the topology is missing and this process may
-    /// not create it (an agent on a least-privilege user that started before `serve`),
-    /// waits with backoff and says so. `None` if `shutdown` comes first.
+    /// Like [`Bus::connect`], but waits with backoff and says so while the topology is
+    /// missing and this process may not create it (an agent on a least-privilege user
+    /// that started before `serve`), or while JetStream does not answer (a cluster
+    /// still electing its stream leaders, a server restarting). Other errors (a wrong
+    /// URL, refused credentials, a topology that disagrees) come back at once. `None`
+    /// if `shutdown` comes first.
     pub async fn connect_patiently(
         config: &BusConfig,
         name: &str,
@@ -202,6 +205,9 @@ impl Bus {
             match Self::connect(config, name, counters.clone()).await {
                 Err(ConnectError::Topology(e @ TopologyError::Missing { .. })) => {
                     tracing::warn!(error = %e, "waiting for the topology");
+                }
+                Err(ConnectError::Topology(e @ TopologyError::Unavailable { .. })) => {
+                    tracing::warn!(error = %e, retry, "jetstream not answering; retrying");
                 }
                 other => return other.map(Some),
             }

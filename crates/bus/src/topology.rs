@@ -324,12 +324,17 @@ pub async fn ensure(
                 match js.create_key_value(want.clone()).await {
                     Ok(_) => {}
                     Err(e) => {
-                        // Lost a creation race (accepted), or may not create.
-                        if js.get_key_value(&want.bucket).await.is_err() {
-                            return Err(TopologyError::Missing {
-                                name: want.bucket.clone(),
-                                detail: e.to_string(),
-                            });
+                        // Lost a creation race (accepted), or may not create, or got
+                        // no answer (unavailable).
+                        match js.get_stream(&stream_name).await {
+                            Ok(_) => {}
+                            Err(get) if stream_missing(&get) => {
+                                return Err(TopologyError::Missing {
+                                    name: want.bucket.clone(),
+                                    detail: e.to_string(),
+                                });
+                            }
+                            Err(get) => return Err(unavailable(&stream_name, get)),
                         }
                     }
                 }
@@ -359,10 +364,13 @@ async fn ensure_stream(
                         let info = s.info().await.map_err(|e| unavailable(&want.name, e))?;
                         compare_stream(want, &info.config)
                     }
-                    Err(_) => Err(TopologyError::Missing {
+                    Err(e) if stream_missing(&e) => Err(TopologyError::Missing {
                         name: want.name.clone(),
                         detail: create.to_string(),
                     }),
+                    // No answer at all (a cluster still electing its leaders, a node
+                    // going away): JetStream is unavailable, not refusing.
+                    Err(e) => Err(unavailable(&want.name, e)),
                 }
             }
         },

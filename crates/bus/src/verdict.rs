@@ -18,14 +18,30 @@ pub(crate) enum Verdict {
     Ack,
     /// Transient failure: redeliver after the delay.
     Retry(Duration, String),
+    /// JetStream did not answer (a stream without a leader while a cluster elects one,
+    /// a server restarting): the handler is run again in place, backed off, while the
+    /// delivery is kept alive, so an outage does not spend the message's deliveries;
+    /// past [`OUTAGE_PATIENCE`] it is redelivered.
+    Outage(String),
     /// Poison: dead-letter with the code.
     Poison(ErrorCode, String),
 }
+
+/// How long a handler is re-run in place while JetStream does not answer, before its
+/// message is handed back for redelivery. Covers a cluster electing new stream leaders
+/// after losing a node (seconds) with room to spare.
+pub const OUTAGE_PATIENCE: Duration = Duration::from_secs(60);
+
+/// The waits between in-place re-runs during an outage.
+pub(crate) const OUTAGE_BACKOFF: flotilla_protocol::Backoff =
+    flotilla_protocol::Backoff::exponential(Duration::from_millis(200), Duration::from_secs(5))
+        .with_jitter(flotilla_protocol::Jitter::Half);
 
 impl From<KvError> for Verdict {
     fn from(e: KvError) -> Self {
         match e {
             KvError::Corrupt { .. } => Verdict::Poison(ErrorCode::Malformed, e.to_string()),
+            KvError::Unavailable { .. } => Verdict::Outage(e.to_string()),
             other => Verdict::Retry(Duration::from_millis(500), other.to_string()),
         }
     }
@@ -33,7 +49,13 @@ impl From<KvError> for Verdict {
 
 impl From<PublishError> for Verdict {
     fn from(e: PublishError) -> Self {
-        Verdict::Retry(Duration::from_millis(500), e.to_string())
+        match e {
+            // A stream without a leader answers like a stream that is not there.
+            PublishError::Unavailable { .. } | PublishError::NoStream { .. } => {
+                Verdict::Outage(e.to_string())
+            }
+            other => Verdict::Retry(Duration::from_millis(500), other.to_string()),
+        }
     }
 }
 
@@ -44,6 +66,10 @@ pub async fn settle(bus: &Bus, d: &Delivery, verdict: Result<(), VerdictError>) 
         Err(Verdict::Retry(delay, why)) => {
             tracing::debug!(reason = %why, ?delay, "redelivering later");
             d.nak(delay).await
+        }
+        Err(Verdict::Outage(why)) => {
+            tracing::warn!(reason = %why, subject = d.subject(), "jetstream unavailable past the patience; redelivering later");
+            d.nak(OUTAGE_BACKOFF.max).await
         }
         Err(Verdict::Poison(code, why)) => {
             tracing::warn!(code = %code, reason = %why, subject = d.subject(), "dead-lettering message");
@@ -60,6 +86,11 @@ pub async fn settle(bus: &Bus, d: &Delivery, verdict: Result<(), VerdictError>) 
 pub struct VerdictError(pub(crate) Verdict);
 
 impl VerdictError {
+    /// JetStream did not answer: worth running the handler again in place.
+    pub fn is_outage(&self) -> bool {
+        matches!(self.0, Verdict::Outage(_))
+    }
+
     /// Redeliver after `delay`.
     pub fn retry(delay: Duration, why: impl Into<String>) -> Self {
         Self(Verdict::Retry(delay, why.into()))

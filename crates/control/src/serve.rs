@@ -2,6 +2,7 @@
 //! slot reconciliation, as one process.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use flotilla_bus::{Bus, PoolConsumer};
 use flotilla_llm::LlmClient;
@@ -58,20 +59,59 @@ impl Serve {
         }
     }
 
-    /// Runs until `shutdown`, then drains.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ServeError> {
+    /// The orchestrator's inbox and every worker role's, so tasks queue durably even
+    /// before any agent of a role has started; and their pools' consumers, which agents
+    /// only bind to.
+    async fn bootstrap(&self) -> Result<(), ServeError> {
         let cfg = &self.config.session;
-        // The orchestrator's inboxes, and every worker role's, so tasks queue durably
-        // even before any agent of a role has started.
         for role in std::iter::once(Role::orchestrator()).chain(cfg.roles.iter().cloned()) {
             self.bus.ensure_inbox(&role).await?;
         }
-        // And their pools' consumers, which agents only bind to.
         for (role, settings) in &self.config.worker_pools {
             PoolConsumer::for_role(&self.bus, role, settings.clone()).await?;
         }
+        Ok(())
+    }
+
+    /// Runs until `shutdown`, then drains.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ServeError> {
+        let cfg = &self.config.session;
+        // A cluster still electing its stream leaders (or a server restarting) does not
+        // answer at first: wait it out, backed off; a conflict is final.
+        let backoff = flotilla_protocol::Backoff::exponential(
+            Duration::from_millis(200),
+            Duration::from_secs(5),
+        )
+        .with_jitter(flotilla_protocol::Jitter::Half);
+        for retry in 0.. {
+            let e = match self.bootstrap().await {
+                Ok(()) => break,
+                Err(ServeError::Topology(e @ flotilla_bus::TopologyError::Conflict { .. })) => {
+                    return Err(e.into());
+                }
+                Err(ServeError::Consumer(e)) if e.permanent => return Err(e.into()),
+                Err(e) => e,
+            };
+            tracing::warn!(error = %e, retry, "inboxes and consumers not ready; retrying");
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(backoff.delay(retry)) => {}
+            }
+        }
         let slots = SlotTable::new(self.bus.clone(), cfg.pool_size, cfg.retry_after_ms);
-        slots.watch(shutdown.child_token()).await?;
+        for retry in 0.. {
+            match slots.watch(shutdown.child_token()).await {
+                Ok(()) => break,
+                Err(e @ flotilla_bus::KvError::Unavailable { .. }) => {
+                    tracing::warn!(error = %e, retry, "slot table not readable yet; retrying");
+                }
+                Err(e) => return Err(e.into()),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(backoff.delay(retry)) => {}
+            }
+        }
         // Sessions ended from outside (cancel, deadline): this process's own work for
         // them stops at once, and it answers the stop notices of the fleet.
         let agent_id = flotilla_protocol::AgentId::generate(&Role::orchestrator());

@@ -37,13 +37,18 @@ fn process_name(kind: &str) -> String {
 }
 
 pub(crate) async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let bus = Bus::connect(
+    // Patient: a cluster that is still electing its leaders does not answer at first.
+    let Some(bus) = Bus::connect_patiently(
         &config.nats,
         &process_name("serve"),
         Arc::new(Counters::default()),
+        &shutdown,
     )
     .await
-    .context("connecting to NATS")?;
+    .context("connecting to NATS")?
+    else {
+        return Ok(());
+    };
     tracing::info!(url = %config.nats.url, prefix = bus.names().prefix(), "connected");
     Serve::new(bus, llm(&config)?, config.control())
         .run(shutdown)
