@@ -17,12 +17,17 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 
 /// What the chaos loop kills.
+// The names are the flags' values (`--chaos kill-nats`), so they share a prefix.
+#[allow(clippy::enum_variant_names)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum Chaos {
     /// Worker (agent) processes.
     KillAgents,
     /// Control-plane (`serve`) processes.
     KillServe,
+    /// A node of the embedded server (one, or one of `--cluster 3`'s), restarted on
+    /// its store after a pause.
+    KillNats,
 }
 
 /// One child: what it runs, and the process running it now.
@@ -52,7 +57,12 @@ fn spawn(config: &std::path::Path, url: &str, args: &[String]) -> anyhow::Result
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        // `BENCH_CHILD_LOGS=1`: the children's warnings on this stderr.
+        .stderr(if std::env::var_os("BENCH_CHILD_LOGS").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
         .spawn()
         .context("starting a child process")
 }
@@ -169,6 +179,51 @@ impl ProcessFleet {
         for s in slots.iter_mut() {
             let _ = s.child.kill();
             let _ = s.child.wait();
+        }
+    }
+}
+
+/// Every `every`, kills a random node of `server` with SIGKILL, leaves it down for a
+/// while (half the interval, at most 5 s) and restarts it on its store, until `stop`.
+/// A restart that fails ends the loop (and is logged): the run then shows what a lost
+/// node does.
+pub(crate) async fn kill_nats(
+    server: Arc<std::sync::Mutex<crate::embedded::Embedded>>,
+    every: Duration,
+    killed: Arc<AtomicU64>,
+    stop: CancellationToken,
+) {
+    let down = (every / 2).min(Duration::from_secs(5));
+    let mut n: u64 = 0x2545_F491;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        n ^= n << 13;
+        n ^= n >> 7;
+        n ^= n << 17;
+        let node = match server.lock() {
+            Ok(mut s) => s.kill(n),
+            Err(_) => return,
+        };
+        killed.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(node = node + 1, "chaos: killed a nats-server node");
+        // Restarted even after `stop`: the run's checks need every node back.
+        tokio::time::sleep(down).await;
+        let s = server.clone();
+        let restarted = tokio::task::spawn_blocking(move || match s.lock() {
+            Ok(mut s) => s.restart(node),
+            Err(_) => Err(anyhow::anyhow!("the server handle was poisoned")),
+        })
+        .await;
+        match restarted {
+            Ok(Ok(())) => tracing::info!(node = node + 1, "chaos: nats-server node back"),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "chaos: nats-server restart failed");
+                return;
+            }
+            Err(_) => return,
         }
     }
 }

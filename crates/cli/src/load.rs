@@ -81,8 +81,12 @@ pub(crate) struct Summary {
     pub(crate) deduplicated: u64,
     /// Tasks with more than one accepted result (must be 0).
     pub(crate) duplicates: u64,
-    /// Processes killed by `--chaos`.
+    /// Processes killed by `--chaos` (`serve` and agents).
     pub(crate) killed: u64,
+    /// Server nodes killed and restarted by `--chaos kill-nats`.
+    pub(crate) nats_killed: u64,
+    /// Server nodes (1, or 3 with `--cluster 3`).
+    pub(crate) nats_nodes: usize,
     /// Tasks the watchdog took from dead, frozen or stuck holders.
     pub(crate) reassigned: u64,
     /// Median delay from a holder's last sign of life to the release of its task, ms.
@@ -120,7 +124,9 @@ pub(crate) struct Summary {
 /// a fleet in the bench's own process).
 #[derive(Debug, Clone, Default, Serialize)]
 pub(crate) struct Costs {
-    /// Messages the server received (`in_msgs`) per completed session.
+    /// Messages the server received (`in_msgs`) per completed session. On a cluster,
+    /// the sum over its nodes: route and replication traffic included. Not measured
+    /// when `--chaos kill-nats` restarts servers (their counters start again at 0).
     pub(crate) server_msgs_per_session: Option<f64>,
     /// Messages the server sent (`out_msgs`) per completed session.
     pub(crate) server_out_msgs_per_session: Option<f64>,
@@ -309,6 +315,8 @@ pub(crate) fn summarize(
         deduplicated: counters.duplicates,
         duplicates: 0,
         killed: 0,
+        nats_killed: 0,
+        nats_nodes: 1,
         memory: counters.memory,
         reassigned: 0,
         reassign_p50_ms: 0,
@@ -360,9 +368,11 @@ impl Summary {
             self.lost_messages
         );
         println!(
-            "  guarantees    duplicate results {}   processes killed {}   tasks reassigned {} (p50 {} ms, p99 {} ms after the holder's last sign of life)",
+            "  guarantees    duplicate results {}   processes killed {}   server nodes killed {} of {}   tasks reassigned {} (p50 {} ms, p99 {} ms after the holder's last sign of life)",
             self.duplicates,
             self.killed,
+            self.nats_killed,
+            self.nats_nodes,
             self.reassigned,
             self.reassign_p50_ms,
             self.reassign_p99_ms

@@ -320,7 +320,8 @@ struct LoadArgs {
     #[arg(long)]
     json: bool,
     /// Run the fleet as OS processes and SIGKILL a random one of these kinds every
-    /// --chaos-every-ms, restarting it (repeat the flag for both kinds).
+    /// --chaos-every-ms, restarting it (repeat the flag for several kinds; `kill-nats`
+    /// kills a node of the embedded server on its own timer).
     #[arg(long, value_enum)]
     chaos: Vec<chaos::Chaos>,
     /// Interval between chaos kills.
@@ -329,6 +330,10 @@ struct LoadArgs {
     /// Sessions open at once across the fleet (overrides `session.pool_size`).
     #[arg(long)]
     pool_size: Option<u32>,
+    /// Run on an embedded 3-node cluster with every stream and bucket on three
+    /// replicas (`--cluster 3`) instead of one embedded server.
+    #[arg(long)]
+    cluster: Option<usize>,
     /// Run the fleet as OS processes (`serve` and `agent --role R`, as `--chaos` does)
     /// so its memory and CPU are measured apart from the load generator's.
     #[arg(long)]

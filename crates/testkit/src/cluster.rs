@@ -54,7 +54,11 @@ fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
 impl NatsCluster {
     /// Starts three nodes and waits (up to 60 s) until the cluster is ready.
     pub fn start() -> Result<Self, LaunchError> {
-        let binary = locate_nats_server(&[])?;
+        Self::start_with(locate_nats_server(&[])?)
+    }
+
+    /// [`NatsCluster::start`] with this `nats-server` binary.
+    pub fn start_with(binary: PathBuf) -> Result<Self, LaunchError> {
         let dir = tempfile::Builder::new()
             .prefix("flotilla-cluster-")
             .tempdir()?;
@@ -167,6 +171,11 @@ impl NatsCluster {
         self.nodes[i].monitor_port
     }
 
+    /// The process ids of the running nodes.
+    pub fn pids(&self) -> Vec<u32> {
+        (0..NODES).filter_map(|i| self.pid(i)).collect()
+    }
+
     /// The process id of node `i`, while it runs.
     pub fn pid(&self, i: usize) -> Option<u32> {
         self.nodes[i].child.as_ref().map(Child::id)
@@ -196,6 +205,31 @@ impl NatsCluster {
         self.kill9(i);
         self.spawn(i)?;
         self.wait_ready(None, Duration::from_secs(60))
+    }
+
+    /// Whether every running node reports itself healthy (`/healthz`: JetStream
+    /// enabled and every stream and consumer it hosts current with its group).
+    pub fn healthy(&self) -> bool {
+        (0..NODES)
+            .filter(|i| self.nodes[*i].child.is_some())
+            .all(|i| {
+                monitor_get(self.nodes[i].monitor_port, "/healthz")
+                    .is_some_and(|body| body.contains("\"ok\""))
+            })
+    }
+
+    /// Waits until [`NatsCluster::healthy`]: a restarted node has caught up. Losing
+    /// another node before then may leave a stream group without a quorum.
+    pub fn wait_healthy(&self, timeout: Duration) -> Result<(), LaunchError> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.healthy() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let tails: Vec<String> = self.nodes.iter().map(|n| tail(&n.log, 8)).collect();
+        Err(LaunchError::NotReady(timeout, tails.join("\n---\n")))
     }
 
     /// Waits until the other nodes agree on a meta leader without node `i` (after it

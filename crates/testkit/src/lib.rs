@@ -143,30 +143,41 @@ impl Builder {
         let dir = tempfile::Builder::new()
             .prefix("flotilla-nats-")
             .tempdir()?;
-        let store = dir.path().join("store");
-        let log = dir.path().join("nats.log");
-        let child = Command::new(&binary)
-            .args(["-a", "127.0.0.1", "-p", "-1", "-m", "-1", "-js", "-sd"])
-            .arg(&store)
-            .arg("--ports_file_dir")
-            .arg(dir.path())
-            .arg("-l")
-            .arg(&log)
-            .args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
+        let child = spawn_single(&binary, dir.path(), ("-1", "-1"), &self.args)?;
         let mut server = NatsServer {
             child,
             dir,
             client_port: 0,
             monitor_port: 0,
+            binary,
+            args: self.args,
         };
         let timeout = self.ready_timeout.unwrap_or(Duration::from_secs(30));
         server.wait_ready(timeout)?;
         Ok(server)
     }
+}
+
+/// Starts one server storing in `dir/store`, logging to `dir/nats.log`, on the given
+/// client and monitoring ports (`-1`: random, reported in the ports file).
+fn spawn_single(
+    binary: &Path,
+    dir: &Path,
+    (client, monitor): (&str, &str),
+    args: &[String],
+) -> std::io::Result<Child> {
+    Command::new(binary)
+        .args(["-a", "127.0.0.1", "-p", client, "-m", monitor, "-js", "-sd"])
+        .arg(dir.join("store"))
+        .arg("--ports_file_dir")
+        .arg(dir)
+        .arg("-l")
+        .arg(dir.join("nats.log"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
 }
 
 /// A running `nats-server` with JetStream. Killed (SIGKILL) and its store removed on drop.
@@ -176,6 +187,8 @@ pub struct NatsServer {
     dir: tempfile::TempDir,
     client_port: u16,
     monitor_port: u16,
+    binary: PathBuf,
+    args: Vec<String>,
 }
 
 impl NatsServer {
@@ -261,6 +274,21 @@ impl NatsServer {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Kills the server with SIGKILL if it runs, starts it again on the same ports and
+    /// store, and waits (up to 60 s) until JetStream is ready: what clients see of a
+    /// crash and a restart.
+    pub fn restart(&mut self) -> Result<(), LaunchError> {
+        self.kill();
+        let ports = (self.client_port.to_string(), self.monitor_port.to_string());
+        self.child = spawn_single(
+            &self.binary,
+            self.dir.path(),
+            (&ports.0, &ports.1),
+            &self.args,
+        )?;
+        self.wait_ready(Duration::from_secs(60))
     }
 }
 

@@ -11,6 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::LoadArgs;
 use crate::chaos::{Chaos, ProcessFleet};
 use crate::config::Config;
+use crate::embedded::Embedded;
 use crate::load::{self, Progress};
 
 const TOPICS: &[&str] = &[
@@ -37,12 +38,32 @@ pub(crate) async fn load(
     let concurrency = a
         .concurrency
         .unwrap_or_else(|| (a.sessions as usize).clamp(1, 64));
-    let server = crate::embedded::unless_external(&mut config, external_nats)?;
-    let monitor_port = server
-        .as_ref()
-        .map(|s| s.monitor_port())
-        .or(a.nats_monitor_port);
-    let server_pid = server.as_ref().map(|s| s.pid());
+    let nodes = a.cluster.unwrap_or(1);
+    anyhow::ensure!(
+        nodes == 1 || nodes == 3,
+        "--cluster takes 3 (or 1, the default)"
+    );
+    anyhow::ensure!(
+        !(external_nats && (nodes == 3 || a.chaos.contains(&Chaos::KillNats))),
+        "--cluster and --chaos kill-nats start their own servers: leave out --nats-url"
+    );
+    let server = if external_nats {
+        None
+    } else {
+        Some(Embedded::start(&mut config, nodes == 3)?)
+    };
+    let kill_nats = a.chaos.contains(&Chaos::KillNats);
+    // Restarted servers count from 0 again: their figures would be wrong, not small.
+    let monitor_ports = match &server {
+        Some(_) if kill_nats => vec![],
+        Some(s) => s.monitor_ports(),
+        None => a.nats_monitor_port.into_iter().collect(),
+    };
+    let server_pids = match &server {
+        Some(s) if !kill_nats => s.pids(),
+        _ => vec![],
+    };
+    let server = server.map(|s| Arc::new(std::sync::Mutex::new(s)));
     // Counts the LLM calls of an in-process fleet (one count across its components).
     let mut llm_calls = None;
     if demo {
@@ -55,6 +76,8 @@ pub(crate) async fn load(
             config.nats.url,
             if external_nats {
                 "external"
+            } else if nodes == 3 {
+                "embedded 3-node cluster, JetStream, replicas 3, temporary stores"
             } else {
                 "embedded, JetStream, temporary store"
             }
@@ -106,20 +129,47 @@ pub(crate) async fn load(
         let fleet = ProcessFleet::start(&config, serves, a.workers_per_role.max(2)).await?;
         Running::Processes(fleet)
     };
-    let bus = Bus::connect(
+    let bus = Bus::connect_patiently(
         &config.nats,
         "flotilla-load-client",
         Arc::new(Counters::default()),
+        &tokio_util::sync::CancellationToken::new(),
     )
-    .await?;
+    .await?
+    .context("connecting to NATS")?;
     let client = Client::new(bus.client.clone(), bus.names().clone()).await?;
     if let Running::Processes(f) = &fleet {
+        // Chaos starts on a fleet that is up: `serve` answers its admission service.
+        let ping = format!("$SRV.PING.{}", bus.names().service_name());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        while bus
+            .client
+            .request(ping.clone(), Default::default())
+            .await
+            .is_err()
+        {
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "the fleet's serve process did not come up within 120 s"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         f.unleash(a.chaos.clone(), Duration::from_millis(a.chaos_every_ms));
     }
+    let calm = tokio_util::sync::CancellationToken::new();
+    let nats_killed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    if kill_nats && let Some(server) = &server {
+        tokio::spawn(crate::chaos::kill_nats(
+            server.clone(),
+            Duration::from_millis(a.chaos_every_ms),
+            nats_killed.clone(),
+            calm.clone(),
+        ));
+    }
 
-    let varz0 = monitor_port.and_then(varz);
+    let varz0 = varz_all(&monitor_ports);
     let bench0 = crate::procstat::own();
-    let server0 = server_pid.and_then(crate::procstat::usage);
+    let server0 = usage_all(&server_pids);
     let progress = Arc::new(Progress::default());
     let bar = if demo {
         let bar = ProgressBar::new(a.sessions);
@@ -169,6 +219,9 @@ pub(crate) async fn load(
     if let Running::Processes(f) = &fleet {
         f.calm();
     }
+    calm.cancel();
+    let nats_killed = nats_killed.load(std::sync::atomic::Ordering::Relaxed);
+    let killed = killed + nats_killed;
     // Quiet: every inbox drained (killed holders' messages come back after the ack wait).
     let quiet_wait = Duration::from_secs(if killed > 0 { 60 } else { 10 });
     let lost_messages = load::quiet_inbox(&bus, quiet_wait).await;
@@ -176,20 +229,11 @@ pub(crate) async fn load(
         Running::InProcess(f) => f.counters.snapshot(),
         Running::Processes(_) => crate::chaos::server_counters(&bus, lost_messages).await?,
     };
-    let varz1 = monitor_port.and_then(varz);
+    let varz1 = varz_all(&monitor_ports);
     let bench1 = crate::procstat::own();
-    let server1 = server_pid.and_then(crate::procstat::usage);
+    let server1 = usage_all(&server_pids);
     let fleet_usage = match &fleet {
-        Running::Processes(f) => {
-            let mut total = crate::procstat::Usage::default();
-            for pid in f.pids().await {
-                if let Some(u) = crate::procstat::usage(pid) {
-                    total.cpu_ms += u.cpu_ms;
-                    total.peak_rss_kb += u.peak_rss_kb;
-                }
-            }
-            Some(total)
-        }
+        Running::Processes(f) => usage_all(&f.pids().await),
         Running::InProcess(_) => None,
     };
     let duplicates = load::duplicate_results(&bus, &results).await;
@@ -219,7 +263,9 @@ pub(crate) async fn load(
         }
     }
     summary.duplicates = duplicates;
-    summary.killed = killed;
+    summary.killed = killed - nats_killed;
+    summary.nats_killed = nats_killed;
+    summary.nats_nodes = nodes;
     load::tally_events(&bus, &mut summary).await;
     match fleet {
         Running::InProcess(f) => f.stop().await,
@@ -259,11 +305,30 @@ pub(crate) async fn load(
     Ok(())
 }
 
-/// The server's `in_msgs` and `out_msgs` counters.
-fn varz(port: u16) -> Option<(u64, u64)> {
-    let body = flotilla_testkit::monitor_get(port, "/varz")?;
-    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-    Some((v["in_msgs"].as_u64()?, v["out_msgs"].as_u64()?))
+/// The servers' `in_msgs` and `out_msgs` counters, added up over the nodes (`None`
+/// without any, or if one does not answer).
+fn varz_all(ports: &[u16]) -> Option<(u64, u64)> {
+    if ports.is_empty() {
+        return None;
+    }
+    ports.iter().try_fold((0, 0), |(i, o), port| {
+        let body = flotilla_testkit::monitor_get(*port, "/varz")?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        Some((i + v["in_msgs"].as_u64()?, o + v["out_msgs"].as_u64()?))
+    })
+}
+
+/// CPU time and peak RSS of these processes, added up (`None` without any).
+fn usage_all(pids: &[u32]) -> Option<crate::procstat::Usage> {
+    if pids.is_empty() {
+        return None;
+    }
+    let mut total = crate::procstat::Usage::default();
+    for u in pids.iter().filter_map(|p| crate::procstat::usage(*p)) {
+        total.cpu_ms += u.cpu_ms;
+        total.peak_rss_kb += u.peak_rss_kb;
+    }
+    Some(total)
 }
 
 /// The fleet under load: in this process, or as child processes (chaos).
