@@ -368,6 +368,7 @@ impl PoolConsumer {
         )
         .with_jitter(flotilla_protocol::Jitter::Half);
         let mut failed_pulls = 0u32;
+        let pull_bound = self.settings.fetch_expiry + Duration::from_secs(5);
         'pull: while !shutdown.is_cancelled() {
             // Wait for at least one free slot before asking for work.
             let first = tokio::select! {
@@ -398,9 +399,18 @@ impl PoolConsumer {
             failed_pulls = 0;
             let mut first = Some(first);
             loop {
+                // The server ends a pull at its expiry with a status message; a server
+                // that restarted meanwhile has forgotten the pull and never will, so
+                // the wait is bounded on this side too.
                 let next = tokio::select! {
                     _ = shutdown.cancelled() => break 'pull,
-                    n = batch.next() => n,
+                    n = tokio::time::timeout(pull_bound, batch.next()) => match n {
+                        Ok(n) => n,
+                        Err(_) => {
+                            tracing::debug!(consumer = %self.name, "pull unanswered past its expiry; pulling again");
+                            break;
+                        }
+                    },
                 };
                 let msg = match next {
                     None => break,

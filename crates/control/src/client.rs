@@ -250,8 +250,8 @@ impl Client {
             }
         }
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match tokio::time::timeout(left, done).await {
-            Ok(Ok(event)) => Ok((
+        match tokio::time::timeout(left, self.wait_done(&session, done)).await {
+            Ok(Some(event)) => Ok((
                 Finished {
                     session_id: session,
                     event,
@@ -265,6 +265,64 @@ impl Client {
                     .remove(&session);
                 Err(RunError::Lost(session))
             }
+        }
+    }
+}
+
+impl Client {
+    /// Waits for `session`'s `done` event. The subscription misses an event published
+    /// while this connection was down (a server restarting, a node lost), so after every
+    /// reconnection the events stream is asked once for the session's `done`: nothing
+    /// is asked while the connection holds.
+    async fn wait_done(
+        &self,
+        session: &SessionId,
+        done: oneshot::Receiver<Event>,
+    ) -> Option<Event> {
+        let stats = self.nats.statistics();
+        let connects = || stats.connects.load(std::sync::atomic::Ordering::Relaxed);
+        let mut seen = connects();
+        tokio::pin!(done);
+        loop {
+            tokio::select! {
+                event = &mut done => return event.ok(),
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            let now = connects();
+            if now == seen {
+                continue;
+            }
+            match self.stored_done(session).await {
+                Ok(Some(event)) => {
+                    self.waiters
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(session);
+                    return Some(event);
+                }
+                Ok(None) => seen = now,
+                // Not answered yet (the server still starting): ask again next second.
+                Err(()) => {}
+            }
+        }
+    }
+
+    /// The `done` event of `session` in the events stream, if it is there; `Err` when
+    /// the stream did not answer.
+    async fn stored_done(&self, session: &SessionId) -> Result<Option<Event>, ()> {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        let js = async_nats::jetstream::new(self.nats.clone());
+        let stream = js
+            .get_stream(self.names.stream_events())
+            .await
+            .map_err(|_| ())?;
+        let subject = self
+            .names
+            .event(session, flotilla_protocol::EventKindName::Done);
+        match stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(msg) => Ok(decode::<Event>(&msg.payload, DEFAULT_MAX_PAYLOAD).ok()),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(_) => Err(()),
         }
     }
 }
