@@ -35,7 +35,7 @@ pub use limits::{
     LimitError, LimitStats, LimitedLlm, LimiterClient, LimitsConfig, ModelLimits, Permit,
 };
 pub use llm_agent::{FINDINGS, Finding, LlmAgent};
-pub use presence::{LivenessConfig, Tracker};
+pub use presence::{LivenessConfig, RECONNECT_GRACE, Tracker};
 pub use role::RoleSpec;
 pub use stops::{StopGuard, Stops};
 pub use tools::{

@@ -38,10 +38,24 @@ pub struct LivenessConfig {
     /// processes are then caught by their presence expiring).
     #[serde(with = "humantime_serde")]
     pub probe_timeout: Duration,
+    /// How long a process's pings must keep getting "no responders" before its work is
+    /// released as disconnected. One answer is not proof: when the cluster node a
+    /// healthy process was connected to is lost, the process has no subscription until
+    /// it has reconnected to another node. (After the watchdog's own connection was
+    /// lost, the window is at least [`RECONNECT_GRACE`]: every process was cut off and
+    /// reconnects on its own backoff.)
+    #[serde(with = "humantime_serde")]
+    pub disconnect_confirm: Duration,
     /// A task with no progress for this long is taken from its holder.
     #[serde(with = "humantime_serde")]
     pub stuck_timeout: Duration,
 }
+
+/// How long after the watchdog's own connection came back a "no responders" is not
+/// taken as a disconnection: longer than the bus's reconnect backoff cap (8 s, see
+/// `flotilla_bus`) plus a connect, since after a server restart every process
+/// reconnects on its own schedule.
+pub const RECONNECT_GRACE: Duration = Duration::from_secs(10);
 
 impl Default for LivenessConfig {
     fn default() -> Self {
@@ -50,6 +64,7 @@ impl Default for LivenessConfig {
             presence_ttl: Duration::from_secs(20),
             probe_every: Duration::from_secs(1),
             probe_timeout: Duration::from_millis(500),
+            disconnect_confirm: Duration::from_secs(2),
             stuck_timeout: Duration::from_secs(60),
         }
     }

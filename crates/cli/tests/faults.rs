@@ -301,6 +301,7 @@ const FAST_LIVENESS: &[(&str, &str)] = &[
     ("FLOTILLA_WORKER__ACK_WAIT", "40s"),
     ("FLOTILLA_NATS__DUPLICATE_WINDOW", "10m"),
     ("FLOTILLA_LIVENESS__PROBE_EVERY", "200ms"),
+    ("FLOTILLA_LIVENESS__DISCONNECT_CONFIRM", "600ms"),
     ("FLOTILLA_LIVENESS__HEARTBEAT_EVERY", "300ms"),
     ("FLOTILLA_LIVENESS__PRESENCE_TTL", "2s"),
 ];
@@ -1299,6 +1300,7 @@ async fn sessions_resume_after_every_process_is_killed() {
         ("FLOTILLA_LLM__SIMULATED__JITTER", "0.3"),
         ("FLOTILLA_LLM__SIMULATED__BEHAVIOUR", "clarify_once"),
         ("FLOTILLA_LIVENESS__PROBE_EVERY", "200ms"),
+        ("FLOTILLA_LIVENESS__DISCONNECT_CONFIRM", "600ms"),
         ("FLOTILLA_LIVENESS__HEARTBEAT_EVERY", "300ms"),
         ("FLOTILLA_LIVENESS__PRESENCE_TTL", "2s"),
     ];

@@ -6,7 +6,13 @@
 //! names its holder and its delivery's ack subject). Every `probe_every` it pings each
 //! process on its own subject:
 //! - **disconnected**: the ping gets "no responders" (the server dropped the process's
-//!   connection: a `kill -9` is seen within one probe);
+//!   connection) on every probe for `liveness.disconnect_confirm` (2 s): a `kill -9` is
+//!   seen within that and one probe. One "no responders" is not enough: after the loss
+//!   of the cluster node a process was connected to, a healthy process is without a
+//!   subscription until it has reconnected, and releasing its work then would have
+//!   another process redo it. After the watchdog's own connection was lost (a server
+//!   restart cuts off every process, each reconnecting on its own backoff) the window
+//!   is at least [`RECONNECT_GRACE`] from its return;
 //! - **presence expired**: a presence seen before is gone (its TTL ran out: a frozen or
 //!   partitioned process);
 //! - **no presence**: a holder of running claims that has no presence and does not
@@ -29,7 +35,7 @@ use tracing::Instrument;
 use async_nats::RequestErrorKind;
 use async_nats::jetstream::kv;
 use bytes::Bytes;
-use flotilla_agent::LivenessConfig;
+use flotilla_agent::{LivenessConfig, RECONNECT_GRACE};
 use flotilla_bus::{Applied, Bus, KvError, Start, Step};
 use flotilla_protocol::subject::keys;
 use flotilla_protocol::{
@@ -52,6 +58,12 @@ pub struct WatchdogCounters {
 #[derive(Debug)]
 pub struct Watchdog {
     bus: Bus,
+    /// Processes whose pings got "no responders", since when (cleared by an answer).
+    gone_since: HashMap<String, tokio::time::Instant>,
+    /// When this watchdog last saw its own connection down or re-established.
+    own_outage: Option<tokio::time::Instant>,
+    /// The connection's count of connects at the last probe.
+    connects: u64,
     config: LivenessConfig,
     store: kv::Store,
     /// Last presence seen of every process, to know what an expired one held.
@@ -81,6 +93,9 @@ impl Watchdog {
             })?;
         Ok(Self {
             bus,
+            gone_since: HashMap::new(),
+            own_outage: None,
+            connects: 0,
             config,
             store,
             seen: HashMap::new(),
@@ -208,6 +223,23 @@ impl Watchdog {
     /// releases the work of those whose connection is gone and of tasks that made no
     /// progress for the stuck timeout.
     pub async fn probe(&mut self) {
+        // A connection that is down, or came back since the last probe (an outage
+        // shorter than a probe included): every process may be reconnecting too.
+        let connects = self
+            .bus
+            .client
+            .statistics()
+            .connects
+            .load(Ordering::Relaxed);
+        let before = std::mem::replace(&mut self.connects, connects);
+        let connected =
+            self.bus.client.connection_state() == async_nats::connection::State::Connected;
+        if !connected || (before != 0 && connects != before) {
+            self.own_outage = Some(tokio::time::Instant::now());
+        }
+        if !connected {
+            return;
+        }
         let current: Vec<Presence> = self.seen.values().cloned().collect();
         let orphans: Vec<AgentId> = self
             .claims
@@ -237,10 +269,13 @@ impl Watchdog {
         for (p, liveness) in current.iter().zip(of_present) {
             match liveness {
                 Liveness::Gone => {
-                    self.ghost(Ghost::of(p), p.in_flight.clone(), "disconnected")
-                        .await
+                    if self.confirmed_gone(p.agent_id.as_str()) {
+                        self.ghost(Ghost::of(p), p.in_flight.clone(), "disconnected")
+                            .await
+                    }
                 }
                 Liveness::Alive | Liveness::Unresponsive => {
+                    self.gone_since.remove(p.agent_id.as_str());
                     for item in &p.in_flight {
                         let idle = now().saturating_sub(item.progress_ms);
                         if item.task_id.is_some() && idle > stuck_ms {
@@ -256,7 +291,9 @@ impl Watchdog {
             }
         }
         for (agent_id, liveness) in orphans.into_iter().zip(of_orphans) {
-            if matches!(liveness, Liveness::Gone) {
+            if !matches!(liveness, Liveness::Gone) {
+                self.gone_since.remove(agent_id.as_str());
+            } else if self.confirmed_gone(agent_id.as_str()) {
                 let ghost = Ghost {
                     agent_id,
                     role: None,
@@ -265,6 +302,18 @@ impl Watchdog {
                 self.ghost(ghost, Vec::new(), "no presence").await;
             }
         }
+    }
+
+    /// Whether `agent`'s pings have got "no responders" for `disconnect_confirm` (this
+    /// one included), and for [`RECONNECT_GRACE`] since this watchdog's own connection
+    /// came back.
+    fn confirmed_gone(&mut self, agent: &str) -> bool {
+        let now = tokio::time::Instant::now();
+        let since = *self.gone_since.entry(agent.to_owned()).or_insert(now);
+        let grace_over = self
+            .own_outage
+            .is_none_or(|at| now.duration_since(at) >= RECONNECT_GRACE);
+        now.duration_since(since) >= self.config.disconnect_confirm && grace_over
     }
 
     /// Releases everything `g` held: what its presence listed and its running claims.
@@ -282,6 +331,7 @@ impl Watchdog {
             );
         }
         self.seen.remove(g.agent_id.as_str());
+        self.gone_since.remove(g.agent_id.as_str());
         self.counters.ghosts.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("flotilla_heartbeats_missed_total").increment(1);
         tracing::warn!(agent = %g.agent_id, role = ?g.role, reason, in_flight = items.len(), "ghost process");
