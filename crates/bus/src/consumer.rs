@@ -342,6 +342,10 @@ impl PoolConsumer {
                         _ = tokio::time::sleep(crate::verdict::OUTAGE_BACKOFF.delay(retry)) => {}
                     }
                     retry += 1;
+                    // What the failed handling wrote before the outage hit may have
+                    // left effects unperformed: the handler repairs them when it sees
+                    // a redelivery.
+                    d.handled_again();
                     (d, verdict) = h(d).await;
                 }
                 settle(&b, &d, verdict).await;

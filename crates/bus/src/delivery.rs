@@ -54,9 +54,18 @@ impl Delivery {
         &self.msg.payload
     }
 
-    /// How many times it has been delivered (1 on first delivery).
+    /// How many times it has been delivered (1 on first delivery), counting a handling
+    /// run again in place after an outage (see [`crate::PoolConsumer::serve`]) as a
+    /// redelivery: either way an earlier handling may have written state and died, or
+    /// failed, before performing all of its effects, and a handler that sees
+    /// `delivered() > 1` performs them again.
     pub fn delivered(&self) -> u64 {
         self.delivered
+    }
+
+    /// Marks that this delivery is handled again in place.
+    pub(crate) fn handled_again(&mut self) {
+        self.delivered = self.delivered.saturating_add(1);
     }
 
     /// Its sequence in the stream.

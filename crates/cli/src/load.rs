@@ -413,6 +413,54 @@ pub(crate) async fn duplicate_results(bus: &Bus, results: &[(Outcome, Duration)]
     dup
 }
 
+/// Logs, for every lost session, where the server's state has it: the session record's
+/// status and task table, each task record's run state and holder, and whether a `done`
+/// event is stored (then the session ended and only its client did not hear it).
+pub(crate) async fn autopsy(bus: &Bus, results: &[(Outcome, Duration)]) {
+    use flotilla_protocol::subject::keys;
+    use flotilla_protocol::{SessionRecord, TaskRecord};
+    let names = bus.names();
+    let events = bus.js.get_stream(names.stream_events()).await.ok();
+    for (o, _) in results {
+        let Outcome::Lost(sid) = o else { continue };
+        let Ok(session) = sid.parse::<flotilla_protocol::SessionId>() else {
+            continue;
+        };
+        let done = match &events {
+            Some(stream) => stream
+                .get_last_raw_message_by_subject(
+                    &names.event(&session, flotilla_protocol::EventKindName::Done),
+                )
+                .await
+                .is_ok(),
+            None => false,
+        };
+        let record = bus
+            .sessions()
+            .get::<SessionRecord>(&keys::session(&session))
+            .await;
+        let Ok(Some((rec, _))) = record else {
+            tracing::warn!(session = %session, done_stored = done, record = ?record.map(|r| r.is_some()), "lost session: no session record");
+            continue;
+        };
+        let mut tasks = Vec::new();
+        for t in &rec.tasks {
+            let run = bus
+                .sessions()
+                .get::<TaskRecord>(&keys::task(&session, &t.role, &t.task_id))
+                .await
+                .ok()
+                .flatten()
+                .map(|(r, _)| format!("{:?}/{:?}#{}", r.state, r.holder, r.attempt));
+            tasks.push(format!(
+                "{}:{:?}#{} run={run:?}",
+                t.task_id, t.state, t.attempt
+            ));
+        }
+        tracing::warn!(session = %session, done_stored = done, status = ?rec.status, tasks = ?tasks, "lost session");
+    }
+}
+
 /// Reads the liveness, rate-limit and budget events of the run from the event log
 /// into `summary`: counts, and the reassignment delays' percentiles.
 pub(crate) async fn tally_events(bus: &Bus, summary: &mut Summary) {

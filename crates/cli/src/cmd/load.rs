@@ -237,6 +237,7 @@ pub(crate) async fn load(
         Running::InProcess(_) => None,
     };
     let duplicates = load::duplicate_results(&bus, &results).await;
+    load::autopsy(&bus, &results).await;
     let mut summary = load::summarize(results, elapsed, concurrency, counters, lost_messages);
     {
         let done = summary.completed.max(1) as f64;
