@@ -216,9 +216,13 @@ impl Admission {
             }
         }
         if let Err(e) = self.publish_start(&session, trace).await {
-            // Undo, so the client can simply retry.
-            let _ = self.bus.sessions().delete(&key, None).await;
-            let _ = crate::slots::release_taken(&self.bus, slot, slot_revision).await;
+            // Not undone: a publish that got no answer (its server died, the stream's
+            // leader moved) may still have been stored, and deleting the record under
+            // that start would dead-letter it as "no session" while the retry's start
+            // is de-duplicated away, leaving the session planning forever. The session
+            // stays admitted; the client's retry of the same id re-sends the start
+            // (de-duplicated if the first one landed), and a session still planning
+            // with no start in its inbox is restarted by the planning check.
             return Err(Rejection::new(ErrorCode::Unavailable, e.to_string()));
         }
         tracing::info!(slot, "session opened");
