@@ -436,6 +436,18 @@ async fn lost_races_on_a_cluster_are_conflicts_not_outages() {
         records.get_latest::<u32>(&key).await.unwrap(),
         Some((3, r2))
     );
+    // A read whose answer is not current enough is asked of the leader.
+    assert_eq!(
+        records.get_current::<u32>(&key, |v| *v > 3).await.unwrap(),
+        Some((3, r2))
+    );
+    assert_eq!(
+        records
+            .get_current::<u32>(&format!("{key}-none"), |_| true)
+            .await
+            .unwrap(),
+        None
+    );
 
     // Races in flight at once: the leader refuses a compare-and-set while another on
     // the same key is still being replicated, and that refusal is the one (10164) the

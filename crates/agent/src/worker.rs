@@ -210,10 +210,16 @@ impl Worker {
     ) -> Result<(), VerdictError> {
         // The session's task table vouches for the task: the orchestrator writes it
         // before publishing the task, so a task it does not list is forged or lost.
+        // (A table that does not list this attempt yet may be a lagging replica's:
+        // the leader is asked before anything is refused.)
         let Some((session, _)) = self
             .bus
             .sessions()
-            .get::<SessionRecord>(&keys::session(&task.session_id))
+            .get_current::<SessionRecord>(&keys::session(&task.session_id), |s| {
+                s.tasks
+                    .iter()
+                    .any(|t| t.task_id == task.task_id && t.attempt >= task.attempt)
+            })
             .await?
         else {
             return Err(VerdictError::poison(

@@ -225,6 +225,23 @@ impl Records {
         }
     }
 
+    /// [`Records::get`], then, when the answer is missing or `current` says it is too
+    /// old, [`Records::get_latest`]. On a cluster any replica answers a get from
+    /// wherever its replication stands, so a record another process has just written
+    /// can read as missing (nats-server#6557; seen under load on three replicas: a
+    /// `start` dead-lettered as "no session"). For reads whose miss would be final (a
+    /// refusal, a dead letter): the leader read costs one more request, only then.
+    pub async fn get_current<T: DeserializeOwned>(
+        &self,
+        key: &str,
+        current: impl Fn(&T) -> bool,
+    ) -> Result<Option<(T, u64)>, KvError> {
+        match self.get::<T>(key).await? {
+            Some((v, rev)) if current(&v) => Ok(Some((v, rev))),
+            _ => self.get_latest(key).await,
+        }
+    }
+
     /// Like [`Records::get`], but answered by the bucket's stream leader (a plain
     /// message get, not a direct get that any replica may answer from behind): for a
     /// decision that must see every write acknowledged so far, such as vouching for

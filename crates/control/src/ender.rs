@@ -100,7 +100,8 @@ impl Ender {
         let key = keys::session(session);
         let records = self.bus.sessions();
         for _ in 0..ROUNDS {
-            let Some((mut rec, rev)) = records.get::<SessionRecord>(&key).await? else {
+            let Some((mut rec, rev)) = records.get_current::<SessionRecord>(&key, |_| true).await?
+            else {
                 return Err(EndError::Unknown(session.clone()));
             };
             if rec.status.is_terminal() {

@@ -382,7 +382,8 @@ impl Orchestrator {
                 Some(known) if fresh || plain_result => known,
                 _ => {
                     fresh = true;
-                    match records.get::<SessionRecord>(&key).await? {
+                    // (A miss is asked of the leader again before it is final.)
+                    match records.get_current::<SessionRecord>(&key, |_| true).await? {
                         Some(found) => found,
                         None => {
                             return Err(VerdictError::poison(

@@ -272,7 +272,7 @@ impl SlotTable {
             let record = self
                 .bus
                 .sessions()
-                .get::<SessionRecord>(&keys::session(&slot.session_id))
+                .get_current::<SessionRecord>(&keys::session(&slot.session_id), |_| true)
                 .await?;
             let dead = match record {
                 None => true,
