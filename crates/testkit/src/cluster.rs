@@ -138,7 +138,13 @@ impl NatsCluster {
                 .collect();
             if let Some(Some(first)) = leaders.first()
                 && leaders.iter().all(|l| l.as_ref() == Some(first))
-                && live.iter().any(|i| &self.nodes[*i].name == first)
+                && let Some(leader) = live.iter().find(|i| &self.nodes[**i].name == first)
+                // The whole cluster: the leader also sees both followers current, so
+                // losing it at once leaves two nodes that know each other to elect
+                // the next (a leader killed right after its election could leave them
+                // without a meta leader for good).
+                && (except.is_some()
+                    || meta_followers_current(self.nodes[*leader].monitor_port) == NODES - 1)
             {
                 return Ok(());
             }
@@ -179,6 +185,11 @@ impl NatsCluster {
     /// The process id of node `i`, while it runs.
     pub fn pid(&self, i: usize) -> Option<u32> {
         self.nodes[i].child.as_ref().map(Child::id)
+    }
+
+    /// The server name of node `i` (what stream info names as a group's leader).
+    pub fn name(&self, i: usize) -> &str {
+        &self.nodes[i].name
     }
 
     /// The node (0-based) that is the JetStream meta leader, as node `asking` sees it.
@@ -281,6 +292,24 @@ fn meta_leader(port: u16) -> Option<String> {
         .as_str()
         .filter(|l| !l.is_empty())
         .map(str::to_owned)
+}
+
+/// How many meta group followers the node (the meta leader) sees as current.
+fn meta_followers_current(port: u16) -> usize {
+    let Some(body) = monitor_get(port, "/jsz") else {
+        return 0;
+    };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) else {
+        return 0;
+    };
+    v["meta_cluster"]["replicas"]
+        .as_array()
+        .map(|r| {
+            r.iter()
+                .filter(|p| p["current"].as_bool() == Some(true))
+                .count()
+        })
+        .unwrap_or(0)
 }
 
 fn tail(path: &std::path::Path, n: usize) -> String {
