@@ -489,14 +489,20 @@ impl LlmAgent {
             role: task.role.to_string(),
             summary: output.summary.clone(),
         };
-        ctx.memory
-            .update_with(&key, |list: Option<Vec<Finding>>| {
-                let mut list = list.unwrap_or_default();
-                list.retain(|f| f.task_id != finding.task_id);
-                list.push(finding.clone());
-                list
-            })
-            .await?;
+        // After the model's answer: an outage is waited out here (the merge is safe to
+        // repeat), not by running the task, and its call, again.
+        flotilla_bus::outlast(
+            || {
+                ctx.memory.update_with(&key, |list: Option<Vec<Finding>>| {
+                    let mut list = list.unwrap_or_default();
+                    list.retain(|f| f.task_id != finding.task_id);
+                    list.push(finding.clone());
+                    list
+                })
+            },
+            |e| matches!(e, flotilla_bus::MemoryError::Unavailable(_)),
+        )
+        .await?;
         Ok(())
     }
 }

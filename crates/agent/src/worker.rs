@@ -440,13 +440,37 @@ impl Worker {
             output,
             epoch_ms(SystemTime::now()),
         );
-        let applied = self
-            .bus
-            .sessions()
-            .transition(&key, Start::Known(claimed, claimed_rev), 1, |_| {
-                Step::Write(committed.clone(), ())
-            })
-            .await?;
+        // An outage is waited out here rather than by running the attempt (and its
+        // model calls) again. A commit that got no answer may have landed: a conflict
+        // after a retry is ours when the record holds exactly this commit.
+        let mut tries = 0;
+        let mut applied = flotilla_bus::outlast(
+            || {
+                tries += 1;
+                self.bus.sessions().transition(
+                    &key,
+                    Start::Known(claimed.clone(), claimed_rev),
+                    1,
+                    |_| Step::Write(committed.clone(), ()),
+                )
+            },
+            |e| matches!(e, flotilla_bus::KvError::Unavailable { .. }),
+        )
+        .await?;
+        if matches!(applied, Applied::Contended)
+            && tries > 1
+            && let Some((now, revision)) = self
+                .bus
+                .sessions()
+                .get_latest::<flotilla_protocol::TaskRecord>(&key)
+                .await?
+            && now == committed
+        {
+            applied = Applied::Written {
+                value: (),
+                revision,
+            };
+        }
         if matches!(applied, Applied::Contended) {
             tracing::warn!("claim was taken over while running; result fenced off");
             flotilla_bus::trace::span_event("fenced", Vec::new());

@@ -42,7 +42,7 @@ pub use memory::{
 pub use metrics::{Counters, CountersSnapshot};
 pub use publish::{Outgoing, PublishError, Published};
 pub use topology::TopologyError;
-pub use verdict::{VerdictError, settle};
+pub use verdict::{VerdictError, outlast, settle};
 
 /// Connecting failed.
 #[derive(Debug, thiserror::Error)]

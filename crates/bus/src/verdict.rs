@@ -37,6 +37,31 @@ pub(crate) const OUTAGE_BACKOFF: flotilla_protocol::Backoff =
     flotilla_protocol::Backoff::exponential(Duration::from_millis(200), Duration::from_secs(5))
         .with_jitter(flotilla_protocol::Jitter::Half);
 
+/// Runs `op` again, backed off like a handler in place, while its error is an outage
+/// (`outage` says which) and for at most [`OUTAGE_PATIENCE`]. For a write that comes
+/// after work that must not be repeated (a model call): left to the handler's in-place
+/// re-run, the outage would run the whole handler, and the call, again. `op` must be
+/// safe to repeat, and a write that got no answer may have landed: the caller reads a
+/// conflict after a retry with that in mind.
+pub async fn outlast<T, E, F, Fut>(mut op: F, outage: impl Fn(&E) -> bool) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let started = tokio::time::Instant::now();
+    let mut retry = 0;
+    loop {
+        match op().await {
+            Err(e) if outage(&e) && started.elapsed() < OUTAGE_PATIENCE => {
+                tracing::debug!(retry, "jetstream unavailable; writing again");
+                tokio::time::sleep(OUTAGE_BACKOFF.delay(retry)).await;
+                retry += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
 impl From<KvError> for Verdict {
     fn from(e: KvError) -> Self {
         match e {

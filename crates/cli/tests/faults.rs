@@ -1458,3 +1458,127 @@ async fn sessions_resume_after_every_process_is_killed() {
         }
     }
 }
+
+// ---- a 3-node cluster ----------------------------------------------------------------
+
+/// The node leading the stream `stream` (0-based), as the cluster reports it.
+async fn leader_of(bus: &Bus, cluster: &flotilla_testkit::NatsCluster, stream: &str) -> usize {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(mut s) = bus.js.get_stream(stream).await
+            && let Ok(info) = s.info().await
+            && let Some(name) = info.cluster.as_ref().and_then(|c| c.leader.clone())
+            && let Some(i) = (0..3).find(|i| cluster.name(*i) == name)
+        {
+            return i;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{stream} has no leader"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Node loss on three replicas, with the fleet as OS processes and the model behind a
+/// fake OpenAI-compatible server that logs every call. In the middle of a run, with
+/// tasks running, the node that leads the session records is killed with SIGKILL:
+/// every session completes with exactly one accepted result per task, and the model
+/// is called exactly as often as the sessions plan, plus at most one call per
+/// reassignment the watchdog reports. The node is restarted and catches up (every node
+/// healthy), then the next run loses the node leading the inboxes by then, and nothing
+/// is lost either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_a_leading_node_twice_loses_nothing_and_repeats_no_model_call() {
+    let mut cluster = flotilla_testkit::NatsCluster::start().unwrap();
+    let urls = cluster.url_list();
+    let fake = fake_provider(Duration::from_millis(1500)).await;
+    let base = fake.base_url();
+    let env = [
+        ("FLOTILLA_NATS__REPLICAS", "3"),
+        ("FLOTILLA_LLM__PROVIDER", "openai"),
+        ("FLOTILLA_LLM__OPENAI__BASE_URL", base.as_str()),
+        ("OPENAI_API_KEY", "sk-test"),
+    ];
+    let mut procs = Procs(HashMap::new());
+    let research = procs.fleet(&urls, &env);
+    // The inspector, once serve answers (through any node).
+    let raw = async_nats::connect(cluster.urls()).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    while raw
+        .request("$SRV.PING.flotilla-admission", bytes::Bytes::new())
+        .await
+        .is_err()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "serve did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let config = BusConfig {
+        url: urls.clone(),
+        replicas: 3,
+        ..BusConfig::default()
+    };
+    let bus = Bus::connect(&config, "fault-inspector", Arc::new(Counters::default()))
+        .await
+        .unwrap();
+    let client = Client::new(bus.client.clone(), bus.names().clone())
+        .await
+        .unwrap();
+    let sessions_stream = format!("KV_{}", bus.names().bucket_sessions());
+    let research_inbox = bus
+        .names()
+        .stream_inbox(&flotilla_protocol::Role::parse("research").unwrap());
+    let n = 6;
+    let mut records = Vec::new();
+    let mut killed = Vec::new();
+    for (run, stream) in [sessions_stream.as_str(), research_inbox.as_str()]
+        .into_iter()
+        .enumerate()
+    {
+        let set = start_sessions(&client, n, &format!("node-loss-{run}"));
+        // Tasks are running: the victim leads records and inboxes in flight.
+        let _ = running_holder(&bus, &research).await;
+        let victim = leader_of(&bus, &cluster, stream).await;
+        eprintln!("run {run}: killing node {victim}, leader of {stream}");
+        cluster.kill9(victim);
+        killed.push(victim);
+        records.extend(check_all_completed(&bus, set, n).await);
+        cluster.restart(victim).unwrap();
+        cluster.wait_healthy(Duration::from_secs(120)).unwrap();
+    }
+    eprintln!("killed nodes {killed:?}");
+    // Every reassignment event of the run (per-subject counts of the event log).
+    let reassigned: usize = {
+        use futures::StreamExt;
+        let stream = bus
+            .js
+            .get_stream(bus.names().stream_events())
+            .await
+            .unwrap();
+        let filter = format!("{}.s.*.ev.reassigned", bus.names().prefix());
+        let mut counts = stream.info_with_subjects(filter).await.unwrap();
+        let mut total = 0;
+        while let Some(entry) = counts.next().await {
+            total += entry.unwrap().1;
+        }
+        total
+    };
+    assert_eq!(records.len(), 2 * n);
+    // A plan, four tasks and a synthesis per session.
+    let calls: usize = (0..2)
+        .map(|run| calls_mentioning(&fake, &format!("node-loss-{run}")))
+        .sum();
+    eprintln!(
+        "{calls} model calls for {} sessions, {reassigned} reassigned",
+        2 * n
+    );
+    assert!(calls >= 6 * 2 * n, "{calls} calls");
+    assert!(
+        calls <= 6 * 2 * n + reassigned,
+        "{calls} model calls: more than the sessions' {} plus {reassigned} reassignments",
+        6 * 2 * n
+    );
+}
