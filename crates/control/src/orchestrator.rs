@@ -347,7 +347,7 @@ impl Orchestrator {
         input: Input,
         delivered: u64,
     ) -> Result<(), VerdictError> {
-        let redelivered = delivered > 1;
+        let mut redelivered = delivered > 1;
         let records = self.bus.sessions();
         let key = keys::session(session);
         // Handlers of one session in this process take turns (no conflicts among
@@ -482,7 +482,23 @@ impl Orchestrator {
             // The record keeps no outbox: these effects are performed right after the
             // write, before the ack; a crash in between redelivers this message.
             let effects = std::mem::take(&mut rec.outbox);
-            match records.update(&key, &rec, rev).await {
+            // An outage is waited out at this write rather than by running the
+            // handler, and its model call, again. A write that got no answer may have
+            // landed: the conflict that follows then reads our own record, and its
+            // effects are performed as a repeat's.
+            let mut tries = 0;
+            let written = flotilla_bus::outlast(
+                || {
+                    tries += 1;
+                    records.update(&key, &rec, rev)
+                },
+                |e| matches!(e, KvError::Unavailable { .. }),
+            )
+            .await;
+            if tries > 1 && matches!(written, Err(KvError::Conflict { .. })) {
+                redelivered = true;
+            }
+            match written {
                 Ok(new_rev) => {
                     fresh = true;
                     let mut effects = effects;
