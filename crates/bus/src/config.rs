@@ -42,6 +42,12 @@ pub struct BusConfig {
     pub publish_timeout: Duration,
     /// Publish attempts (same message id) before giving up.
     pub publish_attempts: u32,
+    /// How often the client pings its server; two unanswered pings end the connection
+    /// and it reconnects (to another node of a cluster). A frozen or partitioned node
+    /// keeps its TCP connections open, so this is how long its clients stay with it:
+    /// about two to three intervals.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
     /// Shared memory limits and the session template's declared keys.
     pub memory: crate::memory::MemoryConfig,
     /// Who this process is to the server (none: an open server).
@@ -164,6 +170,7 @@ impl Default for BusConfig {
             max_payload: flotilla_protocol::DEFAULT_MAX_PAYLOAD,
             publish_timeout: Duration::from_secs(5),
             publish_attempts: 6,
+            ping_interval: Duration::from_secs(10),
             memory: crate::memory::MemoryConfig::default(),
             auth: NatsAuth::default(),
             tls: NatsTls::default(),

@@ -327,6 +327,7 @@ async fn options(
     let mut opts = async_nats::ConnectOptions::new()
         .name(name)
         .connection_timeout(Duration::from_secs(5))
+        .ping_interval(config.ping_interval)
         .max_reconnects(None)
         // Exponential with jitter, so a fleet does not reconnect in step.
         // (Called before every attempt, the first included: that one goes at once.)
