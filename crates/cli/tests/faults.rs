@@ -84,8 +84,19 @@ const ENV: &[(&str, &str)] = &[
 /// A bus and a client for the test, once `serve` is up: the processes create the
 /// topology with their settings, and the inspector asks for nothing stricter.
 async fn inspector(url: &str) -> (Bus, Client) {
-    let raw = async_nats::connect(url).await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    inspector_with(BusConfig {
+        url: url.to_owned(),
+        duplicate_window: Duration::from_secs(1),
+        ..BusConfig::default()
+    })
+    .await
+}
+
+/// [`inspector`] with the given settings (`config.url` may list a cluster's nodes).
+async fn inspector_with(config: BusConfig) -> (Bus, Client) {
+    let urls: Vec<String> = config.url.split(',').map(str::to_owned).collect();
+    let raw = async_nats::connect(urls).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     while raw
         .request("$SRV.PING.flotilla-admission", bytes::Bytes::new())
         .await
@@ -97,11 +108,6 @@ async fn inspector(url: &str) -> (Bus, Client) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let config = BusConfig {
-        url: url.to_owned(),
-        duplicate_window: Duration::from_secs(1),
-        ..BusConfig::default()
-    };
     let bus = Bus::connect(&config, "fault-inspector", Arc::new(Counters::default()))
         .await
         .unwrap();
@@ -1491,37 +1497,18 @@ async fn leader_of(bus: &Bus, cluster: &flotilla_testkit::NatsCluster, stream: &
     }
 }
 
-/// A bus and a client on the whole cluster, once `serve` answers through any node.
+/// An inspector on the whole cluster (three replicas).
 async fn cluster_inspector(
     cluster: &flotilla_testkit::NatsCluster,
     ping_interval: Duration,
 ) -> (Bus, Client) {
-    let raw = async_nats::connect(cluster.urls()).await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-    while raw
-        .request("$SRV.PING.flotilla-admission", bytes::Bytes::new())
-        .await
-        .is_err()
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "serve did not come up"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let config = BusConfig {
+    inspector_with(BusConfig {
         url: cluster.url_list(),
         replicas: 3,
         ping_interval,
         ..BusConfig::default()
-    };
-    let bus = Bus::connect(&config, "fault-inspector", Arc::new(Counters::default()))
-        .await
-        .unwrap();
-    let client = Client::new(bus.client.clone(), bus.names().clone())
-        .await
-        .unwrap();
-    (bus, client)
+    })
+    .await
 }
 
 /// Every reassignment event in the log (per-subject counts of the events stream).
