@@ -11,8 +11,8 @@
 
 use std::sync::Arc;
 
-use flotilla_agent::{Agent, AgentError, AgentFuture, FINDINGS, Finding, TaskContext, Worker};
-use flotilla_bus::{Bus, BusConfig, Counters, MemKey, PoolSettings};
+use flotilla_agent::{Agent, AgentFuture, FINDING_PREFIX, Finding, TaskContext, Worker};
+use flotilla_bus::{Bus, BusConfig, Counters, PoolSettings};
 use flotilla_protocol::{Artifact, Role, TaskMessage, TaskOutput};
 use tokio_util::sync::CancellationToken;
 
@@ -22,13 +22,14 @@ struct FindingsReviewer;
 impl Agent for FindingsReviewer {
     fn run<'a>(&'a self, ctx: &'a TaskContext, task: &'a TaskMessage) -> AgentFuture<'a> {
         Box::pin(async move {
-            let key = MemKey::parse(FINDINGS).map_err(|e| AgentError::Unusable(e.to_string()))?;
+            // Each agent wrote its own `finding-<task>` key: read them all at once.
             let findings: Vec<Finding> = ctx
                 .memory
-                .get::<Vec<Finding>>(&key)
+                .scan::<Finding>(FINDING_PREFIX)
                 .await?
-                .map(|v| v.value)
-                .unwrap_or_default();
+                .into_iter()
+                .map(|(_, v)| v.value)
+                .collect();
             let review: Vec<String> = findings
                 .iter()
                 .map(|f| {

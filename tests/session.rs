@@ -64,15 +64,18 @@ async fn one_session_completes_with_every_role() {
         .bus
         .memory()
         .session(&finished.session_id)
-        .get::<Vec<flotilla_agent::Finding>>(
-            &flotilla_bus::MemKey::parse(flotilla_agent::FINDINGS).unwrap(),
-        )
+        .scan::<flotilla_agent::Finding>(flotilla_agent::FINDING_PREFIX)
         .await
-        .unwrap()
-        .expect("findings were written");
-    let mut tasks: Vec<_> = findings.value.iter().map(|f| f.task_id.clone()).collect();
+        .unwrap();
+    let mut tasks: Vec<_> = findings
+        .iter()
+        .map(|(_, f)| f.value.task_id.clone())
+        .collect();
     tasks.sort();
     assert_eq!(tasks, vec!["t1", "t2", "t3", "t4"]);
+    for (key, f) in &findings {
+        assert_eq!(*key, format!("finding-{}", f.value.task_id));
+    }
     // ... and the session record counts that memory traffic.
     let m = record.counters.memory;
     assert!(

@@ -34,7 +34,7 @@ pub use budget::{BudgetConfig, Exhausted, SessionLedger, SpendMeter};
 pub use limits::{
     LimitError, LimitStats, LimitedLlm, LimiterClient, LimitsConfig, ModelLimits, Permit,
 };
-pub use llm_agent::{FINDINGS, Finding, LlmAgent};
+pub use llm_agent::{FINDING_PREFIX, Finding, LlmAgent, finding_key};
 pub use presence::{LivenessConfig, RECONNECT_GRACE, Tracker};
 pub use role::RoleSpec;
 pub use stops::{StopGuard, Stops};

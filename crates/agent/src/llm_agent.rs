@@ -11,10 +11,18 @@ use crate::agent::{Agent, AgentError, AgentFuture, TaskContext};
 use crate::budget::{BudgetConfig, CallFingerprints, Exhausted, SessionLedger};
 use crate::history::HistoryStore;
 
-/// The shared-memory key where built-in agents record what they found.
-pub const FINDINGS: &str = "findings";
+/// The prefix of the shared-memory keys where built-in agents record what they found:
+/// one key per task, `finding-<task>` (read them all with
+/// `SessionMemory::scan(FINDING_PREFIX)`).
+pub const FINDING_PREFIX: &str = "finding-";
 
-/// One entry of the `findings` list in a session's shared memory.
+/// The shared-memory key of `task`'s finding.
+/// (Task ids are 1-32 of `[A-Za-z0-9_-]`, so it always parses.)
+pub fn finding_key(task: &flotilla_protocol::TaskId) -> Result<MemKey, flotilla_bus::MemoryError> {
+    MemKey::parse(&format!("{FINDING_PREFIX}{task}"))
+}
+
+/// What a built-in agent found for one task, at its `finding-<task>` memory key.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Finding {
     /// The task.
@@ -475,30 +483,33 @@ impl LlmAgent {
         }
     }
 
-    /// Shares the finding with the session's other agents. Keyed by task, so a
-    /// redelivered attempt replaces its entry instead of appending a second one.
+    /// Shares the finding with the session's other agents, at the task's own key: one
+    /// write and no read, and no contention with the session's other tasks. A
+    /// redelivered attempt finds the key taken and replaces the value.
     async fn record_finding(
         &self,
         ctx: &TaskContext,
         task: &TaskMessage,
         output: &TaskOutput,
     ) -> Result<(), AgentError> {
-        let key = MemKey::parse(FINDINGS)?;
+        let key = finding_key(&task.task_id)?;
         let finding = Finding {
             task_id: task.task_id.to_string(),
             role: task.role.to_string(),
             summary: output.summary.clone(),
         };
-        // After the model's answer: an outage is waited out here (the merge is safe to
+        // After the model's answer: an outage is waited out here (the write is safe to
         // repeat), not by running the task, and its call, again.
         flotilla_bus::outlast(
-            || {
-                ctx.memory.update_with(&key, |list: Option<Vec<Finding>>| {
-                    let mut list = list.unwrap_or_default();
-                    list.retain(|f| f.task_id != finding.task_id);
-                    list.push(finding.clone());
-                    list
-                })
+            || async {
+                match ctx.memory.create(&key, &finding).await {
+                    Err(flotilla_bus::MemoryError::Exists(_)) => ctx
+                        .memory
+                        .update_with(&key, |_: Option<Finding>| finding.clone())
+                        .await
+                        .map(|_| ()),
+                    other => other.map(|_| ()),
+                }
             },
             |e| matches!(e, flotilla_bus::MemoryError::Unavailable(_)),
         )

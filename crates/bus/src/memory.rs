@@ -381,6 +381,35 @@ impl SessionMemory {
         }
     }
 
+    /// Every key of this session whose name starts with `prefix`, with its value and
+    /// revision, in one request (a batched direct get of the session's keys; at most
+    /// 256). Keys whose value does not decode as `T` are left out.
+    pub async fn scan<T: DeserializeOwned>(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<(String, Versioned<T>)>, MemoryError> {
+        let records =
+            crate::kv::Records::new(self.mem.store.clone(), self.mem.js.client(), 1 << 20);
+        let all = records
+            .get_matching::<serde_json::Value>(&keys::memory(&self.session, "*"))
+            .await
+            .map_err(|e| MemoryError::Unavailable(e.to_string()))?;
+        let own = format!("{}.", self.session);
+        let mut out: Vec<(String, Versioned<T>)> = all
+            .into_iter()
+            .filter_map(|(key, value, revision)| {
+                let name = key.strip_prefix(&own)?;
+                if !name.starts_with(prefix) {
+                    return None;
+                }
+                let value = serde_json::from_value(value).ok()?;
+                Some((name.to_owned(), Versioned { value, revision }))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
     /// Creates `key`; [`MemoryError::Exists`] if it holds a value.
     pub async fn create<T: Serialize>(&self, key: &MemKey, value: &T) -> Result<u64, MemoryError> {
         let bytes = self.check(key, value)?;

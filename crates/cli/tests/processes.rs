@@ -334,18 +334,33 @@ fn live_views_list_sessions_replay_a_timeline_and_show_agents_and_memory() {
     );
     assert!(wide(&cli(&["agents"], &url)).is_empty());
 
-    // memory: the findings the agents shared, with revisions; one key in full.
+    // memory: the findings the agents shared (one key per task), with revisions; one
+    // key in full.
     let mem: serde_json::Value =
         serde_json::from_str(&cli(&["memory", &sids[0], "--json"], &url)).unwrap();
-    let findings = mem
+    let findings: Vec<_> = mem
         .as_array()
         .unwrap()
         .iter()
-        .find(|r| r["key"] == "findings")
+        .filter(|r| r["key"].as_str().unwrap_or("").starts_with("finding-"))
+        .collect();
+    assert_eq!(findings.len(), 4, "{mem}");
+    for f in &findings {
+        assert!(f["revision"].as_u64().unwrap() > 0, "{f}");
+        assert_eq!(
+            f["key"].as_str().unwrap(),
+            format!("finding-{}", f["value"]["task_id"].as_str().unwrap()),
+            "{f}"
+        );
+    }
+    let research = findings
+        .iter()
+        .find(|f| f["value"]["role"] == "research")
         .unwrap_or_else(|| panic!("{mem}"));
-    assert!(findings["revision"].as_u64().unwrap() > 0);
-    assert_eq!(findings["value"].as_array().unwrap().len(), 4, "{findings}");
-    let one = cli(&["memory", &sids[0], "findings"], &url);
+    let one = cli(
+        &["memory", &sids[0], research["key"].as_str().unwrap()],
+        &url,
+    );
     assert!(
         one.contains("revision") && one.contains("research"),
         "{one}"
