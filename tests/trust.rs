@@ -164,3 +164,116 @@ async fn dead_letters_from(t: &TestFleet, subject: &str) -> Vec<(String, String)
     }
     out
 }
+
+/// A task signed by a registered key runs without its session being read: here its
+/// session does not even exist, and a worker still claims and commits it. The same
+/// bytes with one field changed, or signed by a key nobody registered, get the check
+/// against the session record, which refuses them (`unknown_session`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registered_signature_vouches_for_a_task_and_anything_else_meets_the_session_check() {
+    use flotilla_bus::{Outgoing, Signer};
+    use flotilla_protocol::{MessageId, Role, TaskId, TaskRecord};
+    let llm = Scripted::new(10, |_| Action::Pass);
+    let t = TestFleet::start(spec("unused"), llm as Arc<dyn LlmClient>).await;
+    let names = t.bus.names().clone();
+    let research = Role::parse("research").unwrap();
+    let registered = Signer::generate();
+    registered
+        .register(t.bus.sessions(), "test-serve")
+        .await
+        .unwrap();
+    let stranger = Signer::generate();
+    let task = |sid: &SessionId, allowance: u64| {
+        let body = format!(
+            r#"{{"kind":"task","v":1,"session_id":"{sid}","task_id":"t1","role":"research","attempt":1,"instruction":"look into it","context":"a signed task","allowance":{allowance}}}"#
+        );
+        Outgoing {
+            subject: names.inbox(sid, &research),
+            msg_id: MessageId::task(sid, &TaskId::parse("t1").unwrap(), 1),
+            session: Some(sid.clone()),
+            attempt: Some(1),
+            trace: None,
+            payload: body.into_bytes().into(),
+        }
+    };
+    let task_record = |sid: SessionId| {
+        let bus = t.bus.clone();
+        let research = research.clone();
+        async move {
+            bus.sessions()
+                .get::<TaskRecord>(&keys::task(&sid, &research, &TaskId::parse("t1").unwrap()))
+                .await
+                .unwrap()
+                .map(|(r, _)| r)
+        }
+    };
+
+    // Vouched for: no session record, and still claimed and committed.
+    let vouched = SessionId::parse("signed-no-record").unwrap();
+    t.bus
+        .publish_signed(&task(&vouched, 5_000), &registered)
+        .await
+        .unwrap();
+    let rec = flotilla_tests::eventually(Duration::from_secs(30), || async {
+        task_record(vouched.clone())
+            .await
+            .filter(|r| r.outcome.is_some())
+    })
+    .await
+    .expect("a worker ran the signed task");
+    assert!(
+        rec.holder
+            .as_ref()
+            .is_some_and(|h| h.as_str().starts_with("research-")),
+        "{rec:?}"
+    );
+
+    // Tampered with after signing (a larger allowance, the old signature), and a good
+    // signature by an unregistered key: both are checked against the session record.
+    let mut dlq = t.bus.js.get_stream(names.stream_dlq()).await.unwrap();
+    let tampered = SessionId::parse("signed-then-tampered").unwrap();
+    let mut out = task(&tampered, 5_000);
+    let sig = registered.sign(&out.subject, &out.payload).unwrap();
+    out.payload = String::from_utf8(out.payload.to_vec())
+        .unwrap()
+        .replace("5000", "9999999")
+        .into_bytes()
+        .into();
+    let mut h = out.headers();
+    h.insert(headers::SIGNER, registered.public_key());
+    h.insert(headers::SIGNATURE, sig.as_str());
+    let unregistered = SessionId::parse("signed-by-a-stranger").unwrap();
+    for (sid, send) in [(tampered.clone(), Some(h)), (unregistered.clone(), None)] {
+        let before = dlq.info().await.unwrap().state.last_sequence;
+        match send {
+            Some(h) => {
+                t.bus
+                    .js
+                    .publish_with_headers(out.subject.clone(), h, out.payload.clone())
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
+            }
+            None => {
+                t.bus
+                    .publish_signed(&task(&sid, 5_000), &stranger)
+                    .await
+                    .unwrap();
+            }
+        }
+        let entry = flotilla_tests::dead_letter_after(&t.bus, before)
+            .await
+            .unwrap_or_else(|| panic!("{sid}: no dead letter"));
+        assert_eq!(
+            entry.headers.get(headers::REASON).map(|v| v.as_str()),
+            Some("unknown_session"),
+            "{sid}"
+        );
+        assert!(
+            task_record(sid.clone()).await.is_none(),
+            "{sid}: nobody claimed it"
+        );
+    }
+    t.stop().await;
+}

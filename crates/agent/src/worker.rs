@@ -70,6 +70,7 @@ pub struct Worker {
     liveness: LivenessConfig,
     tracker: Tracker,
     stops: crate::stops::Stops,
+    verifier: flotilla_bus::Verifier,
 }
 
 impl std::fmt::Debug for Worker {
@@ -85,7 +86,9 @@ impl Worker {
     /// A worker of `role` running `agent`.
     pub fn new(bus: Bus, role: Role, agent: Arc<dyn Agent>, settings: PoolSettings) -> Self {
         let agent_id = AgentId::generate(&role);
+        let verifier = flotilla_bus::Verifier::new(bus.sessions().clone());
         Self {
+            verifier,
             bus,
             role,
             agent_id,
@@ -182,8 +185,26 @@ impl Worker {
         );
         flotilla_bus::trace::set_parent(&span, trace);
         let ack_subject = d.ack_subject().unwrap_or_default().to_owned();
+        // A task signed by a registered orchestrator key needs no check against the
+        // session record; anything else gets that check (see `flotilla_bus::signing`).
+        let vouched = match self
+            .verifier
+            .verify(
+                d.subject(),
+                d.payload(),
+                d.header(flotilla_protocol::headers::SIGNER),
+                d.header(flotilla_protocol::headers::SIGNATURE),
+            )
+            .await
+        {
+            Ok(()) => true,
+            Err(e) => {
+                span.in_scope(|| tracing::debug!(reason = %e, "signature does not vouch for the task; checking the session record"));
+                false
+            }
+        };
         let run = self
-            .run_task(task, trace, &ack_subject, d.delivered() > 1)
+            .run_task(task, trace, &ack_subject, d.delivered() > 1, vouched)
             .instrument(span.clone());
         // Stopped mid-task: the model or tool call in flight is dropped (aborted), and
         // nothing is committed or reported for a session that has ended.
@@ -207,11 +228,21 @@ impl Worker {
         trace: Option<TraceParent>,
         ack_subject: &str,
         redelivered: bool,
+        vouched: bool,
     ) -> Result<(), VerdictError> {
-        // The session's task table vouches for the task: the orchestrator writes it
-        // before publishing the task, so a task it does not list is forged or lost.
-        // (A table that does not list this attempt yet may be a lagging replica's:
-        // the leader is asked before anything is refused.)
+        if !vouched && !self.check_against_table(&task).await? {
+            return Ok(());
+        }
+        self.claim_and_run(task, trace, ack_subject, redelivered)
+            .await
+    }
+
+    /// For a task its signature does not vouch for: the session's task table must list
+    /// it, as the orchestrator writes the table before it publishes a task, so a task it
+    /// does not list is forged or lost. (A table that does not list this attempt yet
+    /// may be a lagging replica's: the leader is asked before anything is refused.)
+    /// `Ok(true)` lets it run; `Ok(false)`: the session has ended, nothing to do.
+    async fn check_against_table(&self, task: &TaskMessage) -> Result<bool, VerdictError> {
         let Some((session, _)) = self
             .bus
             .sessions()
@@ -241,7 +272,7 @@ impl Worker {
         }
         if session.status.is_terminal() {
             tracing::info!(status = ?session.status, "session already ended; nothing to do");
-            return Ok(());
+            return Ok(false);
         }
         // While the attempt is the table's current one, the message must say what the
         // table says: the instruction, and the allowance set aside for it (a made-up
@@ -267,6 +298,18 @@ impl Worker {
                 "the session has not dispatched this attempt",
             ));
         }
+        Ok(true)
+    }
+
+    /// Claims the task (fenced by the record's revision), runs the agent, commits,
+    /// notifies the orchestrator.
+    async fn claim_and_run(
+        &self,
+        task: TaskMessage,
+        trace: Option<TraceParent>,
+        ack_subject: &str,
+        redelivered: bool,
+    ) -> Result<(), VerdictError> {
         let key = keys::task(&task.session_id, &task.role, &task.task_id);
         // Tracked for the stuck check (listed in our presence only once overdue). A
         // crash is covered by the claim itself: it names us and this delivery's ack

@@ -278,6 +278,15 @@ impl Records {
         Ok(Some((value, msg.sequence)))
     }
 
+    /// Writes `key` whatever it holds (for values only one writer owns, such as a
+    /// registration).
+    pub async fn put<T: Serialize>(&self, key: &str, value: &T) -> Result<u64, KvError> {
+        self.store
+            .put(key, encode(key, value)?)
+            .await
+            .map_err(|e| KvError::unavailable(key, e))
+    }
+
     /// Creates `key`; fails with [`KvError::Exists`] if it holds a value.
     pub async fn create<T: Serialize>(&self, key: &str, value: &T) -> Result<u64, KvError> {
         match self.store.create(key, encode(key, value)?).await {

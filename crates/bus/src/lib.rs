@@ -7,6 +7,7 @@
 //! - [`config`]: [`BusConfig`], the connection and topology settings.
 //! - [`topology`]: idempotent, versioned bootstrap of streams and buckets.
 //! - [`publish`]: JetStream publish with `Nats-Msg-Id`, retry and backpressure.
+//! - [`signing`]: task signatures, so workers trust a task without reading its session.
 //! - [`kv`]: typed records changed by compare-and-set.
 //! - [`memory`]: sessions' shared memory (compare-and-set, merge, timed locks).
 //! - [`delivery`]: a pulled message and what a handler does with it (ack, nak, dead-letter).
@@ -22,6 +23,7 @@ pub mod kv;
 pub mod memory;
 pub mod metrics;
 pub mod publish;
+pub mod signing;
 pub mod topology;
 pub mod trace;
 pub mod verdict;
@@ -41,6 +43,7 @@ pub use memory::{
 };
 pub use metrics::{Counters, CountersSnapshot};
 pub use publish::{Outgoing, PublishError, Published};
+pub use signing::{SignatureError, Signer, SignerRecord, Verifier};
 pub use topology::TopologyError;
 pub use verdict::{VerdictError, outlast, settle};
 

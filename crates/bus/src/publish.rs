@@ -109,7 +109,29 @@ impl Bus {
     /// Publishes `out` to JetStream, retrying with the same message id until
     /// acknowledged or out of attempts.
     pub async fn publish(&self, out: &Outgoing) -> Result<Published, PublishError> {
-        let headers = out.headers();
+        self.publish_headers(out, out.headers()).await
+    }
+
+    /// [`Bus::publish`] with the message signed by `signer` (the `Flotilla-Signer` and
+    /// `Flotilla-Signature` headers; see [`crate::signing`]).
+    pub async fn publish_signed(
+        &self,
+        out: &Outgoing,
+        signer: &crate::Signer,
+    ) -> Result<Published, PublishError> {
+        let mut headers = out.headers();
+        if let Some(sig) = signer.sign(&out.subject, &out.payload) {
+            headers.insert(flotilla_protocol::headers::SIGNER, signer.public_key());
+            headers.insert(flotilla_protocol::headers::SIGNATURE, sig.as_str());
+        }
+        self.publish_headers(out, headers).await
+    }
+
+    async fn publish_headers(
+        &self,
+        out: &Outgoing,
+        headers: async_nats::HeaderMap,
+    ) -> Result<Published, PublishError> {
         let attempts = self.config.publish_attempts.max(1);
         let backoff = flotilla_protocol::Backoff::exponential(
             Duration::from_millis(50),

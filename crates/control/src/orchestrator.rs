@@ -85,6 +85,7 @@ pub struct Orchestrator {
     cache: RecordCache,
     stops: flotilla_agent::Stops,
     ender: Option<crate::ender::Ender>,
+    signer: Option<flotilla_bus::Signer>,
 }
 
 impl std::fmt::Debug for Orchestrator {
@@ -214,7 +215,15 @@ impl Orchestrator {
             cache: RecordCache::default(),
             stops: flotilla_agent::Stops::default(),
             ender: None,
+            signer: None,
         }
+    }
+
+    /// Signs every task it dispatches with `signer` (registered by the caller), so
+    /// workers trust them without reading the session record (`flotilla_bus::signing`).
+    pub fn with_signer(mut self, signer: flotilla_bus::Signer) -> Self {
+        self.signer = Some(signer);
+        self
     }
 
     /// Keeps the timers of questions waiting for a person with `ender`.
@@ -933,8 +942,10 @@ impl Orchestrator {
         let Some(entry) = rec.tasks.iter().find(|t| &t.task_id == task_id) else {
             return Ok(());
         };
-        // No task record is written here: the worker creates it with its claim, after
-        // checking the task against the session's task table (written before this).
+        // No task record is written here: the worker creates it with its claim. The
+        // message is signed, which tells the worker that this orchestrator dispatched
+        // exactly this (the task table, written before this, is the check for a task
+        // without a good signature).
         let msg = InboxMessage::Task(TaskMessage {
             v: V1,
             session_id: rec.session_id.clone(),
@@ -969,7 +980,11 @@ impl Orchestrator {
         let mut full = 0u32;
         let mut logged = false;
         loop {
-            match self.bus.publish(&out).await {
+            let published = match &self.signer {
+                Some(signer) => self.bus.publish_signed(&out, signer).await,
+                None => self.bus.publish(&out).await,
+            };
+            match published {
                 Ok(p) => {
                     if !p.duplicate {
                         self.bus.counters.dispatched.increment();

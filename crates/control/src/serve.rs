@@ -145,10 +145,41 @@ impl Serve {
             self.config.submit.clone(),
         );
         tasks.spawn(async move { Ok(a.serve_queue(settings, s).await?) });
+        // This process's task-signing key, registered where workers look it up (and
+        // again every day, inside the bucket's max age). Until it is registered,
+        // workers check its tasks against the session record instead.
+        let signer = flotilla_bus::Signer::generate();
+        let (bus, reg, id, s) = (
+            self.bus.clone(),
+            signer.clone(),
+            agent_id.to_string(),
+            shutdown.child_token(),
+        );
+        tasks.spawn(async move {
+            let mut retry = 0u32;
+            loop {
+                let wait = match reg.register(bus.sessions(), &id).await {
+                    Ok(()) => {
+                        retry = 0;
+                        Duration::from_secs(24 * 3600)
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry, "could not register the task-signing key; retrying");
+                        retry = retry.saturating_add(1);
+                        backoff.delay(retry)
+                    }
+                };
+                tokio::select! {
+                    _ = s.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        });
         let orch = Orchestrator::new(self.bus.clone(), self.llm.clone(), self.config.clone())
             .with_tracker(self.tracker.clone())
             .with_stops(stops)
-            .with_ender(ender.clone());
+            .with_ender(ender.clone())
+            .with_signer(signer);
         let s = shutdown.child_token();
         tasks.spawn(async move { Ok(orch.run(s).await?) });
 

@@ -8,6 +8,11 @@ pub const TRACEPARENT: &str = "traceparent";
 pub const SESSION: &str = "Flotilla-Session";
 /// Attempt number of a task dispatch (1-based).
 pub const ATTEMPT: &str = "Flotilla-Attempt";
+/// On a task message: the public key (an nkey) of the `serve` that signed it, registered
+/// at `signer.<key>` in the session-records bucket.
+pub const SIGNER: &str = "Flotilla-Signer";
+/// On a task message: hex of the Ed25519 signature over `<subject>\n<payload>`.
+pub const SIGNATURE: &str = "Flotilla-Signature";
 /// On a tool call with side effects: its idempotency key (also in the body,
 /// [`crate::ToolCall::idempotency_key`]).
 pub const IDEMPOTENCY_KEY: &str = "Flotilla-Idempotency-Key";

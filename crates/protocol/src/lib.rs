@@ -61,7 +61,7 @@ pub use open::{OpenError, OpenReply, OpenSession};
 pub use output::{
     Answer, AnswerSection, Artifact, OutputError, Plan, PlanError, Subtask, TaskOutput,
 };
-pub use presence::{InFlight, Presence};
+pub use presence::{InFlight, Presence, SignerRecord};
 pub use record::{
     AgentHistory, Effect, HistoryTurn, MemoryStats, SessionCounters, SessionRecord, SessionStatus,
     TaskEntry, TaskRecord, TaskRunState, TaskState, TokenAccount,

@@ -51,3 +51,20 @@ pub struct Presence {
     /// What it is working on.
     pub in_flight: Vec<InFlight>,
 }
+
+/// The registration of a `serve` process's task-signing key, at `signer.<public key>`
+/// in the session-records bucket (only `serve` may write it). Workers look a signer up
+/// once and then trust task messages it signed (`Flotilla-Signer`,
+/// `Flotilla-Signature`) without reading their session record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SignerRecord {
+    /// Format version (1).
+    pub v: u32,
+    /// The public key: an nkey, as in the record's key.
+    pub public_key: String,
+    /// The `serve` process that holds the private half.
+    pub agent_id: String,
+    /// When it registered, ms since the epoch.
+    pub since_ms: u64,
+}

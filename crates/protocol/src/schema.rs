@@ -27,6 +27,10 @@ pub fn all() -> Vec<(&'static str, String)> {
         ("answer.json", pretty(schema_for!(Answer))),
         ("presence.json", pretty(schema_for!(crate::Presence))),
         (
+            "signer_record.json",
+            pretty(schema_for!(crate::SignerRecord)),
+        ),
+        (
             "agent_history.json",
             pretty(schema_for!(crate::AgentHistory)),
         ),
