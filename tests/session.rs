@@ -92,7 +92,10 @@ async fn one_session_completes_with_every_role() {
     for kind in EventKindName::ALL {
         if matches!(
             kind,
-            EventKindName::Backpressure
+            // First attempts are recorded on the event of the step that dispatched them
+            // (`Event::dispatched`, checked below), not on events of their own.
+            EventKindName::Dispatched
+                | EventKindName::Backpressure
                 | EventKindName::Reassigned
                 | EventKindName::HeartbeatMissed
                 | EventKindName::Clarification
@@ -113,10 +116,27 @@ async fn one_session_completes_with_every_role() {
         assert_eq!(ev.session_id, finished.session_id);
     }
     let count = events.info().await.unwrap().state.messages;
-    assert_eq!(
-        count,
-        1 + 1 + 4 + 4 + 1,
-        "opened, planned, 4 dispatched, 4 results, done"
+    assert_eq!(count, 1 + 1 + 4 + 1, "opened, planned, 4 results, done");
+    // Every task was dispatched once, recorded on `planned` (the first wave) or on the
+    // result that made it ready, never on an event after its own result.
+    let log = flotilla_tests::events(&t, &finished.session_id).await;
+    let mut dispatched: Vec<String> = Vec::new();
+    for (i, ev) in log.iter().enumerate() {
+        for d in &ev.dispatched {
+            assert_eq!(d.attempt, 1, "{d:?}");
+            assert!(
+                !log[..=i].iter().any(|e| matches!(&e.body,
+                    flotilla_protocol::EventBody::Result { task_id, .. } if *task_id == d.task_id)),
+                "{d:?} recorded after its result"
+            );
+            dispatched.push(d.task_id.to_string());
+        }
+    }
+    dispatched.sort();
+    assert_eq!(dispatched, vec!["t1", "t2", "t3", "t4"]);
+    assert!(
+        !log[1].dispatched.is_empty(),
+        "the first wave is on `planned`"
     );
     t.stop().await;
 }

@@ -76,9 +76,14 @@ async def main(url):
     task_of = {t["role"]: t["task_id"] for t in planned["tasks"]}
     out["tasks"] = task_of
 
+    # A dispatch is recorded on the event of the step that made it (its "dispatched"
+    # list), or on a "dispatched" event of its own.
     def dispatched(role, attempt):
-        return lambda b: (b["type"] == "dispatched" and b["task_id"] == task_of[role]
-                          and b["attempt"] == attempt)
+        def pred(_body):
+            found = [d for ev in events
+                     for d in ev.get("dispatched", []) + ([ev["body"]] if ev["body"]["type"] == "dispatched" else [])]
+            return any(d["task_id"] == task_of[role] and d["attempt"] == attempt for d in found)
+        return pred
 
     await wait_for(dispatched("research", 2), "research attempt 2 dispatched")
     await wait_for(dispatched("writing", 1), "writing dispatched")

@@ -217,12 +217,26 @@ impl Bus {
         body: EventBody,
         trace: Option<TraceParent>,
     ) -> Result<(), PublishError> {
+        self.emit_with(session, id, body, Vec::new(), trace).await
+    }
+
+    /// [`Bus::emit`] for an event that also records the task attempts `dispatched` in
+    /// the same step (one message for both).
+    pub async fn emit_with(
+        &self,
+        session: &SessionId,
+        id: &str,
+        body: EventBody,
+        dispatched: Vec<flotilla_protocol::DispatchedTask>,
+        trace: Option<TraceParent>,
+    ) -> Result<(), PublishError> {
         let kind = body.kind();
         let event = Event {
             v: V1,
             session_id: session.clone(),
             at_ms: epoch_ms(std::time::SystemTime::now()),
             body,
+            dispatched,
         };
         self.publish(&Outgoing {
             subject: self.names().event(session, kind),

@@ -480,7 +480,8 @@ impl Orchestrator {
                 if redelivered {
                     // The handler that wrote this state may have died before
                     // performing its effects: perform them again (de-duplicated).
-                    self.perform(&rec, &machine::derived_effects(&rec)).await?;
+                    self.perform(&rec, &machine::derived_effects(&rec), false)
+                        .await?;
                 }
                 if !rec.status.is_terminal() {
                     *cached = Some((rec, rev));
@@ -520,7 +521,7 @@ impl Orchestrator {
                             }
                         }
                     }
-                    self.perform(&rec, &effects).await?;
+                    self.perform(&rec, &effects, !redelivered).await?;
                     if let Some(ender) = &self.ender {
                         for t in rec
                             .tasks
@@ -907,16 +908,71 @@ impl Orchestrator {
     }
 
     /// Performs `effects` of `rec`'s outbox. Every effect is idempotent.
-    async fn perform(&self, rec: &SessionRecord, effects: &[Effect]) -> Result<(), VerdictError> {
+    ///
+    /// With `fold` (a step's own effects, performed for the first time), the task
+    /// attempts dispatched are recorded on the step's last event (`Event::dispatched`)
+    /// instead of one `dispatched` event each: the tasks are published first, then the
+    /// events. Without it (effects re-derived after a crash or a repeat), each dispatch
+    /// has its own event, as the step's events may already be stored.
+    async fn perform(
+        &self,
+        rec: &SessionRecord,
+        effects: &[Effect],
+        fold: bool,
+    ) -> Result<(), VerdictError> {
         let trace = TraceParent::parse(&rec.traceparent).ok();
-        for effect in effects {
-            match effect {
+        let carrier = effects
+            .iter()
+            .rposition(|e| {
+                matches!(e, Effect::Emit { body, .. } if !matches!(body, EventBody::Done { .. }))
+            })
+            .filter(|_| fold);
+        // Seeding the ledger comes before any attempt that reserves against it, then the
+        // dispatches, then everything else in order.
+        let rank = |e: &Effect| match e {
+            Effect::Seed { .. } => 0,
+            Effect::Dispatch { .. } => 1,
+            _ => 2,
+        };
+        let mut order: Vec<usize> = (0..effects.len()).collect();
+        order.sort_by_key(|&i| rank(&effects[i]));
+        let mut dispatched = Vec::new();
+        for i in order {
+            match &effects[i] {
                 Effect::Dispatch { task_id, attempt } => {
-                    self.dispatch(rec, task_id, *attempt, trace).await?
+                    let role = match self
+                        .dispatch(rec, task_id, *attempt, trace, carrier.is_none())
+                        .await
+                    {
+                        Ok(role) => role,
+                        Err(e) => {
+                            // The step's event still goes out with what was dispatched
+                            // (a repeat performs the rest, each with its own event).
+                            if let Some(Effect::Emit { id, body }) = carrier.map(|c| &effects[c]) {
+                                let _ = self
+                                    .bus
+                                    .emit_with(&rec.session_id, id, body.clone(), dispatched, trace)
+                                    .await;
+                            }
+                            return Err(e);
+                        }
+                    };
+                    if let Some(role) = role {
+                        dispatched.push(flotilla_protocol::DispatchedTask {
+                            task_id: task_id.clone(),
+                            role,
+                            attempt: *attempt,
+                        });
+                    }
                 }
                 Effect::Emit { id, body } => {
+                    let carried = if Some(i) == carrier {
+                        std::mem::take(&mut dispatched)
+                    } else {
+                        Vec::new()
+                    };
                     self.bus
-                        .emit(&rec.session_id, id, body.clone(), trace)
+                        .emit_with(&rec.session_id, id, body.clone(), carried, trace)
                         .await?
                 }
                 Effect::ReleaseSlot if rec.slot_revision > 0 => {
@@ -932,15 +988,18 @@ impl Orchestrator {
         Ok(())
     }
 
+    /// Publishes a task attempt; with `own_event`, also its `dispatched` event. The
+    /// task's role, or `None` if the session has no such task.
     async fn dispatch(
         &self,
         rec: &SessionRecord,
         task_id: &TaskId,
         attempt: u32,
         trace: Option<TraceParent>,
-    ) -> Result<(), VerdictError> {
+        own_event: bool,
+    ) -> Result<Option<Role>, VerdictError> {
         let Some(entry) = rec.tasks.iter().find(|t| &t.task_id == task_id) else {
-            return Ok(());
+            return Ok(None);
         };
         // No task record is written here: the worker creates it with its claim. The
         // message is signed, which tells the worker that this orchestrator dispatched
@@ -1016,20 +1075,22 @@ impl Orchestrator {
                 Err(e) => return Err(e.into()),
             }
         }
-        let body = EventBody::Dispatched {
-            task_id: task_id.clone(),
-            role: entry.role.clone(),
-            attempt,
-        };
-        self.bus
-            .emit(
-                &rec.session_id,
-                &format!("dispatched.{task_id}.{attempt}"),
-                body,
-                trace,
-            )
-            .await?;
-        Ok(())
+        if own_event {
+            let body = EventBody::Dispatched {
+                task_id: task_id.clone(),
+                role: entry.role.clone(),
+                attempt,
+            };
+            self.bus
+                .emit(
+                    &rec.session_id,
+                    &format!("dispatched.{task_id}.{attempt}"),
+                    body,
+                    trace,
+                )
+                .await?;
+        }
+        Ok(Some(entry.role.clone()))
     }
 }
 

@@ -299,4 +299,22 @@ pub struct Event {
     pub at_ms: u64,
     /// What happened.
     pub body: EventBody,
+    /// The task attempts published to worker inboxes in the same step as this event,
+    /// before it (the plan's first wave on `planned`, a dependent or a retry on
+    /// `result`, a re-dispatch on `clarification`). A dispatch with no such event, or
+    /// re-performed after a crash, has a `dispatched` event of its own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dispatched: Vec<DispatchedTask>,
+}
+
+/// A task attempt published to its worker inbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DispatchedTask {
+    /// Task.
+    pub task_id: TaskId,
+    /// Role.
+    pub role: Role,
+    /// Attempt.
+    pub attempt: u32,
 }

@@ -49,7 +49,7 @@ pub use budget::{BudgetKind, Ledger, Spend};
 pub use codec::{DEFAULT_MAX_PAYLOAD, DecodeError, decode, encode};
 pub use control::{AnswerInput, AnswerReply, CancelReply, CancelSession, StopAck, StopSession};
 pub use error::{Disposition, ErrorCode};
-pub use event::{Event, EventBody, EventKindName, PlannedTask, SessionOutcome};
+pub use event::{DispatchedTask, Event, EventBody, EventKindName, PlannedTask, SessionOutcome};
 pub use ids::{AgentId, InvalidId, MessageId, Role, SessionId, TaskId};
 pub use inbox::{
     InboxMessage, InputMessage, ResultMessage, RouteError, StartMessage, TaskMessage, TaskOutcome,

@@ -331,14 +331,19 @@ pub(crate) async fn watch(config: Config, session: SessionId, json: bool) -> any
             println!("{}", serde_json::to_string(&ev)?);
         } else {
             let t = ev.at_ms.saturating_sub(*t0.get_or_insert(ev.at_ms));
+            let at = format!("+{:.1}s", t as f64 / 1000.0);
             let line = describe(&bus, &session, &ev.body, ev.at_ms, &mut started).await;
-            println!(
-                "{}",
-                cut(
-                    &format!("{:>8}  {line}", format!("+{:.1}s", t as f64 / 1000.0)),
-                    80
-                )
-            );
+            println!("{}", cut(&format!("{at:>8}  {line}"), 80));
+            // The attempts dispatched in the same step, just before this event.
+            for d in &ev.dispatched {
+                let body = EventBody::Dispatched {
+                    task_id: d.task_id.clone(),
+                    role: d.role.clone(),
+                    attempt: d.attempt,
+                };
+                let line = describe(&bus, &session, &body, ev.at_ms, &mut started).await;
+                println!("{}", cut(&format!("{at:>8}  {line}"), 80));
+            }
         }
         if matches!(ev.body, EventBody::Done { .. }) {
             break;
