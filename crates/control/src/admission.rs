@@ -76,6 +76,7 @@ pub struct Admission {
     config: Arc<SessionConfig>,
     slots: SlotTable,
     ender: Option<crate::ender::Ender>,
+    cache: Option<crate::orchestrator::RecordCache>,
 }
 
 impl Admission {
@@ -86,6 +87,7 @@ impl Admission {
             config: Arc::new(config),
             slots,
             ender: None,
+            cache: None,
         }
     }
 
@@ -93,6 +95,13 @@ impl Admission {
     /// this process admits.
     pub fn with_ender(mut self, ender: crate::ender::Ender) -> Self {
         self.ender = Some(ender);
+        self
+    }
+
+    /// Hands each record it creates to this process's orchestrator, whose `start`
+    /// handler then needs no read.
+    pub(crate) fn with_cache(mut self, cache: crate::orchestrator::RecordCache) -> Self {
+        self.cache = Some(cache);
         self
     }
 
@@ -198,7 +207,11 @@ impl Admission {
         record.deadline_ms = req.deadline_ms.map(|d| now.saturating_add(d));
         record.human_input = req.human_input;
         match self.bus.sessions().create(&key, &record).await {
-            Ok(_) => {}
+            Ok(revision) => {
+                if let Some(cache) = &self.cache {
+                    cache.seed(&session, &record, revision);
+                }
+            }
             Err(KvError::Exists { .. }) => {
                 // Opened before (a retried request), or raced with an identical one.
                 let _ = crate::slots::release_taken(&self.bus, slot, slot_revision).await;

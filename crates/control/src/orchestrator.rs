@@ -48,9 +48,26 @@ enum Input {
 ///
 /// A plain mutex around the map: each critical section is one map operation, never
 /// held across an `.await` (the cells are async mutexes, held across the handler).
+///
+/// Admission seeds a cell with the record it just created, so the `start` handler of
+/// a session admitted by this process reads nothing before it plans.
 #[derive(Default, Clone)]
-struct RecordCache {
+pub(crate) struct RecordCache {
     cells: Arc<std::sync::Mutex<std::collections::HashMap<SessionId, Cell>>>,
+    /// Records admission created, until their `start` handler takes them (or another
+    /// process's does, and they age out).
+    seeds: Arc<std::sync::Mutex<std::collections::HashMap<SessionId, Seed>>>,
+}
+
+type Seed = (SessionRecord, u64, std::time::Instant);
+
+/// How long a seeded record waits for its `start` handler in this process.
+const SEED_TTL: Duration = Duration::from_secs(30);
+
+impl std::fmt::Debug for RecordCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecordCache").finish_non_exhaustive()
+    }
 }
 
 type Cell = Arc<tokio::sync::Mutex<Option<(SessionRecord, u64)>>>;
@@ -65,6 +82,29 @@ impl RecordCache {
             cells.clear();
         }
         cells.entry(session.clone()).or_default().clone()
+    }
+
+    /// Keeps `rec`, just created at `revision`, for its session's first `start`
+    /// handler here. Seeds older than [`SEED_TTL`] are dropped (their start went to
+    /// another process, or is long done).
+    pub(crate) fn seed(&self, session: &SessionId, rec: &SessionRecord, revision: u64) {
+        let now = std::time::Instant::now();
+        let mut seeds = self.seeds.lock().unwrap_or_else(|p| p.into_inner());
+        if seeds.len() >= 1024 && seeds.len().is_power_of_two() {
+            seeds.retain(|_, (_, _, at)| now.duration_since(*at) < SEED_TTL);
+        }
+        if seeds.len() < CACHE_MAX {
+            seeds.insert(session.clone(), (rec.clone(), revision, now));
+        }
+    }
+
+    /// The record admission created for `session`, if it is still kept.
+    fn take_seed(&self, session: &SessionId) -> Option<(SessionRecord, u64)> {
+        self.seeds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(session)
+            .map(|(rec, rev, _)| (rec, rev))
     }
 
     fn forget(&self, session: &SessionId) {
@@ -217,6 +257,12 @@ impl Orchestrator {
             ender: None,
             signer: None,
         }
+    }
+
+    /// Shares its record cache with admission (see [`RecordCache`]).
+    pub(crate) fn with_cache(mut self, cache: RecordCache) -> Self {
+        self.cache = cache;
+        self
     }
 
     /// Signs every task it dispatches with `signer` (registered by the caller), so
@@ -387,8 +433,20 @@ impl Orchestrator {
             // reject, or to call the model. Those are made on a fresh read.
             let plain_result = matches!(&input, Some(Input::Result(r))
                 if !matches!(r.outcome, flotilla_protocol::TaskOutcome::Clarify { .. }));
+            // A first `start` may plan on the record admission created in this process
+            // (seeded in the cell): nothing but this message's handler moves a session
+            // out of planning, and a cancel in between fails the plan's write.
+            let first_start = matches!(&input, Some(Input::Start)) && delivered == 1;
+            let from_cell = match from_cell {
+                None if first_start => self.cache.take_seed(session),
+                known => known,
+            };
             let (mut rec, rev) = match from_cell {
                 Some(known) if fresh || plain_result => known,
+                Some(known) if first_start && known.0.status == SessionStatus::Planning => {
+                    fresh = true;
+                    known
+                }
                 _ => {
                     fresh = true;
                     // (A miss is asked of the leader again before it is final.)

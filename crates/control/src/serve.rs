@@ -124,8 +124,10 @@ impl Serve {
         )
         .await;
         let ender = crate::ender::Ender::new(self.bus.clone(), stops.clone(), cfg.stop_wait);
-        let admission =
-            Admission::new(self.bus.clone(), cfg.clone(), slots.clone()).with_ender(ender.clone());
+        let cache = crate::orchestrator::RecordCache::default();
+        let admission = Admission::new(self.bus.clone(), cfg.clone(), slots.clone())
+            .with_ender(ender.clone())
+            .with_cache(cache.clone());
         let mut tasks: JoinSet<Result<(), ServeError>> = JoinSet::new();
         tasks.spawn(async move {
             let _ = stop_notices.await;
@@ -179,7 +181,8 @@ impl Serve {
             .with_tracker(self.tracker.clone())
             .with_stops(stops)
             .with_ender(ender.clone())
-            .with_signer(signer);
+            .with_signer(signer)
+            .with_cache(cache);
         let s = shutdown.child_token();
         tasks.spawn(async move { Ok(orch.run(s).await?) });
 
