@@ -72,6 +72,9 @@ impl std::fmt::Debug for RecordCache {
 
 type Cell = Arc<tokio::sync::Mutex<Option<(SessionRecord, u64)>>>;
 
+/// A session's task records by task.
+type TaskRecords = std::collections::HashMap<TaskId, TaskRecord>;
+
 /// Most sessions cached; past it the cache starts over (it is only a hint).
 const CACHE_MAX: usize = 100_000;
 
@@ -347,11 +350,6 @@ impl Orchestrator {
         let Some(guard) = self.stops.guard(&session) else {
             return Ok(());
         };
-        if let Input::Result(r) = &input {
-            self.vouch(r, d.delivered())
-                .instrument(span.clone())
-                .await?;
-        }
         let ack_subject = d.ack_subject().unwrap_or_default().to_owned();
         let now = now();
         self.tracker.start(flotilla_protocol::InFlight {
@@ -386,14 +384,37 @@ impl Orchestrator {
     /// forgery: anyone who can publish to the inbox could otherwise end a task, or the
     /// session, with a made-up outcome). One read of the task record from the stream
     /// leader per result: a worker commits before it notifies, so the commit is there.
-    async fn vouch(&self, r: &ResultMessage, delivered: u64) -> Result<(), VerdictError> {
+    ///
+    /// With `all`, for the result that completes the task table: one batched read of
+    /// all the session's task records instead, which the synthesis then uses (returned).
+    /// A replica's batch can lag; if it does not show this commit, the leader decides.
+    async fn vouch(
+        &self,
+        r: &ResultMessage,
+        delivered: u64,
+        all: bool,
+    ) -> Result<Option<TaskRecords>, VerdictError> {
+        if all {
+            let batch: TaskRecords = self
+                .bus
+                .sessions()
+                .get_matching::<TaskRecord>(&keys::task_pattern(&r.session_id))
+                .await?
+                .into_iter()
+                .map(|(_, t, _)| (t.task_id.clone(), t))
+                .collect();
+            if task_machine::vouch(batch.get(&r.task_id), r, delivered > 1).is_ok() {
+                return Ok(Some(batch));
+            }
+        }
         let key = keys::task(&r.session_id, &r.role, &r.task_id);
         let rec = self.bus.sessions().get_latest::<TaskRecord>(&key).await?;
         task_machine::vouch(rec.as_ref().map(|(t, _)| t), r, delivered > 1).map_err(|why| {
             self.bus.counters.forged.increment();
             tracing::warn!(task = %r.task_id, attempt = r.attempt, %why, "forged result refused");
             VerdictError::poison(ErrorCode::Forged, why)
-        })
+        })?;
+        Ok(None)
     }
 
     async fn drive(
@@ -409,6 +430,18 @@ impl Orchestrator {
         // themselves), and start from the record as the last one left it.
         let cell = self.cache.cell(session);
         let mut cached = cell.lock().await;
+        // A result is checked against its commit first; the one that would complete the
+        // task table (as this process last saw it) reads all task records at once, for
+        // the synthesis too.
+        let mut prefetched = None;
+        if let Input::Result(r) = &input {
+            let completes = cached.as_ref().is_some_and(|(rec, _)| {
+                rec.tasks
+                    .iter()
+                    .all(|t| t.task_id == r.task_id || t.state == TaskState::Done)
+            });
+            prefetched = self.vouch(r, delivered, completes).await?;
+        }
         let mut input = Some(input);
         // LLM answers, kept across compare-and-set rounds (one call each).
         let mut clarified: Option<Result<String, Halt>> = None;
@@ -522,7 +555,7 @@ impl Orchestrator {
             if rec.status == SessionStatus::Synthesizing {
                 if synthesized.is_none() {
                     synthesized = Some(
-                        self.synthesize(&rec, &mut calls)
+                        self.synthesize(&rec, &mut calls, prefetched.take())
                             .instrument(tracing::info_span!("synthesize"))
                             .await?,
                     );
@@ -916,16 +949,32 @@ impl Orchestrator {
         &self,
         rec: &SessionRecord,
         calls: &mut Calls,
+        prefetched: Option<TaskRecords>,
     ) -> Result<Result<Answer, Halt>, VerdictError> {
-        // Every task record of the session in one request (a batched direct get).
-        let records: std::collections::HashMap<TaskId, TaskRecord> = self
-            .bus
-            .sessions()
-            .get_matching::<TaskRecord>(&keys::task_pattern(&rec.session_id))
-            .await?
-            .into_iter()
-            .map(|(_, r, _)| (r.task_id.clone(), r))
-            .collect();
+        let has_outputs = |records: &TaskRecords| {
+            rec.tasks
+                .iter()
+                .filter(|t| t.state == TaskState::Done)
+                .all(|t| {
+                    records
+                        .get(&t.task_id)
+                        .and_then(|tr| flotilla_protocol::task_machine::output_of(tr, t.attempt))
+                        .is_some()
+                })
+        };
+        // Every task record of the session in one request (a batched direct get),
+        // unless the last result's check just read them all.
+        let records = match prefetched.filter(|p| has_outputs(p)) {
+            Some(p) => p,
+            None => self
+                .bus
+                .sessions()
+                .get_matching::<TaskRecord>(&keys::task_pattern(&rec.session_id))
+                .await?
+                .into_iter()
+                .map(|(_, r, _)| (r.task_id.clone(), r))
+                .collect(),
+        };
         let mut sections = Vec::with_capacity(rec.tasks.len());
         for t in rec.tasks.iter().filter(|t| t.state == TaskState::Done) {
             let output = records
