@@ -89,8 +89,11 @@ pub enum Applied<R> {
 }
 
 /// A bucket of JSON records, read with their revision and changed by compare-and-set.
+/// Cheap to clone (one pointer).
 #[derive(Clone)]
-pub struct Records {
+pub struct Records(std::sync::Arc<RecordsInner>);
+
+struct RecordsInner {
     store: kv::Store,
     client: async_nats::Client,
     max_payload: usize,
@@ -110,11 +113,11 @@ fn encode<T: Serialize>(key: &str, value: &T) -> Result<Bytes, KvError> {
 
 impl Records {
     pub(crate) fn new(store: kv::Store, client: async_nats::Client, max_payload: usize) -> Self {
-        Self {
+        Self(std::sync::Arc::new(RecordsInner {
             store,
             client,
             max_payload,
-        }
+        }))
     }
 
     /// The current records of every key matching `filter` (a key pattern with `*` and
@@ -129,20 +132,22 @@ impl Records {
             key: filter.to_owned(),
             source: e.into(),
         };
-        let subject_prefix = self.store.prefix.clone();
+        let subject_prefix = self.0.store.prefix.clone();
         let body = serde_json::json!({
             "multi_last": [format!("{subject_prefix}{filter}")],
             "batch": 256,
         });
-        let inbox = self.client.new_inbox();
+        let inbox = self.0.client.new_inbox();
         let mut replies = self
+            .0
             .client
             .subscribe(inbox.clone())
             .await
             .map_err(|e| unavailable(e.to_string()))?;
-        self.client
+        self.0
+            .client
             .publish_with_reply(
-                format!("$JS.API.DIRECT.GET.{}", self.store.stream_name),
+                format!("$JS.API.DIRECT.GET.{}", self.0.store.stream_name),
                 inbox,
                 serde_json::to_vec(&body).unwrap_or_default().into(),
             )
@@ -187,12 +192,13 @@ impl Records {
             let revision = header("Nats-Sequence")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0);
-            let value = decode(&msg.payload, self.max_payload.max(1 << 20)).map_err(|source| {
-                KvError::Corrupt {
-                    key: key.clone(),
-                    source,
-                }
-            })?;
+            let value =
+                decode(&msg.payload, self.0.max_payload.max(1 << 20)).map_err(|source| {
+                    KvError::Corrupt {
+                        key: key.clone(),
+                        source,
+                    }
+                })?;
             out.push((key, value, revision));
         }
         let _ = replies.unsubscribe().await;
@@ -201,24 +207,26 @@ impl Records {
 
     /// The raw store, for watchers.
     pub fn store(&self) -> &kv::Store {
-        &self.store
+        &self.0.store
     }
 
     /// The record at `key` with its revision, or `None` if absent or deleted.
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<(T, u64)>, KvError> {
         let entry = self
+            .0
             .store
             .entry(key)
             .await
             .map_err(|e| KvError::unavailable(key, e))?;
         match entry {
             Some(e) if e.operation == kv::Operation::Put => {
-                let value = decode(&e.value, self.max_payload.max(1 << 20)).map_err(|source| {
-                    KvError::Corrupt {
-                        key: key.to_owned(),
-                        source,
-                    }
-                })?;
+                let value =
+                    decode(&e.value, self.0.max_payload.max(1 << 20)).map_err(|source| {
+                        KvError::Corrupt {
+                            key: key.to_owned(),
+                            source,
+                        }
+                    })?;
                 Ok(Some((value, e.revision)))
             }
             _ => Ok(None),
@@ -251,8 +259,9 @@ impl Records {
         key: &str,
     ) -> Result<Option<(T, u64)>, KvError> {
         use async_nats::jetstream::stream::LastRawMessageErrorKind;
-        let subject = format!("{}{key}", self.store.prefix);
+        let subject = format!("{}{key}", self.0.store.prefix);
         let msg = match self
+            .0
             .store
             .stream
             .get_last_raw_message_by_subject(&subject)
@@ -269,7 +278,7 @@ impl Records {
         if deleted {
             return Ok(None);
         }
-        let value = decode(&msg.payload, self.max_payload.max(1 << 20)).map_err(|source| {
+        let value = decode(&msg.payload, self.0.max_payload.max(1 << 20)).map_err(|source| {
             KvError::Corrupt {
                 key: key.to_owned(),
                 source,
@@ -281,7 +290,8 @@ impl Records {
     /// Writes `key` whatever it holds (for values only one writer owns, such as a
     /// registration).
     pub async fn put<T: Serialize>(&self, key: &str, value: &T) -> Result<u64, KvError> {
-        self.store
+        self.0
+            .store
             .put(key, encode(key, value)?)
             .await
             .map_err(|e| KvError::unavailable(key, e))
@@ -289,7 +299,7 @@ impl Records {
 
     /// Creates `key`; fails with [`KvError::Exists`] if it holds a value.
     pub async fn create<T: Serialize>(&self, key: &str, value: &T) -> Result<u64, KvError> {
-        match self.store.create(key, encode(key, value)?).await {
+        match self.0.store.create(key, encode(key, value)?).await {
             Ok(rev) => Ok(rev),
             Err(e) if e.kind() == CreateErrorKind::AlreadyExists || wrong_last_sequence(&e) => {
                 Err(KvError::Exists {
@@ -308,7 +318,12 @@ impl Records {
         value: &T,
         revision: u64,
     ) -> Result<u64, KvError> {
-        match self.store.update(key, encode(key, value)?, revision).await {
+        match self
+            .0
+            .store
+            .update(key, encode(key, value)?, revision)
+            .await
+        {
             Ok(rev) => Ok(rev),
             Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision || wrong_last_sequence(&e) => {
                 Err(KvError::Conflict {
@@ -370,7 +385,7 @@ impl Records {
 
     /// Deletes `key`, only if its revision is still `revision` when given.
     pub async fn delete(&self, key: &str, revision: Option<u64>) -> Result<(), KvError> {
-        match self.store.delete_expect_revision(key, revision).await {
+        match self.0.store.delete_expect_revision(key, revision).await {
             Ok(()) => Ok(()),
             Err(e)
                 if e.kind() == kv::DeleteErrorKind::WrongLastRevision

@@ -99,9 +99,20 @@ pub enum ConnectError {
     },
 }
 
-/// One process's handle on NATS. Cheap to clone.
+/// One process's handle on NATS. Cheap to clone: one pointer, so the futures that hold
+/// one across a long model call stay small (its fields are in [`BusInner`]).
 #[derive(Clone)]
-pub struct Bus {
+pub struct Bus(Arc<BusInner>);
+
+impl std::ops::Deref for Bus {
+    type Target = BusInner;
+    fn deref(&self) -> &BusInner {
+        &self.0
+    }
+}
+
+/// What a [`Bus`] holds.
+pub struct BusInner {
     /// The core client (requests, core subscriptions).
     pub client: async_nats::Client,
     /// The JetStream context.
@@ -174,7 +185,7 @@ impl Bus {
                 bucket: names.bucket_memory(),
                 detail: e.to_string(),
             })?;
-        Ok(Self {
+        Ok(Self(Arc::new(BusInner {
             client,
             js,
             names,
@@ -184,7 +195,7 @@ impl Bus {
             limits,
             memory,
             counters,
-        })
+        })))
     }
 
     /// Like [`Bus::connect`], but waits with backoff and says so while the topology is

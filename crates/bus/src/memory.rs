@@ -211,9 +211,20 @@ impl Default for MemoryConfig {
     }
 }
 
-/// The memory and locks buckets. Hands out [`SessionMemory`] handles.
+/// The memory and locks buckets. Hands out [`SessionMemory`] handles. Cheap to clone
+/// (one pointer).
 #[derive(Clone)]
-pub struct Memory {
+pub struct Memory(Arc<MemoryInner>);
+
+impl std::ops::Deref for Memory {
+    type Target = MemoryInner;
+    fn deref(&self) -> &MemoryInner {
+        &self.0
+    }
+}
+
+/// What a [`Memory`] holds.
+pub struct MemoryInner {
     js: jetstream::Context,
     store: kv::Store,
     locks: kv::Store,
@@ -243,14 +254,14 @@ impl Memory {
                     .map_err(|e| MemoryError::Unavailable(e.to_string()))
             }
         };
-        Ok(Self {
+        Ok(Self(Arc::new(MemoryInner {
             js: js.clone(),
             store: open(ns.bucket_memory()).await?,
             locks: open(ns.bucket_locks()).await?,
             locks_bucket: ns.bucket_locks(),
             config: Arc::new(config),
             counters,
-        })
+        })))
     }
 
     /// A handle on `session`'s memory. The runtime calls this for the session of the
