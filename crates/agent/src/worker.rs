@@ -187,15 +187,13 @@ impl Worker {
         let ack_subject = d.ack_subject().unwrap_or_default().to_owned();
         // A task signed by a registered orchestrator key needs no check against the
         // session record; anything else gets that check (see `flotilla_bus::signing`).
-        let vouched = match self
-            .verifier
-            .verify(
-                d.subject(),
-                d.payload(),
-                d.header(flotilla_protocol::headers::SIGNER),
-                d.header(flotilla_protocol::headers::SIGNATURE),
-            )
-            .await
+        let vouched = match Box::pin(self.verifier.verify(
+            d.subject(),
+            d.payload(),
+            d.header(flotilla_protocol::headers::SIGNER),
+            d.header(flotilla_protocol::headers::SIGNATURE),
+        ))
+        .await
         {
             Ok(()) => true,
             Err(e) => {
@@ -206,10 +204,13 @@ impl Worker {
         let run = self
             .run_task(task, trace, &ack_subject, d.delivered() > 1, vouched)
             .instrument(span.clone());
+        // Pinned in place: `select!` polls it by reference instead of moving it into a
+        // second slot of this future (which lives through the model call).
+        tokio::pin!(run);
         // Stopped mid-task: the model or tool call in flight is dropped (aborted), and
         // nothing is committed or reported for a session that has ended.
         let result = tokio::select! {
-            r = run => r,
+            r = &mut run => r,
             _ = guard.token().cancelled() => {
                 span.in_scope(|| {
                     tracing::info!("session stopped; task aborted");
@@ -230,7 +231,7 @@ impl Worker {
         redelivered: bool,
         vouched: bool,
     ) -> Result<(), VerdictError> {
-        if !vouched && !self.check_against_table(&task).await? {
+        if !vouched && !Box::pin(self.check_against_table(&task)).await? {
             return Ok(());
         }
         self.claim_and_run(task, trace, ack_subject, redelivered)
@@ -332,23 +333,23 @@ impl Worker {
             Start::Read
         };
         let claim_ttl = self.settings.effective_ack_wait().as_millis() as u64;
-        let claimed = self
-            .bus
-            .sessions()
-            .transition(&key, start, 8, |current| {
-                let now = epoch_ms(SystemTime::now());
-                match task_machine::claim(current, &task, &self.agent_id, claim_ttl, now) {
-                    Claim::Take {
-                        mut record,
-                        resumed,
-                    } => {
-                        record.ack_subject = Some(ack_subject.to_owned());
-                        Step::Write(record.clone(), Ok((record, resumed)))
-                    }
-                    other => Step::Keep(Err(other)),
+        // Round trips are boxed: a future's size is its largest state's, and this one
+        // is allocated for as long as the model call lasts, so only what the call needs
+        // should be inline.
+        let claimed = Box::pin(self.bus.sessions().transition(&key, start, 8, |current| {
+            let now = epoch_ms(SystemTime::now());
+            match task_machine::claim(current, &task, &self.agent_id, claim_ttl, now) {
+                Claim::Take {
+                    mut record,
+                    resumed,
+                } => {
+                    record.ack_subject = Some(ack_subject.to_owned());
+                    Step::Write(record.clone(), Ok((record, resumed)))
                 }
-            })
-            .await?;
+                other => Step::Keep(Err(other)),
+            }
+        }))
+        .await?;
         let (claimed, claimed_rev, resumed) = match claimed {
             Applied::Written {
                 value: Ok((record, resumed)),
@@ -370,7 +371,7 @@ impl Worker {
                     }
                     Claim::Committed(outcome) => {
                         // Committed earlier (we crashed before acking): re-send the notice.
-                        self.notify(&task, outcome, None, None, None, trace).await
+                        Box::pin(self.notify(&task, outcome, None, None, None, trace)).await
                     }
                     Claim::Held {
                         holder,
@@ -445,7 +446,7 @@ impl Worker {
                 "ratelimit.{}.{}.{}",
                 task.task_id, task.attempt, self.agent_id
             );
-            if let Err(e) = self.bus.emit(&task.session_id, &id, body, trace).await {
+            if let Err(e) = Box::pin(self.bus.emit(&task.session_id, &id, body, trace)).await {
                 tracing::warn!(error = %e, "could not log the rate-limit wait");
             }
         }
@@ -487,7 +488,7 @@ impl Worker {
         // model calls) again. A commit that got no answer may have landed: a conflict
         // after a retry is ours when the record holds exactly this commit.
         let mut tries = 0;
-        let mut applied = flotilla_bus::outlast(
+        let mut applied = Box::pin(flotilla_bus::outlast(
             || {
                 tries += 1;
                 self.bus.sessions().transition(
@@ -498,15 +499,16 @@ impl Worker {
                 )
             },
             |e| matches!(e, flotilla_bus::KvError::Unavailable { .. }),
-        )
+        ))
         .await?;
         if matches!(applied, Applied::Contended)
             && tries > 1
-            && let Some((now, revision)) = self
-                .bus
-                .sessions()
-                .get_latest::<flotilla_protocol::TaskRecord>(&key)
-                .await?
+            && let Some((now, revision)) = Box::pin(
+                self.bus
+                    .sessions()
+                    .get_latest::<flotilla_protocol::TaskRecord>(&key),
+            )
+            .await?
             && now == committed
         {
             applied = Applied::Written {
@@ -529,20 +531,20 @@ impl Worker {
                 tokens: None,
             };
             let id = format!("fenced.{}.{}.{}", task.task_id, task.attempt, self.agent_id);
-            if let Err(e) = self.bus.emit(&task.session_id, &id, body, trace).await {
+            if let Err(e) = Box::pin(self.bus.emit(&task.session_id, &id, body, trace)).await {
                 tracing::warn!(error = %e, "could not log the fenced result");
             }
             return Ok(());
         }
         let attempt_tokens = ctx.allowance.as_ref().and_then(|a| a.attempt_tokens());
-        self.notify(
+        Box::pin(self.notify(
             &task,
             outcome,
             Some(ctx.memory.stats()),
             Some(spend),
             attempt_tokens,
             trace,
-        )
+        ))
         .await?;
         Ok(())
     }

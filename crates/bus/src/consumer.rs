@@ -324,21 +324,30 @@ impl PoolConsumer {
             let (h, b, stop) = (handler.clone(), settle_bus.clone(), stop.clone());
             async move {
                 let started = tokio::time::Instant::now();
-                let (mut d, mut verdict) = h(d).await;
-                // An outage is waited out here, the delivery kept alive by `run`'s
-                // keepalive: a nak would spend one of its bounded deliveries per try.
+                // One call site of `h` (in the loop): the handler's future has one slot
+                // in this one's, not one per call site (it lives through model calls).
+                let mut d = d;
                 let mut retry = 0;
-                while let Err(e) = &verdict
-                    && e.is_outage()
-                    && started.elapsed() < crate::verdict::OUTAGE_PATIENCE
-                {
-                    tracing::debug!(
-                        subject = d.subject(),
-                        retry,
-                        "jetstream unavailable; handling again"
-                    );
+                let verdict = loop {
+                    let (back, verdict) = h(d).await;
+                    d = back;
+                    // An outage is waited out here, the delivery kept alive by `run`'s
+                    // keepalive: a nak would spend one of its bounded deliveries per try.
+                    match &verdict {
+                        Err(e)
+                            if e.is_outage()
+                                && started.elapsed() < crate::verdict::OUTAGE_PATIENCE =>
+                        {
+                            tracing::debug!(
+                                subject = d.subject(),
+                                retry,
+                                "jetstream unavailable; handling again"
+                            );
+                        }
+                        _ => break verdict,
+                    }
                     tokio::select! {
-                        _ = stop.cancelled() => break,
+                        _ = stop.cancelled() => break verdict,
                         _ = tokio::time::sleep(crate::verdict::OUTAGE_BACKOFF.delay(retry)) => {}
                     }
                     retry += 1;
@@ -346,9 +355,8 @@ impl PoolConsumer {
                     // left effects unperformed: the handler repairs them when it sees
                     // a redelivery.
                     d.handled_again();
-                    (d, verdict) = h(d).await;
-                }
-                settle(&b, &d, verdict).await;
+                };
+                Box::pin(settle(&b, &d, verdict)).await;
             }
         })
         .await;
@@ -437,7 +445,7 @@ impl PoolConsumer {
                 }
                 let h = handler.clone();
                 let ack = delivery.handle(&bus);
-                tokio::spawn(async move {
+                let task = async move {
                     // A healthy handler keeps its delivery: an LLM call may outlast the
                     // ack wait, and letting it expire would have another process redo
                     // (and pay for) the same work. A dead or frozen process stops these,
@@ -452,14 +460,15 @@ impl PoolConsumer {
                         tokio::select! {
                             _ = &mut work => break,
                             _ = tick.tick() => {
-                                if let Some(a) = &ack && let Err(e) = a.progress().await {
+                                if let Some(a) = &ack && let Err(e) = Box::pin(a.progress()).await {
                                     tracing::debug!(error = %e, "keepalive not sent");
                                 }
                             }
                         }
                     }
                     drop(permit);
-                });
+                };
+                tokio::spawn(task);
             }
         }
         // Drain: wait for in-flight handlers, bounded.

@@ -367,9 +367,12 @@ impl Orchestrator {
         let drive = self
             .drive(&session, input, d.delivered())
             .instrument(span.clone());
+        // Pinned in place: `select!` polls it by reference instead of moving it into a
+        // second slot of this future (which lives through plan and synthesis calls).
+        tokio::pin!(drive);
         // Stopped meanwhile: a plan or synthesis call in flight is dropped (aborted).
         let result = tokio::select! {
-            r = drive => r,
+            r = &mut drive => r,
             _ = guard.token().cancelled() => {
                 span.in_scope(|| tracing::info!("session stopped; handler aborted"));
                 self.cache.forget(&session);
@@ -440,7 +443,7 @@ impl Orchestrator {
                     .iter()
                     .all(|t| t.task_id == r.task_id || t.state == TaskState::Done)
             });
-            prefetched = self.vouch(r, delivered, completes).await?;
+            prefetched = Box::pin(self.vouch(r, delivered, completes)).await?;
         }
         let mut input = Some(input);
         // LLM answers, kept across compare-and-set rounds (one call each).
@@ -483,7 +486,7 @@ impl Orchestrator {
                 _ => {
                     fresh = true;
                     // (A miss is asked of the leader again before it is final.)
-                    match records.get_current::<SessionRecord>(&key, |_| true).await? {
+                    match Box::pin(records.get_current::<SessionRecord>(&key, |_| true)).await? {
                         Some(found) => found,
                         None => {
                             return Err(VerdictError::poison(
@@ -503,9 +506,11 @@ impl Orchestrator {
                     self.open_account(&mut rec);
                     if planned.is_none() {
                         planned = Some(
-                            self.plan(&rec, &mut calls)
-                                .instrument(tracing::info_span!("plan"))
-                                .await?,
+                            Box::pin(
+                                self.plan(&rec, &mut calls)
+                                    .instrument(tracing::info_span!("plan")),
+                            )
+                            .await?,
                         );
                     }
                     calls.charge(&mut rec, &mut applied);
@@ -515,8 +520,14 @@ impl Orchestrator {
                 (Some(Input::Result(r)), _)
                     if matches!(r.outcome, flotilla_protocol::TaskOutcome::Clarify { .. }) =>
                 {
-                    self.on_clarification(&mut rec, r, &mut clarified, &mut calls, &mut applied)
-                        .await?
+                    Box::pin(self.on_clarification(
+                        &mut rec,
+                        r,
+                        &mut clarified,
+                        &mut calls,
+                        &mut applied,
+                    ))
+                    .await?
                 }
                 (Some(Input::Result(r)), _) => match self.on_result(&mut rec, r) {
                     Ok(Some(outcome)) => {
@@ -555,9 +566,11 @@ impl Orchestrator {
             if rec.status == SessionStatus::Synthesizing {
                 if synthesized.is_none() {
                     synthesized = Some(
-                        self.synthesize(&rec, &mut calls, prefetched.take())
-                            .instrument(tracing::info_span!("synthesize"))
-                            .await?,
+                        Box::pin(
+                            self.synthesize(&rec, &mut calls, prefetched.take())
+                                .instrument(tracing::info_span!("synthesize")),
+                        )
+                        .await?,
                     );
                 }
                 match synthesized.clone() {
@@ -571,8 +584,7 @@ impl Orchestrator {
                 if redelivered {
                     // The handler that wrote this state may have died before
                     // performing its effects: perform them again (de-duplicated).
-                    self.perform(&rec, &machine::derived_effects(&rec), false)
-                        .await?;
+                    Box::pin(self.perform(&rec, &machine::derived_effects(&rec), false)).await?;
                 }
                 if !rec.status.is_terminal() {
                     *cached = Some((rec, rev));
@@ -588,13 +600,13 @@ impl Orchestrator {
             // landed: the conflict that follows then reads our own record, and its
             // effects are performed as a repeat's.
             let mut tries = 0;
-            let written = flotilla_bus::outlast(
+            let written = Box::pin(flotilla_bus::outlast(
                 || {
                     tries += 1;
                     records.update(&key, &rec, rev)
                 },
                 |e| matches!(e, KvError::Unavailable { .. }),
-            )
+            ))
             .await;
             if tries > 1 && matches!(written, Err(KvError::Conflict { .. })) {
                 redelivered = true;
@@ -612,7 +624,7 @@ impl Orchestrator {
                             }
                         }
                     }
-                    self.perform(&rec, &effects, !redelivered).await?;
+                    Box::pin(self.perform(&rec, &effects, !redelivered)).await?;
                     if let Some(ender) = &self.ender {
                         for t in rec
                             .tasks
