@@ -227,6 +227,8 @@ impl std::ops::Deref for Memory {
 pub struct MemoryInner {
     js: jetstream::Context,
     store: kv::Store,
+    /// The same bucket as typed records, for batched reads (`scan`).
+    records: crate::kv::Records,
     locks: kv::Store,
     locks_bucket: String,
     config: Arc<MemoryConfig>,
@@ -254,9 +256,11 @@ impl Memory {
                     .map_err(|e| MemoryError::Unavailable(e.to_string()))
             }
         };
+        let store = open(ns.bucket_memory()).await?;
         Ok(Self(Arc::new(MemoryInner {
             js: js.clone(),
-            store: open(ns.bucket_memory()).await?,
+            records: crate::kv::Records::new(store.clone(), js.client(), 1 << 20),
+            store,
             locks: open(ns.bucket_locks()).await?,
             locks_bucket: ns.bucket_locks(),
             config: Arc::new(config),
@@ -399,8 +403,7 @@ impl SessionMemory {
         &self,
         prefix: &str,
     ) -> Result<Vec<(String, Versioned<T>)>, MemoryError> {
-        let records =
-            crate::kv::Records::new(self.mem.store.clone(), self.mem.js.client(), 1 << 20);
+        let records = &self.mem.records;
         let all = records
             .get_matching::<serde_json::Value>(&keys::memory(&self.session, "*"))
             .await
