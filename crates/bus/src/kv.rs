@@ -210,14 +210,46 @@ impl Records {
         &self.0.store
     }
 
+    /// [`Records::get_matching`], and when the batch goes unanswered, each of `keys`
+    /// from the stream leader ([`Records::get_latest`]): for reads that know which keys
+    /// they want (the task records a session's table lists). `keys` must match
+    /// `filter`.
+    pub async fn get_each<T: DeserializeOwned>(
+        &self,
+        filter: &str,
+        keys: &[String],
+    ) -> Result<Vec<(String, T, u64)>, KvError> {
+        match self.get_matching(filter).await {
+            Ok(found) => return Ok(found),
+            Err(KvError::Unavailable { source, .. }) => {
+                tracing::debug!(filter, error = %source, "batched read unanswered; asking the leader for each key");
+            }
+            Err(e) => return Err(e),
+        }
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            if let Some((value, revision)) = self.get_latest(key).await? {
+                out.push((key.clone(), value, revision));
+            }
+        }
+        Ok(out)
+    }
+
     /// The record at `key` with its revision, or `None` if absent or deleted.
+    ///
+    /// A direct get, which any replica may answer. One that goes unanswered is asked
+    /// of the stream leader ([`Records::get_latest`]) before it fails: on a cluster, a
+    /// replica that stopped answering but still looks connected (a frozen process, a
+    /// one-way partition) keeps drawing direct gets until its routes time out, and
+    /// without this every read it drew would count as an outage.
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<(T, u64)>, KvError> {
-        let entry = self
-            .0
-            .store
-            .entry(key)
-            .await
-            .map_err(|e| KvError::unavailable(key, e))?;
+        let entry = match self.0.store.entry(key).await {
+            Ok(entry) => entry,
+            Err(e) => {
+                tracing::debug!(key, error = %e, "direct get unanswered; asking the leader");
+                return self.get_latest(key).await;
+            }
+        };
         match entry {
             Some(e) if e.operation == kv::Operation::Put => {
                 let value =

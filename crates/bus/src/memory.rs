@@ -369,17 +369,34 @@ impl SessionMemory {
             .map_err(encode_error)
     }
 
-    /// The value at `key` with its revision, or `None`.
+    /// The value at `key` with its revision, or `None`. (A direct get that goes
+    /// unanswered is asked of the stream leader, as [`crate::Records::get`] does.)
     pub async fn get<T: DeserializeOwned>(
         &self,
         key: &MemKey,
     ) -> Result<Option<Versioned<T>>, MemoryError> {
-        let entry = self
-            .mem
-            .store
-            .entry(self.key(key))
-            .await
-            .map_err(|e| MemoryError::Unavailable(e.to_string()))?;
+        let entry = match self.mem.store.entry(self.key(key)).await {
+            Ok(entry) => entry,
+            Err(e) => {
+                tracing::debug!(key = %key.0, error = %e, "direct get unanswered; asking the leader");
+                let found = self
+                    .mem
+                    .records
+                    .get_latest::<serde_json::Value>(&self.key(key))
+                    .await
+                    .map_err(|e| MemoryError::Unavailable(e.to_string()))?;
+                return found
+                    .map(|(value, revision)| {
+                        serde_json::from_value(value)
+                            .map(|value| Versioned { value, revision })
+                            .map_err(|err| MemoryError::Decode {
+                                key: key.0.clone(),
+                                detail: err.to_string(),
+                            })
+                    })
+                    .transpose();
+            }
+        };
         match entry {
             Some(e) if e.operation == kv::Operation::Put => {
                 let value =

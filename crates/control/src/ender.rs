@@ -233,7 +233,10 @@ impl Ender {
         let records = self
             .bus
             .sessions()
-            .get_matching::<TaskRecord>(&keys::task_pattern(&rec.session_id))
+            .get_each::<TaskRecord>(
+                &keys::task_pattern(&rec.session_id),
+                &crate::orchestrator::task_keys(rec),
+            )
             .await?;
         let sections: Vec<AnswerSection> = rec
             .tasks

@@ -243,6 +243,15 @@ fn halting(e: flotilla_llm::LlmError) -> Result<Result<String, Halt>, flotilla_l
     }
 }
 
+/// The keys of the task records `rec`'s finished tasks committed to.
+pub(crate) fn task_keys(rec: &SessionRecord) -> Vec<String> {
+    rec.tasks
+        .iter()
+        .filter(|t| t.state == TaskState::Done)
+        .map(|t| keys::task(&rec.session_id, &t.role, &t.task_id))
+        .collect()
+}
+
 fn now() -> u64 {
     epoch_ms(SystemTime::now())
 }
@@ -398,16 +407,23 @@ impl Orchestrator {
         all: bool,
     ) -> Result<Option<TaskRecords>, VerdictError> {
         if all {
-            let batch: TaskRecords = self
+            // (Unanswered, it is only a prefetch: the leader read below decides.)
+            match self
                 .bus
                 .sessions()
                 .get_matching::<TaskRecord>(&keys::task_pattern(&r.session_id))
-                .await?
-                .into_iter()
-                .map(|(_, t, _)| (t.task_id.clone(), t))
-                .collect();
-            if task_machine::vouch(batch.get(&r.task_id), r, delivered > 1).is_ok() {
-                return Ok(Some(batch));
+                .await
+            {
+                Ok(found) => {
+                    let batch: TaskRecords = found
+                        .into_iter()
+                        .map(|(_, t, _)| (t.task_id.clone(), t))
+                        .collect();
+                    if task_machine::vouch(batch.get(&r.task_id), r, delivered > 1).is_ok() {
+                        return Ok(Some(batch));
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "task records not prefetched"),
             }
         }
         let key = keys::task(&r.session_id, &r.role, &r.task_id);
@@ -981,7 +997,7 @@ impl Orchestrator {
             None => self
                 .bus
                 .sessions()
-                .get_matching::<TaskRecord>(&keys::task_pattern(&rec.session_id))
+                .get_each::<TaskRecord>(&keys::task_pattern(&rec.session_id), &task_keys(rec))
                 .await?
                 .into_iter()
                 .map(|(_, r, _)| (r.task_id.clone(), r))
