@@ -109,9 +109,21 @@ async fn a_late_holder_is_fenced_off() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_delivery_has_one_effect() {
+    duplicate_delivery_has_one_effect(2).await;
+}
+
+/// The copy reaches the process that is running the attempt (the only one of its role),
+/// as a consumer leader elected on a cluster may redeliver it: the process does not run
+/// it a second time beside the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_delivered_to_the_process_running_it_has_one_effect() {
+    duplicate_delivery_has_one_effect(1).await;
+}
+
+async fn duplicate_delivery_has_one_effect(workers: usize) {
     let llm = Scripted::new(400, |_| Action::Pass);
     let mut s = spec("unused");
-    s.workers_per_role = 2;
+    s.workers_per_role = workers;
     s.worker.ack_wait = Duration::from_secs(2);
     let t = TestFleet::start(s, llm.clone() as Arc<dyn LlmClient>).await;
     // Catch the research task as it is dispatched and deliver a second copy of it

@@ -71,6 +71,48 @@ pub struct Worker {
     tracker: Tracker,
     stops: crate::stops::Stops,
     verifier: flotilla_bus::Verifier,
+    running: Running,
+}
+
+/// The task attempts this process is running. The server can deliver an attempt again
+/// to the process that runs it: a consumer leader elected on a cluster has the
+/// delivery's replicated start time but not the keepalives sent to the old leader, and
+/// may redeliver at once. The claim cannot tell that copy apart (it names this process
+/// already), so without this it would run the agent, and call the model, a second time
+/// beside the first, whose commit it would then fence off.
+#[derive(Debug, Clone, Default)]
+struct Running(Arc<std::sync::Mutex<std::collections::HashSet<String>>>);
+
+/// An attempt's entry in [`Running`], removed when the handler ends (or is dropped).
+struct RunningGuard {
+    running: Running,
+    key: String,
+}
+
+impl Running {
+    /// Marks `task` as running here; `None` if it already is.
+    fn enter(&self, task: &TaskMessage) -> Option<RunningGuard> {
+        let key = format!("{}.{}.{}", task.session_id, task.task_id, task.attempt);
+        let fresh = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone());
+        fresh.then(|| RunningGuard {
+            running: self.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        self.running
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+    }
 }
 
 impl std::fmt::Debug for Worker {
@@ -97,6 +139,7 @@ impl Worker {
             tracker: Tracker::overdue_after(LivenessConfig::default().list_after()),
             liveness: LivenessConfig::default(),
             stops: crate::stops::Stops::default(),
+            running: Running::default(),
         }
     }
 
@@ -172,6 +215,15 @@ impl Worker {
         let Some(guard) = self.stops.guard(&task.session_id) else {
             tracing::debug!(session = %task.session_id, task = %task.task_id, "session stopped; task dropped");
             return Ok(());
+        };
+        // A copy of an attempt this process is running waits for the first to end: it
+        // acks the message (making this copy moot) or lets it come back.
+        let Some(_running) = self.running.enter(&task) else {
+            tracing::debug!(session = %task.session_id, task = %task.task_id, attempt = task.attempt, "attempt already running here; delivery put back");
+            return Err(VerdictError::retry(
+                self.settings.effective_ack_wait(),
+                "this process is running the attempt already",
+            ));
         };
         let trace = d.trace();
         let span = tracing::info_span!(
