@@ -26,7 +26,15 @@ impl Procs {
         let child = Command::new(BIN)
             .args(args)
             .args(["--nats-url", url])
-            .env("RUST_LOG", "warn")
+            // FAULTS_DEBUG=1 shows the processes' warnings; any other value is their
+            // log filter (FAULTS_DEBUG=info,flotilla_agent=debug).
+            .env(
+                "RUST_LOG",
+                std::env::var("FAULTS_DEBUG")
+                    .ok()
+                    .filter(|f| f != "1")
+                    .unwrap_or_else(|| "warn".into()),
+            )
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -990,6 +998,19 @@ fn calls_mentioning(fake: &flotilla_testkit::FakeOpenAi, marker: &str) -> usize 
         .count()
 }
 
+/// The requests the provider received more than once (same messages), with their
+/// counts: what a failed "no repeated call" assertion prints.
+fn repeated_calls(fake: &flotilla_testkit::FakeOpenAi) -> Vec<(usize, String)> {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for r in fake.requests_log() {
+        *seen.entry(r["messages"].to_string()).or_default() += 1;
+    }
+    seen.into_iter()
+        .filter(|(_, n)| *n > 1)
+        .map(|(m, n)| (n, m.chars().take(600).collect()))
+        .collect()
+}
+
 /// Cancel a session while its tasks run on agent processes: the reply comes once every
 /// process has stopped its work; from then on no model call of that session starts,
 /// its token spend stays where it was, its slot is free and `done` says `cancelled`.
@@ -1595,8 +1616,9 @@ async fn losing_a_leading_node_twice_loses_nothing_and_repeats_no_model_call() {
     assert!(calls >= 6 * 2 * n, "{calls} calls");
     assert!(
         calls <= 6 * 2 * n + reassigned,
-        "{calls} model calls: more than the sessions' {} plus {reassigned} reassignments",
-        6 * 2 * n
+        "{calls} model calls: more than the sessions' {} plus {reassigned} reassignments; repeated: {:#?}",
+        6 * 2 * n,
+        repeated_calls(&fake)
     );
 }
 
@@ -1648,7 +1670,8 @@ async fn a_frozen_node_is_outvoted_and_rejoins_with_nothing_lost() {
     assert!(calls >= 6 * 2 * n, "{calls} calls");
     assert!(
         calls <= 6 * 2 * n + reassigned,
-        "{calls} model calls: more than the sessions' {} plus {reassigned} reassignments",
-        6 * 2 * n
+        "{calls} model calls: more than the sessions' {} plus {reassigned} reassignments; repeated: {:#?}",
+        6 * 2 * n,
+        repeated_calls(&fake)
     );
 }
