@@ -176,6 +176,17 @@ async fn each_component_runs_on_its_own_user_and_a_worker_may_do_nothing_else() 
             .unwrap()
             .is_some()
     );
+    // ...and from the stream leader, which a worker asks when no replica answers.
+    let leader_read = js
+        .get_stream("KV_flotilla-sessions")
+        .await
+        .unwrap()
+        .get_last_raw_message_by_subject(&format!(
+            "$KV.flotilla-sessions.{}",
+            keys::session(&sid)
+        ))
+        .await;
+    assert!(leader_read.is_ok(), "{leader_read:?}");
     js.publish(
         "$KV.flotilla-sessions.nosuch.t.research.t1",
         Bytes::from_static(b"{}"),
