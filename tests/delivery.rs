@@ -184,6 +184,113 @@ async fn duplicate_delivery_has_one_effect(workers: usize) {
     t.stop().await;
 }
 
+/// Another process holds the research task's claim, ten times older than the claim's
+/// time to live (the 1 s ack wait), and that process is alive: its presence is there
+/// and it answers pings. The worker does not take the claim over by its age (a live
+/// holder may be in a model call longer than the ack wait, its delivery redelivered by
+/// a new consumer leader); it waits. Once the holder is gone (presence deleted, pings
+/// unanswered), the task is taken over and the session completes, the model called
+/// once for the task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_is_taken_over_only_once_its_holder_is_gone() {
+    use flotilla_protocol::{
+        AgentId, OpenReply, OpenSession, Presence, SessionId, TaskId, TaskRunState, V1, epoch_ms,
+    };
+    let llm = Scripted::new(10, |_| Action::Pass);
+    let mut s = spec("unused");
+    s.worker.ack_wait = Duration::from_secs(1);
+    let t = TestFleet::start(s, llm.clone() as Arc<dyn LlmClient>).await;
+    let research: Role = "research".parse().unwrap();
+    let holder = AgentId::generate(&research);
+    let ping = t.bus.names().agent_ping(&holder);
+    let mut pings = t.bus.client.subscribe(ping.clone()).await.unwrap();
+    let nc = t.bus.client.clone();
+    let answering = tokio::spawn(async move {
+        while let Some(m) = pings.next().await {
+            if let Some(reply) = m.reply {
+                let _ = nc.publish(reply, Bytes::from_static(b"pong")).await;
+            }
+        }
+    });
+    let now = epoch_ms(std::time::SystemTime::now());
+    let presence = Presence {
+        v: V1,
+        agent_id: holder.clone(),
+        role: research.clone(),
+        ping_subject: ping,
+        started_ms: now,
+        renewed_ms: now,
+        in_flight: Vec::new(),
+    };
+    t.bus
+        .agents()
+        .put(holder.as_ref(), &presence)
+        .await
+        .unwrap();
+    // The claim, written before the session is even opened (the plan gives research t1).
+    let session = SessionId::generate();
+    let claim = TaskRecord {
+        v: V1,
+        session_id: session.clone(),
+        task_id: TaskId::nth(1),
+        role: research.clone(),
+        attempt: 1,
+        state: TaskRunState::Running,
+        holder: Some(holder.clone()),
+        holders: 1,
+        ack_subject: Some("flotilla.test.no-such-ack".into()),
+        output: None,
+        error: None,
+        outcome: None,
+        updated_ms: now - 10_000,
+    };
+    t.bus
+        .sessions()
+        .put(&keys::task(&session, &research, &TaskId::nth(1)), &claim)
+        .await
+        .unwrap();
+    let done = t.client.watch(&session);
+    let mut req = OpenSession::new("hold on");
+    req.session_id = Some(session.clone());
+    let reply = t.client.open(&req, Duration::from_secs(10)).await.unwrap();
+    assert!(matches!(reply, OpenReply::Accepted { .. }), "{reply:?}");
+    // Four claim lifetimes after the session's other tasks ran, the held one has not.
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            (llm.count(schema::TASK_OUTPUT, "t2") > 0).then_some(())
+        })
+        .await
+        .is_some(),
+        "the session's other tasks run"
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        llm.count(schema::TASK_OUTPUT, "t1"),
+        0,
+        "a live holder's claim was taken over"
+    );
+    // The holder goes away.
+    answering.abort();
+    t.bus.agents().delete(holder.as_ref(), None).await.unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(60), done)
+        .await
+        .expect("the session ends once the holder is gone")
+        .unwrap();
+    assert!(
+        matches!(
+            &event.body,
+            EventBody::Done {
+                outcome: SessionOutcome::Completed,
+                ..
+            }
+        ),
+        "{:?}",
+        event.body
+    );
+    assert_eq!(llm.count(schema::TASK_OUTPUT, "t1"), 1);
+    t.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_results_are_retried_with_the_reason_then_fail_visibly() {
     let no_artifacts = r#"{"summary":"I looked into it","artifacts":[]}"#;

@@ -124,6 +124,7 @@ async fn each_component_runs_on_its_own_user_and_a_worker_may_do_nothing_else() 
     let agents = serve_js.get_key_value("flotilla-agents").await.unwrap();
     let mut keys = agents.keys().await.unwrap();
     let mut pinged = 0;
+    let mut serve_presence = String::new();
     while let Some(Ok(key)) = futures::StreamExt::next(&mut keys).await {
         let Some(raw) = agents.get(&key).await.unwrap() else {
             continue;
@@ -139,6 +140,9 @@ async fn each_component_runs_on_its_own_user_and_a_worker_may_do_nothing_else() 
         .unwrap()
         .unwrap();
         assert_eq!(&reply.payload[..], b"pong", "{key}");
+        if p.role.is_orchestrator() {
+            serve_presence = key.clone();
+        }
         pinged += 1;
     }
     assert!(pinged >= 5, "serve and four roles answer pings ({pinged})");
@@ -181,12 +185,20 @@ async fn each_component_runs_on_its_own_user_and_a_worker_may_do_nothing_else() 
         .get_stream("KV_flotilla-sessions")
         .await
         .unwrap()
-        .get_last_raw_message_by_subject(&format!(
-            "$KV.flotilla-sessions.{}",
-            keys::session(&sid)
-        ))
+        .get_last_raw_message_by_subject(&format!("$KV.flotilla-sessions.{}", keys::session(&sid)))
         .await;
     assert!(leader_read.is_ok(), "{leader_read:?}");
+    // ...and another process's presence (a claim is taken over only once it is gone).
+    let presence = js
+        .get_key_value("flotilla-agents")
+        .await
+        .unwrap()
+        .get(&serve_presence)
+        .await;
+    assert!(
+        matches!(&presence, Ok(Some(_))),
+        "a worker reads {serve_presence}: {presence:?}"
+    );
     js.publish(
         "$KV.flotilla-sessions.nosuch.t.research.t1",
         Bytes::from_static(b"{}"),

@@ -7,6 +7,7 @@
 //! (de-duplicated) notification; a holder whose claim was taken over is fenced off by
 //! the record's revision and attempt.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -74,45 +75,74 @@ pub struct Worker {
     running: Running,
 }
 
-/// The task attempts this process is running. The server can deliver an attempt again
-/// to the process that runs it: a consumer leader elected on a cluster has the
-/// delivery's replicated start time but not the keepalives sent to the old leader, and
-/// may redeliver at once. The claim cannot tell that copy apart (it names this process
-/// already), so without this it would run the agent, and call the model, a second time
-/// beside the first, whose commit it would then fence off.
+/// The task attempts this process's handlers are on, with how many handlers each. The
+/// server can deliver an attempt again to the process that runs it: a consumer leader
+/// elected on a cluster may not have seen the keepalives sent to the old one, and
+/// redelivers. The claim names this process already, so without this the copy would
+/// resume the attempt, call the model a second time beside the first, and fence off the
+/// first's commit. The copy waits instead, its delivery kept alive, while the claim is
+/// still this process's (the watchdog may take it from a stuck first handler: then the
+/// copy runs the attempt).
 #[derive(Debug, Clone, Default)]
-struct Running(Arc<std::sync::Mutex<std::collections::HashSet<String>>>);
+struct Running(Arc<std::sync::Mutex<HashMap<String, usize>>>);
 
-/// An attempt's entry in [`Running`], removed when the handler ends (or is dropped).
+/// A handler's entry in [`Running`], removed when the handler ends (or is dropped).
 struct RunningGuard {
     running: Running,
     key: String,
 }
 
 impl Running {
-    /// Marks `task` as running here; `None` if it already is.
-    fn enter(&self, task: &TaskMessage) -> Option<RunningGuard> {
-        let key = format!("{}.{}.{}", task.session_id, task.task_id, task.attempt);
-        let fresh = self
+    /// Counts a handler in on `task`'s attempt.
+    fn enter(&self, task: &TaskMessage) -> RunningGuard {
+        let key = running_key(task);
+        *self
             .0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(key.clone());
-        fresh.then(|| RunningGuard {
+            .entry(key.clone())
+            .or_default() += 1;
+        RunningGuard {
             running: self.clone(),
             key,
-        })
+        }
     }
+
+    /// Whether more than one handler of this process is on the attempt at `key`.
+    fn shared(&self, key: &str) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .is_some_and(|n| *n > 1)
+    }
+}
+
+fn running_key(task: &TaskMessage) -> String {
+    format!("{}.{}.{}", task.session_id, task.task_id, task.attempt)
 }
 
 impl Drop for RunningGuard {
     fn drop(&mut self) {
-        self.running
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.key);
+        let mut map = self.running.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.key);
+            }
+        }
     }
+}
+
+/// Why a claim was not written.
+enum NotClaimed {
+    /// What the task machine decided (boxed: a `Take` holds a whole record).
+    Decision(Box<Claim>),
+    /// The attempt is another process's, older than the claim's time to live: it may
+    /// be taken over only if that process is gone.
+    HolderMayLive(AgentId),
+    /// Another handler of this process runs the attempt, and the claim is still ours.
+    RunningHere,
 }
 
 impl std::fmt::Debug for Worker {
@@ -216,15 +246,8 @@ impl Worker {
             tracing::debug!(session = %task.session_id, task = %task.task_id, "session stopped; task dropped");
             return Ok(());
         };
-        // A copy of an attempt this process is running waits for the first to end: it
-        // acks the message (making this copy moot) or lets it come back.
-        let Some(_running) = self.running.enter(&task) else {
-            tracing::debug!(session = %task.session_id, task = %task.task_id, attempt = task.attempt, "attempt already running here; delivery put back");
-            return Err(VerdictError::retry(
-                self.settings.effective_ack_wait(),
-                "this process is running the attempt already",
-            ));
-        };
+        // (A copy of an attempt this process is running waits at the claim.)
+        let _running = self.running.enter(&task);
         let trace = d.trace();
         let span = tracing::info_span!(
             "task",
@@ -364,6 +387,125 @@ impl Worker {
         redelivered: bool,
     ) -> Result<(), VerdictError> {
         let key = keys::task(&task.session_id, &task.role, &task.task_id);
+        let running_key = running_key(&task);
+        // Claim. The first delivery of a first attempt creates the record (one round
+        // trip); anything else reads it first.
+        let mut start = if task.attempt == 1 && !redelivered {
+            Start::Absent
+        } else {
+            Start::Read
+        };
+        let claim_ttl = self.settings.effective_ack_wait().as_millis() as u64;
+        // A process found gone whose claim of this attempt may be taken over.
+        let mut gone: Option<AgentId> = None;
+        let (claimed, claimed_rev, resumed) = loop {
+            // Round trips are boxed: a future's size is its largest state's, and this
+            // one is allocated for as long as the model call lasts, so only what the
+            // call needs should be inline.
+            let start = std::mem::replace(&mut start, Start::Read);
+            let applied = Box::pin(self.bus.sessions().transition(&key, start, 8, |current| {
+                let now = epoch_ms(SystemTime::now());
+                match task_machine::claim(current, &task, &self.agent_id, claim_ttl, now) {
+                    Claim::Take { .. }
+                        if current.is_some_and(|c| {
+                            c.state == flotilla_protocol::TaskRunState::Running
+                                && c.attempt == task.attempt
+                                && c.holder.as_ref() == Some(&self.agent_id)
+                        }) && self.running.shared(&running_key) =>
+                    {
+                        Step::Keep(Err(NotClaimed::RunningHere))
+                    }
+                    Claim::Take {
+                        mut record,
+                        resumed,
+                    } => {
+                        // Another process's claim of this attempt, past its time to
+                        // live: its holder may still be in a long model call.
+                        if let Some(holder) = current
+                            .filter(|c| {
+                                c.state == flotilla_protocol::TaskRunState::Running
+                                    && c.attempt == task.attempt
+                            })
+                            .and_then(|c| c.holder.as_ref())
+                            .filter(|h| **h != self.agent_id && gone.as_ref() != Some(*h))
+                        {
+                            return Step::Keep(Err(NotClaimed::HolderMayLive(holder.clone())));
+                        }
+                        record.ack_subject = Some(ack_subject.to_owned());
+                        Step::Write(record.clone(), Ok((record, resumed)))
+                    }
+                    other => Step::Keep(Err(NotClaimed::Decision(Box::new(other)))),
+                }
+            }))
+            .await?;
+            let wait = match applied {
+                Applied::Written {
+                    value: Ok((record, resumed)),
+                    revision,
+                } => break (record, revision, resumed || redelivered),
+                // (The closure writes exactly the `Take` decisions: a written refusal or
+                // a kept claim cannot happen, and would be retried like a conflict.)
+                Applied::Written { value: Err(_), .. }
+                | Applied::Kept(Ok(_))
+                | Applied::Contended => {
+                    return Err(VerdictError::retry(
+                        Duration::from_millis(200),
+                        "claim kept conflicting",
+                    ));
+                }
+                // A claim is taken from a process only once it is gone (its presence
+                // expired): one that lives keeps its delivery alive through a long
+                // call, and a live but stuck one is fenced by the watchdog.
+                Applied::Kept(Err(NotClaimed::HolderMayLive(holder))) => {
+                    if !Box::pin(self.lives(&holder)).await {
+                        gone = Some(holder);
+                        continue;
+                    }
+                    tracing::debug!(%holder, "claimed by a live process; waiting for it");
+                    Duration::from_millis(claim_ttl)
+                }
+                Applied::Kept(Err(NotClaimed::RunningHere)) => {
+                    tracing::debug!("another handler of this process runs the attempt; waiting");
+                    Duration::from_millis(claim_ttl)
+                }
+                Applied::Kept(Err(NotClaimed::Decision(decision))) => match *decision {
+                    Claim::Stale { current } => {
+                        tracing::info!(current, "stale attempt fenced off");
+                        return Ok(());
+                    }
+                    Claim::Committed(outcome) => {
+                        // Committed earlier (we crashed before acking, or this is a copy
+                        // of a delivery another process ran): re-send the notice.
+                        return Box::pin(self.notify(&task, outcome, None, None, None, trace))
+                            .await;
+                    }
+                    Claim::Held {
+                        holder,
+                        age_ms,
+                        retry_ms,
+                    } => {
+                        tracing::debug!(?holder, age_ms, "claimed by another process; waiting");
+                        Duration::from_millis(retry_ms)
+                    }
+                    Claim::WrongRole => {
+                        return Err(VerdictError::poison(
+                            ErrorCode::WrongSession,
+                            "task record is for another role",
+                        ));
+                    }
+                    Claim::Take { .. } => {
+                        return Err(VerdictError::retry(
+                            Duration::from_millis(200),
+                            "claim not written",
+                        ));
+                    }
+                },
+            };
+            // Another process runs the attempt: look again once its claim could have
+            // moved on, here, with the delivery kept alive (a nak would spend one of
+            // its bounded deliveries at every look).
+            tokio::time::sleep(wait).await;
+        };
         // Tracked for the stuck check (listed in our presence only once overdue). A
         // crash is covered by the claim itself: it names us and this delivery's ack
         // subject, and the watchdog indexes claims by holder.
@@ -377,73 +519,6 @@ impl Worker {
             since_ms: now,
             progress_ms: now,
         });
-        // Claim. The first delivery of a first attempt creates the record (one round
-        // trip); anything else reads it first.
-        let start = if task.attempt == 1 && !redelivered {
-            Start::Absent
-        } else {
-            Start::Read
-        };
-        let claim_ttl = self.settings.effective_ack_wait().as_millis() as u64;
-        // Round trips are boxed: a future's size is its largest state's, and this one
-        // is allocated for as long as the model call lasts, so only what the call needs
-        // should be inline.
-        let claimed = Box::pin(self.bus.sessions().transition(&key, start, 8, |current| {
-            let now = epoch_ms(SystemTime::now());
-            match task_machine::claim(current, &task, &self.agent_id, claim_ttl, now) {
-                Claim::Take {
-                    mut record,
-                    resumed,
-                } => {
-                    record.ack_subject = Some(ack_subject.to_owned());
-                    Step::Write(record.clone(), Ok((record, resumed)))
-                }
-                other => Step::Keep(Err(other)),
-            }
-        }))
-        .await?;
-        let (claimed, claimed_rev, resumed) = match claimed {
-            Applied::Written {
-                value: Ok((record, resumed)),
-                revision,
-            } => (record, revision, resumed || redelivered),
-            // (The closure writes exactly the `Take` decisions: a written refusal or a
-            // kept claim cannot happen, and would be retried like a conflict.)
-            Applied::Written { value: Err(_), .. } | Applied::Kept(Ok(_)) | Applied::Contended => {
-                return Err(VerdictError::retry(
-                    Duration::from_millis(200),
-                    "claim kept conflicting",
-                ));
-            }
-            Applied::Kept(Err(decision)) => {
-                return match decision {
-                    Claim::Stale { current } => {
-                        tracing::info!(current, "stale attempt fenced off");
-                        Ok(())
-                    }
-                    Claim::Committed(outcome) => {
-                        // Committed earlier (we crashed before acking): re-send the notice.
-                        Box::pin(self.notify(&task, outcome, None, None, None, trace)).await
-                    }
-                    Claim::Held {
-                        holder,
-                        age_ms,
-                        retry_ms,
-                    } => Err(VerdictError::retry(
-                        Duration::from_millis(retry_ms),
-                        format!("claimed by {holder:?} {age_ms} ms ago"),
-                    )),
-                    Claim::WrongRole => Err(VerdictError::poison(
-                        ErrorCode::WrongSession,
-                        "task record is for another role",
-                    )),
-                    Claim::Take { .. } => Err(VerdictError::retry(
-                        Duration::from_millis(200),
-                        "claim not written",
-                    )),
-                };
-            }
-        };
         if resumed && claimed.attempt == task.attempt {
             tracing::info!("resuming an attempt another holder started");
         }
@@ -599,6 +674,23 @@ impl Worker {
         ))
         .await?;
         Ok(())
+    }
+
+    /// Whether `holder`'s presence is there (it expires unless renewed). A presence that
+    /// cannot be read counts as gone: the claim's age then decides, as it did before.
+    async fn lives(&self, holder: &AgentId) -> bool {
+        match self
+            .bus
+            .agents()
+            .get::<flotilla_protocol::Presence>(holder.as_ref())
+            .await
+        {
+            Ok(found) => found.is_some(),
+            Err(e) => {
+                tracing::debug!(%holder, error = %e, "presence not readable; taking the claim over by its age");
+                false
+            }
+        }
     }
 
     /// The role's inbox and pool consumer, once they exist. An agent may start before

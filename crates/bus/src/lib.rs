@@ -122,6 +122,7 @@ pub struct BusInner {
     sessions: Records,
     slots: Records,
     limits: Records,
+    agents: Records,
     memory: Memory,
     /// Message counters of this process.
     pub counters: Arc<Counters>,
@@ -179,6 +180,11 @@ impl Bus {
             client.clone(),
             config.max_payload,
         );
+        let agents = Records::new(
+            open(names.bucket_agents()).await?,
+            client.clone(),
+            config.max_payload,
+        );
         let memory = Memory::open(&js, &names, config.memory.clone(), counters.clone())
             .await
             .map_err(|e| ConnectError::Bucket {
@@ -193,6 +199,7 @@ impl Bus {
             sessions,
             slots,
             limits,
+            agents,
             memory,
             counters,
         })))
@@ -256,6 +263,11 @@ impl Bus {
     /// The rate limiter's lease and windows, and token ledgers.
     pub fn limits(&self) -> &Records {
         &self.limits
+    }
+
+    /// Presence records, one per process (key: its agent id), expiring unless renewed.
+    pub fn agents(&self) -> &Records {
+        &self.agents
     }
 
     /// Shared memory (hand [`Memory::session`] handles to agents).
