@@ -220,7 +220,7 @@ impl LlmAgent {
         &self,
         ctx: &TaskContext,
         task: &TaskMessage,
-        request: &CompletionRequest,
+        request: &mut CompletionRequest,
         task_spent: &mut u64,
     ) -> Result<String, AgentError> {
         let b = &self.budgets;
@@ -244,9 +244,10 @@ impl LlmAgent {
             .into());
         }
         let room = (b.call_tokens - prompt).min(u64::from(request.max_tokens.unwrap_or(u32::MAX)));
-        let mut request = request.clone();
+        // Set in place, not on a copy of the conversation (held through the call).
+        // Later turns only lower it: their prompts are longer.
         request.max_tokens = Some(room as u32);
-        let request = &request;
+        let request = &*request;
         let estimate = prompt + room;
         if let Some(a) = &ctx.allowance {
             // On an allowance: within it, and only while the claim is still ours (a
@@ -264,7 +265,9 @@ impl LlmAgent {
                 }
                 .into());
             }
-            if ctx.spend.spend().calls > 0 && !a.still_held().await? {
+            // (Round trips are boxed: this future lives through the model call, so
+            // only what the call needs should be inline.)
+            if ctx.spend.spend().calls > 0 && !Box::pin(a.still_held()).await? {
                 return Err(AgentError::Unusable(
                     "the attempt was taken over by another holder".into(),
                 ));
@@ -273,7 +276,7 @@ impl LlmAgent {
         let reservation = match &self.ledger {
             // On an allowance, or with no session budget: nothing to reserve.
             Some(l) if b.session_tokens > 0 && ctx.allowance.is_none() => Some(
-                l.reserve(&task.session_id, estimate, b.session_tokens)
+                Box::pin(l.reserve(&task.session_id, estimate, b.session_tokens))
                     .await
                     .map_err(|e| AgentError::Transient(e.to_string()))??,
             ),
@@ -290,7 +293,7 @@ impl LlmAgent {
             Err(_) => 0,
         };
         if let (Some(l), Some(r)) = (&self.ledger, reservation) {
-            l.settle(r, used)
+            Box::pin(l.settle(r, used))
                 .await
                 .map_err(|e| AgentError::Transient(e.to_string()))?;
         }
@@ -336,7 +339,7 @@ impl Agent for LlmAgent {
             // Continue the conversation a failed process left, if any.
             let mut conversation = match &self.history {
                 Some(h) if ctx.resumed => Some(
-                    h.load(&task.session_id, &task.role, &task.task_id, task.attempt)
+                    Box::pin(h.load(&task.session_id, &task.role, &task.task_id, task.attempt))
                         .await
                         .map_err(|e| AgentError::Transient(e.to_string()))?,
                 ),
@@ -377,7 +380,7 @@ impl Agent for LlmAgent {
                 }
             }
             for _turn in first_turn..=max_turns {
-                let content = self.call(ctx, task, &request, &mut task_spent).await?;
+                let content = self.call(ctx, task, &mut request, &mut task_spent).await?;
                 let turn: Turn = match serde_json::from_str::<Turn>(&content) {
                     Ok(t) => t,
                     Err(_) => {
@@ -400,7 +403,7 @@ impl Agent for LlmAgent {
                             artifacts: artifacts.clone(),
                         };
                         output.validate()?;
-                        self.record_finding(ctx, task, &output).await?;
+                        Box::pin(self.record_finding(ctx, task, &output)).await?;
                         return Ok(output);
                     }
                     Turn::Clarify { question } => {
@@ -424,7 +427,7 @@ impl Agent for LlmAgent {
                             &format!("tool {tool} {arguments}"),
                             self.budgets.circuit_repeats,
                         )?;
-                        self.call_tool(task, tool, arguments).await?
+                        Box::pin(self.call_tool(task, tool, arguments)).await?
                     }
                     Turn::Continue { note } => {
                         calls.observe(&format!("continue {note}"), self.budgets.circuit_repeats)?;
@@ -436,11 +439,11 @@ impl Agent for LlmAgent {
                         assistant: content.clone(),
                         user: reply.clone(),
                     };
-                    h.push(c, turn, task_spent)
+                    Box::pin(h.push(c, turn, task_spent))
                         .await
                         .map_err(|e| AgentError::Transient(e.to_string()))?;
                 }
-                ctx.progress.report().await;
+                Box::pin(ctx.progress.report()).await;
                 request.messages.push(ChatMessage::assistant(content));
                 request.messages.push(ChatMessage::user(reply));
             }

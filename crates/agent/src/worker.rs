@@ -277,7 +277,7 @@ impl Worker {
             }
         };
         let run = self
-            .run_task(task, trace, &ack_subject, d.delivered() > 1, vouched)
+            .run_task(&task, trace, &ack_subject, d.delivered() > 1, vouched)
             .instrument(span.clone());
         // Pinned in place: `select!` polls it by reference instead of moving it into a
         // second slot of this future (which lives through the model call).
@@ -300,13 +300,13 @@ impl Worker {
 
     async fn run_task(
         &self,
-        task: TaskMessage,
+        task: &TaskMessage,
         trace: Option<TraceParent>,
         ack_subject: &str,
         redelivered: bool,
         vouched: bool,
     ) -> Result<(), VerdictError> {
-        if !vouched && !Box::pin(self.check_against_table(&task)).await? {
+        if !vouched && !Box::pin(self.check_against_table(task)).await? {
             return Ok(());
         }
         self.claim_and_run(task, trace, ack_subject, redelivered)
@@ -381,130 +381,17 @@ impl Worker {
     /// notifies the orchestrator.
     async fn claim_and_run(
         &self,
-        task: TaskMessage,
+        task: &TaskMessage,
         trace: Option<TraceParent>,
         ack_subject: &str,
         redelivered: bool,
     ) -> Result<(), VerdictError> {
         let key = keys::task(&task.session_id, &task.role, &task.task_id);
-        let running_key = running_key(&task);
-        // Claim. The first delivery of a first attempt creates the record (one round
-        // trip); anything else reads it first.
-        let mut start = if task.attempt == 1 && !redelivered {
-            Start::Absent
-        } else {
-            Start::Read
-        };
-        let claim_ttl = self.settings.effective_ack_wait().as_millis() as u64;
-        // A process found gone whose claim of this attempt may be taken over.
-        let mut gone: Option<AgentId> = None;
-        let (claimed, claimed_rev, resumed) = loop {
-            // Round trips are boxed: a future's size is its largest state's, and this
-            // one is allocated for as long as the model call lasts, so only what the
-            // call needs should be inline.
-            let start = std::mem::replace(&mut start, Start::Read);
-            let applied = Box::pin(self.bus.sessions().transition(&key, start, 8, |current| {
-                let now = epoch_ms(SystemTime::now());
-                match task_machine::claim(current, &task, &self.agent_id, claim_ttl, now) {
-                    Claim::Take { .. }
-                        if current.is_some_and(|c| {
-                            c.state == flotilla_protocol::TaskRunState::Running
-                                && c.attempt == task.attempt
-                                && c.holder.as_ref() == Some(&self.agent_id)
-                        }) && self.running.shared(&running_key) =>
-                    {
-                        Step::Keep(Err(NotClaimed::RunningHere))
-                    }
-                    Claim::Take {
-                        mut record,
-                        resumed,
-                    } => {
-                        // Another process's claim of this attempt, past its time to
-                        // live: its holder may still be in a long model call.
-                        if let Some(holder) = current
-                            .filter(|c| {
-                                c.state == flotilla_protocol::TaskRunState::Running
-                                    && c.attempt == task.attempt
-                            })
-                            .and_then(|c| c.holder.as_ref())
-                            .filter(|h| **h != self.agent_id && gone.as_ref() != Some(*h))
-                        {
-                            return Step::Keep(Err(NotClaimed::HolderMayLive(holder.clone())));
-                        }
-                        record.ack_subject = Some(ack_subject.to_owned());
-                        Step::Write(record.clone(), Ok((record, resumed)))
-                    }
-                    other => Step::Keep(Err(NotClaimed::Decision(Box::new(other)))),
-                }
-            }))
-            .await?;
-            let wait = match applied {
-                Applied::Written {
-                    value: Ok((record, resumed)),
-                    revision,
-                } => break (record, revision, resumed || redelivered),
-                // (The closure writes exactly the `Take` decisions: a written refusal or
-                // a kept claim cannot happen, and would be retried like a conflict.)
-                Applied::Written { value: Err(_), .. }
-                | Applied::Kept(Ok(_))
-                | Applied::Contended => {
-                    return Err(VerdictError::retry(
-                        Duration::from_millis(200),
-                        "claim kept conflicting",
-                    ));
-                }
-                // A claim is taken from a process only once it is gone (its presence
-                // expired): one that lives keeps its delivery alive through a long
-                // call, and a live but stuck one is fenced by the watchdog.
-                Applied::Kept(Err(NotClaimed::HolderMayLive(holder))) => {
-                    if !Box::pin(self.lives(&holder)).await {
-                        gone = Some(holder);
-                        continue;
-                    }
-                    tracing::debug!(%holder, "claimed by a live process; waiting for it");
-                    Duration::from_millis(claim_ttl)
-                }
-                Applied::Kept(Err(NotClaimed::RunningHere)) => {
-                    tracing::debug!("another handler of this process runs the attempt; waiting");
-                    Duration::from_millis(claim_ttl)
-                }
-                Applied::Kept(Err(NotClaimed::Decision(decision))) => match *decision {
-                    Claim::Stale { current } => {
-                        tracing::info!(current, "stale attempt fenced off");
-                        return Ok(());
-                    }
-                    Claim::Committed(outcome) => {
-                        // Committed earlier (we crashed before acking, or this is a copy
-                        // of a delivery another process ran): re-send the notice.
-                        return Box::pin(self.notify(&task, outcome, None, None, None, trace))
-                            .await;
-                    }
-                    Claim::Held {
-                        holder,
-                        age_ms,
-                        retry_ms,
-                    } => {
-                        tracing::debug!(?holder, age_ms, "claimed by another process; waiting");
-                        Duration::from_millis(retry_ms)
-                    }
-                    Claim::WrongRole => {
-                        return Err(VerdictError::poison(
-                            ErrorCode::WrongSession,
-                            "task record is for another role",
-                        ));
-                    }
-                    Claim::Take { .. } => {
-                        return Err(VerdictError::retry(
-                            Duration::from_millis(200),
-                            "claim not written",
-                        ));
-                    }
-                },
-            };
-            // Another process runs the attempt: look again once its claim could have
-            // moved on, here, with the delivery kept alive (a nak would spend one of
-            // its bounded deliveries at every look).
-            tokio::time::sleep(wait).await;
+        // (Its own boxed future: what the claim keeps is gone before the model call.)
+        let Some((claimed, claimed_rev, resumed)) =
+            Box::pin(self.claim(task, trace, ack_subject, redelivered)).await?
+        else {
+            return Ok(());
         };
         // Tracked for the stuck check (listed in our presence only once overdue). A
         // crash is covered by the claim itself: it names us and this delivery's ack
@@ -561,7 +448,7 @@ impl Worker {
         };
         // The pool consumer keeps the delivery alive while the agent runs; the
         // watchdog's stuck timeout sees only the agent's own progress reports.
-        let result = ctx.spend.clone().scope(self.agent.run(&ctx, &task)).await;
+        let result = ctx.spend.clone().scope(self.agent.run(&ctx, task)).await;
         let spend = ctx.spend.spend();
         if spend.rate_limit_waits > 0 {
             let body = EventBody::RateLimitWait {
@@ -665,7 +552,7 @@ impl Worker {
         }
         let attempt_tokens = ctx.allowance.as_ref().and_then(|a| a.attempt_tokens());
         Box::pin(self.notify(
-            &task,
+            task,
             outcome,
             Some(ctx.memory.stats()),
             Some(spend),
@@ -674,6 +561,138 @@ impl Worker {
         ))
         .await?;
         Ok(())
+    }
+
+    /// Claims `task`'s attempt for this process: the claimed record, its revision and
+    /// whether the attempt was resumed; `None` when there is nothing to run (a stale
+    /// attempt, or one committed already, whose notice is re-sent).
+    async fn claim(
+        &self,
+        task: &TaskMessage,
+        trace: Option<TraceParent>,
+        ack_subject: &str,
+        redelivered: bool,
+    ) -> Result<Option<(flotilla_protocol::TaskRecord, u64, bool)>, VerdictError> {
+        let key = keys::task(&task.session_id, &task.role, &task.task_id);
+        let running_key = running_key(task);
+        // Claim. The first delivery of a first attempt creates the record (one round
+        // trip); anything else reads it first.
+        let mut start = if task.attempt == 1 && !redelivered {
+            Start::Absent
+        } else {
+            Start::Read
+        };
+        let claim_ttl = self.settings.effective_ack_wait().as_millis() as u64;
+        // A process found gone whose claim of this attempt may be taken over.
+        let mut gone: Option<AgentId> = None;
+        loop {
+            // Round trips are boxed: a future's size is its largest state's, and this
+            // one is allocated for as long as the model call lasts, so only what the
+            // call needs should be inline.
+            let start = std::mem::replace(&mut start, Start::Read);
+            let applied = Box::pin(self.bus.sessions().transition(&key, start, 8, |current| {
+                let now = epoch_ms(SystemTime::now());
+                match task_machine::claim(current, task, &self.agent_id, claim_ttl, now) {
+                    Claim::Take { .. }
+                        if current.is_some_and(|c| {
+                            c.state == flotilla_protocol::TaskRunState::Running
+                                && c.attempt == task.attempt
+                                && c.holder.as_ref() == Some(&self.agent_id)
+                        }) && self.running.shared(&running_key) =>
+                    {
+                        Step::Keep(Err(NotClaimed::RunningHere))
+                    }
+                    Claim::Take {
+                        mut record,
+                        resumed,
+                    } => {
+                        // Another process's claim of this attempt, past its time to
+                        // live: its holder may still be in a long model call.
+                        if let Some(holder) = current
+                            .filter(|c| {
+                                c.state == flotilla_protocol::TaskRunState::Running
+                                    && c.attempt == task.attempt
+                            })
+                            .and_then(|c| c.holder.as_ref())
+                            .filter(|h| **h != self.agent_id && gone.as_ref() != Some(*h))
+                        {
+                            return Step::Keep(Err(NotClaimed::HolderMayLive(holder.clone())));
+                        }
+                        record.ack_subject = Some(ack_subject.to_owned());
+                        Step::Write(record.clone(), Ok((record, resumed)))
+                    }
+                    other => Step::Keep(Err(NotClaimed::Decision(Box::new(other)))),
+                }
+            }))
+            .await?;
+            let wait = match applied {
+                Applied::Written {
+                    value: Ok((record, resumed)),
+                    revision,
+                } => return Ok(Some((record, revision, resumed || redelivered))),
+                // (The closure writes exactly the `Take` decisions: a written refusal or
+                // a kept claim cannot happen, and would be retried like a conflict.)
+                Applied::Written { value: Err(_), .. }
+                | Applied::Kept(Ok(_))
+                | Applied::Contended => {
+                    return Err(VerdictError::retry(
+                        Duration::from_millis(200),
+                        "claim kept conflicting",
+                    ));
+                }
+                // A claim is taken from a process only once it is gone (its presence
+                // expired): one that lives keeps its delivery alive through a long
+                // call, and a live but stuck one is fenced by the watchdog.
+                Applied::Kept(Err(NotClaimed::HolderMayLive(holder))) => {
+                    if !Box::pin(self.lives(&holder)).await {
+                        gone = Some(holder);
+                        continue;
+                    }
+                    tracing::debug!(%holder, "claimed by a live process; waiting for it");
+                    Duration::from_millis(claim_ttl)
+                }
+                Applied::Kept(Err(NotClaimed::RunningHere)) => {
+                    tracing::debug!("another handler of this process runs the attempt; waiting");
+                    Duration::from_millis(claim_ttl)
+                }
+                Applied::Kept(Err(NotClaimed::Decision(decision))) => match *decision {
+                    Claim::Stale { current } => {
+                        tracing::info!(current, "stale attempt fenced off");
+                        return Ok(None);
+                    }
+                    Claim::Committed(outcome) => {
+                        // Committed earlier (we crashed before acking, or this is a copy
+                        // of a delivery another process ran): re-send the notice.
+                        Box::pin(self.notify(task, outcome, None, None, None, trace)).await?;
+                        return Ok(None);
+                    }
+                    Claim::Held {
+                        holder,
+                        age_ms,
+                        retry_ms,
+                    } => {
+                        tracing::debug!(?holder, age_ms, "claimed by another process; waiting");
+                        Duration::from_millis(retry_ms)
+                    }
+                    Claim::WrongRole => {
+                        return Err(VerdictError::poison(
+                            ErrorCode::WrongSession,
+                            "task record is for another role",
+                        ));
+                    }
+                    Claim::Take { .. } => {
+                        return Err(VerdictError::retry(
+                            Duration::from_millis(200),
+                            "claim not written",
+                        ));
+                    }
+                },
+            };
+            // Another process runs the attempt: look again once its claim could have
+            // moved on, here, with the delivery kept alive (a nak would spend one of
+            // its bounded deliveries at every look).
+            tokio::time::sleep(wait).await;
+        }
     }
 
     /// Whether `holder`'s presence is there (it expires unless renewed). A presence that

@@ -203,17 +203,7 @@ impl SimulatedProvider {
 
     /// The latency and output for `request`, without waiting.
     pub fn respond(&self, request: &CompletionRequest) -> Result<(Duration, Completion), LlmError> {
-        let texts: Vec<&str> = request
-            .messages
-            .iter()
-            .map(|m| m.content.as_str())
-            .collect();
-        let mut rng = Rng(fnv1a(self.config.seed, &texts));
-        let jitter = self.config.jitter.clamp(0.0, 1.0);
-        let factor = 1.0 + jitter * (2.0 * rng.unit() - 1.0);
-        let latency = Duration::from_micros(
-            (self.config.latency_ms as f64 * 1000.0 * factor).max(0.0) as u64,
-        );
+        let (mut rng, latency) = self.draw_latency(request);
         // The first user message holds the input; later ones continue a conversation.
         let input = request
             .messages
@@ -327,13 +317,34 @@ impl SimulatedProvider {
     }
 }
 
+impl SimulatedProvider {
+    /// The request's generator (seeded by its messages) and the latency it draws first.
+    fn draw_latency(&self, request: &CompletionRequest) -> (Rng, Duration) {
+        let texts: Vec<&str> = request
+            .messages
+            .iter()
+            .map(|m| m.content.as_str())
+            .collect();
+        let mut rng = Rng(fnv1a(self.config.seed, &texts));
+        let jitter = self.config.jitter.clamp(0.0, 1.0);
+        let factor = 1.0 + jitter * (2.0 * rng.unit() - 1.0);
+        let latency = Duration::from_micros(
+            (self.config.latency_ms as f64 * 1000.0 * factor).max(0.0) as u64,
+        );
+        (rng, latency)
+    }
+}
+
 impl LlmClient for SimulatedProvider {
     fn complete<'a>(&'a self, request: &'a CompletionRequest) -> LlmFuture<'a> {
         Box::pin(async move {
-            let (latency, completion) = self.respond(request)?;
+            // The answer is made when the latency is over, as a provider's arrives:
+            // nothing of it is held while the call waits.
+            let (_, latency) = self.draw_latency(request);
             if !latency.is_zero() {
                 tokio::time::sleep(latency).await;
             }
+            let (_, completion) = self.respond(request)?;
             crate::client::record_usage(&request.model, &completion.usage);
             Ok(completion)
         })
