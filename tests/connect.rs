@@ -411,7 +411,16 @@ async fn lost_races_on_a_cluster_are_conflicts_not_outages() {
     let cluster = flotilla_testkit::NatsCluster::start().unwrap();
     let mut config = flotilla_tests::spec(&cluster.url_list()).bus;
     config.replicas = 3;
-    let bus = connect(&config).await.unwrap();
+    // (Patiently: a just-formed cluster may not place replicas for a moment.)
+    let bus = Bus::connect_patiently(
+        &config,
+        "connect-test",
+        Arc::new(Counters::default()),
+        &tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
 
     let records = bus.sessions();
     let key = format!("race-{}", SessionId::generate());

@@ -203,6 +203,27 @@ fn stream_missing(e: &jetstream::context::GetStreamError) -> bool {
     matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(je) if je.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
 }
 
+/// A creation refused because the cluster cannot place the replicas yet (a peer not
+/// heard from since it started, or gone): waiting helps, unlike a refusal.
+fn placement_pending(detail: &str) -> bool {
+    detail.contains("no suitable peers for placement")
+}
+
+/// What a failed creation means when the stream is still missing after it.
+fn not_created(name: &str, detail: String) -> TopologyError {
+    if placement_pending(&detail) {
+        TopologyError::Unavailable {
+            name: name.to_owned(),
+            source: detail.into(),
+        }
+    } else {
+        TopologyError::Missing {
+            name: name.to_owned(),
+            detail,
+        }
+    }
+}
+
 fn unavailable(name: &str, e: impl std::error::Error + Send + Sync + 'static) -> TopologyError {
     TopologyError::Unavailable {
         name: name.to_owned(),
@@ -329,10 +350,7 @@ pub async fn ensure(
                         match js.get_stream(&stream_name).await {
                             Ok(_) => {}
                             Err(get) if stream_missing(&get) => {
-                                return Err(TopologyError::Missing {
-                                    name: want.bucket.clone(),
-                                    detail: e.to_string(),
-                                });
+                                return Err(not_created(&want.bucket, e.to_string()));
                             }
                             Err(get) => return Err(unavailable(&stream_name, get)),
                         }
@@ -364,10 +382,9 @@ async fn ensure_stream(
                         let info = s.info().await.map_err(|e| unavailable(&want.name, e))?;
                         compare_stream(want, &info.config)
                     }
-                    Err(e) if stream_missing(&e) => Err(TopologyError::Missing {
-                        name: want.name.clone(),
-                        detail: create.to_string(),
-                    }),
+                    Err(e) if stream_missing(&e) => {
+                        Err(not_created(&want.name, create.to_string()))
+                    }
                     // No answer at all (a cluster still electing its leaders, a node
                     // going away): JetStream is unavailable, not refusing.
                     Err(e) => Err(unavailable(&want.name, e)),

@@ -294,7 +294,9 @@ fn meta_leader(port: u16) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// How many meta group followers the node (the meta leader) sees as current.
+/// How many meta group followers the node (the meta leader) sees as current and online
+/// (a peer it has not heard the statistics of yet is offline to stream placement:
+/// "no suitable peers for placement").
 fn meta_followers_current(port: u16) -> usize {
     let Some(body) = monitor_get(port, "/jsz") else {
         return 0;
@@ -306,7 +308,9 @@ fn meta_followers_current(port: u16) -> usize {
         .as_array()
         .map(|r| {
             r.iter()
-                .filter(|p| p["current"].as_bool() == Some(true))
+                .filter(|p| {
+                    p["current"].as_bool() == Some(true) && p["offline"].as_bool() != Some(true)
+                })
                 .count()
         })
         .unwrap_or(0)
