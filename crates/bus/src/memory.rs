@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::kv::wrong_last_sequence;
+use crate::kv::{KvError, wrong_last_sequence};
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use flotilla_protocol::{Namespace, SessionId, subject::keys};
@@ -369,47 +369,19 @@ impl SessionMemory {
             .map_err(encode_error)
     }
 
-    /// The value at `key` with its revision, or `None`. (A direct get that goes
-    /// unanswered is asked of the stream leader, as [`crate::Records::get`] does.)
+    /// The value at `key` with its revision, or `None` (through [`crate::Records::get`],
+    /// which asks the stream leader when a direct get goes unanswered).
     pub async fn get<T: DeserializeOwned>(
         &self,
         key: &MemKey,
     ) -> Result<Option<Versioned<T>>, MemoryError> {
-        let entry = match self.mem.store.entry(self.key(key)).await {
-            Ok(entry) => entry,
-            Err(e) => {
-                tracing::debug!(key = %key.0, error = %e, "direct get unanswered; asking the leader");
-                let found = self
-                    .mem
-                    .records
-                    .get_latest::<serde_json::Value>(&self.key(key))
-                    .await
-                    .map_err(|e| MemoryError::Unavailable(e.to_string()))?;
-                return found
-                    .map(|(value, revision)| {
-                        serde_json::from_value(value)
-                            .map(|value| Versioned { value, revision })
-                            .map_err(|err| MemoryError::Decode {
-                                key: key.0.clone(),
-                                detail: err.to_string(),
-                            })
-                    })
-                    .transpose();
-            }
-        };
-        match entry {
-            Some(e) if e.operation == kv::Operation::Put => {
-                let value =
-                    serde_json::from_slice(&e.value).map_err(|err| MemoryError::Decode {
-                        key: key.0.clone(),
-                        detail: err.to_string(),
-                    })?;
-                Ok(Some(Versioned {
-                    value,
-                    revision: e.revision,
-                }))
-            }
-            _ => Ok(None),
+        match self.mem.records.get::<T>(&self.key(key)).await {
+            Ok(found) => Ok(found.map(|(value, revision)| Versioned { value, revision })),
+            Err(KvError::Corrupt { source, .. }) => Err(MemoryError::Decode {
+                key: key.0.clone(),
+                detail: source.to_string(),
+            }),
+            Err(e) => Err(MemoryError::Unavailable(e.to_string())),
         }
     }
 
