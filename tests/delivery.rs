@@ -242,11 +242,14 @@ async fn a_claim_is_taken_over_only_once_its_holder_is_gone() {
         output: None,
         error: None,
         outcome: None,
+        spend: None,
+        memory: None,
+        attempt_tokens: None,
         updated_ms: now - 10_000,
     };
     t.bus
         .sessions()
-        .put(&keys::task(&session, &research, &TaskId::nth(1)), &claim)
+        .put(&keys::claim(&session, &research, &TaskId::nth(1)), &claim)
         .await
         .unwrap();
     let done = t.client.watch(&session);

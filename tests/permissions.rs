@@ -206,7 +206,15 @@ async fn each_component_runs_on_its_own_user_and_a_worker_may_do_nothing_else() 
     .await
     .unwrap()
     .await
-    .expect("a worker writes its own role's task records");
+    .expect("a worker writes its own role's task commits");
+    js.publish(
+        "$KV.flotilla-sessions.nosuch.c.research.t1",
+        Bytes::from_static(b"{}"),
+    )
+    .await
+    .unwrap()
+    .await
+    .expect("a worker writes its own role's task claims");
 
     // Everything else is refused by the server, naming the subject.
     let sess = keys::session(&sid);
@@ -252,11 +260,22 @@ async fn each_component_runs_on_its_own_user_and_a_worker_may_do_nothing_else() 
                 keys::task(&sid, &"analysis".parse().unwrap(), &analysis_task)
             ),
         ),
+        (
+            "write another role's task claim",
+            format!(
+                "$KV.flotilla-sessions.{}",
+                keys::claim(&sid, &"analysis".parse().unwrap(), &analysis_task)
+            ),
+        ),
         ("write a slot", "$KV.flotilla-slots.slot.0".into()),
         ("write limiter state", "$KV.flotilla-limits.leader".into()),
         (
             "publish a task to another role",
             format!("flotilla.s.{sid}.in.analysis"),
+        ),
+        (
+            "publish a result to the orchestrator (a commit is the result)",
+            format!("flotilla.s.{sid}.in.orchestrator"),
         ),
     ];
     for (what, subject) in &forbidden {

@@ -272,6 +272,15 @@ async fn a_registered_signature_vouches_for_a_task_and_anything_else_meets_the_s
         );
         assert!(
             task_record(sid.clone()).await.is_none(),
+            "{sid}: nobody committed it"
+        );
+        assert!(
+            t.bus
+                .sessions()
+                .get::<TaskRecord>(&keys::claim(&sid, &research, &TaskId::parse("t1").unwrap()))
+                .await
+                .unwrap()
+                .is_none(),
             "{sid}: nobody claimed it"
         );
     }

@@ -102,9 +102,9 @@ async def main(url):
     for _ in range(3):
         await forge(result(sid, task_of["review"], "review", 1,
                            {"status": "failed", "reason": "forged failure"}))
-    # The stale one once the research task's record has moved to attempt 2 (its claim).
+    # The stale one once the research task's claim has moved to attempt 2.
     kv = await js.key_value("flotilla-sessions")
-    key = f"{sid}.t.research.{task_of['research']}"
+    key = f"{sid}.c.research.{task_of['research']}"
     for _ in range(300):
         try:
             if json.loads((await kv.get(key)).value)["attempt"] == 2:

@@ -112,7 +112,7 @@ struct ClaimCheck {
 
 impl Allowance {
     /// An allowance of `tokens` for the holder after `earlier_holders` others;
-    /// `claim` (task record key, holder, attempt) is what [`Allowance::still_held`]
+    /// `claim` (the claim key, holder, attempt) is what [`Allowance::still_held`]
     /// checks.
     pub fn new(
         tokens: u64,

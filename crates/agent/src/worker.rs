@@ -1,25 +1,23 @@
 //! The role-pool worker runtime: pulls task attempts from the role's shared consumer,
-//! claims each by compare-and-set on its task record, runs the [`Agent`], validates and
-//! commits the output by compare-and-set, notifies the orchestrator, and only then acks.
+//! claims each by compare-and-set on its claim key (`<sid>.c.<role>.<task>`), runs the
+//! [`Agent`], commits the outcome to the task's commit key (`<sid>.t.<role>.<task>`)
+//! fenced on the claim's revision, and only then acks. The commit is the result: the
+//! orchestrator follows commits with a consumer of its own, so nothing else is sent.
 //!
 //! Every step is idempotent, so a crash anywhere leads to redelivery and the same final
-//! state: a redelivered attempt whose record is already committed only re-sends the
-//! (de-duplicated) notification; a holder whose claim was taken over is fenced off by
-//! the record's revision and attempt.
+//! state: a redelivered attempt whose commit is there is acked and nothing more; a
+//! holder whose claim was taken over or fenced has its commit refused by the server.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
-use flotilla_bus::{
-    Applied, Bus, Delivery, Outgoing, PoolConsumer, PoolSettings, Start, Step, VerdictError,
-};
+use flotilla_bus::{Applied, Bus, Delivery, PoolConsumer, PoolSettings, Start, Step, VerdictError};
 use flotilla_protocol::subject::keys;
 use flotilla_protocol::task_machine::{self, Claim};
 use flotilla_protocol::{
-    AgentId, ErrorCode, EventBody, InFlight, InboxMessage, MessageId, ParsedSubject, ResultMessage,
-    Role, SessionRecord, TaskMessage, TaskOutcome, TraceParent, V1, decode, epoch_ms,
+    AgentId, ErrorCode, EventBody, InFlight, InboxMessage, MessageId, ParsedSubject, Role,
+    SessionRecord, TaskMessage, TaskOutcome, TraceParent, decode, epoch_ms,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -143,6 +141,8 @@ enum NotClaimed {
     HolderMayLive(AgentId),
     /// Another handler of this process runs the attempt, and the claim is still ours.
     RunningHere,
+    /// A create found a claim there: look at the commit key before deciding.
+    Recheck,
 }
 
 impl std::fmt::Debug for Worker {
@@ -386,10 +386,10 @@ impl Worker {
         ack_subject: &str,
         redelivered: bool,
     ) -> Result<(), VerdictError> {
-        let key = keys::task(&task.session_id, &task.role, &task.task_id);
+        let claim_key = keys::claim(&task.session_id, &task.role, &task.task_id);
         // (Its own boxed future: what the claim keeps is gone before the model call.)
         let Some((claimed, claimed_rev, resumed)) =
-            Box::pin(self.claim(task, trace, ack_subject, redelivered)).await?
+            Box::pin(self.claim(task, ack_subject, redelivered)).await?
         else {
             return Ok(());
         };
@@ -430,7 +430,7 @@ impl Worker {
                 claimed.holders.max(1) - 1,
                 Some((
                     self.bus.sessions().clone(),
-                    key.clone(),
+                    claim_key.clone(),
                     self.agent_id.clone(),
                     task.attempt,
                 )),
@@ -490,47 +490,59 @@ impl Worker {
             Err(AgentError::Clarify(question)) => (None, TaskOutcome::Clarify { question }),
         };
 
-        // Commit, fenced by the claim's revision: one round, no retry. Losing it means
-        // the claim was taken over (the watchdog, or a newer attempt).
-        let committed = task_machine::commit(
-            &claimed,
-            outcome.clone(),
-            output,
-            epoch_ms(SystemTime::now()),
+        // Commit, fenced on the claim's revision: one write, which the orchestrator's
+        // consumer of commits takes as the result. Refused means the claim was taken
+        // over or fenced (the watchdog, a newer attempt, the dead-letter mover).
+        let mut committed =
+            task_machine::commit(&claimed, outcome, output, epoch_ms(SystemTime::now()));
+        committed.spend = Some(spend);
+        committed.memory = Some(ctx.memory.stats());
+        committed.attempt_tokens = ctx.allowance.as_ref().and_then(|a| a.attempt_tokens());
+        let commit_key = keys::task(&task.session_id, &task.role, &task.task_id);
+        let headers = flotilla_bus::message_headers(
+            &MessageId::commit(&task.session_id, &task.task_id, task.attempt),
+            Some(&task.session_id),
+            Some(task.attempt),
+            trace,
         );
         // An outage is waited out here rather than by running the attempt (and its
-        // model calls) again. A commit that got no answer may have landed: a conflict
-        // after a retry is ours when the record holds exactly this commit.
+        // model calls) again. A retried commit is stored once (its message id); one
+        // refused after an unanswered try is ours when the key holds exactly it.
         let mut tries = 0;
-        let mut applied = Box::pin(flotilla_bus::outlast(
+        let written = Box::pin(flotilla_bus::outlast(
             || {
                 tries += 1;
-                self.bus.sessions().transition(
-                    &key,
-                    Start::Known(claimed.clone(), claimed_rev),
-                    1,
-                    |_| Step::Write(committed.clone(), ()),
+                self.bus.sessions().put_fenced(
+                    &commit_key,
+                    &committed,
+                    &claim_key,
+                    claimed_rev,
+                    headers.clone(),
                 )
             },
             |e| matches!(e, flotilla_bus::KvError::Unavailable { .. }),
         ))
-        .await?;
-        if matches!(applied, Applied::Contended)
-            && tries > 1
-            && let Some((now, revision)) = Box::pin(
-                self.bus
-                    .sessions()
-                    .get_latest::<flotilla_protocol::TaskRecord>(&key),
-            )
-            .await?
-            && now == committed
-        {
-            applied = Applied::Written {
-                value: (),
-                revision,
-            };
-        }
-        if matches!(applied, Applied::Contended) {
+        .await;
+        let fenced = match written {
+            Ok(w) => {
+                if w.duplicate {
+                    tracing::debug!("commit was stored already");
+                }
+                false
+            }
+            Err(flotilla_bus::KvError::Conflict { .. }) => {
+                tries <= 1
+                    || Box::pin(
+                        self.bus
+                            .sessions()
+                            .get_latest::<flotilla_protocol::TaskRecord>(&commit_key),
+                    )
+                    .await?
+                    .is_none_or(|(now, _)| now != committed)
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if fenced {
             tracing::warn!("claim was taken over while running; result fenced off");
             flotilla_bus::trace::span_event("fenced", Vec::new());
             let body = EventBody::Result {
@@ -548,49 +560,67 @@ impl Worker {
             if let Err(e) = Box::pin(self.bus.emit(&task.session_id, &id, body, trace)).await {
                 tracing::warn!(error = %e, "could not log the fenced result");
             }
-            return Ok(());
         }
-        let attempt_tokens = ctx.allowance.as_ref().and_then(|a| a.attempt_tokens());
-        Box::pin(self.notify(
-            task,
-            outcome,
-            Some(ctx.memory.stats()),
-            Some(spend),
-            attempt_tokens,
-            trace,
-        ))
-        .await?;
         Ok(())
     }
 
     /// Claims `task`'s attempt for this process: the claimed record, its revision and
     /// whether the attempt was resumed; `None` when there is nothing to run (a stale
-    /// attempt, or one committed already, whose notice is re-sent).
+    /// attempt, or one committed already).
     async fn claim(
         &self,
         task: &TaskMessage,
-        trace: Option<TraceParent>,
         ack_subject: &str,
         redelivered: bool,
     ) -> Result<Option<(flotilla_protocol::TaskRecord, u64, bool)>, VerdictError> {
-        let key = keys::task(&task.session_id, &task.role, &task.task_id);
+        let key = keys::claim(&task.session_id, &task.role, &task.task_id);
+        let commit_key = keys::task(&task.session_id, &task.role, &task.task_id);
         let running_key = running_key(task);
-        // Claim. The first delivery of a first attempt creates the record (one round
-        // trip); anything else reads it first.
-        let mut start = if task.attempt == 1 && !redelivered {
-            Start::Absent
-        } else {
-            Start::Read
-        };
+        // Claim. The first delivery of a first attempt creates the claim (one round
+        // trip); anything else looks at the commit key first (a committed attempt is
+        // never run again), then reads the claim.
+        let mut absent = task.attempt == 1 && !redelivered;
         let claim_ttl = self.settings.effective_ack_wait().as_millis() as u64;
         // A process found gone whose claim of this attempt may be taken over.
         let mut gone: Option<AgentId> = None;
         loop {
+            if !absent {
+                let committed = Box::pin(
+                    self.bus
+                        .sessions()
+                        .get::<flotilla_protocol::TaskRecord>(&commit_key),
+                )
+                .await?;
+                match task_machine::settled(committed.as_ref().map(|(r, _)| r), task) {
+                    None => {}
+                    Some(Claim::Stale { current }) => {
+                        tracing::info!(current, "stale attempt fenced off");
+                        return Ok(None);
+                    }
+                    Some(Claim::WrongRole) => {
+                        return Err(VerdictError::poison(
+                            ErrorCode::WrongSession,
+                            "task record is for another role",
+                        ));
+                    }
+                    // Committed earlier (we crashed before acking, or this is a copy of
+                    // a delivery another process ran): the commit reached the
+                    // orchestrator by itself.
+                    Some(_) => {
+                        tracing::debug!("attempt committed already");
+                        return Ok(None);
+                    }
+                }
+            }
+            let first = std::mem::replace(&mut absent, false);
+            let start = if first { Start::Absent } else { Start::Read };
             // Round trips are boxed: a future's size is its largest state's, and this
             // one is allocated for as long as the model call lasts, so only what the
             // call needs should be inline.
-            let start = std::mem::replace(&mut start, Start::Read);
             let applied = Box::pin(self.bus.sessions().transition(&key, start, 8, |current| {
+                if first && current.is_some() {
+                    return Step::Keep(Err(NotClaimed::Recheck));
+                }
                 let now = epoch_ms(SystemTime::now());
                 match task_machine::claim(current, task, &self.agent_id, claim_ttl, now) {
                     Claim::Take { .. }
@@ -651,6 +681,7 @@ impl Worker {
                     tracing::debug!(%holder, "claimed by a live process; waiting for it");
                     Duration::from_millis(claim_ttl)
                 }
+                Applied::Kept(Err(NotClaimed::Recheck)) => continue,
                 Applied::Kept(Err(NotClaimed::RunningHere)) => {
                     tracing::debug!("another handler of this process runs the attempt; waiting");
                     Duration::from_millis(claim_ttl)
@@ -660,12 +691,9 @@ impl Worker {
                         tracing::info!(current, "stale attempt fenced off");
                         return Ok(None);
                     }
-                    Claim::Committed(outcome) => {
-                        // Committed earlier (we crashed before acking, or this is a copy
-                        // of a delivery another process ran): re-send the notice.
-                        Box::pin(self.notify(task, outcome, None, None, None, trace)).await?;
-                        return Ok(None);
-                    }
+                    // (A claim written by a worker of the earlier protocol, which
+                    // committed at its claim.)
+                    Claim::Committed(_) => return Ok(None),
                     Claim::Held {
                         holder,
                         age_ms,
@@ -748,43 +776,5 @@ impl Worker {
             }
         }
         Ok(None)
-    }
-
-    /// Tells the orchestrator the attempt ended (de-duplicated by message id).
-    async fn notify(
-        &self,
-        task: &TaskMessage,
-        outcome: TaskOutcome,
-        memory: Option<flotilla_protocol::MemoryStats>,
-        spend: Option<flotilla_protocol::Spend>,
-        attempt_tokens: Option<u64>,
-        trace: Option<TraceParent>,
-    ) -> Result<(), VerdictError> {
-        let msg = InboxMessage::Result(ResultMessage {
-            v: V1,
-            session_id: task.session_id.clone(),
-            task_id: task.task_id.clone(),
-            role: task.role.clone(),
-            attempt: task.attempt,
-            outcome,
-            memory,
-            spend,
-            attempt_tokens,
-        });
-        let payload = serde_json::to_vec(&msg)
-            .map_err(|e| VerdictError::retry(Duration::from_secs(1), e.to_string()))?;
-        let out = Outgoing {
-            subject: self
-                .bus
-                .names()
-                .inbox(&task.session_id, &Role::orchestrator()),
-            msg_id: MessageId::result(&task.session_id, &task.task_id, task.attempt),
-            session: Some(task.session_id.clone()),
-            attempt: Some(task.attempt),
-            trace,
-            payload: Bytes::from(payload),
-        };
-        self.bus.publish(&out).await?;
-        Ok(())
     }
 }

@@ -219,6 +219,29 @@ impl PoolConsumer {
         .await
     }
 
+    /// The orchestrators' consumer of committed task records (`*.t.>` in the sessions
+    /// bucket), shared by every `serve`: a task's commit is its result.
+    pub async fn for_commits(bus: &Bus, settings: PoolSettings) -> Result<Self, ConsumerError> {
+        let names = bus.names();
+        let stream = names.stream_sessions();
+        // A commit its consumer gave up on is dead-lettered (and kept: it is the record).
+        crate::topology::capture_max_deliveries(&bus.js, names, &stream)
+            .await
+            .map_err(|e| ConsumerError {
+                name: names.commits_consumer(),
+                detail: e.to_string(),
+                permanent: false,
+            })?;
+        Self::bind(
+            bus,
+            names.stream_sessions(),
+            names.commits_consumer(),
+            names.sessions_key_subject(flotilla_protocol::subject::keys::ALL_TASKS),
+            settings,
+        )
+        .await
+    }
+
     /// The dead-letter mover's consumer of captured max-deliveries advisories.
     pub async fn for_advisories(bus: &Bus, settings: PoolSettings) -> Result<Self, ConsumerError> {
         let names = bus.names();

@@ -96,7 +96,17 @@ pub struct Records(std::sync::Arc<RecordsInner>);
 struct RecordsInner {
     store: kv::Store,
     client: async_nats::Client,
+    js: async_nats::jetstream::Context,
     max_payload: usize,
+}
+
+/// A fenced write ([`Records::put_fenced`]) that landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FencedWrite {
+    /// The new revision of the key written.
+    pub revision: u64,
+    /// The server had this write already (same message id): nothing new was stored.
+    pub duplicate: bool,
 }
 
 impl std::fmt::Debug for Records {
@@ -112,12 +122,67 @@ fn encode<T: Serialize>(key: &str, value: &T) -> Result<Bytes, KvError> {
 }
 
 impl Records {
-    pub(crate) fn new(store: kv::Store, client: async_nats::Client, max_payload: usize) -> Self {
+    pub(crate) fn new(
+        store: kv::Store,
+        js: async_nats::jetstream::Context,
+        max_payload: usize,
+    ) -> Self {
         Self(std::sync::Arc::new(RecordsInner {
             store,
-            client,
+            client: js.client(),
+            js,
             max_payload,
         }))
+    }
+
+    /// The subject a key is written on (`$KV.<bucket>.<key>`).
+    fn subject(&self, key: &str) -> String {
+        let store = &self.0.store;
+        format!(
+            "{}{key}",
+            store.put_prefix.as_ref().unwrap_or(&store.prefix)
+        )
+    }
+
+    /// Writes `value` at `key` only while `fence_key` is still at revision
+    /// `fence_revision` (`Nats-Expected-Last-Subject-Sequence` checked on the fence's
+    /// subject, server 2.11+), whatever `key` holds: a task's commit, refused once its
+    /// claim moved. [`KvError::Conflict`] when the fence moved. `headers` should carry a
+    /// `Nats-Msg-Id` ([`crate::message_headers`]): a write retried after an unanswered
+    /// try is then stored once.
+    pub async fn put_fenced<T: Serialize>(
+        &self,
+        key: &str,
+        value: &T,
+        fence_key: &str,
+        fence_revision: u64,
+        mut headers: async_nats::HeaderMap,
+    ) -> Result<FencedWrite, KvError> {
+        use async_nats::header;
+        headers.insert(
+            header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+            fence_revision.to_string().as_str(),
+        );
+        headers.insert(
+            "Nats-Expected-Last-Subject-Sequence-Subject",
+            self.subject(fence_key).as_str(),
+        );
+        let sent = self
+            .0
+            .js
+            .publish_with_headers(self.subject(key), headers, encode(key, value)?)
+            .await
+            .map_err(|e| KvError::unavailable(key, e))?;
+        match sent.await {
+            Ok(ack) => Ok(FencedWrite {
+                revision: ack.sequence,
+                duplicate: ack.duplicate,
+            }),
+            Err(e) if wrong_last_sequence(&e) => Err(KvError::Conflict {
+                key: key.to_owned(),
+            }),
+            Err(e) => Err(KvError::unavailable(key, e)),
+        }
     }
 
     /// The current records of every key matching `filter` (a key pattern with `*` and

@@ -37,12 +37,12 @@ use flotilla_protocol::Namespace;
 pub use config::{AuthMethod, BusConfig, NatsAuth, NatsTls};
 pub use consumer::{ConsumerError, PoolConsumer, PoolOverrides, PoolSettings, opt_durations};
 pub use delivery::{AckError, AckHandle, DeadLetter, Delivery};
-pub use kv::{Applied, KvError, Records, Start, Step, wrong_last_sequence};
+pub use kv::{Applied, FencedWrite, KvError, Records, Start, Step, wrong_last_sequence};
 pub use memory::{
     LockGuard, MemKey, Memory, MemoryConfig, MemoryError, MemoryStats, SessionMemory, Versioned,
 };
 pub use metrics::{Counters, CountersSnapshot};
-pub use publish::{Outgoing, PublishError, Published};
+pub use publish::{Outgoing, PublishError, Published, message_headers};
 pub use signing::{SignatureError, Signer, SignerRecord, Verifier};
 pub use topology::TopologyError;
 pub use verdict::{VerdictError, outlast, settle};
@@ -167,22 +167,22 @@ impl Bus {
         };
         let sessions = Records::new(
             open(names.bucket_sessions()).await?,
-            client.clone(),
+            js.clone(),
             config.max_payload,
         );
         let slots = Records::new(
             open(names.bucket_slots()).await?,
-            client.clone(),
+            js.clone(),
             config.max_payload,
         );
         let limits = Records::new(
             open(names.bucket_limits()).await?,
-            client.clone(),
+            js.clone(),
             config.max_payload,
         );
         let agents = Records::new(
             open(names.bucket_agents()).await?,
-            client.clone(),
+            js.clone(),
             config.max_payload,
         );
         let memory = Memory::open(&js, &names, config.memory.clone(), counters.clone())

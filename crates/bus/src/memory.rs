@@ -259,7 +259,7 @@ impl Memory {
         let store = open(ns.bucket_memory()).await?;
         Ok(Self(Arc::new(MemoryInner {
             js: js.clone(),
-            records: crate::kv::Records::new(store.clone(), js.client(), 1 << 20),
+            records: crate::kv::Records::new(store.clone(), js.clone(), 1 << 20),
             store,
             locks: open(ns.bucket_locks()).await?,
             locks_bucket: ns.bucket_locks(),

@@ -43,18 +43,34 @@ pub struct Outgoing {
 impl Outgoing {
     /// The NATS headers for this message.
     pub fn headers(&self) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        h.insert(headers::MSG_ID, self.msg_id.as_str());
-        let tp = crate::trace::outgoing(self.trace);
-        h.insert(headers::TRACEPARENT, tp.to_string().as_str());
-        if let Some(s) = &self.session {
-            h.insert(headers::SESSION, s.as_str());
-        }
-        if let Some(a) = self.attempt {
-            h.insert(headers::ATTEMPT, a.to_string().as_str());
-        }
-        h
+        message_headers(
+            &self.msg_id,
+            self.session.as_ref(),
+            self.attempt,
+            self.trace,
+        )
     }
+}
+
+/// The headers of a Flotilla message: `Nats-Msg-Id`, `traceparent` (the sending span's
+/// context), and `Flotilla-Session` and `Flotilla-Attempt` when given.
+pub fn message_headers(
+    msg_id: &MessageId,
+    session: Option<&SessionId>,
+    attempt: Option<u32>,
+    trace: Option<TraceParent>,
+) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(headers::MSG_ID, msg_id.as_str());
+    let tp = crate::trace::outgoing(trace);
+    h.insert(headers::TRACEPARENT, tp.to_string().as_str());
+    if let Some(s) = session {
+        h.insert(headers::SESSION, s.as_str());
+    }
+    if let Some(a) = attempt {
+        h.insert(headers::ATTEMPT, a.to_string().as_str());
+    }
+    h
 }
 
 /// A stored publish.

@@ -424,10 +424,20 @@ pub async fn ensure_inbox(
     role: &Role,
 ) -> Result<(), TopologyError> {
     ensure_stream(js, &inbox_config(ns, c, role)).await?;
+    capture_max_deliveries(js, ns, &ns.stream_inbox(role)).await
+}
+
+/// Makes sure the advisories stream captures the max-deliveries advisories of
+/// `stream`'s consumers, so the dead-letter mover sees a message they gave up on.
+pub(crate) async fn capture_max_deliveries(
+    js: &jetstream::Context,
+    ns: &Namespace,
+    stream: &str,
+) -> Result<(), TopologyError> {
     let adv = ns.stream_advisories();
-    let subject = ns.max_deliveries_advisory(&ns.stream_inbox(role));
+    let subject = ns.max_deliveries_advisory(stream);
     // Read-modify-write of the subject list: re-check after updating, since another
-    // process may add its role at the same moment.
+    // process may add its stream at the same moment.
     for _ in 0..10 {
         let mut s = js
             .get_stream(&adv)
@@ -446,6 +456,6 @@ pub async fn ensure_inbox(
     }
     Err(TopologyError::Unavailable {
         name: adv,
-        source: "could not add the role's advisory subject".into(),
+        source: format!("could not add {stream}'s advisory subject").into(),
     })
 }

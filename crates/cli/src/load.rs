@@ -445,15 +445,22 @@ pub(crate) async fn autopsy(bus: &Bus, results: &[(Outcome, Duration)]) {
         };
         let mut tasks = Vec::new();
         for t in &rec.tasks {
-            let run = bus
-                .sessions()
-                .get::<TaskRecord>(&keys::task(&session, &t.role, &t.task_id))
-                .await
-                .ok()
-                .flatten()
-                .map(|(r, _)| format!("{:?}/{:?}#{}", r.state, r.holder, r.attempt));
+            let mut run = Vec::new();
+            for key in [
+                keys::claim(&session, &t.role, &t.task_id),
+                keys::task(&session, &t.role, &t.task_id),
+            ] {
+                run.push(
+                    bus.sessions()
+                        .get::<TaskRecord>(&key)
+                        .await
+                        .ok()
+                        .flatten()
+                        .map(|(r, _)| format!("{:?}/{:?}#{}", r.state, r.holder, r.attempt)),
+                );
+            }
             tasks.push(format!(
-                "{}:{:?}#{} run={run:?}",
+                "{}:{:?}#{} claim,commit={run:?}",
                 t.task_id, t.state, t.attempt
             ));
         }

@@ -211,7 +211,7 @@ async fn killed_worker_process_task_completes_on_a_backup() {
     for key in held {
         let (rec, _) = bus
             .sessions()
-            .get::<TaskRecord>(&key)
+            .get::<TaskRecord>(&commit_of(&key))
             .await
             .unwrap()
             .unwrap();
@@ -224,14 +224,16 @@ async fn killed_worker_process_task_completes_on_a_backup() {
     }
 }
 
-/// Waits until one of `pids` holds a research task, and returns it with the task keys
-/// it holds (watching the task records, one consumer for the whole wait).
+/// Waits until one of `pids` holds a research task, and returns it with the claim keys
+/// it holds (watching the claims and commits, one consumer for the whole wait: a
+/// commit ends its attempt's claim).
 async fn running_holder(bus: &Bus, pids: &[u32]) -> (u32, Vec<String>) {
+    use flotilla_protocol::subject::keys::{ALL_CLAIMS, ALL_TASKS, claim_of_commit};
     use futures::StreamExt;
     let mut watch = bus
         .sessions()
         .store()
-        .watch_with_history(flotilla_protocol::subject::keys::ALL_TASKS)
+        .watch_many_with_history([ALL_CLAIMS, ALL_TASKS])
         .await
         .unwrap();
     let mut holders: HashMap<String, HashMap<String, bool>> = HashMap::new();
@@ -239,8 +241,9 @@ async fn running_holder(bus: &Bus, pids: &[u32]) -> (u32, Vec<String>) {
         let Ok(rec) = serde_json::from_slice::<TaskRecord>(&entry.value) else {
             continue;
         };
+        let claim_key = claim_of_commit(&entry.key).unwrap_or_else(|| entry.key.clone());
         for held in holders.values_mut() {
-            held.remove(&entry.key);
+            held.remove(&claim_key);
         }
         if rec.state == TaskRunState::Running
             && let Some(h) = rec.holder
@@ -260,6 +263,11 @@ async fn running_holder(bus: &Bus, pids: &[u32]) -> (u32, Vec<String>) {
         }
     }
     panic!("the watch ended");
+}
+
+/// The commit key of a claim key (`<sid>.c.<role>.<task>` -> `<sid>.t.<role>.<task>`).
+fn commit_of(claim_key: &str) -> String {
+    claim_key.replacen(".c.", ".t.", 1)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -284,7 +292,7 @@ async fn killed_serve_process_sessions_continue_on_the_other() {
         let mut keys_list = bus.sessions().store().keys().await.unwrap();
         use futures::StreamExt;
         while let Some(Ok(key)) = keys_list.next().await {
-            if !key.contains(".t.") {
+            if !key.contains(".t.") && !key.contains(".c.") {
                 planning += 1;
             }
         }
@@ -448,7 +456,7 @@ async fn frozen_worker_task_is_finished_elsewhere() {
     for key in &held {
         let (rec, _) = bus
             .sessions()
-            .get::<TaskRecord>(key)
+            .get::<TaskRecord>(&commit_of(key))
             .await
             .unwrap()
             .unwrap();
@@ -628,10 +636,11 @@ async fn a_conversation_survives_its_process_between_two_turns() {
         let Ok(h) = serde_json::from_slice::<AgentHistory>(&entry.value) else {
             continue;
         };
+        let claim_key = entry.key.replace(".h.", ".c.");
         let task_key = entry.key.replace(".h.", ".t.");
         let (rec, _) = bus
             .sessions()
-            .get::<TaskRecord>(&task_key)
+            .get::<TaskRecord>(&claim_key)
             .await
             .unwrap()
             .unwrap();
@@ -912,7 +921,7 @@ async fn a_reassignment_shows_in_the_sessions_trace() {
     for key in &held {
         let (rec, _) = bus
             .sessions()
-            .get::<TaskRecord>(key)
+            .get::<TaskRecord>(&commit_of(key))
             .await
             .unwrap()
             .unwrap();
@@ -1058,7 +1067,7 @@ async fn cancel_stops_a_sessions_work_in_flight_across_processes() {
     loop {
         let running = bus
             .sessions()
-            .get_matching::<TaskRecord>(&keys::task_pattern(&doomed_id))
+            .get_matching::<TaskRecord>(&keys::claim_pattern(&doomed_id))
             .await
             .unwrap()
             .iter()
@@ -1083,7 +1092,7 @@ async fn cancel_stops_a_sessions_work_in_flight_across_processes() {
     let calls_at_ack = calls_mentioning(&fake, "cancel-marker-41");
     let running_at_ack: Vec<String> = bus
         .sessions()
-        .get_matching::<TaskRecord>(&keys::task_pattern(&doomed_id))
+        .get_matching::<TaskRecord>(&keys::claim_pattern(&doomed_id))
         .await
         .unwrap()
         .into_iter()
@@ -1172,6 +1181,15 @@ async fn cancel_stops_a_sessions_work_in_flight_across_processes() {
             .unwrap()
             .unwrap();
         assert_eq!(t.state, TaskRunState::Running, "{key} was not aborted");
+        let committed = bus
+            .sessions()
+            .get::<TaskRecord>(&commit_of(key))
+            .await
+            .unwrap();
+        assert!(
+            committed.is_none_or(|(c, _)| c.attempt < t.attempt),
+            "{key} was committed, not aborted"
+        );
     }
     assert!(calls_mentioning(&fake, "keep-marker-42") >= 6);
 

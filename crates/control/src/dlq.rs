@@ -6,22 +6,21 @@
 //! are lost when nobody listens, so the advisories stream captures them and every
 //! `serve` shares one durable consumer on it. For each advisory the mover copies the
 //! message into the dead-letter stream (reason `max_deliveries`, message id
-//! `dlq.<stream>.<seq>`), deletes it from the work queue, and, for a task, tells the
-//! orchestrator the attempt failed so the session retries it or fails visibly instead of
-//! waiting forever (committing the failure to the task record first, as a holder would,
-//! so that the record vouches for the notice). Every step is idempotent, so a crash
-//! anywhere is safe.
+//! `dlq.<stream>.<seq>`), deletes it from the work queue, and, for a task, commits the
+//! attempt as failed (its claim fenced first, so a late holder's commit is refused), so
+//! the session retries it or fails visibly instead of waiting forever: the orchestrator
+//! takes the commit as the task's result. A task commit the orchestrators' consumer
+//! gave up on is copied to the dead-letter stream and left in place (it is the
+//! record). Every step is idempotent, so a crash anywhere is safe.
 
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
 use flotilla_bus::kv::{Applied, Start, Step};
-use flotilla_bus::{Bus, DeadLetter, Delivery, Outgoing, PoolConsumer, PoolSettings, VerdictError};
+use flotilla_bus::{Bus, DeadLetter, Delivery, PoolConsumer, PoolSettings, VerdictError};
 use flotilla_protocol::subject::keys;
 use flotilla_protocol::task_machine;
 use flotilla_protocol::{
-    DEFAULT_MAX_PAYLOAD, InboxMessage, MessageId, ResultMessage, Role, TaskRecord, V1, decode,
-    epoch_ms, headers,
+    DEFAULT_MAX_PAYLOAD, InboxMessage, MessageId, TaskRecord, decode, epoch_ms, headers,
 };
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -77,8 +76,12 @@ impl DeadLetterMover {
             return Ok(());
         };
         let names = self.bus.names();
+        // A commit the orchestrators' consumer gave up on is copied, not moved: it is
+        // the task's record.
+        let commit = adv.stream == names.stream_sessions();
         if !adv.stream.starts_with(&names.stream_inbox_prefix())
             && adv.stream != names.stream_submit()
+            && !commit
         {
             return Ok(());
         }
@@ -110,6 +113,9 @@ impl DeadLetterMover {
         };
         self.bus.store_dead_letter(&letter).await.map_err(retry)?;
         tracing::warn!(stream = %adv.stream, seq = adv.stream_seq, subject = %letter.subject, "dead-lettered after max deliveries");
+        if commit {
+            return Ok(());
+        }
         // A task that can never be delivered is a failed attempt: the orchestrator
         // retries it or fails the session naming it.
         if let Ok(InboxMessage::Task(task)) =
@@ -118,59 +124,67 @@ impl DeadLetterMover {
             // Committed to the task record first, like any holder's outcome: the
             // orchestrator accepts only results that their task record vouches for.
             let reason = format!("dead-lettered after {} deliveries", adv.deliveries);
-            let key = keys::task(&task.session_id, &task.role, &task.task_id);
+            let claim_key = keys::claim(&task.session_id, &task.role, &task.task_id);
+            let commit_key = keys::task(&task.session_id, &task.role, &task.task_id);
             let now = epoch_ms(SystemTime::now());
+            let committed = self
+                .bus
+                .sessions()
+                .get::<TaskRecord>(&commit_key)
+                .await?
+                .map(|(r, _)| r);
+            // The claim first (fenced: a late holder's commit is refused), then the
+            // failure committed on it, which the orchestrator takes as the result.
             let applied = self
                 .bus
                 .sessions()
-                .transition(&key, Start::Read, 8, |current: Option<&TaskRecord>| {
-                    match task_machine::abandon(current, &task, reason.clone(), now) {
-                        Some(rec) => {
-                            let outcome = task_machine::committed_outcome(&rec);
-                            Step::Write(rec, outcome)
-                        }
-                        None => Step::Keep(
-                            current
-                                .filter(|r| r.attempt == task.attempt)
-                                .and_then(task_machine::committed_outcome),
-                        ),
-                    }
-                })
+                .transition(
+                    &claim_key,
+                    Start::Read,
+                    8,
+                    |current: Option<&TaskRecord>| match task_machine::abandon(
+                        current,
+                        committed.as_ref(),
+                        &task,
+                        now,
+                    ) {
+                        Some(rec) => Step::Write(rec.clone(), Some(rec)),
+                        None => Step::Keep(None),
+                    },
+                )
                 .await?;
-            let outcome = match applied {
-                Applied::Written { value, .. } | Applied::Kept(value) => value,
+            let (fenced, revision) = match applied {
+                Applied::Written {
+                    value: Some(rec),
+                    revision,
+                } => (rec, revision),
+                Applied::Written { value: None, .. } | Applied::Kept(_) => {
+                    return self.delete_moved(&stream, adv.stream_seq).await;
+                }
                 Applied::Contended => {
-                    return Err(retry("task record kept changing".into()));
+                    return Err(retry("task claim kept changing".into()));
                 }
             };
-            // A newer attempt exists: this one's notice would be stale.
-            let Some(outcome) = outcome else {
-                return self.delete_moved(&stream, adv.stream_seq).await;
-            };
-            let result = InboxMessage::Result(ResultMessage {
-                v: V1,
-                session_id: task.session_id.clone(),
-                task_id: task.task_id.clone(),
-                role: task.role.clone(),
-                attempt: task.attempt,
-                outcome,
-                memory: None,
-                spend: None,
-                // Its holders may have spent: the session keeps the whole allowance.
-                attempt_tokens: None,
-            });
+            let failed = task_machine::commit(
+                &fenced,
+                flotilla_protocol::TaskOutcome::Failed { reason },
+                None,
+                now,
+            );
+            let headers = flotilla_bus::message_headers(
+                &MessageId::commit(&task.session_id, &task.task_id, task.attempt),
+                Some(&task.session_id),
+                Some(task.attempt),
+                letter
+                    .traceparent
+                    .as_deref()
+                    .and_then(|t| flotilla_protocol::TraceParent::parse(t).ok()),
+            );
+            // Refused: the claim moved on since (a newer attempt); the next handling
+            // finds nothing to do.
             self.bus
-                .publish(&Outgoing {
-                    subject: names.inbox(&task.session_id, &Role::orchestrator()),
-                    msg_id: MessageId::result(&task.session_id, &task.task_id, task.attempt),
-                    session: Some(task.session_id.clone()),
-                    attempt: Some(task.attempt),
-                    trace: letter
-                        .traceparent
-                        .as_deref()
-                        .and_then(|t| flotilla_protocol::TraceParent::parse(t).ok()),
-                    payload: Bytes::from(serde_json::to_vec(&result).unwrap_or_default()),
-                })
+                .sessions()
+                .put_fenced(&commit_key, &failed, &claim_key, revision, headers)
                 .await?;
         }
         self.delete_moved(&stream, adv.stream_seq).await

@@ -1,8 +1,9 @@
 //! The orchestrator agent: the `orchestrator` role pool, served by `flotilla serve`.
 //!
-//! It consumes `<p>.s.*.in.orchestrator` on one durable consumer shared by every
-//! `serve` instance, so a session's orchestration continues on another instance when
-//! one dies. Each message drives the session's state machine ([`crate::machine`]) by
+//! It consumes `<p>.s.*.in.orchestrator` (starts, a person's answers) and the task
+//! commits in the sessions bucket (`$KV.<p>-sessions.*.t.>`: a commit is a task's
+//! result), each on one durable consumer shared by every `serve` instance, so a
+//! session's orchestration continues on another instance when one dies. Each message drives the session's state machine ([`crate::machine`]) by
 //! compare-and-set on the session record; the effects of a transition (dispatches,
 //! events, slot release) are committed in the record's outbox in the same write and
 //! performed afterwards with deterministic message ids, so a crash between the write
@@ -252,6 +253,33 @@ pub(crate) fn task_keys(rec: &SessionRecord) -> Vec<String> {
         .collect()
 }
 
+/// Reads a delivery of the commits consumer: the result its task record reports, or
+/// `None` when there is nothing to act on (a key deleted or purged, or a record that
+/// is not a commit). A record that does not decode, or that names another task than
+/// its key, is refused (dead-lettered with its reason).
+fn open_commit_delivery(bus: &Bus, d: &Delivery) -> Result<Option<ResultMessage>, VerdictError> {
+    if matches!(d.header("KV-Operation"), Some("DEL" | "PURGE")) {
+        return Ok(None);
+    }
+    let prefix = bus.names().sessions_key_subject("");
+    let key = d
+        .subject()
+        .strip_prefix(prefix.as_str())
+        .unwrap_or_default();
+    let rec: TaskRecord = decode(d.payload(), bus.config().max_payload)
+        .map_err(|e| VerdictError::poison(e.code(), format!("commit at {key}: {e}")))?;
+    if key != keys::task(&rec.session_id, &rec.role, &rec.task_id) {
+        return Err(VerdictError::poison(
+            ErrorCode::WrongSession,
+            format!(
+                "the record at {key} is of task {} of role {} in session {}",
+                rec.task_id, rec.role, rec.session_id
+            ),
+        ));
+    }
+    Ok(task_machine::result_of(&rec))
+}
+
 fn now() -> u64 {
     epoch_ms(SystemTime::now())
 }
@@ -303,24 +331,33 @@ impl Orchestrator {
         self
     }
 
-    /// Serves the orchestrator role until `shutdown`.
+    /// Serves the orchestrator role until `shutdown`: its inbox, and the task commits.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), flotilla_bus::ConsumerError> {
-        let consumer = PoolConsumer::for_role(
+        let inbox = PoolConsumer::for_role(
             &self.bus,
             &Role::orchestrator(),
             self.config.orchestrator.clone(),
         )
         .await?;
-        let bus = self.bus.clone();
-        consumer
-            .serve(bus, shutdown, move |d: Delivery| {
-                let this = self.clone();
-                async move {
-                    let verdict = this.handle(&d).await;
-                    (d, verdict)
-                }
-            })
-            .await;
+        let commits =
+            PoolConsumer::for_commits(&self.bus, self.config.orchestrator.clone()).await?;
+        let this = self.clone();
+        let inbox = inbox.serve(self.bus.clone(), shutdown.clone(), move |d: Delivery| {
+            let this = this.clone();
+            async move {
+                let verdict = this.handle(&d).await;
+                (d, verdict)
+            }
+        });
+        let this = self.clone();
+        let commits = commits.serve(self.bus.clone(), shutdown, move |d: Delivery| {
+            let this = this.clone();
+            async move {
+                let verdict = this.handle_commit(&d).await;
+                (d, verdict)
+            }
+        });
+        tokio::join!(inbox, commits);
         Ok(())
     }
 
@@ -329,6 +366,8 @@ impl Orchestrator {
         let session = msg.session_id().clone();
         let input = match msg {
             InboxMessage::Start(_) => Input::Start,
+            // Only a result its task's commit vouches for is acted on (workers commit
+            // and send nothing else: a result here is from an outsider).
             InboxMessage::Result(r) => Input::Result(Box::new(r)),
             InboxMessage::Input(i) => Input::Answer(Box::new(i)),
             InboxMessage::Task(_) => {
@@ -338,6 +377,28 @@ impl Orchestrator {
                 ));
             }
         };
+        self.take(d, session, input, false).await
+    }
+
+    /// A task's commit: its result, as the holder wrote it under its claim.
+    async fn handle_commit(&self, d: &Delivery) -> Result<(), VerdictError> {
+        let Some(r) = open_commit_delivery(&self.bus, d)? else {
+            return Ok(());
+        };
+        let session = r.session_id.clone();
+        self.take(d, session, Input::Result(Box::new(r)), true)
+            .await
+    }
+
+    /// Drives `session` with `input` (`committed`: a result read from its commit, which
+    /// needs no check against it).
+    async fn take(
+        &self,
+        d: &Delivery,
+        session: SessionId,
+        input: Input,
+        committed: bool,
+    ) -> Result<(), VerdictError> {
         let span = tracing::info_span!(
             "orchestrate",
             session = %session,
@@ -374,7 +435,7 @@ impl Orchestrator {
         // leaves this message to its ack wait), so the watchdog can release it at once
         // if this process dies in a long call.
         let drive = self
-            .drive(&session, input, d.delivered())
+            .drive(&session, input, d.delivered(), committed)
             .instrument(span.clone());
         // Pinned in place: `select!` polls it by reference instead of moving it into a
         // second slot of this future (which lives through plan and synthesis calls).
@@ -392,48 +453,30 @@ impl Orchestrator {
         result
     }
 
-    /// Refuses a result that is not what the task's current holder committed (a
+    /// Refuses a result from the inbox that is not what the task's holder committed (a
     /// forgery: anyone who can publish to the inbox could otherwise end a task, or the
-    /// session, with a made-up outcome). One read of the task record from the stream
-    /// leader per result: a worker commits before it notifies, so the commit is there.
-    ///
-    /// With `all`, for the result that completes the task table: one batched read of
-    /// all the session's task records instead, which the synthesis then uses (returned).
-    /// A replica's batch can lag; if it does not show this commit, the leader decides.
-    async fn vouch(
-        &self,
-        r: &ResultMessage,
-        delivered: u64,
-        all: bool,
-    ) -> Result<Option<TaskRecords>, VerdictError> {
-        if all {
-            // (Unanswered, it is only a prefetch: the leader read below decides.)
-            match self
-                .bus
-                .sessions()
-                .get_matching::<TaskRecord>(&keys::task_pattern(&r.session_id))
-                .await
-            {
-                Ok(found) => {
-                    let batch: TaskRecords = found
-                        .into_iter()
-                        .map(|(_, t, _)| (t.task_id.clone(), t))
-                        .collect();
-                    if task_machine::vouch(batch.get(&r.task_id), r, delivered > 1).is_ok() {
-                        return Ok(Some(batch));
-                    }
-                }
-                Err(e) => tracing::debug!(error = %e, "task records not prefetched"),
-            }
-        }
-        let key = keys::task(&r.session_id, &r.role, &r.task_id);
-        let rec = self.bus.sessions().get_latest::<TaskRecord>(&key).await?;
-        task_machine::vouch(rec.as_ref().map(|(t, _)| t), r, delivered > 1).map_err(|why| {
+    /// session, with a made-up outcome). Workers send no results (their commit is the
+    /// result, taken from the commits consumer), so this runs only for messages from
+    /// outside: two reads from the stream leader, the commit and the claim.
+    async fn vouch(&self, r: &ResultMessage, delivered: u64) -> Result<(), VerdictError> {
+        let records = self.bus.sessions();
+        let committed = records
+            .get_latest::<TaskRecord>(&keys::task(&r.session_id, &r.role, &r.task_id))
+            .await?;
+        let claim = records
+            .get_latest::<TaskRecord>(&keys::claim(&r.session_id, &r.role, &r.task_id))
+            .await?;
+        task_machine::vouch(
+            committed.as_ref().map(|(t, _)| t),
+            claim.as_ref().map(|(t, _)| t),
+            r,
+            delivered > 1,
+        )
+        .map_err(|why| {
             self.bus.counters.forged.increment();
             tracing::warn!(task = %r.task_id, attempt = r.attempt, %why, "forged result refused");
             VerdictError::poison(ErrorCode::Forged, why)
-        })?;
-        Ok(None)
+        })
     }
 
     async fn drive(
@@ -441,6 +484,7 @@ impl Orchestrator {
         session: &SessionId,
         input: Input,
         delivered: u64,
+        committed: bool,
     ) -> Result<(), VerdictError> {
         let mut redelivered = delivered > 1;
         let records = self.bus.sessions();
@@ -449,17 +493,11 @@ impl Orchestrator {
         // themselves), and start from the record as the last one left it.
         let cell = self.cache.cell(session);
         let mut cached = cell.lock().await;
-        // A result is checked against its commit first; the one that would complete the
-        // task table (as this process last saw it) reads all task records at once, for
-        // the synthesis too.
-        let mut prefetched = None;
-        if let Input::Result(r) = &input {
-            let completes = cached.as_ref().is_some_and(|(rec, _)| {
-                rec.tasks
-                    .iter()
-                    .all(|t| t.task_id == r.task_id || t.state == TaskState::Done)
-            });
-            prefetched = Box::pin(self.vouch(r, delivered, completes)).await?;
+        // A result from the inbox is checked against the task's commit first.
+        if let Input::Result(r) = &input
+            && !committed
+        {
+            Box::pin(self.vouch(r, delivered)).await?;
         }
         let mut input = Some(input);
         // LLM answers, kept across compare-and-set rounds (one call each).
@@ -583,7 +621,7 @@ impl Orchestrator {
                 if synthesized.is_none() {
                     synthesized = Some(
                         Box::pin(
-                            self.synthesize(&rec, &mut calls, prefetched.take())
+                            self.synthesize(&rec, &mut calls)
                                 .instrument(tracing::info_span!("synthesize")),
                         )
                         .await?,
@@ -977,32 +1015,34 @@ impl Orchestrator {
         &self,
         rec: &SessionRecord,
         calls: &mut Calls,
-        prefetched: Option<TaskRecords>,
     ) -> Result<Result<Answer, Halt>, VerdictError> {
-        let has_outputs = |records: &TaskRecords| {
-            rec.tasks
-                .iter()
-                .filter(|t| t.state == TaskState::Done)
-                .all(|t| {
-                    records
-                        .get(&t.task_id)
-                        .and_then(|tr| flotilla_protocol::task_machine::output_of(tr, t.attempt))
-                        .is_some()
-                })
-        };
-        // Every task record of the session in one request (a batched direct get),
-        // unless the last result's check just read them all.
-        let records = match prefetched.filter(|p| has_outputs(p)) {
-            Some(p) => p,
-            None => self
-                .bus
-                .sessions()
-                .get_each::<TaskRecord>(&keys::task_pattern(&rec.session_id), &task_keys(rec))
-                .await?
-                .into_iter()
-                .map(|(_, r, _)| (r.task_id.clone(), r))
-                .collect(),
-        };
+        // Every committed task record of the session in one request (a batched direct
+        // get).
+        let mut records: TaskRecords = self
+            .bus
+            .sessions()
+            .get_each::<TaskRecord>(&keys::task_pattern(&rec.session_id), &task_keys(rec))
+            .await?
+            .into_iter()
+            .map(|(_, r, _)| (r.task_id.clone(), r))
+            .collect();
+        // A replica may not have the commit that was just delivered from the leader:
+        // the leader is asked for any output the batch lacks.
+        for t in rec.tasks.iter().filter(|t| t.state == TaskState::Done) {
+            let has = records
+                .get(&t.task_id)
+                .and_then(|tr| flotilla_protocol::task_machine::output_of(tr, t.attempt))
+                .is_some();
+            if !has
+                && let Some((tr, _)) = self
+                    .bus
+                    .sessions()
+                    .get_latest::<TaskRecord>(&keys::task(&rec.session_id, &t.role, &t.task_id))
+                    .await?
+            {
+                records.insert(t.task_id.clone(), tr);
+            }
+        }
         let mut sections = Vec::with_capacity(rec.tasks.len());
         for t in rec.tasks.iter().filter(|t| t.state == TaskState::Done) {
             let output = records

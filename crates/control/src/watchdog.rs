@@ -1,9 +1,10 @@
 //! The watchdog: finds processes that died, froze or got stuck, and releases their
 //! work for redelivery now instead of when its ack wait runs out.
 //!
-//! It follows two KV watches: the presences in the agents bucket, and the task records
-//! (`*.t.>`) in the sessions bucket, whose running claims it indexes by holder (a claim
-//! names its holder and its delivery's ack subject). Every `probe_every` it pings each
+//! It follows two KV watches: the presences in the agents bucket, and the task claims
+//! and commits (`*.c.>` and `*.t.>`, one watch, in stream order) in the sessions
+//! bucket. It indexes running claims by holder (a claim names its holder and its
+//! delivery's ack subject) and drops one when its attempt's commit comes. Every `probe_every` it pings each
 //! process on its own subject:
 //! - **disconnected**: the ping gets "no responders" (the server dropped the process's
 //!   connection) on every probe for `liveness.disconnect_confirm` (2 s): a `kill -9` is
@@ -21,8 +22,9 @@
 //!   `stuck_timeout`.
 //!
 //! A ghost's work is what its presence lists (the orchestrator's deliveries) and every
-//! running claim it holds. Releasing a task fences the old holder first (its task record
-//! goes back to `queued`, so its late commit fails the compare-and-set), then publishes
+//! running claim it holds. Releasing a task fences the old holder first (its claim goes
+//! back to `queued`, so the server refuses its late commit, which was fenced on the
+//! claim's revision), then publishes
 //! `-NAK` to the delivery's ack subject on the holder's behalf, then logs a `reassigned`
 //! event. Every step is idempotent, so several `serve` instances may watch at once.
 
@@ -110,11 +112,11 @@ impl Watchdog {
     /// marker) is a ghost; a task record put adds or clears a claim.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let sessions = self.bus.sessions().store().clone();
-        let Some(mut watch) = self.watch_until_ready(&self.store, ">", &shutdown).await else {
+        let Some(mut watch) = self.watch_until_ready(&self.store, &[">"], &shutdown).await else {
             return;
         };
         let Some(mut tasks) = self
-            .watch_until_ready(&sessions, keys::ALL_TASKS, &shutdown)
+            .watch_until_ready(&sessions, &[keys::ALL_CLAIMS, keys::ALL_TASKS], &shutdown)
             .await
         else {
             return;
@@ -144,14 +146,14 @@ impl Watchdog {
     async fn watch_until_ready(
         &self,
         store: &kv::Store,
-        keys: &str,
+        keys: &[&str],
         shutdown: &CancellationToken,
     ) -> Option<kv::Watch> {
         loop {
-            match store.watch_with_history(keys).await {
+            match store.watch_many_with_history(keys.iter().copied()).await {
                 Ok(w) => return Some(w),
                 Err(e) => {
-                    tracing::warn!(error = %e, keys, "cannot watch; retrying");
+                    tracing::warn!(error = %e, ?keys, "cannot watch; retrying");
                     tokio::select! {
                         _ = shutdown.cancelled() => return None,
                         _ = tokio::time::sleep(self.config.probe_every) => {}
@@ -161,8 +163,30 @@ impl Watchdog {
         }
     }
 
-    /// Indexes a task record's running claim by holder (or drops the key's old claim).
+    /// Indexes a task's running claim by holder (or drops the key's old claim); a commit
+    /// drops the claim of its attempt.
     fn observe_claim(&mut self, entry: kv::Entry) {
+        if let Some(claim_key) = keys::claim_of_commit(&entry.key) {
+            let committed = (entry.operation == kv::Operation::Put)
+                .then(|| serde_json::from_slice::<ClaimView>(&entry.value).ok())
+                .flatten();
+            let ended = |item: &InFlight| {
+                committed
+                    .as_ref()
+                    .is_some_and(|c| item.attempt.is_some_and(|a| a <= c.attempt))
+            };
+            if let Some(holder) = self.holder_of.get(&claim_key).cloned()
+                && let Some(held) = self.claims.get_mut(&holder)
+                && held.get(&claim_key).is_some_and(ended)
+            {
+                held.remove(&claim_key);
+                if held.is_empty() {
+                    self.claims.remove(&holder);
+                }
+                self.holder_of.remove(&claim_key);
+            }
+            return;
+        }
         if let Some(old) = self.holder_of.remove(&entry.key)
             && let Some(held) = self.claims.get_mut(&old)
         {
@@ -423,8 +447,8 @@ impl Watchdog {
         }
     }
 
-    /// Puts the task record back to `queued` if `holder` still runs this attempt.
-    /// Returns the task's role when it did.
+    /// Puts the task's claim back to `queued` if `holder` still runs this attempt and
+    /// has not committed it. Returns the task's role when it did.
     async fn fence(
         &self,
         holder: &AgentId,
@@ -433,7 +457,19 @@ impl Watchdog {
         task_id: &flotilla_protocol::TaskId,
         attempt: u32,
     ) -> Result<Option<flotilla_protocol::Role>, KvError> {
-        let key = keys::task(&item.session_id, role, task_id);
+        // Committed already (the holder died before its ack): nothing to take back.
+        let committed = self
+            .bus
+            .sessions()
+            .get::<TaskRecord>(&keys::task(&item.session_id, role, task_id))
+            .await?;
+        if committed.is_some_and(|(c, _)| {
+            c.attempt > attempt
+                || (c.attempt == attempt && task_machine::committed_outcome(&c).is_some())
+        }) {
+            return Ok(None);
+        }
+        let key = keys::claim(&item.session_id, role, task_id);
         let applied = self
             .bus
             .sessions()

@@ -226,6 +226,12 @@ impl MessageId {
         Self(format!("{session}.{task}.{attempt}.result"))
     }
 
+    /// The commit of one attempt of a task (its record at `<sid>.t.<role>.<task>`): a
+    /// commit retried after an unanswered try is stored once.
+    pub fn commit(session: &SessionId, task: &TaskId, attempt: u32) -> Self {
+        Self(format!("{session}.{task}.{attempt}.commit"))
+    }
+
     /// The answer to the question of `task`'s `attempt` (a person's, or the timeout's:
     /// the same id, so only the first is stored).
     pub fn input(session: &SessionId, task: &TaskId, attempt: u32) -> Self {

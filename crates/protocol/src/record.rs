@@ -356,7 +356,12 @@ pub enum TaskRunState {
     Failed,
 }
 
-/// The task record, key `<sid>.t.<role>.<task>`: claimed and committed by compare-and-set.
+/// A task record. Two keys hold one each: the claim at `<sid>.c.<role>.<task>`
+/// (`running` or `queued`: the attempt and its holder, changed by compare-and-set), and
+/// the commit at `<sid>.t.<role>.<task>` (`done` or `failed`: the attempt's end, its
+/// output and what it spent), written by the holder only while its claim is unchanged
+/// (`Nats-Expected-Last-Subject-Sequence` on the claim's subject). The commit is the
+/// task's result: the orchestrator follows `*.t.>` with a durable consumer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TaskRecord {
@@ -390,10 +395,19 @@ pub struct TaskRecord {
     /// Why the attempt failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// How the attempt ended, once it has (re-sent as is if the notice must be
-    /// repeated).
+    /// How the attempt ended, once it has.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outcome: Option<crate::TaskOutcome>,
+    /// Committed: the attempt's LLM spend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spend: Option<crate::Spend>,
+    /// Committed: the attempt's shared-memory traffic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryStats>,
+    /// Committed, for an attempt run on an allowance: at most how many tokens it used
+    /// (as [`crate::ResultMessage::attempt_tokens`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt_tokens: Option<u64>,
     /// Last change, ms since the Unix epoch.
     pub updated_ms: u64,
 }

@@ -247,6 +247,19 @@ impl Namespace {
     pub fn role_consumer(&self, role: &Role) -> String {
         format!("role-{role}")
     }
+    /// The durable consumer of committed task records (`$KV.<p>-sessions.*.t.>`), shared
+    /// by every `serve`'s orchestrator: a commit is a task's result.
+    pub fn commits_consumer(&self) -> String {
+        "orchestrator-commits".to_owned()
+    }
+    /// The stream behind the sessions bucket.
+    pub fn stream_sessions(&self) -> String {
+        format!("KV_{}", self.bucket_sessions())
+    }
+    /// The subject of a key of the sessions bucket.
+    pub fn sessions_key_subject(&self, key: &str) -> String {
+        format!("$KV.{}.{key}", self.bucket_sessions())
+    }
     /// The durable consumer of the submit queue, shared by every `serve`.
     pub fn submit_consumer(&self) -> String {
         "admission".to_owned()
@@ -430,18 +443,42 @@ pub mod keys {
         format!("{session}.h.{role}.{task}")
     }
 
-    /// A task record: `<sid>.t.<role>.<task>` (the role token: as for [`history`]).
+    /// A task's committed record: `<sid>.t.<role>.<task>` (the role token: as for
+    /// [`history`]). Written once per attempt, by its holder's commit (fenced on the
+    /// claim at [`claim`]); the orchestrator follows these as its results.
     pub fn task(session: &SessionId, role: &Role, task: &TaskId) -> String {
         format!("{session}.t.{role}.{task}")
     }
 
-    /// Every task record of a session: `<sid>.t.>`.
+    /// A task's claim: `<sid>.c.<role>.<task>`, the running attempt and its holder,
+    /// changed by compare-and-set (claim, take-over, the watchdog's fence).
+    pub fn claim(session: &SessionId, role: &Role, task: &TaskId) -> String {
+        format!("{session}.c.{role}.{task}")
+    }
+
+    /// Every committed task record of a session: `<sid>.t.>`.
     pub fn task_pattern(session: &SessionId) -> String {
         format!("{session}.t.>")
     }
 
-    /// Every task record of every session (for watchers): `*.t.>`.
+    /// Every claim of a session: `<sid>.c.>`.
+    pub fn claim_pattern(session: &SessionId) -> String {
+        format!("{session}.c.>")
+    }
+
+    /// Every committed task record of every session: `*.t.>`.
     pub const ALL_TASKS: &str = "*.t.>";
+
+    /// Every claim of every session (for the watchdog): `*.c.>`.
+    pub const ALL_CLAIMS: &str = "*.c.>";
+
+    /// The claim key of a committed record's key (`<sid>.t.<role>.<task>` ->
+    /// `<sid>.c.<role>.<task>`), `None` for any other key.
+    pub fn claim_of_commit(key: &str) -> Option<String> {
+        let (session, rest) = key.split_once('.')?;
+        let rest = rest.strip_prefix("t.")?;
+        (rest.split('.').count() == 2).then(|| format!("{session}.c.{rest}"))
+    }
 
     /// An admission slot: `slot.<n>`.
     pub fn slot(n: u32) -> String {

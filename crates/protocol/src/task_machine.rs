@@ -1,20 +1,27 @@
-//! The task record's transitions, pure: each takes the record as read (or `None`) and
-//! `now`, and says what to write. The worker (claim, commit), the watchdog (fence) and
-//! the orchestrator (reading committed outputs) all go through these, applied by one
-//! compare-and-set helper (`flotilla_bus::Records::transition`), so there is one
-//! place that says who may change a task record and how.
+//! The task record's transitions, pure: each takes the records as read (or `None`) and
+//! `now`, and says what to write. The worker (claim, commit), the watchdog (fence), the
+//! dead-letter mover (abandon) and the orchestrator (reading committed outputs) all go
+//! through these, applied by one compare-and-set helper
+//! (`flotilla_bus::Records::transition`), so there is one place that says who may
+//! change a task record and how.
+//!
+//! A task has two keys (see [`TaskRecord`]): its claim `<sid>.c.<role>.<task>` and its
+//! commit `<sid>.t.<role>.<task>`. A commit is written only while the claim it was run
+//! under is unchanged, so a fence or a take-over of the claim refuses the old holder's
+//! commit.
 //!
 //! ```text
-//!              claim                  commit
-//!   (none) ─────────────▶ running ─────────────▶ done | failed
-//!                          │   ▲
-//!                    fence │   │ claim (same attempt: a new holder)
-//!                          ▼   │
-//!                         queued
+//!   claim key:          claim
+//!              (none) ─────────────▶ running ◀──┐ claim (same attempt: a new holder)
+//!                                      │        │
+//!                                fence │        │
+//!                                      ▼        │
+//!                                    queued ────┘
+//!   commit key:  running ── commit (fenced on the claim's revision) ──▶ done | failed
 //!   a task message of a newer attempt claims over any state of an older one
 //! ```
 //!
-//! The record is created by the first claim of the task's first attempt: the
+//! The claim is created by the first claim of the task's first attempt: the
 //! orchestrator's dispatch publishes the task message and writes no record, and the
 //! worker checks the task against the session's task table before claiming.
 
@@ -75,8 +82,46 @@ fn running(task: &TaskMessage, holder: &AgentId, now: u64) -> TaskRecord {
         output: None,
         error: None,
         outcome: None,
+        spend: None,
+        memory: None,
+        attempt_tokens: None,
         updated_ms: now,
     }
+}
+
+/// What the commit key says of `task`'s attempt, before its claim is looked at: `Stale`
+/// when a newer attempt was committed, `Committed` when this one was, `None` when the
+/// claim decides (nothing committed, or only older attempts).
+pub fn settled(committed: Option<&TaskRecord>, task: &TaskMessage) -> Option<Claim> {
+    let rec = committed?;
+    if rec.role != task.role {
+        return Some(Claim::WrongRole);
+    }
+    if rec.attempt > task.attempt {
+        return Some(Claim::Stale {
+            current: rec.attempt,
+        });
+    }
+    if rec.attempt == task.attempt {
+        return committed_outcome(rec).map(Claim::Committed);
+    }
+    None
+}
+
+/// The result a committed record reports (`None` while it is not committed): what
+/// the orchestrator acts on when the commit reaches it.
+pub fn result_of(rec: &TaskRecord) -> Option<ResultMessage> {
+    Some(ResultMessage {
+        v: V1,
+        session_id: rec.session_id.clone(),
+        task_id: rec.task_id.clone(),
+        role: rec.role.clone(),
+        attempt: rec.attempt,
+        outcome: committed_outcome(rec)?,
+        spend: rec.spend,
+        memory: rec.memory,
+        attempt_tokens: rec.attempt_tokens,
+    })
 }
 
 /// `holder`'s claim of the attempt `rec` is at: one more holder (also when the same
@@ -222,25 +267,26 @@ pub fn output_of(rec: &TaskRecord, attempt: u32) -> Option<&TaskOutput> {
     }
 }
 
-/// The dead-letter mover's commit for an attempt that exhausted its deliveries:
-/// `Some(record)` to write (the attempt failed with `reason`, whoever held it: a late
-/// holder's commit then fails its compare-and-set), or `None` when there is nothing to
-/// write, because the attempt was committed already or a newer one exists. Either
-/// way the outcome to notify is [`committed_outcome`] of the record that results.
+/// The dead-letter mover's fence for an attempt that exhausted its deliveries:
+/// `Some(claim)` to write at the claim key (the attempt back to `queued` with no
+/// holder, so a late holder's commit is refused), after which the mover commits the
+/// attempt as failed on it ([`commit`]); `None` when there is nothing to do, because
+/// the attempt was committed already (`committed`, the commit key as read) or a newer
+/// one exists.
 pub fn abandon(
-    current: Option<&TaskRecord>,
+    claim: Option<&TaskRecord>,
+    committed: Option<&TaskRecord>,
     task: &TaskMessage,
-    reason: String,
     now: u64,
 ) -> Option<TaskRecord> {
-    let base = match current {
+    if committed.is_some_and(|c| {
+        c.attempt > task.attempt || (c.attempt == task.attempt && committed_outcome(c).is_some())
+    }) {
+        return None;
+    }
+    let base = match claim {
         Some(rec) if rec.attempt > task.attempt => return None,
-        Some(rec) if rec.attempt == task.attempt => {
-            if committed_outcome(rec).is_some() {
-                return None;
-            }
-            rec.clone()
-        }
+        Some(rec) if rec.attempt == task.attempt => rec.clone(),
         _ => TaskRecord {
             v: V1,
             session_id: task.session_id.clone(),
@@ -254,56 +300,72 @@ pub fn abandon(
             output: None,
             error: None,
             outcome: None,
+            spend: None,
+            memory: None,
+            attempt_tokens: None,
             updated_ms: now,
         },
     };
-    Some(commit(
-        &TaskRecord {
-            holder: None,
-            ..base
-        },
-        TaskOutcome::Failed { reason },
-        None,
-        now,
-    ))
+    Some(TaskRecord {
+        state: TaskRunState::Queued,
+        holder: None,
+        ack_subject: None,
+        updated_ms: now,
+        ..base
+    })
 }
 
-/// Whether a result message is what the task's holder committed: `Ok` when `rec` (the
-/// task record, read from the stream leader after the result arrived) holds the
-/// result's attempt, committed with the same outcome. A worker commits before it
-/// notifies, so a genuine result always finds its commit; anything else is forged.
-/// `redelivered`: the result was delivered before, so a record that has moved on to
-/// a newer attempt may be this result's own doing (the orchestrator handled it and
-/// died before the ack); the session's task table then decides (stale or duplicate).
-pub fn vouch(rec: Option<&TaskRecord>, r: &ResultMessage, redelivered: bool) -> Result<(), String> {
-    let Some(rec) = rec else {
-        return Err(format!(
-            "task {} has no record: nothing was committed",
-            r.task_id
-        ));
+/// Whether a result message published to the orchestrator's inbox is what the task's
+/// holder committed: `Ok` when `committed` (the commit key, read from the stream
+/// leader) holds the result's attempt with the same outcome. Workers send no such
+/// message (their commit is the result), so it comes from outside, and this is the
+/// check that refuses it unless a commit vouches for it. `claim` (the claim key) tells
+/// a stale attempt from one not reached. `redelivered`: the result was delivered
+/// before, so a task that has moved on to a newer attempt may be this result's own
+/// doing (the orchestrator handled it and died before the ack); the session's task
+/// table then decides (stale or duplicate).
+pub fn vouch(
+    committed: Option<&TaskRecord>,
+    claim: Option<&TaskRecord>,
+    r: &ResultMessage,
+    redelivered: bool,
+) -> Result<(), String> {
+    let latest = match (committed, claim) {
+        (Some(c), Some(k)) if k.attempt > c.attempt => k,
+        (Some(c), _) => c,
+        (None, Some(k)) => k,
+        (None, None) => {
+            return Err(format!(
+                "task {} has no record: nothing was committed",
+                r.task_id
+            ));
+        }
     };
-    if rec.role != r.role {
+    if latest.role != r.role {
         return Err(format!(
             "task {} belongs to role {}, not {}",
-            r.task_id, rec.role, r.role
+            r.task_id, latest.role, r.role
         ));
     }
-    if rec.attempt > r.attempt {
+    if latest.attempt > r.attempt {
         if redelivered {
             return Ok(());
         }
         return Err(format!(
             "stale attempt {} of task {}: its record is at attempt {}",
-            r.attempt, r.task_id, rec.attempt
+            r.attempt, r.task_id, latest.attempt
         ));
     }
-    if rec.attempt < r.attempt {
+    if latest.attempt < r.attempt {
         return Err(format!(
             "task {} has not reached attempt {} (its record is at {})",
-            r.task_id, r.attempt, rec.attempt
+            r.task_id, r.attempt, latest.attempt
         ));
     }
-    match committed_outcome(rec) {
+    match committed
+        .filter(|c| c.attempt == r.attempt)
+        .and_then(committed_outcome)
+    {
         Some(o) if o == r.outcome => Ok(()),
         Some(o) => Err(format!(
             "task {} attempt {} was committed as {}, not {}",
@@ -314,7 +376,7 @@ pub fn vouch(rec: Option<&TaskRecord>, r: &ResultMessage, redelivered: bool) -> 
         )),
         None => Err(format!(
             "task {} attempt {} is {:?}, not committed",
-            r.task_id, r.attempt, rec.state
+            r.task_id, r.attempt, latest.state
         )),
     }
 }
@@ -375,21 +437,48 @@ mod tests {
     fn an_abandoned_attempt_is_committed_as_failed_once() {
         let why = || "dead-lettered after 5 deliveries".to_owned();
         let failed = TaskOutcome::Failed { reason: why() };
-        // Never claimed, or claimed by a holder that never committed: failed now, and
-        // the mover's notice is vouched for; the late holder's commit would conflict.
+        // Never claimed, or claimed by a holder that never committed: the claim is
+        // fenced (no holder), and the failure committed on it is vouched for.
         for current in [None, Some(claimed(1))] {
-            let rec = abandon(current.as_ref(), &task(1), why(), 5000).unwrap();
+            let fenced = abandon(current.as_ref(), None, &task(1), 5000).unwrap();
+            assert_eq!(fenced.state, TaskRunState::Queued);
+            assert_eq!((fenced.attempt, fenced.holder.as_ref()), (1, None));
+            let rec = commit(&fenced, failed.clone(), None, 5000);
             assert_eq!(rec.state, TaskRunState::Failed);
-            assert_eq!((rec.attempt, rec.holder.as_ref()), (1, None));
-            assert_eq!(vouch(Some(&rec), &result(1, failed.clone()), false), Ok(()));
+            assert_eq!(
+                vouch(Some(&rec), Some(&fenced), &result(1, failed.clone()), false),
+                Ok(())
+            );
+            assert_eq!(result_of(&rec), Some(result(1, failed.clone())));
         }
-        // An older attempt's record is superseded.
-        let rec = abandon(Some(&claimed(1)), &task(2), why(), 5000).unwrap();
-        assert_eq!(rec.attempt, 2);
+        // An older attempt's claim or commit is superseded.
+        let fenced = abandon(Some(&claimed(1)), None, &task(2), 5000).unwrap();
+        assert_eq!(fenced.attempt, 2);
+        let old = commit(&claimed(1), TaskOutcome::Completed, Some(output()), 2000);
+        assert!(abandon(Some(&claimed(2)), Some(&old), &task(2), 5000).is_some());
         // Committed already, or a newer attempt exists: nothing to write.
+        assert_eq!(abandon(Some(&claimed(1)), Some(&old), &task(1), 5000), None);
+        assert_eq!(abandon(Some(&claimed(2)), None, &task(1), 5000), None);
+        let newer = commit(&claimed(2), TaskOutcome::Completed, Some(output()), 2000);
+        assert_eq!(abandon(None, Some(&newer), &task(1), 5000), None);
+    }
+
+    #[test]
+    fn the_commit_key_settles_an_attempt_before_its_claim_is_looked_at() {
         let done = commit(&claimed(1), TaskOutcome::Completed, Some(output()), 2000);
-        assert_eq!(abandon(Some(&done), &task(1), why(), 5000), None);
-        assert_eq!(abandon(Some(&claimed(2)), &task(1), why(), 5000), None);
+        assert_eq!(settled(None, &task(1)), None);
+        assert_eq!(
+            settled(Some(&done), &task(1)),
+            Some(Claim::Committed(TaskOutcome::Completed))
+        );
+        assert_eq!(settled(Some(&done), &task(2)), None);
+        let newer = commit(&claimed(3), TaskOutcome::Completed, Some(output()), 2000);
+        assert_eq!(
+            settled(Some(&newer), &task(2)),
+            Some(Claim::Stale { current: 3 })
+        );
+        // A claim is not a commit.
+        assert_eq!(result_of(&claimed(1)), None);
     }
 
     #[test]
@@ -401,30 +490,56 @@ mod tests {
         let bad = commit(&claimed(1), failed.clone(), None, 2000);
         // The holder's own notices.
         assert_eq!(
-            vouch(Some(&done), &result(1, TaskOutcome::Completed), false),
+            vouch(
+                Some(&done),
+                Some(&claimed(1)),
+                &result(1, TaskOutcome::Completed),
+                false
+            ),
             Ok(())
         );
-        assert_eq!(vouch(Some(&bad), &result(1, failed.clone()), false), Ok(()));
+        assert_eq!(
+            vouch(Some(&bad), None, &result(1, failed.clone()), false),
+            Ok(())
+        );
         // Forgeries: nothing committed, still running, another outcome, another
         // reason, another role, an attempt not reached, an older attempt.
-        assert!(vouch(None, &result(1, TaskOutcome::Completed), false).is_err());
-        assert!(vouch(Some(&claimed(1)), &result(1, TaskOutcome::Completed), false).is_err());
-        assert!(vouch(Some(&claimed(1)), &result(1, failed.clone()), true).is_err());
-        assert!(vouch(Some(&done), &result(1, failed.clone()), false).is_err());
+        assert!(vouch(None, None, &result(1, TaskOutcome::Completed), false).is_err());
+        assert!(
+            vouch(
+                None,
+                Some(&claimed(1)),
+                &result(1, TaskOutcome::Completed),
+                false
+            )
+            .is_err()
+        );
+        assert!(vouch(None, Some(&claimed(1)), &result(1, failed.clone()), true).is_err());
+        assert!(vouch(Some(&done), None, &result(1, failed.clone()), false).is_err());
         let other = TaskOutcome::Failed {
             reason: "forged failure".into(),
         };
-        assert!(vouch(Some(&bad), &result(1, other), false).is_err());
+        assert!(vouch(Some(&bad), None, &result(1, other), false).is_err());
         let mut foreign = result(1, TaskOutcome::Completed);
         foreign.role = Role::parse("review").unwrap();
-        assert!(vouch(Some(&done), &foreign, false).is_err());
-        assert!(vouch(Some(&done), &result(2, TaskOutcome::Completed), false).is_err());
+        assert!(vouch(Some(&done), None, &foreign, false).is_err());
+        assert!(vouch(Some(&done), None, &result(2, TaskOutcome::Completed), false).is_err());
+        // A newer attempt's claim makes the committed one stale.
         let moved_on = claimed(2);
-        let why = vouch(Some(&moved_on), &result(1, failed.clone()), false).unwrap_err();
+        let why = vouch(
+            Some(&bad),
+            Some(&moved_on),
+            &result(1, failed.clone()),
+            false,
+        )
+        .unwrap_err();
         assert!(why.contains("stale attempt 1"), "{why}");
         // ... unless it is a redelivery: the orchestrator may have handled it and
         // retried the task before dying ahead of the ack (the task table decides).
-        assert_eq!(vouch(Some(&moved_on), &result(1, failed), true), Ok(()));
+        assert_eq!(
+            vouch(Some(&bad), Some(&moved_on), &result(1, failed), true),
+            Ok(())
+        );
     }
 
     #[test]
