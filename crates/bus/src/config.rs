@@ -20,7 +20,8 @@ pub struct BusConfig {
     /// it are refused (backpressure). Delivered but unacknowledged messages count.
     pub inbox_bound: i64,
     /// The same for each session's orchestrator inbox; must exceed the tasks a session
-    /// has in flight, since every one of them reports back there.
+    /// has in flight, since the start and a person's answer to each of them may wait
+    /// there at once (results do not: a task's commit is its result).
     pub orchestrator_inbox_bound: i64,
     /// Per-role inbox bounds, replacing `inbox_bound` for those roles.
     pub role_inbox_bounds: std::collections::BTreeMap<flotilla_protocol::Role, i64>,

@@ -206,7 +206,7 @@ pub(crate) fn validate(c: &Config) -> anyhow::Result<()> {
     );
     anyhow::ensure!(
         c.nats.orchestrator_inbox_bound > s.max_in_flight as i64,
-        "nats.orchestrator_inbox_bound ({}) must exceed session.max_in_flight ({}): every task in flight reports back there",
+        "nats.orchestrator_inbox_bound ({}) must exceed session.max_in_flight ({}): the start and a person's answer to each task in flight may wait there at once",
         c.nats.orchestrator_inbox_bound,
         s.max_in_flight
     );
