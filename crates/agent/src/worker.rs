@@ -585,10 +585,12 @@ impl Worker {
         let mut gone: Option<AgentId> = None;
         loop {
             if !absent {
+                // From the stream leader: a commit does not move the claim, so a replica
+                // that has not seen it yet would have this attempt run a second time.
                 let committed = Box::pin(
                     self.bus
                         .sessions()
-                        .get::<flotilla_protocol::TaskRecord>(&commit_key),
+                        .get_latest::<flotilla_protocol::TaskRecord>(&commit_key),
                 )
                 .await?;
                 match task_machine::settled(committed.as_ref().map(|(r, _)| r), task) {
@@ -649,7 +651,8 @@ impl Worker {
                             return Step::Keep(Err(NotClaimed::HolderMayLive(holder.clone())));
                         }
                         record.ack_subject = Some(ack_subject.to_owned());
-                        Step::Write(record.clone(), Ok((record, resumed)))
+                        let again = current.is_some_and(|c| c.attempt == task.attempt);
+                        Step::Write(record.clone(), Ok((record, resumed, again)))
                     }
                     other => Step::Keep(Err(NotClaimed::Decision(Box::new(other)))),
                 }
@@ -657,9 +660,28 @@ impl Worker {
             .await?;
             let wait = match applied {
                 Applied::Written {
-                    value: Ok((record, resumed)),
+                    value: Ok((record, resumed, again)),
                     revision,
-                } => return Ok(Some((record, revision, resumed || redelivered))),
+                } => {
+                    // The attempt was claimed before: its holder may have committed
+                    // between our look at the commit key and this claim (a handler of
+                    // this process that has just ended, or a holder found gone). A
+                    // commit stored before our claim shows on the leader now; any later
+                    // one is refused, as our claim moved.
+                    if again
+                        && Box::pin(
+                            self.bus
+                                .sessions()
+                                .get_latest::<flotilla_protocol::TaskRecord>(&commit_key),
+                        )
+                        .await?
+                        .is_some_and(|(c, _)| task_machine::settled(Some(&c), task).is_some())
+                    {
+                        tracing::debug!("attempt committed while it was claimed again");
+                        return Ok(None);
+                    }
+                    return Ok(Some((record, revision, resumed || redelivered)));
+                }
                 // (The closure writes exactly the `Take` decisions: a written refusal or
                 // a kept claim cannot happen, and would be retried like a conflict.)
                 Applied::Written { value: Err(_), .. }

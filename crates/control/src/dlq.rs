@@ -127,10 +127,12 @@ impl DeadLetterMover {
             let claim_key = keys::claim(&task.session_id, &task.role, &task.task_id);
             let commit_key = keys::task(&task.session_id, &task.role, &task.task_id);
             let now = epoch_ms(SystemTime::now());
+            // (From the stream leader: a lagging replica's answer could fail an attempt
+            // that was committed.)
             let committed = self
                 .bus
                 .sessions()
-                .get::<TaskRecord>(&commit_key)
+                .get_latest::<TaskRecord>(&commit_key)
                 .await?
                 .map(|(r, _)| r);
             // The claim first (fenced: a late holder's commit is refused), then the
