@@ -13,6 +13,9 @@
 //! - [`delivery`]: a pulled message and what a handler does with it (ack, nak, dead-letter).
 //! - [`consumer`]: the shared durable pull consumer of a role pool, and the pull loop.
 //! - [`verdict`]: what a handler decided (ack, retry, dead-letter) and carrying it out.
+//! - [`nats`]: core NATS: requests, subscriptions, answers, micro services, connection
+//!   state.
+//! - [`streams`]: streams by name: state, one message, deleting one, ordered replays.
 //! - [`metrics`]: message counters.
 //! - [`trace`]: span ids for W3C trace context.
 
@@ -22,8 +25,10 @@ pub mod delivery;
 pub mod kv;
 pub mod memory;
 pub mod metrics;
+pub mod nats;
 pub mod publish;
 pub mod signing;
+pub mod streams;
 pub mod topology;
 pub mod trace;
 pub mod verdict;
@@ -42,8 +47,10 @@ pub use memory::{
     LockGuard, MemKey, Memory, MemoryConfig, MemoryError, MemoryStats, SessionMemory, Versioned,
 };
 pub use metrics::{Counters, CountersSnapshot};
+pub use nats::{CoreError, RequestError};
 pub use publish::{Outgoing, PublishError, Published, message_headers};
 pub use signing::{SignatureError, Signer, SignerRecord, Verifier};
+pub use streams::{Replay, StreamError, StreamHandle};
 pub use topology::TopologyError;
 pub use verdict::{VerdictError, outlast, settle};
 
