@@ -197,7 +197,7 @@ async fn submit_queue_admits_and_dead_letters_poison() {
     let mut h = async_nats::HeaderMap::new();
     h.insert(headers::MSG_ID, MessageId::submit(&sid).as_str());
     t.bus
-        .js
+        .raw_js()
         .publish_with_headers(
             names.submit(),
             h,
@@ -228,14 +228,14 @@ async fn submit_queue_admits_and_dead_letters_poison() {
         ),
     ] {
         t.bus
-            .js
+            .raw_js()
             .publish(names.submit(), Bytes::copy_from_slice(body))
             .await
             .unwrap()
             .await
             .unwrap();
         let dlq = eventually(Duration::from_secs(20), || async {
-            let mut s = t.bus.js.get_stream(names.stream_dlq()).await.ok()?;
+            let mut s = t.bus.raw_js().get_stream(names.stream_dlq()).await.ok()?;
             let messages = s.info().await.ok()?.state.messages;
             let last = s
                 .get_last_raw_message_by_subject(&format!(
@@ -262,7 +262,12 @@ async fn submit_queue_admits_and_dead_letters_poison() {
     }
     // Poison left the work queue.
     let left = eventually(Duration::from_secs(10), || async {
-        let mut s = t.bus.js.get_stream(names.stream_submit()).await.ok()?;
+        let mut s = t
+            .bus
+            .raw_js()
+            .get_stream(names.stream_submit())
+            .await
+            .ok()?;
         let n = s.info().await.ok()?.state.messages;
         (n == 0).then_some(n)
     })
@@ -347,7 +352,11 @@ async fn topology_is_idempotent_and_refuses_conflicts() {
         .await
         .unwrap();
     bus.ensure_inbox(&research).await.unwrap();
-    let mut s = bus.js.get_stream("OTHER_INBOX_research").await.unwrap();
+    let mut s = bus
+        .raw_js()
+        .get_stream("OTHER_INBOX_research")
+        .await
+        .unwrap();
     assert_eq!(s.info().await.unwrap().config.max_messages_per_subject, 64);
     // A pool's consumer carries its settings; a process configured differently is
     // refused with a clear error instead of silently running with other settings.
@@ -380,7 +389,11 @@ async fn topology_is_idempotent_and_refuses_conflicts() {
     flotilla_bus::PoolConsumer::for_role(&a, &analysis, backoff)
         .await
         .unwrap();
-    let stream = a.js.get_stream("FLOTILLA_INBOX_analysis").await.unwrap();
+    let stream = a
+        .raw_js()
+        .get_stream("FLOTILLA_INBOX_analysis")
+        .await
+        .unwrap();
     let mut consumer: async_nats::jetstream::consumer::PullConsumer =
         stream.get_consumer("role-analysis").await.unwrap();
     let info = consumer.info().await.unwrap();
@@ -399,7 +412,7 @@ async fn topology_is_idempotent_and_refuses_conflicts() {
         .unwrap_err();
     assert!(err.to_string().contains("must exceed"), "{err}");
     // The advisories stream captures every role's max-deliveries advisories.
-    let mut adv = a.js.get_stream("FLOTILLA_ADVISORIES").await.unwrap();
+    let mut adv = a.raw_js().get_stream("FLOTILLA_ADVISORIES").await.unwrap();
     let subjects = adv.info().await.unwrap().config.subjects.clone();
     for role in ["research", "analysis"] {
         assert!(
@@ -461,11 +474,11 @@ async fn inbox_poison_is_dead_lettered_with_its_reason() {
             "forged",
         ),
     ];
-    let mut dlq = t.bus.js.get_stream(names.stream_dlq()).await.unwrap();
+    let mut dlq = t.bus.raw_js().get_stream(names.stream_dlq()).await.unwrap();
     for (name, subject, body, reason) in cases {
         let before = dlq.info().await.unwrap().state.last_sequence;
         t.bus
-            .js
+            .raw_js()
             .publish(subject.clone(), Bytes::from(body.clone()))
             .await
             .unwrap()

@@ -427,7 +427,12 @@ async fn a_spent_global_budget_also_stops_the_orchestrator_at_planning() {
 /// The session's ledger counter: `None` when nothing was ever charged to it.
 async fn ledger_messages(fleet: &TestFleet, rec: &SessionRecord) -> Option<u64> {
     let names = fleet.bus.names();
-    let stream = fleet.bus.js.get_stream(names.stream_spend()).await.unwrap();
+    let stream = fleet
+        .bus
+        .raw_js()
+        .get_stream(names.stream_spend())
+        .await
+        .unwrap();
     stream
         .get_last_raw_message_by_subject(&names.spend(&rec.session_id))
         .await
@@ -535,11 +540,16 @@ async fn a_task_message_with_a_made_up_allowance_is_dead_lettered() {
         "allowance": 10_000_000u64,
     });
     let names = fleet.bus.names().clone();
-    let mut dlq = fleet.bus.js.get_stream(names.stream_dlq()).await.unwrap();
+    let mut dlq = fleet
+        .bus
+        .raw_js()
+        .get_stream(names.stream_dlq())
+        .await
+        .unwrap();
     let before = dlq.info().await.unwrap().state.last_sequence;
     fleet
         .bus
-        .js
+        .raw_js()
         .publish(
             names.inbox(&rec.session_id, &t.role),
             serde_json::to_vec(&forged).unwrap().into(),

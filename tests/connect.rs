@@ -343,11 +343,12 @@ async fn a_url_list_fails_over_and_a_lost_connection_comes_back_and_is_counted()
         .start()
         .unwrap();
     let back = flotilla_tests::eventually(std::time::Duration::from_secs(30), || async {
-        (bus.client.connection_state() == async_nats::connection::State::Connected).then_some(())
+        (bus.raw_client().connection_state() == async_nats::connection::State::Connected)
+            .then_some(())
     })
     .await;
     assert!(back.is_some(), "no reconnection");
-    bus.client.flush().await.unwrap();
+    bus.raw_client().flush().await.unwrap();
 }
 
 /// On a 3-node cluster with `replicas = 3`: the fleet creates every stream and bucket
@@ -363,7 +364,7 @@ async fn a_session_completes_on_a_three_node_cluster_with_three_replicas() {
         .await
         .unwrap();
     let bus = connect(&spec.bus).await.unwrap();
-    let client = flotilla_control::Client::new(bus.client.clone(), bus.names().clone())
+    let client = flotilla_control::Client::new(bus.shared_connection(), bus.names().clone())
         .await
         .unwrap();
     let (done, _) = client
@@ -380,7 +381,7 @@ async fn a_session_completes_on_a_three_node_cluster_with_three_replicas() {
         bus.names().stream_events(),
         format!("KV_{}", bus.names().bucket_sessions()),
     ] {
-        let mut s = bus.js.get_stream(&stream).await.unwrap();
+        let mut s = bus.raw_js().get_stream(&stream).await.unwrap();
         let info = s.info().await.unwrap();
         assert_eq!(info.config.num_replicas, 3, "{stream}");
         let cl = info.cluster.as_ref().expect("clustered");

@@ -130,11 +130,11 @@ async fn duplicate_delivery_has_one_effect(workers: usize) {
     // (another message id, so the server stores it as a new message).
     let mut sub = t
         .bus
-        .client
+        .raw_client()
         .subscribe("flotilla.s.*.in.research")
         .await
         .unwrap();
-    t.bus.client.flush().await.unwrap();
+    t.bus.raw_client().flush().await.unwrap();
     let client = t.client.clone();
     let run =
         tokio::spawn(async move { client.run("say it twice", Duration::from_secs(60)).await });
@@ -145,7 +145,7 @@ async fn duplicate_delivery_has_one_effect(workers: usize) {
     let mut h = async_nats::HeaderMap::new();
     h.insert(headers::MSG_ID, "a-different-id");
     t.bus
-        .js
+        .raw_js()
         .publish_with_headers(original.subject.clone(), h, original.payload.clone())
         .await
         .unwrap()
@@ -203,8 +203,8 @@ async fn a_claim_is_taken_over_only_once_its_holder_is_gone() {
     let research: Role = "research".parse().unwrap();
     let holder = AgentId::generate(&research);
     let ping = t.bus.names().agent_ping(&holder);
-    let mut pings = t.bus.client.subscribe(ping.clone()).await.unwrap();
-    let nc = t.bus.client.clone();
+    let mut pings = t.bus.raw_client().subscribe(ping.clone()).await.unwrap();
+    let nc = t.bus.raw_client().clone();
     let answering = tokio::spawn(async move {
         while let Some(m) = pings.next().await {
             if let Some(reply) = m.reply {
@@ -414,7 +414,7 @@ async fn exhausted_deliveries_are_dead_lettered_and_the_session_fails_visibly() 
     );
     // Both attempts are in the dead-letter stream with their reason, out of the work queue.
     let names = t.bus.names().clone();
-    let mut dlq = t.bus.js.get_stream(names.stream_dlq()).await.unwrap();
+    let mut dlq = t.bus.raw_js().get_stream(names.stream_dlq()).await.unwrap();
     let last = dlq.info().await.unwrap().state.last_sequence;
     let mut attempts = Vec::new();
     for seq in 1..=last {
@@ -567,7 +567,7 @@ async fn an_outage_is_waited_out_in_place_without_spending_deliveries() {
     let subject = bus
         .names()
         .inbox(&flotilla_protocol::SessionId::generate(), &role);
-    bus.js
+    bus.raw_js()
         .publish(subject, Bytes::from_static(b"{}"))
         .await
         .unwrap()
@@ -606,7 +606,11 @@ async fn an_outage_is_waited_out_in_place_without_spending_deliveries() {
         0,
         "the server redelivered nothing"
     );
-    let mut dlq = bus.js.get_stream(bus.names().stream_dlq()).await.unwrap();
+    let mut dlq = bus
+        .raw_js()
+        .get_stream(bus.names().stream_dlq())
+        .await
+        .unwrap();
     assert_eq!(
         dlq.info().await.unwrap().state.messages,
         0,

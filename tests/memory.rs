@@ -160,7 +160,7 @@ async fn a_handle_reaches_its_own_session_only() {
     assert!(SessionId::parse(format!("{a}.x")).is_err());
     assert!(SessionId::parse("*").is_err());
     // The raw bucket shows the two sessions' keys apart.
-    let raw = bus.js.get_key_value("flotilla-memory").await.unwrap();
+    let raw = bus.raw_js().get_key_value("flotilla-memory").await.unwrap();
     assert_eq!(
         &raw.get(format!("{a}.x")).await.unwrap().unwrap()[..],
         b"\"from a\""

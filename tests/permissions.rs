@@ -76,7 +76,7 @@ async fn each_component_runs_on_its_own_user_and_a_worker_may_do_nothing_else() 
     )
     .await
     .unwrap();
-    let client = Client::new(client_bus.client.clone(), client_bus.names().clone())
+    let client = Client::new(client_bus.shared_connection(), client_bus.names().clone())
         .await
         .unwrap();
     let (done, _) = match client
@@ -310,11 +310,11 @@ async fn each_component_runs_on_its_own_user_and_a_worker_may_do_nothing_else() 
     .await
     .unwrap();
     probe
-        .client
+        .raw_client()
         .publish(format!("$KV.flotilla-sessions.{sess}"), Bytes::new())
         .await
         .unwrap();
-    probe.client.flush().await.unwrap();
+    probe.raw_client().flush().await.unwrap();
     assert!(
         flotilla_tests::eventually(Duration::from_secs(10), || async {
             (probe.counters.snapshot().server_errors > 0).then_some(())
@@ -437,7 +437,7 @@ async fn an_agent_started_before_serve_waits_for_its_consumer() {
     let serving = tokio::spawn(serve.run(serve_stop.child_token()));
     let pulling = flotilla_tests::eventually(Duration::from_secs(30), || async {
         let mut c = serve_bus
-            .js
+            .raw_js()
             .get_stream("FLOTILLA_INBOX_research")
             .await
             .ok()?

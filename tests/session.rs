@@ -85,7 +85,7 @@ async fn one_session_completes_with_every_role() {
     // The event log tells the whole story.
     let mut events = t
         .bus
-        .js
+        .raw_js()
         .get_stream(t.bus.names().stream_events())
         .await
         .unwrap();
@@ -215,8 +215,8 @@ async fn every_message_carries_the_session_trace() {
     use flotilla_protocol::{TraceParent, headers};
     use futures::StreamExt;
     let t = TestFleet::start(spec("unused"), sim(10)).await;
-    let mut sub = t.bus.client.subscribe("flotilla.s.>").await.unwrap();
-    t.bus.client.flush().await.unwrap();
+    let mut sub = t.bus.raw_client().subscribe("flotilla.s.>").await.unwrap();
+    t.bus.raw_client().flush().await.unwrap();
     let (finished, _) = t
         .client
         .run("trace me", Duration::from_secs(60))

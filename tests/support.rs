@@ -61,7 +61,7 @@ impl TestFleet {
         let bus = Bus::connect(&spec.bus, "test-inspector", Arc::new(Counters::default()))
             .await
             .expect("inspector connects");
-        let client = Client::new(bus.client.clone(), bus.names().clone())
+        let client = Client::new(bus.shared_connection(), bus.names().clone())
             .await
             .expect("client subscribes");
         Self {
@@ -105,12 +105,12 @@ pub async fn dead_letter_after(
     before: u64,
 ) -> Option<async_nats::jetstream::message::StreamMessage> {
     eventually(Duration::from_secs(20), || async {
-        let mut s = bus.js.get_stream(bus.names().stream_dlq()).await.ok()?;
-        let last = s.info().await.ok()?.state.last_sequence;
+        let s = bus.dead_letters().await.ok()?;
+        let last = s.state().await.ok()?.last_sequence;
         if last <= before {
             return None;
         }
-        s.get_raw_message(last).await.ok()
+        s.message(last).await.ok()
     })
     .await
 }
@@ -249,22 +249,12 @@ pub async fn events(
     t: &TestFleet,
     sid: &flotilla_protocol::SessionId,
 ) -> Vec<flotilla_protocol::Event> {
-    use futures::StreamExt;
-    let stream = t
-        .bus
-        .js
-        .get_stream(t.bus.names().stream_events())
-        .await
-        .unwrap();
-    let consumer = stream
-        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
-            filter_subject: t.bus.names().events_of(sid),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let stream = t.bus.stream(&t.bus.names().stream_events()).await.unwrap();
     let mut out = Vec::new();
-    let mut msgs = consumer.messages().await.unwrap();
+    let mut msgs = stream
+        .replay(&[t.bus.names().events_of(sid)])
+        .await
+        .unwrap();
     while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_millis(500), msgs.next()).await
     {
         out.push(serde_json::from_slice(&m.payload).unwrap());

@@ -143,7 +143,7 @@ async fn deterministic_results_come_from_the_cache() {
     // Deterministic calls carry no idempotency key; the cache holds a `t.` key.
     assert!(tool.calls().iter().all(|c| c.idempotency_key.is_none()));
     let kv = bus
-        .js
+        .raw_js()
         .get_key_value(bus.names().bucket_cache())
         .await
         .unwrap();
@@ -176,7 +176,7 @@ async fn side_effects_happen_once_per_call() {
     let stop = CancellationToken::new();
     // A raw subscriber sees each request with its headers (the micro endpoint answers).
     let mut raw = bus
-        .client
+        .raw_client()
         .subscribe("flotilla.tool.send-mail")
         .await
         .unwrap();
@@ -408,14 +408,14 @@ async fn tools_are_discoverable_micro_services() {
     })
     .await;
     let ping = bus
-        .client
+        .raw_client()
         .request("$SRV.PING.flotilla-tool-lookup", "".into())
         .await
         .unwrap();
     let ping: serde_json::Value = serde_json::from_slice(&ping.payload).unwrap();
     assert_eq!(ping["name"], "flotilla-tool-lookup");
     let info = bus
-        .client
+        .raw_client()
         .request("$SRV.INFO.flotilla-tool-lookup", "".into())
         .await
         .unwrap();
@@ -424,7 +424,7 @@ async fn tools_are_discoverable_micro_services() {
     assert_eq!(info["endpoints"][0]["subject"], "flotilla.tool.lookup");
     // A malformed call gets a non-retryable tool error with the micro error headers.
     let reply = bus
-        .client
+        .raw_client()
         .request("flotilla.tool.lookup", "{\"v\":1}".into())
         .await
         .unwrap();
@@ -451,7 +451,7 @@ async fn tools_are_discoverable_micro_services() {
     stop.cancel();
     assert!(
         eventually(Duration::from_secs(10), || async {
-            bus.client
+            bus.raw_client()
                 .request("$SRV.PING.flotilla-tool-lookup", "".into())
                 .await
                 .is_err()
@@ -511,7 +511,7 @@ async fn a_python_tool_serves_the_rust_gateway() {
     ));
     // Discoverable like any micro service.
     let info = bus
-        .client
+        .raw_client()
         .request("$SRV.INFO.flotilla-tool-py-upper", "".into())
         .await
         .unwrap();

@@ -140,7 +140,7 @@ async fn forged_results_are_dead_lettered_and_the_session_completes_with_real_wo
 async fn dead_letters_from(t: &TestFleet, subject: &str) -> Vec<(String, String)> {
     let stream = t
         .bus
-        .js
+        .raw_js()
         .get_stream(t.bus.names().stream_dlq())
         .await
         .unwrap();
@@ -230,7 +230,7 @@ async fn a_registered_signature_vouches_for_a_task_and_anything_else_meets_the_s
 
     // Tampered with after signing (a larger allowance, the old signature), and a good
     // signature by an unregistered key: both are checked against the session record.
-    let mut dlq = t.bus.js.get_stream(names.stream_dlq()).await.unwrap();
+    let mut dlq = t.bus.raw_js().get_stream(names.stream_dlq()).await.unwrap();
     let tampered = SessionId::parse("signed-then-tampered").unwrap();
     let mut out = task(&tampered, 5_000);
     let sig = registered.sign(&out.subject, &out.payload).unwrap();
@@ -248,7 +248,7 @@ async fn a_registered_signature_vouches_for_a_task_and_anything_else_meets_the_s
         match send {
             Some(h) => {
                 t.bus
-                    .js
+                    .raw_js()
                     .publish_with_headers(out.subject.clone(), h, out.payload.clone())
                     .await
                     .unwrap()

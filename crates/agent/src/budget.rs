@@ -148,31 +148,17 @@ impl SessionLedger {
     ) -> Result<i128, LedgerUnavailable> {
         let subject = self.bus.names().spend(session);
         let mut h = async_nats::HeaderMap::new();
-        h.insert("Nats-Incr", delta.to_string().as_str());
         h.insert(flotilla_protocol::headers::MSG_ID, msg_id);
         if let Some(t) = call_tokens {
             h.insert(CALL_TOKENS, t.to_string().as_str());
         }
         let mut last = String::new();
         for attempt in 0..5u32 {
-            let sent = self
-                .bus
-                .js
-                .publish_with_headers(subject.clone(), h.clone(), bytes::Bytes::new())
-                .await;
-            let ack = match sent {
-                Ok(fut) => fut.await,
-                Err(e) => Err(e),
-            };
-            match ack {
-                Ok(ack) => {
-                    if let Some(v) = ack.value.as_deref().and_then(|v| v.parse().ok()) {
-                        return Ok(v);
-                    }
-                    // A repeat the server recognized (its first copy was counted):
-                    // the current total is the answer.
-                    return self.total(session).await;
-                }
+            match self.bus.counter_add(&subject, delta, h.clone()).await {
+                Ok(Some(v)) => return Ok(v),
+                // A repeat the server recognized (its first copy was counted): the
+                // current total is the answer.
+                Ok(None) => return self.total(session).await,
                 Err(e) => last = e.to_string(),
             }
             tokio::time::sleep(LEDGER_BACKOFF.delay(attempt)).await;
@@ -180,27 +166,22 @@ impl SessionLedger {
         Err(LedgerUnavailable(last))
     }
 
-    /// The ledgers' stream.
-    async fn stream(&self) -> Result<async_nats::jetstream::stream::Stream<()>, LedgerUnavailable> {
+    /// The ledgers' stream (not looked up: no request).
+    async fn stream(&self) -> Result<flotilla_bus::StreamHandle, LedgerUnavailable> {
         self.bus
-            .js
-            .get_stream_no_info(self.bus.names().stream_spend())
+            .stream_unchecked(&self.bus.names().stream_spend())
             .await
             .map_err(|e| LedgerUnavailable(e.to_string()))
     }
 
     /// The counter's current value (0 if the session has none yet).
     async fn total(&self, session: &SessionId) -> Result<i128, LedgerUnavailable> {
-        use async_nats::jetstream::stream::LastRawMessageErrorKind;
         let names = self.bus.names();
         let stream = self.stream().await?;
-        match stream
-            .get_last_raw_message_by_subject(&names.spend(session))
-            .await
-        {
-            Ok(m) => counter_value(&m.payload)
+        match stream.last_message(&names.spend(session)).await {
+            Ok(Some(m)) => counter_value(&m.payload)
                 .ok_or_else(|| LedgerUnavailable("unreadable counter value".into())),
-            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(0),
+            Ok(None) => Ok(0),
             Err(e) => Err(LedgerUnavailable(e.to_string())),
         }
     }
@@ -209,8 +190,6 @@ impl SessionLedger {
     /// the number of settled calls and the largest of them, read back from the
     /// counter's increments (for inspection; the hot path never reads the ledger).
     pub async fn read(&self, session: &SessionId) -> Result<Ledger, LedgerUnavailable> {
-        use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
-        use futures::StreamExt;
         let (tokens, reserved) = split(self.total(session).await?);
         let mut ledger = Ledger {
             v: V1,
@@ -220,16 +199,8 @@ impl SessionLedger {
         };
         let names = self.bus.names();
         let stream = self.stream().await?;
-        let consumer = stream
-            .create_consumer(OrderedConfig {
-                filter_subject: names.spend(session),
-                deliver_policy: DeliverPolicy::All,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| LedgerUnavailable(e.to_string()))?;
-        let mut msgs = consumer
-            .messages()
+        let mut msgs = stream
+            .replay(&[names.spend(session)])
             .await
             .map_err(|e| LedgerUnavailable(e.to_string()))?;
         while let Ok(Some(Ok(m))) =

@@ -232,13 +232,12 @@ impl LimiterClient {
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;
-            let reply = tokio::time::timeout(
-                REQUEST_TIMEOUT,
-                self.bus.client.request(subject.clone(), body.clone()),
-            )
-            .await;
+            let reply = self
+                .bus
+                .request(subject.clone(), None, body.clone(), REQUEST_TIMEOUT)
+                .await;
             let pause = match reply {
-                Ok(Ok(msg)) => match serde_json::from_slice::<AcquireReply>(&msg.payload) {
+                Ok(msg) => match serde_json::from_slice::<AcquireReply>(&msg.payload) {
                     Ok(AcquireReply::Granted {
                         permit, granted_ms, ..
                     }) => {
@@ -277,7 +276,7 @@ impl LimiterClient {
                     }
                 },
                 // No responders (no leader yet) or a timeout: ask again shortly.
-                Ok(Err(_)) | Err(_) => Duration::from_millis(50 * u64::from(attempt.min(10))),
+                Err(_) => Duration::from_millis(50 * u64::from(attempt.min(10))),
             };
             let now = tokio::time::Instant::now();
             if now >= deadline {
@@ -312,14 +311,16 @@ impl LimiterClient {
         let payload = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
         // The leader settles a permit once, so asking again is safe.
         for attempt in 1..=3u32 {
-            let res = tokio::time::timeout(
-                REQUEST_TIMEOUT,
-                self.bus
-                    .client
-                    .request(self.bus.names().limits_settle(), payload.clone()),
-            )
-            .await;
-            if matches!(res, Ok(Ok(_))) {
+            let res = self
+                .bus
+                .request(
+                    self.bus.names().limits_settle(),
+                    None,
+                    payload.clone(),
+                    REQUEST_TIMEOUT,
+                )
+                .await;
+            if res.is_ok() {
                 return;
             }
             tokio::time::sleep(

@@ -265,22 +265,22 @@ pub async fn heartbeat_with(
 ) {
     let names = bus.names().clone();
     let ping_subject = names.agent_ping(&agent_id);
-    let mut pings = match bus.client.subscribe(ping_subject.clone()).await {
+    let mut pings = match bus.subscribe(ping_subject.clone()).await {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "cannot answer pings; the watchdog will see this process only by its presence");
             return;
         }
     };
-    let client = bus.client.clone();
+    let answerer = bus.clone();
     let answer = tokio::spawn(async move {
         while let Some(msg) = pings.next().await {
             if let Some(reply) = msg.reply {
-                let _ = client.publish(reply, Bytes::from_static(b"pong")).await;
+                let _ = answerer.respond(reply, Bytes::from_static(b"pong")).await;
             }
         }
     });
-    let subject = format!("$KV.{}.{agent_id}", names.bucket_agents());
+    let bucket = names.bucket_agents();
     let ttl = Duration::from_secs(config.presence_ttl.as_secs().max(1));
     let started_ms = epoch_ms(SystemTime::now());
     loop {
@@ -295,16 +295,11 @@ pub async fn heartbeat_with(
         };
         let listed = presence.in_flight.len();
         let payload = Bytes::from(serde_json::to_vec(&presence).unwrap_or_default());
-        let msg = async_nats::jetstream::message::PublishMessage::build()
-            .payload(payload)
-            .ttl(ttl);
-        match bus.js.send_publish(subject.clone(), msg).await {
-            Ok(ack) => {
-                if let Err(e) = ack.await {
-                    tracing::warn!(error = %e, "presence not renewed");
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "presence not renewed"),
+        if let Err(e) = bus
+            .put_expiring(&bucket, agent_id.as_str(), payload, ttl, None)
+            .await
+        {
+            tracing::warn!(error = %e, "presence not renewed");
         }
         if let Some(tx) = first_written.take() {
             let _ = tx.send(());
@@ -339,7 +334,7 @@ pub async fn heartbeat_with(
     // its work after shutdown must not look dead to a watchdog that pings the holder
     // of its claims.
     drop(answer);
-    if let Ok(store) = bus.js.get_key_value(names.bucket_agents()).await {
+    if let Ok(store) = bus.open_bucket(&bucket).await {
         let _ = store.delete(agent_id.as_str()).await;
     }
 }

@@ -126,14 +126,14 @@ pub async fn listen(
     stops: Stops,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    let sub = match bus.client.subscribe(bus.names().ctl_stop()).await {
+    let sub = match bus.subscribe(bus.names().ctl_stop()).await {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "cannot hear stop notices; cancelled sessions' work here runs to its end (and is fenced)");
             return tokio::spawn(async {});
         }
     };
-    let _ = bus.client.flush().await;
+    let _ = bus.flush().await;
     tokio::spawn(answer(bus, agent_id, stops, sub, shutdown))
 }
 
@@ -164,7 +164,7 @@ async fn answer(
                 aborted,
             };
             let body = Bytes::from(serde_json::to_vec(&ack).unwrap_or_default());
-            if let Err(e) = bus.client.publish(reply, body).await {
+            if let Err(e) = bus.respond(reply, body).await {
                 tracing::debug!(error = %e, "could not answer a stop notice");
             }
         }

@@ -25,8 +25,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use bytes::Bytes;
-use flotilla_bus::Bus;
 use flotilla_bus::metrics::Count;
+use flotilla_bus::{Bus, CoreError, RequestError};
 use flotilla_protocol::subject::keys;
 use flotilla_protocol::{InvalidId, SessionId, TaskId, ToolCall, ToolName, ToolReply, V1, headers};
 use serde::{Deserialize, Serialize};
@@ -490,11 +490,15 @@ impl ToolGateway {
             let at = lock(&t.pacer).reserve(Instant::now());
             tokio::time::sleep_until(at).await;
             self.stats.attempts.increment();
-            let request = async_nats::Request::new()
-                .payload(body.clone())
-                .headers(headers.clone())
-                .timeout(Some(t.spec.timeout));
-            let reply = self.bus.client.send_request(subject.clone(), request).await;
+            let reply = self
+                .bus
+                .request(
+                    subject.clone(),
+                    Some(headers.clone()),
+                    body.clone(),
+                    t.spec.timeout,
+                )
+                .await;
             match classify(&t.name, reply) {
                 Ok(v) => return Ok(v),
                 Err(AttemptError::Stop(e)) => return Err(e),
@@ -524,7 +528,7 @@ impl ToolGateway {
         let bucket = self.bus.names().bucket_cache();
         match self
             .cache
-            .get_or_try_init(|| self.bus.js.get_key_value(bucket.clone()))
+            .get_or_try_init(|| self.bus.open_bucket(&bucket))
             .await
         {
             Ok(s) => Some(s),
@@ -556,19 +560,17 @@ impl ToolGateway {
     /// Writes a result with its own TTL (a few tries: for a side-effecting call, a lost
     /// record means a redelivery repeats the effect unless the tool deduplicates).
     async fn record(&self, key: &str, result: &serde_json::Value, ttl: Duration) {
-        let subject = format!("$KV.{}.{key}", self.bus.names().bucket_cache());
+        let bucket = self.bus.names().bucket_cache();
         let payload = Bytes::from(serde_json::to_vec(result).unwrap_or_default());
         let ttl = Duration::from_secs(ttl.as_secs().max(1));
         for attempt in 0..3u32 {
-            let msg = async_nats::jetstream::message::PublishMessage::build()
-                .payload(payload.clone())
-                .ttl(ttl);
-            let err = match self.bus.js.send_publish(subject.clone(), msg).await {
-                Ok(ack) => match ack.await {
-                    Ok(_) => return,
-                    Err(e) => e.to_string(),
-                },
-                Err(e) => e.to_string(),
+            let err = match self
+                .bus
+                .put_expiring(&bucket, key, payload.clone(), ttl, None)
+                .await
+            {
+                Ok(_) => return,
+                Err(e) => e,
             };
             tracing::warn!(key, attempt, error = %err, "tool result not recorded");
             tokio::time::sleep(backoff(attempt + 1)).await;
@@ -588,32 +590,31 @@ fn backoff(n: u32) -> Duration {
 
 fn classify(
     tool: &ToolName,
-    reply: Result<async_nats::Message, async_nats::RequestError>,
+    reply: Result<async_nats::Message, RequestError>,
 ) -> Result<serde_json::Value, AttemptError> {
-    use async_nats::RequestErrorKind as K;
     let name = || tool.to_string();
     let msg = match reply {
         Ok(m) => m,
         Err(e) => {
-            return Err(match e.kind() {
-                K::TimedOut => AttemptError::Retry(ToolError::Timeout {
+            return Err(match e {
+                RequestError::TimedOut { .. } => AttemptError::Retry(ToolError::Timeout {
                     tool: name(),
                     attempts: 1,
                 }),
-                K::NoResponders => AttemptError::Retry(ToolError::Unavailable {
+                RequestError::NoResponders { .. } => AttemptError::Retry(ToolError::Unavailable {
                     tool: name(),
                     detail: "no responders".into(),
                 }),
-                K::InvalidSubject | K::MaxPayloadExceeded => {
-                    AttemptError::Stop(ToolError::Failed {
+                RequestError::Refused { source, .. } => AttemptError::Stop(ToolError::Failed {
+                    tool: name(),
+                    message: source.to_string(),
+                }),
+                RequestError::Failed { source, .. } => {
+                    AttemptError::Retry(ToolError::Unavailable {
                         tool: name(),
-                        message: e.to_string(),
+                        detail: source.to_string(),
                     })
                 }
-                K::Other => AttemptError::Retry(ToolError::Unavailable {
-                    tool: name(),
-                    detail: e.to_string(),
-                }),
             });
         }
     };
@@ -740,32 +741,31 @@ where
     F: Fn(ToolCall) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ToolReply> + Send + 'static,
 {
-    use async_nats::service::ServiceExt;
     use futures::StreamExt;
     let tool = ToolName::parse(name)?;
     let names = bus.names();
     let service_name = names.tool_service_name(&tool);
-    let start_err = |e: async_nats::Error| ServeToolError::Start {
+    let start_err = |detail: String| ServeToolError::Start {
         service: service_name.clone(),
-        detail: e.to_string(),
+        detail,
     };
     let service = bus
-        .client
-        .service_builder()
-        .description(description)
-        .start(service_name.clone(), env!("CARGO_PKG_VERSION"))
+        .start_service(&service_name, description, env!("CARGO_PKG_VERSION"))
         .await
-        .map_err(start_err)?;
+        .map_err(|e| match e {
+            CoreError::Service { source, .. } => start_err(source.to_string()),
+            other => start_err(other.to_string()),
+        })?;
     let mut endpoint = service
         .endpoint_builder()
         .name(tool.as_str())
         .add(names.tool(&tool))
         .await
-        .map_err(start_err)?;
-    bus.client
-        .flush()
-        .await
-        .map_err(|e| start_err(Box::new(e)))?;
+        .map_err(|e| start_err(e.to_string()))?;
+    bus.flush().await.map_err(|e| match e {
+        CoreError::Flush(source) => start_err(source.to_string()),
+        other => start_err(other.to_string()),
+    })?;
     let handler = Arc::new(handler);
     let max_payload = bus.config().max_payload;
     Ok(tokio::spawn(async move {

@@ -441,7 +441,7 @@ impl Worker {
             spend: crate::budget::SpendMeter::default(),
             resumed,
             progress: crate::agent::Progress::new(
-                flotilla_bus::AckHandle::new(self.bus.client.clone(), ack_subject.to_owned()),
+                self.bus.ack_handle(ack_subject),
                 self.tracker.clone(),
             ),
             allowance,

@@ -250,6 +250,11 @@ impl DeadLetter {
 }
 
 impl Bus {
+    /// The delivery whose ack subject is `ack_subject`, on this connection.
+    pub fn ack_handle(&self, ack_subject: impl Into<String>) -> AckHandle {
+        AckHandle::new(self.client.clone(), ack_subject.into())
+    }
+
     /// Stores `letter` in the dead-letter stream under `<p>.dlq.<stream>.<reason>`, with
     /// message id `dlq.<stream>.<sequence>` so a repeat is de-duplicated.
     pub async fn store_dead_letter(&self, letter: &DeadLetter) -> Result<(), String> {

@@ -519,3 +519,47 @@ pub(crate) fn jetstream_code(e: &(dyn std::error::Error + 'static)) -> Option<u6
 pub fn wrong_last_sequence(e: &(dyn std::error::Error + 'static)) -> bool {
     matches!(jetstream_code(e), Some(10071 | 10164))
 }
+
+impl crate::Bus {
+    /// Opens KV bucket `name` (one stream info request): for buckets the bus does not
+    /// hold as [`Records`] (the tool cache), or to watch or list a bucket's keys.
+    pub async fn open_bucket(&self, name: &str) -> Result<kv::Store, KvError> {
+        self.js
+            .get_key_value(name)
+            .await
+            .map_err(|e| KvError::unavailable(name, e))
+    }
+
+    /// Writes `payload` at `key` of bucket `bucket` with its own time to live (whole
+    /// seconds, server 2.11+; the bucket must allow per-message TTLs): a presence, a
+    /// cached result, a lease. With `expected_last`, only while the key's last
+    /// sequence is that (0: absent), else [`KvError::Conflict`]. Returns the write's
+    /// revision. One publish, not retried.
+    pub async fn put_expiring(
+        &self,
+        bucket: &str,
+        key: &str,
+        payload: Bytes,
+        ttl: std::time::Duration,
+        expected_last: Option<u64>,
+    ) -> Result<u64, KvError> {
+        let mut msg = async_nats::jetstream::message::PublishMessage::build()
+            .payload(payload)
+            .ttl(ttl);
+        if let Some(last) = expected_last {
+            msg = msg.expected_last_subject_sequence(last);
+        }
+        let ack = self
+            .js
+            .send_publish(format!("$KV.{bucket}.{key}"), msg)
+            .await
+            .map_err(|e| KvError::unavailable(key, e))?;
+        match ack.await {
+            Ok(ack) => Ok(ack.sequence),
+            Err(e) if wrong_last_sequence(&e) => Err(KvError::Conflict {
+                key: key.to_owned(),
+            }),
+            Err(e) => Err(KvError::unavailable(key, e)),
+        }
+    }
+}

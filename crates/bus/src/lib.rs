@@ -1,18 +1,26 @@
 //! Flotilla's NATS layer: the only crate that talks to NATS directly.
 //!
 //! A [`Bus`] is one connection with its JetStream context, the [`Namespace`] every name
-//! derives from, the typed KV buckets, and the process's message counters.
+//! derives from, the typed KV buckets, and the process's message counters. The
+//! connection and the context are private to this crate: other crates reach NATS
+//! through the methods of [`Bus`], named for what they do (tests, with the
+//! `test-support` feature, through `raw_client` and `raw_js`).
 //!
 //! # Layout
 //! - [`config`]: [`BusConfig`], the connection and topology settings.
 //! - [`topology`]: idempotent, versioned bootstrap of streams and buckets.
-//! - [`publish`]: JetStream publish with `Nats-Msg-Id`, retry and backpressure.
+//! - [`publish`]: JetStream publish with `Nats-Msg-Id`, retry and backpressure; single
+//!   publishes and `Nats-Incr` counter increments.
 //! - [`signing`]: task signatures, so workers trust a task without reading its session.
-//! - [`kv`]: typed records changed by compare-and-set.
+//! - [`kv`]: typed records changed by compare-and-set; buckets by name, and writes with
+//!   their own time to live.
 //! - [`memory`]: sessions' shared memory (compare-and-set, merge, timed locks).
 //! - [`delivery`]: a pulled message and what a handler does with it (ack, nak, dead-letter).
 //! - [`consumer`]: the shared durable pull consumer of a role pool, and the pull loop.
 //! - [`verdict`]: what a handler decided (ack, retry, dead-letter) and carrying it out.
+//! - [`nats`]: core NATS: requests, subscriptions, answers, micro services, connection
+//!   state.
+//! - [`streams`]: streams by name: state, one message, deleting one, ordered replays.
 //! - [`metrics`]: message counters.
 //! - [`trace`]: span ids for W3C trace context.
 
@@ -22,8 +30,10 @@ pub mod delivery;
 pub mod kv;
 pub mod memory;
 pub mod metrics;
+pub mod nats;
 pub mod publish;
 pub mod signing;
+pub mod streams;
 pub mod topology;
 pub mod trace;
 pub mod verdict;
@@ -42,8 +52,10 @@ pub use memory::{
     LockGuard, MemKey, Memory, MemoryConfig, MemoryError, MemoryStats, SessionMemory, Versioned,
 };
 pub use metrics::{Counters, CountersSnapshot};
+pub use nats::{CoreError, RequestError};
 pub use publish::{Outgoing, PublishError, Published, message_headers};
 pub use signing::{SignatureError, Signer, SignerRecord, Verifier};
+pub use streams::{Replay, StreamError, StreamHandle};
 pub use topology::TopologyError;
 pub use verdict::{VerdictError, outlast, settle};
 
@@ -113,10 +125,11 @@ impl std::ops::Deref for Bus {
 
 /// What a [`Bus`] holds.
 pub struct BusInner {
-    /// The core client (requests, core subscriptions).
-    pub client: async_nats::Client,
+    /// The core client (requests, core subscriptions): only this crate speaks NATS
+    /// (other crates use the methods of [`Bus`]).
+    pub(crate) client: async_nats::Client,
     /// The JetStream context.
-    pub js: jetstream::Context,
+    pub(crate) js: jetstream::Context,
     names: Namespace,
     config: Arc<BusConfig>,
     sessions: Records,
@@ -238,6 +251,20 @@ impl Bus {
             }
         }
         Ok(None)
+    }
+
+    /// The raw core client, for tests only (that inspect or inject NATS traffic):
+    /// with the `test-support` feature, which only tests enable.
+    #[cfg(feature = "test-support")]
+    pub fn raw_client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    /// The raw JetStream context, for tests only (that inspect or inject NATS
+    /// traffic): with the `test-support` feature, which only tests enable.
+    #[cfg(feature = "test-support")]
+    pub fn raw_js(&self) -> &jetstream::Context {
+        &self.js
     }
 
     /// The namespace every name derives from.

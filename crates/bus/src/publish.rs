@@ -176,37 +176,15 @@ impl Bus {
                 }
                 Err(e) => e,
             };
-            match err.kind() {
-                PublishErrorKind::StreamNotFound => {
-                    return Err(PublishError::NoStream {
-                        subject: out.subject.clone(),
-                    });
-                }
-                PublishErrorKind::MaxPayloadExceeded
-                | PublishErrorKind::WrongLastMessageId
-                | PublishErrorKind::WrongLastSequence => {
-                    return Err(PublishError::Refused {
-                        subject: out.subject.clone(),
-                        source: err,
-                    });
-                }
-                PublishErrorKind::Other => match crate::kv::jetstream_code(&err) {
-                    Some(SUBJECT_FULL) | Some(STREAM_FULL) => {
+            let err = match final_error(&out.subject, err) {
+                Ok(e) => {
+                    if matches!(e, PublishError::Full { .. }) {
                         self.counters.backpressure.increment();
-                        return Err(PublishError::Full {
-                            subject: out.subject.clone(),
-                        });
                     }
-                    Some(_) => {
-                        return Err(PublishError::Refused {
-                            subject: out.subject.clone(),
-                            source: err,
-                        });
-                    }
-                    None => {}
-                },
-                _ => {}
-            }
+                    return Err(e);
+                }
+                Err(err) => err,
+            };
             if attempt >= attempts {
                 return Err(PublishError::Unavailable {
                     subject: out.subject.clone(),
@@ -220,6 +198,91 @@ impl Bus {
             // retries idempotent.
             tokio::time::sleep(backoff.delay(attempt - 1)).await;
         }
+    }
+}
+
+/// What a failed publish means: `Ok` with the error to report when asking again will
+/// not help (no stream, refused, full), `Err` giving the cause back when it may.
+fn final_error(
+    subject: &str,
+    err: async_nats::jetstream::context::PublishError,
+) -> Result<PublishError, async_nats::jetstream::context::PublishError> {
+    let subject = subject.to_owned();
+    match err.kind() {
+        PublishErrorKind::StreamNotFound => Ok(PublishError::NoStream { subject }),
+        PublishErrorKind::MaxPayloadExceeded
+        | PublishErrorKind::WrongLastMessageId
+        | PublishErrorKind::WrongLastSequence => Ok(PublishError::Refused {
+            subject,
+            source: err,
+        }),
+        PublishErrorKind::Other => match crate::kv::jetstream_code(&err) {
+            Some(SUBJECT_FULL) | Some(STREAM_FULL) => Ok(PublishError::Full { subject }),
+            Some(_) => Ok(PublishError::Refused {
+                subject,
+                source: err,
+            }),
+            None => Err(err),
+        },
+        _ => Err(err),
+    }
+}
+
+impl Bus {
+    /// Publishes `payload` with `headers` to JetStream once, without retrying: for a
+    /// caller that decides itself what a failure means (a dead letter replayed by
+    /// hand). `headers` should carry a `Nats-Msg-Id`.
+    pub async fn publish_once(
+        &self,
+        subject: &str,
+        headers: HeaderMap,
+        payload: Bytes,
+    ) -> Result<Published, PublishError> {
+        let ack = self.publish_acked(subject, headers, payload).await?;
+        Ok(Published {
+            sequence: ack.sequence,
+            duplicate: ack.duplicate,
+        })
+    }
+
+    /// Adds `delta` to the JetStream counter on `subject` (a `Nats-Incr` publish to a
+    /// stream that allows counters, server 2.12+), once, without retrying; `headers`
+    /// should carry a `Nats-Msg-Id` so a retried increment is counted once. Returns the
+    /// counter's new total, or `None` when the server recognized a repeat (its first
+    /// copy was counted; read the counter for its total).
+    pub async fn counter_add(
+        &self,
+        subject: &str,
+        delta: i128,
+        mut headers: HeaderMap,
+    ) -> Result<Option<i128>, PublishError> {
+        headers.insert("Nats-Incr", delta.to_string().as_str());
+        let ack = self.publish_acked(subject, headers, Bytes::new()).await?;
+        Ok(ack.value.as_deref().and_then(|v| v.parse().ok()))
+    }
+
+    /// One JetStream publish and its acknowledgement.
+    async fn publish_acked(
+        &self,
+        subject: &str,
+        headers: HeaderMap,
+        payload: Bytes,
+    ) -> Result<async_nats::jetstream::publish::PublishAck, PublishError> {
+        let res = match self
+            .js
+            .publish_with_headers(subject.to_owned(), headers, payload)
+            .await
+        {
+            Ok(fut) => fut.await,
+            Err(e) => Err(e),
+        };
+        res.map_err(|err| {
+            final_error(subject, err).unwrap_or_else(|source| PublishError::Unavailable {
+                subject: subject.to_owned(),
+                attempts: 1,
+                source,
+            })
+        })
     }
 }
 

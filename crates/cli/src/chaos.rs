@@ -231,38 +231,23 @@ pub(crate) async fn kill_nats(
 /// Message counters read from the server (processes keep their own counters, which
 /// die with them): tasks stored, deliveries beyond the first, dead letters.
 pub(crate) async fn server_counters(bus: &Bus, backlog: u64) -> anyhow::Result<CountersSnapshot> {
-    use futures::StreamExt;
     let names = bus.names();
-    let prefix = names.stream_inbox_prefix();
     let orchestrator = names.stream_inbox(&flotilla_protocol::Role::orchestrator());
     let mut stored = 0;
     let mut dispatched = 0;
     let mut redelivered = 0;
-    let mut streams = bus.js.stream_names();
     let mut found: HashMap<String, u64> = HashMap::new();
-    while let Some(name) = streams.next().await {
-        let name = name?;
-        if !name.starts_with(&prefix) {
-            continue;
-        }
-        let mut s = bus.js.get_stream(&name).await?;
-        let last = s.info().await?.state.last_sequence;
+    for name in bus.inbox_streams().await? {
+        let s = bus.stream(&name).await?;
+        let last = s.state().await?.last_sequence;
         stored += last;
         if name != orchestrator {
             dispatched += last;
         }
-        let mut consumers = s.consumers();
-        while let Some(c) = consumers.next().await {
-            let c = c?;
-            redelivered += c
-                .delivered
-                .consumer_sequence
-                .saturating_sub(c.delivered.stream_sequence);
-        }
+        redelivered += s.redeliveries().await?;
         found.insert(name, last);
     }
-    let mut dlq = bus.js.get_stream(names.stream_dlq()).await?;
-    let dead_lettered = dlq.info().await?.state.messages;
+    let dead_lettered = bus.dead_letters().await?.state().await?.messages;
     Ok(CountersSnapshot {
         dispatched,
         acked: stored.saturating_sub(backlog).saturating_sub(dead_lettered),

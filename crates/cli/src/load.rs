@@ -420,19 +420,19 @@ pub(crate) async fn autopsy(bus: &Bus, results: &[(Outcome, Duration)]) {
     use flotilla_protocol::subject::keys;
     use flotilla_protocol::{SessionRecord, TaskRecord};
     let names = bus.names();
-    let events = bus.js.get_stream(names.stream_events()).await.ok();
+    let events = bus.stream(&names.stream_events()).await.ok();
     for (o, _) in results {
         let Outcome::Lost(sid) = o else { continue };
         let Ok(session) = sid.parse::<flotilla_protocol::SessionId>() else {
             continue;
         };
         let done = match &events {
-            Some(stream) => stream
-                .get_last_raw_message_by_subject(
-                    &names.event(&session, flotilla_protocol::EventKindName::Done),
-                )
-                .await
-                .is_ok(),
+            Some(stream) => matches!(
+                stream
+                    .last_message(&names.event(&session, flotilla_protocol::EventKindName::Done))
+                    .await,
+                Ok(Some(_))
+            ),
             None => false,
         };
         let record = bus
@@ -472,7 +472,6 @@ pub(crate) async fn autopsy(bus: &Bus, results: &[(Outcome, Duration)]) {
 /// into `summary`: counts, and the reassignment delays' percentiles.
 pub(crate) async fn tally_events(bus: &Bus, summary: &mut Summary) {
     use flotilla_protocol::{Event, EventBody};
-    use futures::StreamExt;
     let names = bus.names();
     let subjects = [
         "reassigned",
@@ -484,19 +483,10 @@ pub(crate) async fn tally_events(bus: &Bus, summary: &mut Summary) {
     ]
     .map(|k| format!("{}.s.*.ev.{k}", names.prefix()))
     .to_vec();
-    let Ok(stream) = bus.js.get_stream(names.stream_events()).await else {
+    let Ok(stream) = bus.stream(&names.stream_events()).await else {
         return;
     };
-    let consumer = stream
-        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
-            filter_subjects: subjects,
-            ..Default::default()
-        })
-        .await;
-    let Ok(consumer) = consumer else {
-        return;
-    };
-    let Ok(mut msgs) = consumer.messages().await else {
+    let Ok(mut msgs) = stream.replay(&subjects).await else {
         return;
     };
     let mut delays = Vec::new();

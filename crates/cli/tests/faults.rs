@@ -119,7 +119,7 @@ async fn inspector_with(config: BusConfig) -> (Bus, Client) {
     let bus = Bus::connect(&config, "fault-inspector", Arc::new(Counters::default()))
         .await
         .unwrap();
-    let client = Client::new(bus.client.clone(), bus.names().clone())
+    let client = Client::new(bus.shared_connection(), bus.names().clone())
         .await
         .unwrap();
     (bus, client)
@@ -308,7 +308,7 @@ async fn killed_serve_process_sessions_continue_on_the_other() {
     // The killed instance's unfinished orchestrator messages were redelivered to the
     // other: the consumer delivered more times than there are messages.
     let stream = bus
-        .js
+        .raw_js()
         .get_stream(
             bus.names()
                 .stream_inbox(&flotilla_protocol::Role::orchestrator()),
@@ -367,7 +367,7 @@ async fn time_to_reassign(bus: &Bus, held: &[String], victim: &str) -> Duration 
 
 async fn reassigned_events(bus: &Bus, records: &[SessionRecord]) -> Vec<EventBody> {
     let mut stream = bus
-        .js
+        .raw_js()
         .get_stream(bus.names().stream_events())
         .await
         .unwrap();
@@ -1521,7 +1521,7 @@ async fn sessions_resume_after_every_process_is_killed() {
 async fn leader_of(bus: &Bus, cluster: &flotilla_testkit::NatsCluster, stream: &str) -> usize {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        if let Ok(mut s) = bus.js.get_stream(stream).await
+        if let Ok(mut s) = bus.raw_js().get_stream(stream).await
             && let Ok(info) = s.info().await
             && let Some(name) = info.cluster.as_ref().and_then(|c| c.leader.clone())
             && let Some(i) = (0..3).find(|i| cluster.name(*i) == name)
@@ -1554,7 +1554,7 @@ async fn cluster_inspector(
 async fn reassigned_total(bus: &Bus) -> usize {
     use futures::StreamExt;
     let stream = bus
-        .js
+        .raw_js()
         .get_stream(bus.names().stream_events())
         .await
         .unwrap();

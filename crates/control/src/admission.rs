@@ -368,14 +368,14 @@ impl Admission {
         self,
         shutdown: CancellationToken,
     ) -> Result<(), async_nats::Error> {
-        use async_nats::service::ServiceExt;
         let names = self.bus.names().clone();
         let service = self
             .bus
-            .client
-            .service_builder()
-            .description("Flotilla admission: open a session, or be told the pool is full")
-            .start(names.service_name(), env!("CARGO_PKG_VERSION"))
+            .start_service(
+                &names.service_name(),
+                "Flotilla admission: open a session, or be told the pool is full",
+                env!("CARGO_PKG_VERSION"),
+            )
             .await?;
         let mut endpoint = service
             .endpoint_builder()

@@ -16,7 +16,9 @@
 use std::time::{Duration, SystemTime};
 
 use flotilla_bus::kv::{Applied, Start, Step};
-use flotilla_bus::{Bus, DeadLetter, Delivery, PoolConsumer, PoolSettings, VerdictError};
+use flotilla_bus::{
+    Bus, DeadLetter, Delivery, PoolConsumer, PoolSettings, StreamError, StreamHandle, VerdictError,
+};
 use flotilla_protocol::subject::keys;
 use flotilla_protocol::task_machine;
 use flotilla_protocol::{
@@ -88,11 +90,10 @@ impl DeadLetterMover {
         let retry = |e: String| VerdictError::retry(Duration::from_secs(1), e);
         let stream = self
             .bus
-            .js
-            .get_stream(&adv.stream)
+            .stream(&adv.stream)
             .await
             .map_err(|e| retry(e.to_string()))?;
-        let msg = match stream.get_raw_message(adv.stream_seq).await {
+        let msg = match stream.message(adv.stream_seq).await {
             Ok(m) => m,
             // Already moved (or acked late): nothing to do.
             Err(_) => return Ok(()),
@@ -193,15 +194,11 @@ impl DeadLetterMover {
     }
 
     /// Removes a dead-lettered message from its work queue.
-    async fn delete_moved(
-        &self,
-        stream: &async_nats::jetstream::stream::Stream,
-        seq: u64,
-    ) -> Result<(), VerdictError> {
+    async fn delete_moved(&self, stream: &StreamHandle, seq: u64) -> Result<(), VerdictError> {
         match stream.delete_message(seq).await {
-            Ok(_) => Ok(()),
+            Ok(()) => Ok(()),
             // Gone already: fine.
-            Err(e) if e.to_string().contains("not found") => Ok(()),
+            Err(StreamError::NoMessage { .. }) => Ok(()),
             Err(e) => Err(VerdictError::retry(Duration::from_secs(1), e.to_string())),
         }
     }
@@ -265,27 +262,26 @@ fn entry(seq: u64, m: &async_nats::jetstream::message::StreamMessage) -> DeadLet
     }
 }
 
-async fn dlq_stream(bus: &Bus) -> Result<async_nats::jetstream::stream::Stream, DlqError> {
-    bus.js
-        .get_stream(bus.names().stream_dlq())
+async fn dlq_stream(bus: &Bus) -> Result<StreamHandle, DlqError> {
+    bus.dead_letters()
         .await
         .map_err(|e| DlqError::Nats(e.to_string()))
 }
 
 /// The newest `limit` dead letters, oldest first.
 pub async fn list(bus: &Bus, limit: usize) -> Result<Vec<DeadLetterEntry>, DlqError> {
-    let mut stream = dlq_stream(bus).await?;
+    let stream = dlq_stream(bus).await?;
     let (first, last) = {
-        let info = stream
-            .info()
+        let state = stream
+            .state()
             .await
             .map_err(|e| DlqError::Nats(e.to_string()))?;
-        (info.state.first_sequence, info.state.last_sequence)
+        (state.first_sequence, state.last_sequence)
     };
     let mut out = Vec::new();
     let mut seq = last;
     while seq >= first && seq > 0 && out.len() < limit {
-        if let Ok(m) = stream.get_raw_message(seq).await {
+        if let Ok(m) = stream.message(seq).await {
             out.push(entry(seq, &m));
         }
         seq -= 1;
@@ -298,7 +294,7 @@ pub async fn list(bus: &Bus, limit: usize) -> Result<Vec<DeadLetterEntry>, DlqEr
 pub async fn show(bus: &Bus, seq: u64) -> Result<DeadLetterEntry, DlqError> {
     let stream = dlq_stream(bus).await?;
     let m = stream
-        .get_raw_message(seq)
+        .message(seq)
         .await
         .map_err(|_| DlqError::NotFound(seq))?;
     Ok(entry(seq, &m))
@@ -309,7 +305,7 @@ pub async fn show(bus: &Bus, seq: u64) -> Result<DeadLetterEntry, DlqError> {
 pub async fn replay(bus: &Bus, seq: u64) -> Result<String, DlqError> {
     let stream = dlq_stream(bus).await?;
     let m = stream
-        .get_raw_message(seq)
+        .message(seq)
         .await
         .map_err(|_| DlqError::NotFound(seq))?;
     let subject = m
@@ -327,10 +323,7 @@ pub async fn replay(bus: &Bus, seq: u64) -> Result<String, DlqError> {
             h.insert(name, v.as_str());
         }
     }
-    bus.js
-        .publish_with_headers(subject.clone(), h, m.payload.clone())
-        .await
-        .map_err(|e| DlqError::Nats(e.to_string()))?
+    bus.publish_once(&subject, h, m.payload.clone())
         .await
         .map_err(|e| DlqError::Nats(e.to_string()))?;
     stream

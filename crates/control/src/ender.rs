@@ -278,20 +278,14 @@ impl Ender {
             session_id: rec.session_id.clone(),
             outcome: machine::outcome_of(rec.status),
         };
-        let client = &self.bus.client;
-        let inbox = client.new_inbox();
-        let Ok(mut answers) = client.subscribe(inbox.clone()).await else {
+        let body = Bytes::from(serde_json::to_vec(&notice).unwrap_or_default());
+        let Ok(mut answers) = self
+            .bus
+            .request_many(self.bus.names().ctl_stop(), body)
+            .await
+        else {
             return (0, expected);
         };
-        let body = Bytes::from(serde_json::to_vec(&notice).unwrap_or_default());
-        if client
-            .publish_with_reply(self.bus.names().ctl_stop(), inbox, body)
-            .await
-            .is_err()
-        {
-            return (0, expected);
-        }
-        let _ = client.flush().await;
         let mut confirmed = 0u32;
         let deadline = tokio::time::Instant::now() + self.stop_wait;
         while confirmed < expected {
@@ -316,8 +310,7 @@ impl Ender {
     async fn live_processes(&self) -> Result<u32, String> {
         let store = self
             .bus
-            .js
-            .get_key_value(self.bus.names().bucket_agents())
+            .open_bucket(&self.bus.names().bucket_agents())
             .await
             .map_err(|e| e.to_string())?;
         let mut keys = store.keys().await.map_err(|e| e.to_string())?;

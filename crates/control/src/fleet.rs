@@ -96,9 +96,13 @@ impl Fleet {
         let ping = format!("$SRV.PING.{}", probe.names().service_name());
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
         while tokio::time::Instant::now() < deadline {
-            let asked = probe.client.request(ping.clone(), bytes::Bytes::new());
-            if let Ok(Ok(_)) = tokio::time::timeout(std::time::Duration::from_secs(1), asked).await
-            {
+            let asked = probe.request(
+                ping.clone(),
+                None,
+                bytes::Bytes::new(),
+                std::time::Duration::from_secs(1),
+            );
+            if asked.await.is_ok() {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;

@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, SystemTime};
 
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream::kv;
 use bytes::Bytes;
 use flotilla_agent::{LimitsConfig, ModelLimits};
 use flotilla_bus::Bus;
@@ -304,11 +304,9 @@ impl Limiter {
         let bucket = self.bus.names().bucket_limits();
         let store = self
             .bus
-            .js
-            .get_key_value(&bucket)
+            .open_bucket(&bucket)
             .await
             .map_err(|e| LimiterError::Bucket(e.to_string()))?;
-        let subject = format!("$KV.{bucket}.{LEASE_KEY}");
         // One watch of the lease for the whole run (a new one is made only if it ends).
         let mut watch = None;
         loop {
@@ -326,12 +324,12 @@ impl Limiter {
                 }
             };
             if let Some(last) = free_after
-                && let Some(seq) = self.publish_lease(&subject, last).await
+                && let Some(seq) = self.publish_lease(&bucket, last).await
             {
                 tracing::info!(holder = %self.holder, term = seq, "rate limiter leadership taken");
                 // A leader does not follow the lease (its own renewals would pile up).
                 watch = None;
-                match self.lead(&store, &subject, seq, &shutdown).await {
+                match self.lead(&store, &bucket, seq, &shutdown).await {
                     Outcome::Shutdown => return Ok(()),
                     Outcome::Lost => {
                         tracing::warn!(holder = %self.holder, "rate limiter leadership lost");
@@ -356,25 +354,19 @@ impl Limiter {
         }
     }
 
-    /// Publishes the lease expecting `last` as the key's last sequence.
-    async fn publish_lease(&self, subject: &str, last: u64) -> Option<u64> {
+    /// Publishes the lease in `bucket` expecting `last` as the key's last sequence.
+    async fn publish_lease(&self, bucket: &str, last: u64) -> Option<u64> {
         let lease = LimiterLease {
             v: V1,
             holder: self.holder.clone(),
             pid: std::process::id(),
             since_ms: now_ms(),
         };
-        let msg = jetstream::message::PublishMessage::build()
-            .payload(Bytes::from(serde_json::to_vec(&lease).unwrap_or_default()))
-            .expected_last_subject_sequence(last)
-            .ttl(self.ttl());
-        match self.bus.js.send_publish(subject.to_owned(), msg).await {
-            Ok(f) => match f.await {
-                Ok(ack) => Some(ack.sequence),
-                Err(_) => None,
-            },
-            Err(_) => None,
-        }
+        let payload = Bytes::from(serde_json::to_vec(&lease).unwrap_or_default());
+        self.bus
+            .put_expiring(bucket, LEASE_KEY, payload, self.ttl(), Some(last))
+            .await
+            .ok()
     }
 
     /// Loads the predecessor's windows. Every leader writes its windows before it
@@ -423,11 +415,10 @@ impl Limiter {
     async fn lead(
         &self,
         store: &kv::Store,
-        subject: &str,
+        bucket: &str,
         mut seq: u64,
         shutdown: &CancellationToken,
     ) -> Outcome {
-        use async_nats::service::ServiceExt;
         let term = seq;
         let mut state = self.load_windows(store, term).await;
         // Written before the first grant, so a successor never mistakes "no snapshot"
@@ -439,10 +430,11 @@ impl Limiter {
         let names = self.bus.names().clone();
         let service = match self
             .bus
-            .client
-            .service_builder()
-            .description("Flotilla fleet rate limiter (served by the current leader)")
-            .start(names.limits_service_name(), env!("CARGO_PKG_VERSION"))
+            .start_service(
+                &names.limits_service_name(),
+                "Flotilla fleet rate limiter (served by the current leader)",
+                env!("CARGO_PKG_VERSION"),
+            )
             .await
         {
             Ok(s) => s,
@@ -490,7 +482,7 @@ impl Limiter {
                     let _ = req.respond(Ok(body)).await;
                 }
                 _ = renew.tick() => {
-                    match self.publish_lease(subject, seq).await {
+                    match self.publish_lease(bucket, seq).await {
                         Some(s) => { seq = s; renewed_at = tokio::time::Instant::now(); }
                         None => break Outcome::Lost,
                     }

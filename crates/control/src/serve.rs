@@ -204,18 +204,17 @@ impl Serve {
                 metrics::gauge!("flotilla_session_slots").set(f64::from(size));
                 metrics::gauge!("flotilla_sessions_in_use").set(f64::from(gauged.taken()));
                 let names = bus.names();
-                if let Ok(mut dlq) = bus.js.get_stream(names.stream_dlq()).await
-                    && let Ok(info) = dlq.info().await
+                if let Ok(dlq) = bus.dead_letters().await
+                    && let Ok(state) = dlq.state().await
                 {
-                    metrics::gauge!("flotilla_dead_letter_queue_depth")
-                        .set(info.state.messages as f64);
+                    metrics::gauge!("flotilla_dead_letter_queue_depth").set(state.messages as f64);
                 }
                 for role in std::iter::once(Role::orchestrator()).chain(roles.iter().cloned()) {
-                    if let Ok(mut inbox) = bus.js.get_stream(names.stream_inbox(&role)).await
-                        && let Ok(info) = inbox.info().await
+                    if let Ok(inbox) = bus.stream(&names.stream_inbox(&role)).await
+                        && let Ok(state) = inbox.state().await
                     {
                         metrics::gauge!("flotilla_inbox_depth", "role" => role.to_string())
-                            .set(info.state.messages as f64);
+                            .set(state.messages as f64);
                     }
                 }
                 tokio::select! {

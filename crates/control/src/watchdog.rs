@@ -34,11 +34,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 use tracing::Instrument;
 
-use async_nats::RequestErrorKind;
 use async_nats::jetstream::kv;
 use bytes::Bytes;
 use flotilla_agent::{LivenessConfig, RECONNECT_GRACE};
-use flotilla_bus::{Applied, Bus, KvError, Start, Step};
+use flotilla_bus::{Applied, Bus, KvError, RequestError, Start, Step};
 use flotilla_protocol::subject::keys;
 use flotilla_protocol::{
     AgentId, DEFAULT_MAX_PAYLOAD, EventBody, InFlight, Presence, TaskRecord, TaskRunState, decode,
@@ -85,14 +84,7 @@ fn now() -> u64 {
 impl Watchdog {
     /// A watchdog over `bus`'s agents bucket.
     pub async fn new(bus: Bus, config: LivenessConfig) -> Result<Self, KvError> {
-        let store = bus
-            .js
-            .get_key_value(bus.names().bucket_agents())
-            .await
-            .map_err(|e| KvError::Unavailable {
-                key: bus.names().bucket_agents(),
-                source: Box::new(e),
-            })?;
+        let store = bus.open_bucket(&bus.names().bucket_agents()).await?;
         Ok(Self {
             bus,
             gone_since: HashMap::new(),
@@ -249,15 +241,9 @@ impl Watchdog {
     pub async fn probe(&mut self) {
         // A connection that is down, or came back since the last probe (an outage
         // shorter than a probe included): every process may be reconnecting too.
-        let connects = self
-            .bus
-            .client
-            .statistics()
-            .connects
-            .load(Ordering::Relaxed);
+        let connects = self.bus.connects();
         let before = std::mem::replace(&mut self.connects, connects);
-        let connected =
-            self.bus.client.connection_state() == async_nats::connection::State::Connected;
+        let connected = self.bus.is_connected();
         if !connected || (before != 0 && connects != before) {
             self.own_outage = Some(tokio::time::Instant::now());
         }
@@ -277,13 +263,13 @@ impl Watchdog {
             .map(|p| p.ping_subject.clone())
             .chain(orphans.iter().map(|h| names.agent_ping(h)));
         let pings = futures::future::join_all(subjects.map(|subject| {
-            let client = self.bus.client.clone();
+            let bus = self.bus.clone();
             let timeout = self.config.probe_timeout;
             async move {
-                match tokio::time::timeout(timeout, client.request(subject, Bytes::new())).await {
-                    Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders => Liveness::Gone,
-                    Ok(Ok(_)) => Liveness::Alive,
-                    _ => Liveness::Unresponsive,
+                match bus.request(subject, None, Bytes::new(), timeout).await {
+                    Err(RequestError::NoResponders { .. }) => Liveness::Gone,
+                    Ok(_) => Liveness::Alive,
+                    Err(_) => Liveness::Unresponsive,
                 }
             }
         }))
@@ -441,7 +427,7 @@ impl Watchdog {
                 }
             }
         }
-        let ack = flotilla_bus::AckHandle::new(self.bus.client.clone(), item.ack_subject.clone());
+        let ack = self.bus.ack_handle(item.ack_subject.clone());
         if let Err(e) = ack.release().await {
             tracing::warn!(error = %e, "could not release a delivery");
         }

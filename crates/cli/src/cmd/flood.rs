@@ -116,7 +116,7 @@ pub(crate) async fn run(mut config: Config, a: FloodArgs, external: bool) -> any
     )
     .await
     .context("connecting to NATS")?;
-    let client = Client::new(bus.client.clone(), bus.names().clone()).await?;
+    let client = Client::new(bus.shared_connection(), bus.names().clone()).await?;
     let timeout = Duration::from_secs(300);
     let text = |i| format!("flood bench: explain JetStream (session #{i})");
 

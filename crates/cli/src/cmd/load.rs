@@ -137,14 +137,18 @@ pub(crate) async fn load(
     )
     .await?
     .context("connecting to NATS")?;
-    let client = Client::new(bus.client.clone(), bus.names().clone()).await?;
+    let client = Client::new(bus.shared_connection(), bus.names().clone()).await?;
     if let Running::Processes(f) = &fleet {
         // Chaos starts on a fleet that is up: `serve` answers its admission service.
         let ping = format!("$SRV.PING.{}", bus.names().service_name());
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
         while bus
-            .client
-            .request(ping.clone(), Default::default())
+            .request(
+                ping.clone(),
+                None,
+                Default::default(),
+                Duration::from_secs(10),
+            )
             .await
             .is_err()
         {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
-use async_nats::jetstream::{consumer::DeliverPolicy, consumer::pull::OrderedConfig, kv};
+use async_nats::jetstream::kv;
 use flotilla_bus::{Bus, Counters};
 use flotilla_protocol::{
     Event, EventBody, Presence, SessionId, SessionRecord, SessionStatus, TaskRecord, epoch_ms,
@@ -192,8 +192,7 @@ struct AgentRow {
 pub(crate) async fn agents(config: Config, json: bool) -> anyhow::Result<()> {
     let bus = connect(&config).await?;
     let store = bus
-        .js
-        .get_key_value(bus.names().bucket_agents())
+        .open_bucket(&bus.names().bucket_agents())
         .await
         .context("opening the agents bucket")?;
     let now = now_ms();
@@ -202,18 +201,20 @@ pub(crate) async fn agents(config: Config, json: bool) -> anyhow::Result<()> {
         let Ok(p) = serde_json::from_slice::<Presence>(&e.value) else {
             continue;
         };
-        let ping = tokio::time::timeout(
-            Duration::from_secs(2),
-            bus.client
-                .request(p.ping_subject.clone(), bytes::Bytes::new()),
-        )
-        .await;
+        let ping = bus
+            .request(
+                p.ping_subject.clone(),
+                None,
+                bytes::Bytes::new(),
+                Duration::from_secs(2),
+            )
+            .await;
         rows.push(AgentRow {
             agent_id: p.agent_id.to_string(),
             role: p.role.to_string(),
             in_flight: p.in_flight.len(),
             last_heartbeat_ms_ago: now.saturating_sub(p.renewed_ms),
-            ghost: !matches!(ping, Ok(Ok(_))),
+            ghost: ping.is_err(),
         });
     }
     rows.sort_by(|a, b| {
@@ -260,8 +261,7 @@ pub(crate) async fn memory(
 ) -> anyhow::Result<()> {
     let bus = connect(&config).await?;
     let store = bus
-        .js
-        .get_key_value(bus.names().bucket_memory())
+        .open_bucket(&bus.names().bucket_memory())
         .await
         .context("opening the memory bucket")?;
     let filter = match &key {
@@ -307,18 +307,10 @@ pub(crate) async fn memory(
 pub(crate) async fn watch(config: Config, session: SessionId, json: bool) -> anyhow::Result<()> {
     let bus = connect(&config).await?;
     let stream = bus
-        .js
-        .get_stream(bus.names().stream_events())
+        .stream(&bus.names().stream_events())
         .await
         .context("opening the event stream")?;
-    let consumer = stream
-        .create_consumer(OrderedConfig {
-            filter_subject: bus.names().events_of(&session),
-            deliver_policy: DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await?;
-    let mut msgs = consumer.messages().await?;
+    let mut msgs = stream.replay(&[bus.names().events_of(&session)]).await?;
     let mut t0: Option<u64> = None;
     // When each task attempt was dispatched, for its duration.
     let mut started = std::collections::HashMap::new();
