@@ -58,6 +58,69 @@ pub(crate) struct RecordCache {
     /// Records admission created, until their `start` handler takes them (or another
     /// process's does, and they age out).
     seeds: Arc<std::sync::Mutex<std::collections::HashMap<SessionId, Seed>>>,
+    /// Results waiting for their session's cell, which the handler holding it may apply
+    /// in its own write (see [`Mail`]).
+    mail: Arc<std::sync::Mutex<std::collections::HashMap<SessionId, Mail>>>,
+}
+
+/// A session's results waiting for its cell. Results of one session often arrive
+/// together (the tasks of a wave end at about the same time), and their handlers take
+/// turns on the cell: the one holding it applies the waiting ones too, in the same
+/// compare-and-set, and marks them applied once the write and its effects are done.
+/// Their handlers, getting the cell, find the mark and only ack. One write for several
+/// results instead of one each.
+#[derive(Default)]
+struct Mail {
+    pending: Vec<ResultMessage>,
+    applied: Vec<(TaskId, u32)>,
+}
+
+/// A handler's result posted to its session's [`Mail`]; taken back (or its mark
+/// cleared) when the handler ends, however it ends.
+struct Posted<'a> {
+    cache: &'a RecordCache,
+    session: SessionId,
+    task_id: TaskId,
+    attempt: u32,
+}
+
+impl Posted<'_> {
+    /// Whether another handler applied this result (and took it out of the mail);
+    /// otherwise takes it back, for this handler to apply.
+    fn applied_by_another(&self) -> bool {
+        let mut mail = self.cache.mail.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(m) = mail.get_mut(&self.session) else {
+            return false;
+        };
+        let key = (self.task_id.clone(), self.attempt);
+        if let Some(i) = m.applied.iter().position(|a| *a == key) {
+            m.applied.swap_remove(i);
+            return true;
+        }
+        if let Some(i) = m
+            .pending
+            .iter()
+            .position(|r| r.task_id == self.task_id && r.attempt == self.attempt)
+        {
+            m.pending.swap_remove(i);
+        }
+        false
+    }
+}
+
+impl Drop for Posted<'_> {
+    fn drop(&mut self) {
+        let mut mail = self.cache.mail.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = mail.get_mut(&self.session) {
+            let key = (self.task_id.clone(), self.attempt);
+            m.applied.retain(|a| *a != key);
+            m.pending
+                .retain(|r| !(r.task_id == self.task_id && r.attempt == self.attempt));
+            if m.pending.is_empty() && m.applied.is_empty() {
+                mail.remove(&self.session);
+            }
+        }
+    }
 }
 
 type Seed = (SessionRecord, u64, std::time::Instant);
@@ -109,6 +172,49 @@ impl RecordCache {
             .unwrap_or_else(|p| p.into_inner())
             .remove(session)
             .map(|(rec, rev, _)| (rec, rev))
+    }
+
+    /// Posts `r` for whoever holds its session's cell (see [`Mail`]).
+    fn post(&self, r: &ResultMessage) -> Posted<'_> {
+        self.repost(r.clone());
+        Posted {
+            cache: self,
+            session: r.session_id.clone(),
+            task_id: r.task_id.clone(),
+            attempt: r.attempt,
+        }
+    }
+
+    fn repost(&self, r: ResultMessage) {
+        self.mail
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(r.session_id.clone())
+            .or_default()
+            .pending
+            .push(r);
+    }
+
+    /// The results waiting for `session`'s cell, taken out of its mail.
+    fn drain(&self, session: &SessionId) -> Vec<ResultMessage> {
+        self.mail
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(session)
+            .map(|m| std::mem::take(&mut m.pending))
+            .unwrap_or_default()
+    }
+
+    /// Marks results this handler applied for their own handlers.
+    fn mark_applied(&self, session: &SessionId, results: &[(ResultMessage, Role, &'static str)]) {
+        if results.is_empty() {
+            return;
+        }
+        let mut mail = self.mail.lock().unwrap_or_else(|p| p.into_inner());
+        let m = mail.entry(session.clone()).or_default();
+        for (r, _, _) in results {
+            m.applied.push((r.task_id.clone(), r.attempt));
+        }
     }
 
     fn forget(&self, session: &SessionId) {
@@ -490,9 +596,22 @@ impl Orchestrator {
         let records = self.bus.sessions();
         let key = keys::session(session);
         // Handlers of one session in this process take turns (no conflicts among
-        // themselves), and start from the record as the last one left it.
+        // themselves), and start from the record as the last one left it. A commit's
+        // result waits in the session's mail meanwhile: the handler before it may
+        // apply it in its own write.
         let cell = self.cache.cell(session);
+        let carrier = committed
+            && matches!(&input, Input::Result(r)
+                if !matches!(r.outcome, flotilla_protocol::TaskOutcome::Clarify { .. }));
+        let posted = match &input {
+            Input::Result(r) if carrier && !redelivered => Some(self.cache.post(r)),
+            _ => None,
+        };
         let mut cached = cell.lock().await;
+        if posted.as_ref().is_some_and(|p| p.applied_by_another()) {
+            tracing::debug!("result applied by the session's previous handler");
+            return Ok(());
+        }
         // A result from the inbox is checked against the task's commit first.
         if let Input::Result(r) = &input
             && !committed
@@ -514,6 +633,8 @@ impl Orchestrator {
         let mut fresh = false;
         // A result's effect on its task, counted once its write lands.
         let mut task_outcome: Option<(Role, &'static str)> = None;
+        // Other handlers' results applied in this handler's write (see `Mail`).
+        let mut carried: Vec<(ResultMessage, Role, &'static str)> = Vec::new();
         for _ in 0..CAS_ROUNDS {
             // What of `calls` this round's copy of the record holds.
             let mut applied = 0;
@@ -615,6 +736,23 @@ impl Orchestrator {
                 }
                 _ => false,
             };
+            // Results waiting for the cell go in this write too, when they are of the
+            // current attempt (a rejection is decided by their own handler, on a
+            // fresh read).
+            if carrier && input.is_some() && rec.status == SessionStatus::Running {
+                for other in self.cache.drain(session) {
+                    let mut probe = rec.clone();
+                    match self.on_result(&mut probe, &other) {
+                        Ok(Some(o @ ("completed" | "retried" | "failed"))) => {
+                            rec = probe;
+                            changed = true;
+                            let role = other.role.clone();
+                            carried.push((other, role, o));
+                        }
+                        _ => self.cache.repost(other),
+                    }
+                }
+            }
             // The last result and the answer go in one write: a crash during the
             // synthesis redelivers the result, whose handler synthesizes again.
             if rec.status == SessionStatus::Synthesizing {
@@ -694,6 +832,13 @@ impl Orchestrator {
                         metrics::counter!("flotilla_tasks_total", "role" => role.to_string(), "outcome" => outcome)
                             .increment(1);
                     }
+                    for (_, role, outcome) in &carried {
+                        metrics::counter!("flotilla_tasks_total", "role" => role.to_string(), "outcome" => *outcome)
+                            .increment(1);
+                    }
+                    // Written and performed: their handlers only ack.
+                    self.cache.mark_applied(session, &carried);
+                    carried.clear();
                     if rec.status.is_terminal() {
                         session_ended_metrics(&rec);
                         tracing::info!(status = ?rec.status, "session ended");
@@ -708,8 +853,12 @@ impl Orchestrator {
                     *cached = Some((rec, new_rev));
                     return Ok(());
                 }
-                // Another process wrote since: read it again.
+                // Another process wrote since: read it again (and the carried results
+                // wait for the next round's write, or their own handlers).
                 Err(KvError::Conflict { .. }) => {
+                    for (other, _, _) in carried.drain(..) {
+                        self.cache.repost(other);
+                    }
                     metrics::counter!("flotilla_cas_conflicts_total", "bucket" => "sessions")
                         .increment(1);
                     flotilla_bus::trace::span_event(
@@ -1274,6 +1423,66 @@ impl Orchestrator {
 mod tests {
     use super::*;
     use flotilla_protocol::TokenAccount;
+
+    fn result(task: &str) -> ResultMessage {
+        ResultMessage {
+            v: V1,
+            session_id: SessionId::parse("s1").unwrap(),
+            task_id: TaskId::parse(task).unwrap(),
+            role: Role::parse("research").unwrap(),
+            attempt: 1,
+            outcome: flotilla_protocol::TaskOutcome::Completed,
+            spend: None,
+            memory: None,
+            attempt_tokens: None,
+        }
+    }
+
+    #[test]
+    fn a_result_applied_by_the_cells_holder_is_found_applied_and_the_rest_taken_back() {
+        let cache = RecordCache::default();
+        let session = SessionId::parse("s1").unwrap();
+        let (r1, r2, r3) = (result("t1"), result("t2"), result("t3"));
+        let p1 = cache.post(&r1);
+        let p2 = cache.post(&r2);
+        let p3 = cache.post(&r3);
+        // The holder takes all three, applies t1 and t2, gives t3 back.
+        let taken = cache.drain(&session);
+        assert_eq!(taken.len(), 3);
+        assert!(cache.drain(&session).is_empty());
+        cache.repost(r3.clone());
+        let role = r1.role.clone();
+        cache.mark_applied(
+            &session,
+            &[
+                (r1.clone(), role.clone(), "completed"),
+                (r2.clone(), role, "completed"),
+            ],
+        );
+        assert!(p1.applied_by_another());
+        // A mark is consumed once.
+        assert!(!p1.applied_by_another());
+        assert!(p2.applied_by_another());
+        // Not applied: its handler takes it back and applies it itself.
+        assert!(!p3.applied_by_another());
+        assert!(cache.drain(&session).is_empty());
+        drop((p1, p2, p3));
+        assert!(cache.mail.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_handler_that_ends_takes_its_result_and_its_mark_with_it() {
+        let cache = RecordCache::default();
+        let session = SessionId::parse("s1").unwrap();
+        let r1 = result("t1");
+        drop(cache.post(&r1));
+        assert!(cache.drain(&session).is_empty());
+        let p1 = cache.post(&r1);
+        let role = r1.role.clone();
+        cache.mark_applied(&session, &[(r1.clone(), role, "completed")]);
+        drop(p1);
+        assert!(cache.mail.lock().unwrap().is_empty());
+    }
 
     fn record(account: TokenAccount) -> SessionRecord {
         SessionRecord {
