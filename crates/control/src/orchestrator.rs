@@ -217,8 +217,16 @@ impl RecordCache {
         }
     }
 
+    /// Drops what is kept for an ended (or stopped) session, its mail included: a
+    /// handler still waiting for its cell then finds its result unmarked and decides
+    /// it on a fresh read (a duplicate of an ended session), and a mark meant for a
+    /// handler that was stopped meanwhile is not kept forever.
     fn forget(&self, session: &SessionId) {
         self.cells
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(session);
+        self.mail
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(session);
@@ -1479,8 +1487,12 @@ mod tests {
         assert!(cache.drain(&session).is_empty());
         let p1 = cache.post(&r1);
         let role = r1.role.clone();
-        cache.mark_applied(&session, &[(r1.clone(), role, "completed")]);
+        cache.mark_applied(&session, &[(r1.clone(), role.clone(), "completed")]);
         drop(p1);
+        assert!(cache.mail.lock().unwrap().is_empty());
+        // A mark made after its handler was stopped goes with the session.
+        cache.mark_applied(&session, &[(r1.clone(), role, "completed")]);
+        cache.forget(&session);
         assert!(cache.mail.lock().unwrap().is_empty());
     }
 
