@@ -24,6 +24,45 @@ use tokio_util::sync::CancellationToken;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc settings for the fleet's long-running processes (`serve`, `agent`): give
+/// freed pages back to the system at once and commit arena memory as it is used. By
+/// default mimalloc keeps freed pages for reuse, which a process holding thousands of
+/// sessions through their model calls pays for in resident memory (about a third of
+/// the fleet's peak at 2,000 sessions in flight, at the same CPU: BENCHMARKS.md).
+const FLEET_ALLOCATOR_SETTINGS: [(&str, &str); 2] = [
+    ("MIMALLOC_PURGE_DELAY", "0"),
+    ("MIMALLOC_ARENA_EAGER_COMMIT", "0"),
+];
+
+/// Applies [`FLEET_ALLOCATOR_SETTINGS`]. mimalloc reads them from the environment
+/// only, once, before the first allocation, so the process starts itself again
+/// (`exec`: the same pid, arguments and environment) with those of them that are not
+/// set. Anything an operator set, to any value, is kept; with all of them set nothing
+/// happens. If the restart fails, the process goes on with mimalloc's defaults.
+fn fleet_allocator_settings() {
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        let missing: Vec<_> = FLEET_ALLOCATOR_SETTINGS
+            .iter()
+            .filter(|(k, _)| std::env::var_os(k).is_none())
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        let Ok(exe) = std::env::current_exe() else {
+            return;
+        };
+        let mut again = std::process::Command::new(exe);
+        again.args(std::env::args_os().skip(1));
+        for (k, v) in missing {
+            again.env(k, v);
+        }
+        let err = again.exec();
+        eprintln!("flotilla: could not restart with the allocator settings ({err}); going on with mimalloc's defaults");
+    }
+}
+
 /// Flotilla: coordinates fleets of LLM agents over NATS JetStream.
 #[derive(Debug, Parser)]
 #[command(name = "flotilla", version, about)]
@@ -379,6 +418,9 @@ fn shutdown_on_signal() -> CancellationToken {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Serve { .. } | Command::Agent { .. }) {
+        fleet_allocator_settings();
+    }
     let mut config = config::load(cli.config.as_deref())?;
     if let Some(url) = &cli.nats_url {
         config.nats.url = url.clone();
