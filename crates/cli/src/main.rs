@@ -59,7 +59,9 @@ fn fleet_allocator_settings() {
             again.env(k, v);
         }
         let err = again.exec();
-        eprintln!("flotilla: could not restart with the allocator settings ({err}); going on with mimalloc's defaults");
+        eprintln!(
+            "flotilla: could not restart with the allocator settings ({err}); going on with mimalloc's defaults"
+        );
     }
 }
 
