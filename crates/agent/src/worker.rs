@@ -584,35 +584,8 @@ impl Worker {
         // A process found gone whose claim of this attempt may be taken over.
         let mut gone: Option<AgentId> = None;
         loop {
-            if !absent {
-                // From the stream leader: a commit does not move the claim, so a replica
-                // that has not seen it yet would have this attempt run a second time.
-                let committed = Box::pin(
-                    self.bus
-                        .sessions()
-                        .get_latest::<flotilla_protocol::TaskRecord>(&commit_key),
-                )
-                .await?;
-                match task_machine::settled(committed.as_ref().map(|(r, _)| r), task) {
-                    None => {}
-                    Some(Claim::Stale { current }) => {
-                        tracing::info!(current, "stale attempt fenced off");
-                        return Ok(None);
-                    }
-                    Some(Claim::WrongRole) => {
-                        return Err(VerdictError::poison(
-                            ErrorCode::WrongSession,
-                            "task record is for another role",
-                        ));
-                    }
-                    // Committed earlier (we crashed before acking, or this is a copy of
-                    // a delivery another process ran): the commit reached the
-                    // orchestrator by itself.
-                    Some(_) => {
-                        tracing::debug!("attempt committed already");
-                        return Ok(None);
-                    }
-                }
+            if !absent && Box::pin(self.settled(task, &commit_key)).await? {
+                return Ok(None);
             }
             let first = std::mem::replace(&mut absent, false);
             let start = if first { Start::Absent } else { Start::Read };
@@ -668,16 +641,7 @@ impl Worker {
                     // this process that has just ended, or a holder found gone). A
                     // commit stored before our claim shows on the leader now; any later
                     // one is refused, as our claim moved.
-                    if again
-                        && Box::pin(
-                            self.bus
-                                .sessions()
-                                .get_latest::<flotilla_protocol::TaskRecord>(&commit_key),
-                        )
-                        .await?
-                        .is_some_and(|(c, _)| task_machine::settled(Some(&c), task).is_some())
-                    {
-                        tracing::debug!("attempt committed while it was claimed again");
+                    if again && Box::pin(self.settled(task, &commit_key)).await? {
                         return Ok(None);
                     }
                     return Ok(Some((record, revision, resumed || redelivered)));
@@ -742,6 +706,36 @@ impl Worker {
             // moved on, here, with the delivery kept alive (a nak would spend one of
             // its bounded deliveries at every look).
             tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Whether the commit key settles `task`'s attempt (committed, or a newer attempt
+    /// committed): then there is nothing to run. Read from the stream leader: a commit
+    /// does not move the claim, so a replica that has not seen it yet would have the
+    /// attempt run a second time.
+    async fn settled(&self, task: &TaskMessage, commit_key: &str) -> Result<bool, VerdictError> {
+        let committed = self
+            .bus
+            .sessions()
+            .get_latest::<flotilla_protocol::TaskRecord>(commit_key)
+            .await?;
+        match task_machine::settled(committed.as_ref().map(|(r, _)| r), task) {
+            None => Ok(false),
+            Some(Claim::Stale { current }) => {
+                tracing::info!(current, "stale attempt fenced off");
+                Ok(true)
+            }
+            Some(Claim::WrongRole) => Err(VerdictError::poison(
+                ErrorCode::WrongSession,
+                "task record is for another role",
+            )),
+            // Committed earlier (we crashed before acking, or this is a copy of a
+            // delivery another process ran): the commit reached the orchestrator by
+            // itself.
+            Some(_) => {
+                tracing::debug!("attempt committed already");
+                Ok(true)
+            }
         }
     }
 

@@ -244,7 +244,7 @@ impl Records {
                     .and_then(|h| h.get(name))
                     .map(|v| v.as_str().to_owned())
             };
-            if matches!(header("KV-Operation").as_deref(), Some("DEL" | "PURGE")) {
+            if is_delete_marker(header(KV_OPERATION).as_deref()) {
                 continue;
             }
             let Some(subject) = header("Nats-Subject") else {
@@ -368,11 +368,7 @@ impl Records {
             Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(None),
             Err(e) => return Err(KvError::unavailable(key, e)),
         };
-        let deleted = msg
-            .headers
-            .get("KV-Operation")
-            .is_some_and(|v| matches!(v.as_str(), "DEL" | "PURGE"));
-        if deleted {
+        if is_delete_marker(msg.headers.get(KV_OPERATION).map(|v| v.as_str())) {
             return Ok(None);
         }
         let value = decode(&msg.payload, self.0.max_payload.max(1 << 20)).map_err(|source| {
@@ -495,6 +491,15 @@ impl Records {
             Err(e) => Err(KvError::unavailable(key, e)),
         }
     }
+}
+
+/// The header a KV bucket's stream marks deletes and purges with.
+pub const KV_OPERATION: &str = "KV-Operation";
+
+/// Whether a message of a KV bucket's stream, by its [`KV_OPERATION`] header, is a delete
+/// or purge marker rather than a value.
+pub fn is_delete_marker(operation: Option<&str>) -> bool {
+    matches!(operation, Some("DEL" | "PURGE"))
 }
 
 /// The JetStream API error code somewhere in `e`'s chain of sources.

@@ -372,7 +372,7 @@ pub(crate) fn task_keys(rec: &SessionRecord) -> Vec<String> {
 /// is not a commit). A record that does not decode, or that names another task than
 /// its key, is refused (dead-lettered with its reason).
 fn open_commit_delivery(bus: &Bus, d: &Delivery) -> Result<Option<ResultMessage>, VerdictError> {
-    if matches!(d.header("KV-Operation"), Some("DEL" | "PURGE")) {
+    if flotilla_bus::kv::is_delete_marker(d.header(flotilla_bus::kv::KV_OPERATION)) {
         return Ok(None);
     }
     let prefix = bus.names().sessions_key_subject("");
