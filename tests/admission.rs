@@ -681,3 +681,59 @@ fn inbox_role(names: &flotilla_protocol::Namespace, subject: &str) -> Role {
         other => panic!("{other:?}"),
     }
 }
+
+/// The server's count of messages received so far.
+fn in_msgs(server: &NatsServer) -> u64 {
+    let body = flotilla_testkit::monitor_get(server.monitor_port(), "/varz").unwrap();
+    serde_json::from_str::<serde_json::Value>(&body).unwrap()["in_msgs"]
+        .as_u64()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_slot_is_taken_again_with_one_message() {
+    let server = NatsServer::start().unwrap();
+    let config = BusConfig {
+        url: server.url(),
+        ..BusConfig::default()
+    };
+    let bus = Bus::connect(&config, "slots", Arc::new(Counters::default()))
+        .await
+        .unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    // One slot: every session after the first takes it over its predecessor's delete
+    // marker.
+    let table = flotilla_control::slots::SlotTable::new(bus.clone(), 1, 500);
+    table.watch(shutdown.clone()).await.unwrap();
+    for round in 0..4 {
+        let session = SessionId::generate();
+        // The watcher has seen the last release (the view says free).
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                (table.taken() == 0).then_some(())
+            })
+            .await
+            .is_some(),
+            "round {round}: the release was never seen"
+        );
+        let before = in_msgs(&server);
+        let (n, rev) = table.acquire(&session).await.unwrap();
+        let after = in_msgs(&server);
+        assert_eq!(n, 0);
+        assert_eq!(
+            after - before,
+            1,
+            "round {round}: taking the slot cost one message"
+        );
+        // Taken: a second session is refused until it is released.
+        let other = table.acquire(&SessionId::generate()).await;
+        assert!(
+            matches!(other, Err(flotilla_control::slots::SlotError::Full { .. })),
+            "{other:?}"
+        );
+        flotilla_control::slots::release_taken(&bus, n, rev)
+            .await
+            .unwrap();
+    }
+    shutdown.cancel();
+}

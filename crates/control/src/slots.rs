@@ -1,10 +1,14 @@
 //! Admission slots: the bounded session pool shared by every `serve` instance.
 //!
-//! The pool is `pool_size` keys `slot.<n>` in the slots bucket. Taking a slot is a KV
-//! `create` (which fails if the key exists), so two instances can never hand out the
-//! same slot, and load spreads over many keys instead of one hot counter. Each
-//! instance keeps a local view of which slots are taken, fed by a KV watcher, so it
-//! picks a free-looking slot at random and needs one round trip in the common case.
+//! The pool is `pool_size` keys `slot.<n>` in the slots bucket. Taking a slot is a
+//! compare-and-set on the key's last revision as this instance saw it (0 for a key never
+//! written, else the delete marker its release left), which fails if the key was taken
+//! since, so two instances can never hand out the same slot, and load spreads over many
+//! keys instead of one hot counter. Each instance keeps a local view of which slots are
+//! taken and at which revision, fed by a KV watcher, so it picks a free-looking slot at
+//! random and needs one message in the common case. (A KV `create` would cost three on a
+//! slot used before: the refused write, a read that finds the delete marker, and the
+//! write on the marker's revision.)
 //! When the view says every slot is taken the answer is an explicit "full" with a
 //! `retry_after_ms` estimated from how fast slots are being freed.
 //!
@@ -74,6 +78,9 @@ pub struct Reconciled {
 #[derive(Debug)]
 struct View {
     taken: Vec<bool>,
+    /// The last revision of each slot's key seen (a value or a delete marker), 0 for
+    /// none: what taking the slot expects the key to be at.
+    revision: Vec<u64>,
     count: u32,
     /// Exponentially weighted interval between frees, in ms.
     free_interval_ms: Option<f64>,
@@ -133,6 +140,7 @@ impl SlotTable {
             default_retry_after_ms,
             view: Arc::new(Mutex::new(View {
                 taken: vec![false; size.max(1) as usize],
+                revision: vec![0; size.max(1) as usize],
                 count: 0,
                 free_interval_ms: None,
                 last_free: None,
@@ -187,7 +195,12 @@ impl SlotTable {
                         if let Some(n) = keys::parse_slot(&entry.key) {
                             let taken =
                                 entry.operation == async_nats::jetstream::kv::Operation::Put;
-                            this.with_view(|v| v.set(n, taken));
+                            this.with_view(|v| {
+                                v.set(n, taken);
+                                if let Some(r) = v.revision.get_mut(n as usize) {
+                                    *r = entry.revision;
+                                }
+                            });
                         }
                         if entry.delta == 0
                             && let Some(tx) = ready_tx.take()
@@ -231,11 +244,13 @@ impl SlotTable {
                     .map(|i| (start + i) % self.size)
                     .find(|n| !v.taken[*n as usize])
                     .inspect(|n| v.set(*n, true))
+                    .map(|n| (n, v.revision[n as usize]))
             });
-            let Some(n) = candidate else { break };
-            match self.bus.slots().create(&keys::slot(n), &value).await {
+            let Some((n, seen)) = candidate else { break };
+            // Taken (or released again) since this view saw it: the watcher catches up.
+            match self.bus.slots().update(&keys::slot(n), &value, seen).await {
                 Ok(rev) => return Ok((n, rev)),
-                Err(KvError::Exists { .. }) => continue,
+                Err(KvError::Conflict { .. }) => continue,
                 Err(e) => {
                     self.with_view(|v| v.set(n, false));
                     return Err(e.into());
