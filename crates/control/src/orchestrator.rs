@@ -61,7 +61,18 @@ pub(crate) struct RecordCache {
     /// Results waiting for their session's cell, which the handler holding it may apply
     /// in its own write (see [`Mail`]).
     mail: Arc<std::sync::Mutex<std::collections::HashMap<SessionId, Mail>>>,
+    /// The outputs of the commits this process received, by session, for its
+    /// synthesis: with all of them here it reads nothing (see [`Outputs`]).
+    outputs: Arc<std::sync::Mutex<std::collections::HashMap<SessionId, Outputs>>>,
 }
+
+/// A session's task outputs as their commits were delivered here (a commit read from
+/// the stream is what its holder wrote under its claim, so it needs no second read).
+/// The synthesis takes its sections from here when every finished task's attempt has
+/// one, and reads the task records otherwise (the session's commits went to several
+/// processes, or this one restarted). Kept until the session ends here; a process
+/// where it ends elsewhere drops them with the rest of the cache.
+type Outputs = Vec<(TaskId, u32, flotilla_protocol::TaskOutput)>;
 
 /// A session's results waiting for its cell. Results of one session often arrive
 /// together (the tasks of a wave end at about the same time), and their handlers take
@@ -217,6 +228,42 @@ impl RecordCache {
         }
     }
 
+    /// Keeps the output a commit delivered, for the session's synthesis here.
+    fn keep_output(
+        &self,
+        session: &SessionId,
+        task: &TaskId,
+        attempt: u32,
+        output: flotilla_protocol::TaskOutput,
+    ) {
+        let mut outputs = self.outputs.lock().unwrap_or_else(|p| p.into_inner());
+        if outputs.len() >= CACHE_MAX && !outputs.contains_key(session) {
+            outputs.clear();
+        }
+        let kept = outputs.entry(session.clone()).or_default();
+        match kept.iter_mut().find(|(t, _, _)| t == task) {
+            Some(slot) if slot.1 <= attempt => *slot = (task.clone(), attempt, output),
+            Some(_) => {}
+            None => kept.push((task.clone(), attempt, output)),
+        }
+    }
+
+    /// The output kept for `task`'s `attempt`, if this process received its commit.
+    fn output(
+        &self,
+        session: &SessionId,
+        task: &TaskId,
+        attempt: u32,
+    ) -> Option<flotilla_protocol::TaskOutput> {
+        self.outputs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(session)?
+            .iter()
+            .find(|(t, a, _)| t == task && *a == attempt)
+            .map(|(_, _, o)| o.clone())
+    }
+
     /// Drops what is kept for an ended (or stopped) session, its mail included: a
     /// handler still waiting for its cell then finds its result unmarked and decides
     /// it on a fresh read (a duplicate of an ended session), and a mark meant for a
@@ -227,6 +274,10 @@ impl RecordCache {
             .unwrap_or_else(|p| p.into_inner())
             .remove(session);
         self.mail
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(session);
+        self.outputs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(session);
@@ -369,9 +420,13 @@ pub(crate) fn task_keys(rec: &SessionRecord) -> Vec<String> {
 
 /// Reads a delivery of the commits consumer: the result its task record reports, or
 /// `None` when there is nothing to act on (a key deleted or purged, or a record that
-/// is not a commit). A record that does not decode, or that names another task than
-/// its key, is refused (dead-lettered with its reason).
-fn open_commit_delivery(bus: &Bus, d: &Delivery) -> Result<Option<ResultMessage>, VerdictError> {
+/// is not a commit), with the output of a completed one. A record that does not
+/// decode, or that names another task than its key, is refused (dead-lettered with its
+/// reason).
+fn open_commit_delivery(
+    bus: &Bus,
+    d: &Delivery,
+) -> Result<Option<(ResultMessage, Option<flotilla_protocol::TaskOutput>)>, VerdictError> {
     if flotilla_bus::kv::is_delete_marker(d.header(flotilla_bus::kv::KV_OPERATION)) {
         return Ok(None);
     }
@@ -391,7 +446,8 @@ fn open_commit_delivery(bus: &Bus, d: &Delivery) -> Result<Option<ResultMessage>
             ),
         ));
     }
-    Ok(task_machine::result_of(&rec))
+    let output = task_machine::output_of(&rec, rec.attempt).cloned();
+    Ok(task_machine::result_of(&rec).map(|r| (r, output)))
 }
 
 fn now() -> u64 {
@@ -496,10 +552,14 @@ impl Orchestrator {
 
     /// A task's commit: its result, as the holder wrote it under its claim.
     async fn handle_commit(&self, d: &Delivery) -> Result<(), VerdictError> {
-        let Some(r) = open_commit_delivery(&self.bus, d)? else {
+        let Some((r, output)) = open_commit_delivery(&self.bus, d)? else {
             return Ok(());
         };
         let session = r.session_id.clone();
+        if let Some(output) = output {
+            self.cache
+                .keep_output(&session, &r.task_id, r.attempt, output);
+        }
         self.take(d, session, Input::Result(Box::new(r)), true)
             .await
     }
@@ -1173,6 +1233,42 @@ impl Orchestrator {
         rec: &SessionRecord,
         calls: &mut Calls,
     ) -> Result<Result<Answer, Halt>, VerdictError> {
+        let done = || rec.tasks.iter().filter(|t| t.state == TaskState::Done);
+        // The outputs whose commits came here, when they are all here: no read.
+        let kept: Option<Vec<AnswerSection>> = done()
+            .map(|t| {
+                Some(AnswerSection {
+                    task_id: t.task_id.clone(),
+                    role: t.role.clone(),
+                    output: self.cache.output(&rec.session_id, &t.task_id, t.attempt)?,
+                })
+            })
+            .collect();
+        let sections = match kept {
+            Some(sections) => sections,
+            None => self.read_sections(rec).await?,
+        };
+        let results: Vec<(String, _)> = sections
+            .iter()
+            .map(|s| (s.role.to_string(), s.output.clone()))
+            .collect();
+        let req = prompts::synthesis(&self.config.session.orchestrator_model, rec, &results);
+        let content = match self.complete(rec, calls, &req, None).await? {
+            Ok(c) => c,
+            Err(e) => return Ok(Err(e)),
+        };
+        let s: Synthesis = match decode(content.as_bytes(), DEFAULT_MAX_PAYLOAD) {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(Halt::Failed(format!("synthesis unusable: {e}")))),
+        };
+        Ok(Ok(Answer {
+            summary: s.summary,
+            sections,
+        }))
+    }
+
+    /// The finished tasks' outputs, from their task records.
+    async fn read_sections(&self, rec: &SessionRecord) -> Result<Vec<AnswerSection>, VerdictError> {
         // Every committed task record of the session in one request (a batched direct
         // get).
         let mut records: TaskRecords = self
@@ -1220,23 +1316,7 @@ impl Orchestrator {
                 output: output.clone(),
             });
         }
-        let results: Vec<(String, _)> = sections
-            .iter()
-            .map(|s| (s.role.to_string(), s.output.clone()))
-            .collect();
-        let req = prompts::synthesis(&self.config.session.orchestrator_model, rec, &results);
-        let content = match self.complete(rec, calls, &req, None).await? {
-            Ok(c) => c,
-            Err(e) => return Ok(Err(e)),
-        };
-        let s: Synthesis = match decode(content.as_bytes(), DEFAULT_MAX_PAYLOAD) {
-            Ok(s) => s,
-            Err(e) => return Ok(Err(Halt::Failed(format!("synthesis unusable: {e}")))),
-        };
-        Ok(Ok(Answer {
-            summary: s.summary,
-            sections,
-        }))
+        Ok(sections)
     }
 
     /// Performs `effects` of `rec`'s outbox. Every effect is idempotent.
