@@ -47,6 +47,11 @@ pub struct SessionConfig {
     /// its best interpretation.
     #[serde(with = "humantime_serde")]
     pub input_wait: Duration,
+    /// How long a task's result waits, at most, for the results of the session's other
+    /// tasks in flight, so that results ending together share one write of the session
+    /// record (0: no wait). Added to a session's latency at most once per result.
+    #[serde(with = "humantime_serde")]
+    pub result_linger: Duration,
 }
 
 impl Default for SessionConfig {
@@ -74,6 +79,7 @@ impl Default for SessionConfig {
             stop_wait: Duration::from_secs(2),
             human_roles: Vec::new(),
             input_wait: Duration::from_secs(600),
+            result_linger: Duration::from_millis(10),
         }
     }
 }

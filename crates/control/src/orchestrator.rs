@@ -84,6 +84,8 @@ type Outputs = Vec<(TaskId, u32, flotilla_protocol::TaskOutput)>;
 struct Mail {
     pending: Vec<ResultMessage>,
     applied: Vec<(TaskId, u32)>,
+    /// Woken when a result is posted (for a handler lingering on the cell).
+    arrived: Arc<tokio::sync::Notify>,
 }
 
 /// A handler's result posted to its session's [`Mail`]; taken back (or its mark
@@ -197,13 +199,41 @@ impl RecordCache {
     }
 
     fn repost(&self, r: ResultMessage) {
-        self.mail
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(r.session_id.clone())
-            .or_default()
-            .pending
-            .push(r);
+        let mut mail = self.mail.lock().unwrap_or_else(|p| p.into_inner());
+        let m = mail.entry(r.session_id.clone()).or_default();
+        m.pending.push(r);
+        m.arrived.notify_waiters();
+    }
+
+    /// Waits until `want` results wait in `session`'s mail, or until `deadline`.
+    async fn gather(&self, session: &SessionId, want: usize, deadline: tokio::time::Instant) {
+        loop {
+            let arrived = {
+                let mut mail = self.mail.lock().unwrap_or_else(|p| p.into_inner());
+                let m = mail.entry(session.clone()).or_default();
+                if m.pending.len() >= want {
+                    return;
+                }
+                m.arrived.clone()
+            };
+            let notified = arrived.notified();
+            tokio::pin!(notified);
+            // Registered before the count is looked at again: no post is missed.
+            notified.as_mut().enable();
+            let enough = self
+                .mail
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(session)
+                .is_some_and(|m| m.pending.len() >= want);
+            if enough {
+                return;
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(deadline) => return,
+            }
+        }
     }
 
     /// The results waiting for `session`'s cell, taken out of its mail.
@@ -679,6 +709,26 @@ impl Orchestrator {
         if posted.as_ref().is_some_and(|p| p.applied_by_another()) {
             tracing::debug!("result applied by the session's previous handler");
             return Ok(());
+        }
+        // The session's other tasks in flight often end within moments of this one (a
+        // wave's tasks run side by side): their results, posted meanwhile, then share
+        // this handler's write. It waits at most `session.result_linger`, holding the
+        // cell, and only while the cached record shows other tasks dispatched.
+        let linger = self.config.session.result_linger;
+        if let (Some(_), Some((rec, _)), Input::Result(r)) = (&posted, cached.as_ref(), &input)
+            && !linger.is_zero()
+            && rec.status == SessionStatus::Running
+        {
+            let others = rec
+                .tasks
+                .iter()
+                .filter(|t| t.state == TaskState::Dispatched && t.task_id != r.task_id)
+                .count();
+            if others > 0 {
+                self.cache
+                    .gather(session, others, tokio::time::Instant::now() + linger)
+                    .await;
+            }
         }
         // A result from the inbox is checked against the task's commit first.
         if let Input::Result(r) = &input
