@@ -80,10 +80,17 @@ type Outputs = Vec<(TaskId, u32, flotilla_protocol::TaskOutput)>;
 /// compare-and-set, and marks them applied once the write and its effects are done.
 /// Their handlers, getting the cell, find the mark and only ack. One write for several
 /// results instead of one each.
+///
+/// Everything in a session's mail belongs to a handler still running (`live`): a mark
+/// is made only for one, and each takes its result and its mark with it when it ends.
+/// So the mail outlives its session's end for exactly as long as its handlers do, and
+/// the handlers of results applied in the session's last write find their marks.
 #[derive(Default)]
 struct Mail {
     pending: Vec<ResultMessage>,
     applied: Vec<(TaskId, u32)>,
+    /// The results whose handlers are running.
+    live: Vec<(TaskId, u32)>,
     /// Woken when a result is posted (for a handler lingering on the cell).
     arrived: Arc<tokio::sync::Notify>,
 }
@@ -129,7 +136,10 @@ impl Drop for Posted<'_> {
             m.applied.retain(|a| *a != key);
             m.pending
                 .retain(|r| !(r.task_id == self.task_id && r.attempt == self.attempt));
-            if m.pending.is_empty() && m.applied.is_empty() {
+            if let Some(i) = m.live.iter().position(|a| *a == key) {
+                m.live.swap_remove(i);
+            }
+            if m.live.is_empty() {
                 mail.remove(&self.session);
             }
         }
@@ -189,6 +199,13 @@ impl RecordCache {
 
     /// Posts `r` for whoever holds its session's cell (see [`Mail`]).
     fn post(&self, r: &ResultMessage) -> Posted<'_> {
+        self.mail
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(r.session_id.clone())
+            .or_default()
+            .live
+            .push((r.task_id.clone(), r.attempt));
         self.repost(r.clone());
         Posted {
             cache: self,
@@ -246,15 +263,21 @@ impl RecordCache {
             .unwrap_or_default()
     }
 
-    /// Marks results this handler applied for their own handlers.
+    /// Marks results this handler applied for their own handlers (those still
+    /// running: a stopped one's result needs no mark).
     fn mark_applied(&self, session: &SessionId, results: &[(ResultMessage, Role, &'static str)]) {
         if results.is_empty() {
             return;
         }
         let mut mail = self.mail.lock().unwrap_or_else(|p| p.into_inner());
-        let m = mail.entry(session.clone()).or_default();
+        let Some(m) = mail.get_mut(session) else {
+            return;
+        };
         for (r, _, _) in results {
-            m.applied.push((r.task_id.clone(), r.attempt));
+            let key = (r.task_id.clone(), r.attempt);
+            if m.live.contains(&key) {
+                m.applied.push(key);
+            }
         }
     }
 
@@ -294,16 +317,12 @@ impl RecordCache {
             .map(|(_, _, o)| o.clone())
     }
 
-    /// Drops what is kept for an ended (or stopped) session, its mail included: a
-    /// handler still waiting for its cell then finds its result unmarked and decides
-    /// it on a fresh read (a duplicate of an ended session), and a mark meant for a
-    /// handler that was stopped meanwhile is not kept forever.
+    /// Drops what is kept for an ended (or stopped) session. Its mail goes with its
+    /// last handler (see [`Mail`]): a handler whose result the session's last write
+    /// applied finds its mark and acks, and one whose result it did not decides it on
+    /// a fresh read (a duplicate of an ended session).
     fn forget(&self, session: &SessionId) {
         self.cells
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(session);
-        self.mail
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(session);
@@ -1620,9 +1639,16 @@ mod tests {
         cache.mark_applied(&session, &[(r1.clone(), role.clone(), "completed")]);
         drop(p1);
         assert!(cache.mail.lock().unwrap().is_empty());
-        // A mark made after its handler was stopped goes with the session.
+        // No mark is made for a handler that was stopped meanwhile.
+        cache.mark_applied(&session, &[(r1.clone(), role.clone(), "completed")]);
+        assert!(cache.mail.lock().unwrap().is_empty());
+        // A mark made before the session's end is still found after it.
+        let p1 = cache.post(&r1);
+        cache.drain(&session);
         cache.mark_applied(&session, &[(r1.clone(), role, "completed")]);
         cache.forget(&session);
+        assert!(p1.applied_by_another());
+        drop(p1);
         assert!(cache.mail.lock().unwrap().is_empty());
     }
 
