@@ -15,9 +15,22 @@ use crate::Bus;
 pub struct AckError(String);
 
 /// A delivered message.
+///
+/// Held by its handler for as long as the work takes (an LLM call: seconds to
+/// minutes), so it keeps only what a handler reads and what acknowledging needs, each
+/// in one allocation: the subject, the ack subject, the payload, and the headers as one
+/// block of `name: value` lines. (The message as async-nats hands it over also keeps a
+/// header map of a dozen small allocations, the JetStream context with its prefix, the
+/// status and the description: about 1 KB more for each task in flight.)
 #[derive(Debug)]
 pub struct Delivery {
-    msg: jetstream::Message,
+    client: async_nats::Client,
+    subject: Box<str>,
+    reply: Option<Box<str>>,
+    payload: Bytes,
+    /// `name: value` lines, in the order received.
+    headers: Box<str>,
+    stream: Box<str>,
     delivered: u64,
     stream_sequence: u64,
 }
@@ -31,14 +44,36 @@ impl Delivery {
     /// from, 64 KiB or more, which at 2,000 sessions in flight was 150 MB of `serve`'s
     /// peak (heaptrack, BENCHMARKS.md). A copy of a message of a few hundred bytes is
     /// cheaper than that by far.
-    pub fn new(mut msg: jetstream::Message) -> Self {
-        msg.message.payload = bytes::Bytes::copy_from_slice(&msg.message.payload);
-        let (delivered, stream_sequence) = msg
+    pub fn new(msg: jetstream::Message) -> Self {
+        let (delivered, stream_sequence, stream) = msg
             .info()
-            .map(|i| (i.delivered.max(1) as u64, i.stream_sequence))
-            .unwrap_or((1, 0));
+            .map(|i| {
+                (
+                    i.delivered.max(1) as u64,
+                    i.stream_sequence,
+                    Box::from(i.stream),
+                )
+            })
+            .unwrap_or_else(|_| (1, 0, Box::from("unknown")));
+        let mut headers = String::new();
+        if let Some(h) = &msg.headers {
+            for (name, values) in h.iter() {
+                for value in values {
+                    headers.push_str(name.as_ref());
+                    headers.push_str(": ");
+                    headers.push_str(value.as_str());
+                    headers.push('\n');
+                }
+            }
+        }
+        let jetstream::Message { message, context } = msg;
         Self {
-            msg,
+            client: context.client(),
+            subject: Box::from(message.subject.as_str()),
+            reply: message.reply.as_ref().map(|r| Box::from(r.as_str())),
+            payload: Bytes::copy_from_slice(&message.payload),
+            headers: headers.into_boxed_str(),
+            stream,
             delivered,
             stream_sequence,
         }
@@ -46,12 +81,12 @@ impl Delivery {
 
     /// The subject it was published to.
     pub fn subject(&self) -> &str {
-        self.msg.subject.as_str()
+        &self.subject
     }
 
     /// The body.
     pub fn payload(&self) -> &Bytes {
-        &self.msg.payload
+        &self.payload
     }
 
     /// How many times it has been delivered (1 on first delivery), counting a handling
@@ -75,16 +110,26 @@ impl Delivery {
 
     /// The ack subject (anyone may publish `-NAK` there to release the message).
     pub fn ack_subject(&self) -> Option<&str> {
-        self.msg.reply.as_ref().map(|r| r.as_str())
+        self.reply.as_deref()
     }
 
     /// A header value.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.msg
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(name))
-            .map(|v| v.as_str())
+        self.headers.lines().find_map(|line| {
+            let (n, v) = line.split_once(": ")?;
+            (n == name).then_some(v)
+        })
+    }
+
+    /// Publishes `body` to the ack subject.
+    async fn reply_with(&self, body: Bytes) -> Result<(), AckError> {
+        let Some(reply) = &self.reply else {
+            return Err(AckError("no ack subject: not a JetStream delivery".into()));
+        };
+        self.client
+            .publish(async_nats::Subject::from(&**reply), body)
+            .await
+            .map_err(|e| AckError(e.to_string()))
     }
 
     /// The sender's trace context: `None` if it sent none, and a new root in place of
@@ -102,25 +147,19 @@ impl Delivery {
 
     /// Done: remove it from the work queue.
     pub async fn ack(&self, bus: &Bus) -> Result<(), AckError> {
-        self.msg.ack().await.map_err(|e| AckError(e.to_string()))?;
+        self.reply_with(AckKind::Ack.into()).await?;
         bus.counters.acked.increment();
         Ok(())
     }
 
     /// Not now: redeliver after `delay`.
     pub async fn nak(&self, delay: Duration) -> Result<(), AckError> {
-        self.msg
-            .ack_with(AckKind::Nak(Some(delay)))
-            .await
-            .map_err(|e| AckError(e.to_string()))
+        self.reply_with(AckKind::Nak(Some(delay)).into()).await
     }
 
     /// Still working: restart the ack wait.
     pub async fn progress(&self) -> Result<(), AckError> {
-        self.msg
-            .ack_with(AckKind::Progress)
-            .await
-            .map_err(|e| AckError(e.to_string()))
+        self.reply_with(AckKind::Progress.into()).await
     }
 
     /// A handle on this delivery that outlives it: progress and release by its ack
@@ -139,13 +178,8 @@ impl Delivery {
         code: ErrorCode,
         detail: &str,
     ) -> Result<(), AckError> {
-        let stream = self
-            .msg
-            .info()
-            .map(|i| i.stream.to_owned())
-            .unwrap_or_else(|_| "unknown".to_owned());
         let letter = DeadLetter {
-            stream,
+            stream: self.stream.to_string(),
             sequence: self.stream_sequence,
             deliveries: self.delivered,
             subject: self.subject().to_owned(),
@@ -157,7 +191,7 @@ impl Delivery {
                 .filter(|v| TraceParent::parse(v).is_ok())
                 .map(str::to_owned),
             session: self.header(headers::SESSION).map(str::to_owned),
-            payload: self.msg.payload.clone(),
+            payload: self.payload.clone(),
         };
         if let Err(e) = bus.store_dead_letter(&letter).await {
             let _ = self.nak(Duration::from_secs(1)).await;
@@ -167,12 +201,9 @@ impl Delivery {
         }
         let detail_line = letter.detail_line();
         // `+TERM <reason>` ends redelivery and records the reason in the server's advisory.
-        if let Some(reply) = &self.msg.reply {
+        if self.reply.is_some() {
             let body = format!("+TERM {}: {}", code.as_str(), detail_line);
-            bus.client
-                .publish(reply.clone(), body.into())
-                .await
-                .map_err(|e| AckError(e.to_string()))?;
+            self.reply_with(body.into()).await?;
         }
         Ok(())
     }
