@@ -63,16 +63,29 @@ pub(crate) struct RecordCache {
     mail: Arc<std::sync::Mutex<std::collections::HashMap<SessionId, Mail>>>,
     /// The outputs of the commits this process received, by session, for its
     /// synthesis: with all of them here it reads nothing (see [`Outputs`]).
-    outputs: Arc<std::sync::Mutex<std::collections::HashMap<SessionId, Outputs>>>,
+    outputs: Arc<std::sync::Mutex<OutputCache>>,
 }
+
+/// The kept outputs, and about how many bytes they take.
+#[derive(Default)]
+struct OutputCache {
+    by_session: std::collections::HashMap<SessionId, Outputs>,
+    bytes: usize,
+}
+
+/// The most bytes of outputs kept (as their commits' sizes): past it the cache starts
+/// over. Outputs of sessions that end in another process stay until then, and a
+/// session whose outputs went with it reads them at synthesis instead.
+const OUTPUTS_MAX_BYTES: usize = 32 << 20;
 
 /// A session's task outputs as their commits were delivered here (a commit read from
 /// the stream is what its holder wrote under its claim, so it needs no second read).
 /// The synthesis takes its sections from here when every finished task's attempt has
 /// one, and reads the task records otherwise (the session's commits went to several
 /// processes, or this one restarted). Kept until the session ends here; a process
-/// where it ends elsewhere drops them with the rest of the cache.
-type Outputs = Vec<(TaskId, u32, flotilla_protocol::TaskOutput)>;
+/// where it ends elsewhere drops them when the cache starts over
+/// ([`OUTPUTS_MAX_BYTES`]).
+type Outputs = Vec<(TaskId, u32, flotilla_protocol::TaskOutput, usize)>;
 
 /// A session's results waiting for its cell. Results of one session often arrive
 /// together (the tasks of a wave end at about the same time), and their handlers take
@@ -281,24 +294,32 @@ impl RecordCache {
         }
     }
 
-    /// Keeps the output a commit delivered, for the session's synthesis here.
+    /// Keeps the output a commit of `size` bytes delivered, for the session's
+    /// synthesis here.
     fn keep_output(
         &self,
         session: &SessionId,
         task: &TaskId,
         attempt: u32,
         output: flotilla_protocol::TaskOutput,
+        size: usize,
     ) {
-        let mut outputs = self.outputs.lock().unwrap_or_else(|p| p.into_inner());
-        if outputs.len() >= CACHE_MAX && !outputs.contains_key(session) {
-            outputs.clear();
+        let mut cache = self.outputs.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.bytes.saturating_add(size) > OUTPUTS_MAX_BYTES {
+            *cache = OutputCache::default();
         }
-        let kept = outputs.entry(session.clone()).or_default();
-        match kept.iter_mut().find(|(t, _, _)| t == task) {
-            Some(slot) if slot.1 <= attempt => *slot = (task.clone(), attempt, output),
-            Some(_) => {}
-            None => kept.push((task.clone(), attempt, output)),
-        }
+        let kept = cache.by_session.entry(session.clone()).or_default();
+        let freed = match kept.iter_mut().find(|(t, ..)| t == task) {
+            Some(slot) if slot.1 <= attempt => {
+                std::mem::replace(slot, (task.clone(), attempt, output, size)).3
+            }
+            Some(_) => return,
+            None => {
+                kept.push((task.clone(), attempt, output, size));
+                0
+            }
+        };
+        cache.bytes = cache.bytes.saturating_add(size).saturating_sub(freed);
     }
 
     /// The output kept for `task`'s `attempt`, if this process received its commit.
@@ -311,10 +332,11 @@ impl RecordCache {
         self.outputs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .by_session
             .get(session)?
             .iter()
-            .find(|(t, a, _)| t == task && *a == attempt)
-            .map(|(_, _, o)| o.clone())
+            .find(|(t, a, ..)| t == task && *a == attempt)
+            .map(|(_, _, o, _)| o.clone())
     }
 
     /// Drops what is kept for an ended (or stopped) session. Its mail goes with its
@@ -326,10 +348,11 @@ impl RecordCache {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(session);
-        self.outputs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(session);
+        let mut cache = self.outputs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(gone) = cache.by_session.remove(session) {
+            let size: usize = gone.iter().map(|o| o.3).sum();
+            cache.bytes = cache.bytes.saturating_sub(size);
+        }
     }
 }
 
@@ -607,7 +630,7 @@ impl Orchestrator {
         let session = r.session_id.clone();
         if let Some(output) = output {
             self.cache
-                .keep_output(&session, &r.task_id, r.attempt, output);
+                .keep_output(&session, &r.task_id, r.attempt, output, d.payload().len());
         }
         self.take(d, session, Input::Result(Box::new(r)), true)
             .await
@@ -1625,6 +1648,39 @@ mod tests {
         assert!(cache.drain(&session).is_empty());
         drop((p1, p2, p3));
         assert!(cache.mail.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn outputs_are_kept_by_attempt_and_within_their_byte_budget() {
+        let cache = RecordCache::default();
+        let session = SessionId::parse("s1").unwrap();
+        let t1 = TaskId::parse("t1").unwrap();
+        let out = |summary: &str| flotilla_protocol::TaskOutput {
+            summary: summary.into(),
+            artifacts: Vec::new(),
+        };
+        cache.keep_output(&session, &t1, 1, out("first"), 100);
+        assert_eq!(cache.output(&session, &t1, 1).unwrap().summary, "first");
+        assert!(
+            cache.output(&session, &t1, 2).is_none(),
+            "another attempt's"
+        );
+        // A later attempt replaces it; an earlier one does not.
+        cache.keep_output(&session, &t1, 2, out("second"), 300);
+        cache.keep_output(&session, &t1, 1, out("stale"), 50);
+        assert!(cache.output(&session, &t1, 1).is_none());
+        assert_eq!(cache.output(&session, &t1, 2).unwrap().summary, "second");
+        assert_eq!(cache.outputs.lock().unwrap().bytes, 300);
+        cache.forget(&session);
+        assert!(cache.output(&session, &t1, 2).is_none());
+        assert_eq!(cache.outputs.lock().unwrap().bytes, 0);
+        // Past the budget the cache starts over: what it dropped is read instead.
+        let other = SessionId::parse("s2").unwrap();
+        cache.keep_output(&session, &t1, 1, out("kept"), OUTPUTS_MAX_BYTES - 10);
+        cache.keep_output(&other, &t1, 1, out("over"), 20);
+        assert!(cache.output(&session, &t1, 1).is_none());
+        assert_eq!(cache.output(&other, &t1, 1).unwrap().summary, "over");
+        assert_eq!(cache.outputs.lock().unwrap().bytes, 20);
     }
 
     #[test]
