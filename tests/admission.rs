@@ -737,3 +737,52 @@ async fn a_released_slot_is_taken_again_with_one_message() {
     }
     shutdown.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciling_reads_only_the_records_of_old_slots() {
+    let server = NatsServer::start().unwrap();
+    let config = BusConfig {
+        url: server.url(),
+        ..BusConfig::default()
+    };
+    let bus = Bus::connect(&config, "reconcile", Arc::new(Counters::default()))
+        .await
+        .unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let table = flotilla_control::slots::SlotTable::new(bus.clone(), 8, 500);
+    table.watch(shutdown.clone()).await.unwrap();
+    // Three slots taken by sessions that never got a record (a crash leak each).
+    for _ in 0..3 {
+        table.acquire(&SessionId::generate()).await.unwrap();
+    }
+    // The watcher has seen who holds them.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let found = table.reconcile(Duration::from_secs(3600)).await.unwrap();
+            (found == flotilla_control::slots::Reconciled::default()).then_some(())
+        })
+        .await
+        .is_some()
+    );
+    // Young slots: a pass sends nothing at all.
+    let before = in_msgs(&server);
+    let found = table.reconcile(Duration::from_secs(3600)).await.unwrap();
+    assert_eq!(found.reclaimed, 0);
+    assert_eq!(in_msgs(&server) - before, 0, "no slot and no record read");
+    // Old slots: their records are read (a missing one is asked of the stream leader
+    // again before it counts as missing), and each leaked slot is deleted.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let before = in_msgs(&server);
+    let found = table.reconcile(Duration::from_millis(1)).await.unwrap();
+    assert_eq!(found.reclaimed, 3);
+    assert_eq!(in_msgs(&server) - before, 3 * (2 + 1));
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            (table.taken() == 0).then_some(())
+        })
+        .await
+        .is_some(),
+        "the reclaimed slots are free again"
+    );
+    shutdown.cancel();
+}

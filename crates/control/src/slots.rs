@@ -81,6 +81,9 @@ struct View {
     /// The last revision of each slot's key seen (a value or a delete marker), 0 for
     /// none: what taking the slot expects the key to be at.
     revision: Vec<u64>,
+    /// Who holds each taken slot and since when, as the watcher saw it (what the
+    /// reconciler looks at without reading the slot).
+    held: Vec<Option<(SessionId, u64)>>,
     count: u32,
     /// Exponentially weighted interval between frees, in ms.
     free_interval_ms: Option<f64>,
@@ -141,6 +144,7 @@ impl SlotTable {
             view: Arc::new(Mutex::new(View {
                 taken: vec![false; size.max(1) as usize],
                 revision: vec![0; size.max(1) as usize],
+                held: vec![None; size.max(1) as usize],
                 count: 0,
                 free_interval_ms: None,
                 last_free: None,
@@ -195,10 +199,23 @@ impl SlotTable {
                         if let Some(n) = keys::parse_slot(&entry.key) {
                             let taken =
                                 entry.operation == async_nats::jetstream::kv::Operation::Put;
+                            let held = taken
+                                .then(|| {
+                                    flotilla_protocol::decode::<SlotValue>(
+                                        &entry.value,
+                                        flotilla_protocol::DEFAULT_MAX_PAYLOAD,
+                                    )
+                                    .ok()
+                                })
+                                .flatten()
+                                .map(|s| (s.session_id, s.taken_ms));
                             this.with_view(|v| {
                                 v.set(n, taken);
                                 if let Some(r) = v.revision.get_mut(n as usize) {
                                     *r = entry.revision;
+                                }
+                                if let Some(h) = v.held.get_mut(n as usize) {
+                                    *h = held;
                                 }
                             });
                         }
@@ -271,23 +288,30 @@ impl SlotTable {
     /// Reclaims slots whose session ended or never got a record (crash leaks), if
     /// taken longer ago than `grace`, and finds sessions still planning after `grace`
     /// (their `start` may have been lost to a crash) for the caller to restart.
+    ///
+    /// It reads no slot: the watcher's view says who holds each one, since when, and at
+    /// which revision (a delete at a revision the view has not caught up with is
+    /// refused, harmlessly). So a pass reads only the records of the sessions holding
+    /// slots longer than `grace`.
     pub async fn reconcile(&self, grace: Duration) -> Result<Reconciled, KvError> {
-        let taken: Vec<u32> =
-            self.with_view(|v| (0..self.size).filter(|n| v.taken[*n as usize]).collect());
         let now = epoch_ms(SystemTime::now());
+        let old: Vec<(u32, SessionId, u64)> = self.with_view(|v| {
+            (0..self.size)
+                .filter_map(|n| {
+                    let i = n as usize;
+                    let (session, taken_ms) = v.held[i].as_ref().filter(|_| v.taken[i])?;
+                    (now.saturating_sub(*taken_ms) >= grace.as_millis() as u64)
+                        .then(|| (n, session.clone(), v.revision[i]))
+                })
+                .collect()
+        });
         let mut out = Reconciled::default();
-        for n in taken {
+        for (n, session, rev) in old {
             let key = keys::slot(n);
-            let Some((slot, rev)) = self.bus.slots().get::<SlotValue>(&key).await? else {
-                continue;
-            };
-            if now.saturating_sub(slot.taken_ms) < grace.as_millis() as u64 {
-                continue;
-            }
             let record = self
                 .bus
                 .sessions()
-                .get_current::<SessionRecord>(&keys::session(&slot.session_id), |_| true)
+                .get_current::<SessionRecord>(&keys::session(&session), |_| true)
                 .await?;
             let dead = match record {
                 None => true,
@@ -317,7 +341,7 @@ impl SlotTable {
                 }
             };
             if dead && self.bus.slots().delete(&key, Some(rev)).await.is_ok() {
-                tracing::info!(slot = n, session = %slot.session_id, "reclaimed leaked slot");
+                tracing::info!(slot = n, session = %session, "reclaimed leaked slot");
                 out.reclaimed += 1;
             }
         }
