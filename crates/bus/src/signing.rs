@@ -136,6 +136,9 @@ pub enum SignatureError {
 pub struct Verifier {
     records: Records,
     known: Arc<Mutex<HashMap<String, Arc<nkeys::KeyPair>>>>,
+    /// Held while a signer is looked up, so that the handlers that meet a new signer
+    /// together (a burst of its first tasks) make one read, not one each.
+    looking_up: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -150,6 +153,7 @@ impl Verifier {
         Self {
             records,
             known: Arc::default(),
+            looking_up: Arc::default(),
         }
     }
 
@@ -166,13 +170,19 @@ impl Verifier {
         let (Some(signer), Some(signature)) = (signer, signature) else {
             return Err(SignatureError::Unsigned);
         };
-        let cached = self
-            .known
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(signer)
-            .cloned();
-        let key = match cached {
+        let cached = || {
+            self.known
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(signer)
+                .cloned()
+        };
+        // Held to the end of the call on a miss (the key is cached by then).
+        let _looking_up = match cached() {
+            Some(_) => None,
+            None => Some(self.looking_up.lock().await),
+        };
+        let key = match cached() {
             Some(k) => k,
             None => {
                 let registered = self

@@ -308,12 +308,13 @@ impl Ender {
 
     /// Processes with a presence record (`serve` and agents).
     async fn live_processes(&self) -> Result<u32, String> {
-        let store = self
+        let mut keys = self
             .bus
-            .open_bucket(&self.bus.names().bucket_agents())
+            .agents()
+            .store()
+            .keys()
             .await
             .map_err(|e| e.to_string())?;
-        let mut keys = store.keys().await.map_err(|e| e.to_string())?;
         let mut n = 0u32;
         while let Some(k) = keys.next().await {
             if k.is_ok() {
