@@ -228,9 +228,20 @@ impl RecordCache {
         }
     }
 
+    /// Puts `r` (back) in its session's mail, if its handler is still running (one
+    /// that ended is redelivered, and decides it itself).
     fn repost(&self, r: ResultMessage) {
         let mut mail = self.mail.lock().unwrap_or_else(|p| p.into_inner());
-        let m = mail.entry(r.session_id.clone()).or_default();
+        let Some(m) = mail.get_mut(&r.session_id) else {
+            return;
+        };
+        if !m
+            .live
+            .iter()
+            .any(|(t, a)| *t == r.task_id && *a == r.attempt)
+        {
+            return;
+        }
         m.pending.push(r);
         m.arrived.notify_waiters();
     }
@@ -239,8 +250,10 @@ impl RecordCache {
     async fn gather(&self, session: &SessionId, want: usize, deadline: tokio::time::Instant) {
         loop {
             let arrived = {
-                let mut mail = self.mail.lock().unwrap_or_else(|p| p.into_inner());
-                let m = mail.entry(session.clone()).or_default();
+                let mail = self.mail.lock().unwrap_or_else(|p| p.into_inner());
+                let Some(m) = mail.get(session) else {
+                    return;
+                };
                 if m.pending.len() >= want {
                     return;
                 }
@@ -1695,8 +1708,10 @@ mod tests {
         cache.mark_applied(&session, &[(r1.clone(), role.clone(), "completed")]);
         drop(p1);
         assert!(cache.mail.lock().unwrap().is_empty());
-        // No mark is made for a handler that was stopped meanwhile.
+        // No mark is made, and nothing is given back, for a handler that was stopped
+        // meanwhile (a conflict hands back what a write was to carry).
         cache.mark_applied(&session, &[(r1.clone(), role.clone(), "completed")]);
+        cache.repost(r1.clone());
         assert!(cache.mail.lock().unwrap().is_empty());
         // A mark made before the session's end is still found after it.
         let p1 = cache.post(&r1);
