@@ -786,3 +786,32 @@ async fn reconciling_reads_only_the_records_of_old_slots() {
     );
     shutdown.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_behind_the_bucket_still_takes_a_free_slot() {
+    let server = NatsServer::start().unwrap();
+    let config = BusConfig {
+        url: server.url(),
+        ..BusConfig::default()
+    };
+    let bus = Bus::connect(&config, "slots", Arc::new(Counters::default()))
+        .await
+        .unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    // Another instance takes the only slot and gives it back ...
+    let other = flotilla_control::slots::SlotTable::new(bus.clone(), 1, 500);
+    other.watch(shutdown.clone()).await.unwrap();
+    let (n, rev) = other.acquire(&SessionId::generate()).await.unwrap();
+    flotilla_control::slots::release_taken(&bus, n, rev)
+        .await
+        .unwrap();
+    // ... while this one's view never saw the key (its watcher lags): its write on the
+    // revision it knows is refused, and it takes the slot on the delete marker's.
+    let behind = flotilla_control::slots::SlotTable::new(bus.clone(), 1, 500);
+    let (n, rev) = behind.acquire(&SessionId::generate()).await.unwrap();
+    assert_eq!(n, 0);
+    assert!(rev > 2, "written over the release's delete marker: {rev}");
+    // Taken now: it does not hand it out again.
+    assert!(behind.acquire(&SessionId::generate()).await.is_err());
+    shutdown.cancel();
+}

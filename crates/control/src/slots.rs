@@ -264,10 +264,17 @@ impl SlotTable {
                     .map(|n| (n, v.revision[n as usize]))
             });
             let Some((n, seen)) = candidate else { break };
-            // Taken (or released again) since this view saw it: the watcher catches up.
-            match self.bus.slots().update(&keys::slot(n), &value, seen).await {
+            let key = keys::slot(n);
+            let taken = match self.bus.slots().update(&key, &value, seen).await {
+                // Written since this view saw it (the watcher lags): taken, or released
+                // again. A `create` tells which (a read of the key) and takes it if it
+                // is free.
+                Err(KvError::Conflict { .. }) => self.bus.slots().create(&key, &value).await,
+                other => other,
+            };
+            match taken {
                 Ok(rev) => return Ok((n, rev)),
-                Err(KvError::Conflict { .. }) => continue,
+                Err(KvError::Exists { .. } | KvError::Conflict { .. }) => continue,
                 Err(e) => {
                     self.with_view(|v| v.set(n, false));
                     return Err(e.into());
