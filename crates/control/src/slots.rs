@@ -6,9 +6,9 @@
 //! since, so two instances can never hand out the same slot, and load spreads over many
 //! keys instead of one hot counter. Each instance keeps a local view of which slots are
 //! taken and at which revision, fed by a KV watcher, so it picks a free-looking slot at
-//! random and needs one message in the common case. (A KV `create` would cost three on a
+//! random and needs one message in the common case. (A KV `create` costs three on a
 //! slot used before: the refused write, a read that finds the delete marker, and the
-//! write on the marker's revision.)
+//! write on the marker's revision. It is the fallback when the view lags.)
 //! When the view says every slot is taken the answer is an explicit "full" with a
 //! `retry_after_ms` estimated from how fast slots are being freed.
 //!
