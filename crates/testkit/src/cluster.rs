@@ -57,8 +57,23 @@ impl NatsCluster {
         Self::start_with(locate_nats_server(&[])?)
     }
 
-    /// [`NatsCluster::start`] with this `nats-server` binary.
+    /// [`NatsCluster::start`] with this `nats-server` binary. A node that finds one of
+    /// its ports taken (another process bound it between [`free_ports`] and the
+    /// node's start: another test's server, say) fails at once; the cluster is then
+    /// started again on new ports, up to three times.
     pub fn start_with(binary: PathBuf) -> Result<Self, LaunchError> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match Self::start_once(binary.clone()) {
+                Err(LaunchError::Io(e))
+                    if tries < 3 && e.to_string().contains("address already in use") => {}
+                other => return other,
+            }
+        }
+    }
+
+    fn start_once(binary: PathBuf) -> Result<Self, LaunchError> {
         let dir = tempfile::Builder::new()
             .prefix("flotilla-cluster-")
             .tempdir()?;
