@@ -690,8 +690,9 @@ fn in_msgs(server: &NatsServer) -> u64 {
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_released_slot_is_taken_again_with_one_message() {
+/// A server with nothing but a bus on it (no fleet: the server's message count moves
+/// only with what the test does), and a token that stops the test's watchers.
+async fn bare_bus() -> (NatsServer, Bus, tokio_util::sync::CancellationToken) {
     let server = NatsServer::start().unwrap();
     let config = BusConfig {
         url: server.url(),
@@ -700,7 +701,12 @@ async fn a_released_slot_is_taken_again_with_one_message() {
     let bus = Bus::connect(&config, "slots", Arc::new(Counters::default()))
         .await
         .unwrap();
-    let shutdown = tokio_util::sync::CancellationToken::new();
+    (server, bus, tokio_util::sync::CancellationToken::new())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_slot_is_taken_again_with_one_message() {
+    let (server, bus, shutdown) = bare_bus().await;
     // One slot: every session after the first takes it over its predecessor's delete
     // marker.
     let table = flotilla_control::slots::SlotTable::new(bus.clone(), 1, 500);
@@ -740,15 +746,7 @@ async fn a_released_slot_is_taken_again_with_one_message() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconciling_reads_only_the_records_of_old_slots() {
-    let server = NatsServer::start().unwrap();
-    let config = BusConfig {
-        url: server.url(),
-        ..BusConfig::default()
-    };
-    let bus = Bus::connect(&config, "reconcile", Arc::new(Counters::default()))
-        .await
-        .unwrap();
-    let shutdown = tokio_util::sync::CancellationToken::new();
+    let (server, bus, shutdown) = bare_bus().await;
     let table = flotilla_control::slots::SlotTable::new(bus.clone(), 8, 500);
     table.watch(shutdown.clone()).await.unwrap();
     // Three slots taken by sessions that never got a record (a crash leak each).
@@ -789,15 +787,7 @@ async fn reconciling_reads_only_the_records_of_old_slots() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_view_behind_the_bucket_still_takes_a_free_slot() {
-    let server = NatsServer::start().unwrap();
-    let config = BusConfig {
-        url: server.url(),
-        ..BusConfig::default()
-    };
-    let bus = Bus::connect(&config, "slots", Arc::new(Counters::default()))
-        .await
-        .unwrap();
-    let shutdown = tokio_util::sync::CancellationToken::new();
+    let (_server, bus, shutdown) = bare_bus().await;
     // Another instance takes the only slot and gives it back ...
     let other = flotilla_control::slots::SlotTable::new(bus.clone(), 1, 500);
     other.watch(shutdown.clone()).await.unwrap();

@@ -467,7 +467,7 @@ impl PoolConsumer {
                     bus.counters.redelivered.increment();
                 }
                 let h = handler.clone();
-                let ack = delivery.handle(&bus);
+                let ack = delivery.handle();
                 let task = async move {
                     // A healthy handler keeps its delivery: an LLM call may outlast the
                     // ack wait, and letting it expire would have another process redo

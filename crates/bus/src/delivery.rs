@@ -24,9 +24,9 @@ pub struct AckError(String);
 /// status and the description: about 1 KB more for each task in flight.)
 #[derive(Debug)]
 pub struct Delivery {
-    client: async_nats::Client,
     subject: Box<str>,
-    reply: Option<Box<str>>,
+    /// The ack subject, and the connection acks go out on.
+    ack: Option<AckHandle>,
     payload: Bytes,
     /// `name: value` lines, in the order received.
     headers: Box<str>,
@@ -67,10 +67,13 @@ impl Delivery {
             }
         }
         let jetstream::Message { message, context } = msg;
+        let client = context.client();
         Self {
-            client: context.client(),
             subject: Box::from(message.subject.as_str()),
-            reply: message.reply.as_ref().map(|r| Box::from(r.as_str())),
+            ack: message
+                .reply
+                .as_ref()
+                .map(|r| AckHandle::new(client, r.as_str().to_owned())),
             payload: Bytes::copy_from_slice(&message.payload),
             headers: headers.into_boxed_str(),
             stream,
@@ -110,7 +113,7 @@ impl Delivery {
 
     /// The ack subject (anyone may publish `-NAK` there to release the message).
     pub fn ack_subject(&self) -> Option<&str> {
-        self.reply.as_deref()
+        self.ack.as_ref().map(AckHandle::subject)
     }
 
     /// A header value.
@@ -123,13 +126,10 @@ impl Delivery {
 
     /// Publishes `body` to the ack subject.
     async fn reply_with(&self, body: Bytes) -> Result<(), AckError> {
-        let Some(reply) = &self.reply else {
-            return Err(AckError("no ack subject: not a JetStream delivery".into()));
-        };
-        self.client
-            .publish(async_nats::Subject::from(&**reply), body)
-            .await
-            .map_err(|e| AckError(e.to_string()))
+        match &self.ack {
+            Some(ack) => ack.send(body).await,
+            None => Err(AckError("no ack subject: not a JetStream delivery".into())),
+        }
     }
 
     /// The sender's trace context: `None` if it sent none, and a new root in place of
@@ -164,9 +164,8 @@ impl Delivery {
 
     /// A handle on this delivery that outlives it: progress and release by its ack
     /// subject (for the agent's progress reports and the watchdog).
-    pub fn handle(&self, bus: &Bus) -> Option<AckHandle> {
-        self.ack_subject()
-            .map(|s| AckHandle::new(bus.client.clone(), s.to_owned()))
+    pub fn handle(&self) -> Option<AckHandle> {
+        self.ack.clone()
     }
 
     /// Poison: copy it to the dead-letter queue with its reason, then terminate it so
@@ -201,7 +200,7 @@ impl Delivery {
         }
         let detail_line = letter.detail_line();
         // `+TERM <reason>` ends redelivery and records the reason in the server's advisory.
-        if self.reply.is_some() {
+        if self.ack.is_some() {
             let body = format!("+TERM {}: {}", code.as_str(), detail_line);
             self.reply_with(body.into()).await?;
         }
@@ -231,16 +230,18 @@ impl AckHandle {
 
     /// `+WPI`: the server restarts the delivery's ack wait.
     pub async fn progress(&self) -> Result<(), AckError> {
-        self.client
-            .publish(self.subject.clone(), Bytes::from_static(b"+WPI"))
-            .await
-            .map_err(|e| AckError(e.to_string()))
+        self.send(AckKind::Progress.into()).await
     }
 
     /// `-NAK` on the holder's behalf: the server redelivers it now.
     pub async fn release(&self) -> Result<(), AckError> {
+        self.send(AckKind::Nak(None).into()).await
+    }
+
+    /// Publishes `body` (an ack, nak, progress or term) to the ack subject.
+    async fn send(&self, body: Bytes) -> Result<(), AckError> {
         self.client
-            .publish(self.subject.clone(), Bytes::from_static(b"-NAK"))
+            .publish(self.subject.clone(), body)
             .await
             .map_err(|e| AckError(e.to_string()))
     }
