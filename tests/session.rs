@@ -12,7 +12,12 @@ use flotilla_tests::{TestFleet, eventually, inbox_is_empty, sim, spec};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_session_completes_with_every_role() {
-    let t = TestFleet::start(spec("unused"), sim(20)).await;
+    // Every role shares its findings in the session's memory (off by default).
+    let mut s = spec("unused");
+    for role in s.control.session.roles.clone() {
+        s.roles.entry(role).or_default().share_findings = Some(true);
+    }
+    let t = TestFleet::start(s, sim(20)).await;
     let (finished, rejections) = t
         .client
         .run(
@@ -207,6 +212,19 @@ async fn two_hundred_concurrent_sessions_stay_isolated() {
     let c = t.fleet.as_ref().expect("fleet").counters.snapshot();
     assert_eq!(c.dispatched, 800);
     assert_eq!(c.dead_lettered, 0);
+    // With the defaults the agents share no findings: nothing was written to memory.
+    let memory = t
+        .bus
+        .raw_js()
+        .get_stream(format!("KV_{}", t.bus.names().bucket_memory()))
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages;
+    assert_eq!(memory, 0, "no finding is written unless a role asks");
     t.stop().await;
 }
 

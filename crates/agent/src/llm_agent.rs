@@ -52,6 +52,7 @@ pub struct LlmAgent {
     history: Option<HistoryStore>,
     call_timeout: Option<std::time::Duration>,
     tools: Option<(crate::tools::ToolGateway, Vec<String>)>,
+    share_findings: bool,
 }
 
 impl std::fmt::Debug for LlmAgent {
@@ -143,7 +144,17 @@ impl LlmAgent {
             history: None,
             call_timeout: None,
             tools: None,
+            share_findings: false,
         }
+    }
+
+    /// Shares each final answer's summary in the session's memory, at
+    /// `finding-<task>` (see [`FINDING_PREFIX`]): one KV write per task, on top of the
+    /// commit that already carries the whole output to the orchestrator. Off unless a
+    /// role asks for it (`share_findings`).
+    pub fn with_shared_findings(mut self, share: bool) -> Self {
+        self.share_findings = share;
+        self
     }
 
     /// Lets the agent call `allowed` tools through `gateway` when the model asks.
@@ -403,7 +414,9 @@ impl Agent for LlmAgent {
                             artifacts: artifacts.clone(),
                         };
                         output.validate()?;
-                        Box::pin(self.record_finding(ctx, task, &output)).await?;
+                        if self.share_findings {
+                            Box::pin(self.record_finding(ctx, task, &output)).await?;
+                        }
                         return Ok(output);
                     }
                     Turn::Clarify { question } => {

@@ -56,6 +56,12 @@ pub struct RoleSpec {
     /// Deliveries one process works on at once.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<usize>,
+    /// Whether the agent also shares each task's summary in the session's memory at
+    /// `finding-<task>`, for the session's other agents and for `flotilla memory`
+    /// (default: no). It costs one KV write per task; the commit already carries the
+    /// whole output to the orchestrator.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub share_findings: Option<bool>,
 }
 
 /// Turns kept verbatim when a role does not say.
@@ -104,6 +110,7 @@ impl RoleSpec {
         if let Some(t) = self.call_timeout {
             agent = agent.with_call_timeout(t);
         }
+        agent = agent.with_shared_findings(self.share_findings.unwrap_or(false));
         agent.with_tools(gateway.clone(), self.tools.clone())
     }
 }

@@ -262,8 +262,15 @@ mod tests {
                 "[session]\npool_size = 7\n[nats]\nurl = \"nats://127.0.0.1:1\"\n",
             )?;
             jail.set_env("FLOTILLA_SESSION__POOL_SIZE", "9");
+            jail.set_env("FLOTILLA_ROLES__RESEARCH__SHARE_FINDINGS", "true");
             let c = load(Some(Path::new("f.toml"))).map_err(|e| e.to_string())?;
             assert_eq!(c.session.pool_size, 9, "env beats the file");
+            let research = Role::parse("research").map_err(|e| e.to_string())?;
+            assert_eq!(
+                c.roles.get(&research).and_then(|r| r.share_findings),
+                Some(true),
+                "a role's setting from the environment"
+            );
             assert_eq!(c.nats.url, "nats://127.0.0.1:1");
             jail.create_file("bad.toml", "[session]\npool_sise = 7\n")?;
             assert!(

@@ -23,16 +23,20 @@ impl Drop for Procs {
 }
 
 fn spawn(args: &[&str], url: &str) -> Child {
-    Command::new(BIN)
-        .args(args)
+    spawn_cmd(args, url).spawn().expect("flotilla runs")
+}
+
+/// The command [`spawn`] runs, to add to before spawning.
+fn spawn_cmd(args: &[&str], url: &str) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
         .args(["--nats-url", url])
         .env("RUST_LOG", "warn")
         .env("FLOTILLA_LLM__SIMULATED__LATENCY_MS", "20")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("flotilla runs")
+        .stderr(Stdio::null());
+    cmd
 }
 
 fn run_with_timeout(mut cmd: Command, timeout: Duration) -> std::process::Output {
@@ -242,8 +246,14 @@ fn live_views_list_sessions_replay_a_timeline_and_show_agents_and_memory() {
     let server = NatsServer::start().unwrap();
     let url = server.url();
     let mut procs = Procs(vec![spawn(&["serve"], &url)]);
+    // The agents share their findings in the session's memory (off by default).
     for role in ["research", "analysis", "writing", "review"] {
-        procs.0.push(spawn(&["agent", "--role", role], &url));
+        let mut agent = spawn_cmd(&["agent", "--role", role], &url);
+        agent.env(
+            format!("FLOTILLA_ROLES__{}__SHARE_FINDINGS", role.to_uppercase()),
+            "true",
+        );
+        procs.0.push(agent.spawn().expect("flotilla runs"));
     }
     let mut sids = Vec::new();
     for task in [
