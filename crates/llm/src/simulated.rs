@@ -203,7 +203,18 @@ impl SimulatedProvider {
 
     /// The latency and output for `request`, without waiting.
     pub fn respond(&self, request: &CompletionRequest) -> Result<(Duration, Completion), LlmError> {
-        let (mut rng, latency) = self.draw_latency(request);
+        let (rng, latency) = self.draw_latency(request);
+        self.respond_drawn(request, rng, latency)
+    }
+
+    /// [`SimulatedProvider::respond`] with the draw made: the request's text is hashed
+    /// once per call, not again when the latency is over.
+    fn respond_drawn(
+        &self,
+        request: &CompletionRequest,
+        mut rng: Rng,
+        latency: Duration,
+    ) -> Result<(Duration, Completion), LlmError> {
         // The first user message holds the input; later ones continue a conversation.
         let input = request
             .messages
@@ -340,11 +351,11 @@ impl LlmClient for SimulatedProvider {
         Box::pin(async move {
             // The answer is made when the latency is over, as a provider's arrives:
             // nothing of it is held while the call waits.
-            let (_, latency) = self.draw_latency(request);
+            let (rng, latency) = self.draw_latency(request);
             if !latency.is_zero() {
                 tokio::time::sleep(latency).await;
             }
-            let (_, completion) = self.respond(request)?;
+            let (_, completion) = self.respond_drawn(request, rng, latency)?;
             crate::client::record_usage(&request.model, &completion.usage);
             Ok(completion)
         })
