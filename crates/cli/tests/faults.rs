@@ -275,20 +275,24 @@ async fn killed_serve_process_sessions_continue_on_the_other() {
     let server = NatsServer::start().unwrap();
     let url = server.url();
     let mut procs = Procs(HashMap::new());
-    let serves = [
-        procs.spawn(&["serve"], &url, ENV),
-        procs.spawn(&["serve"], &url, ENV),
-    ];
+    // The serves plan with a 4 s model call, so the first is still planning when it is
+    // killed (with the default 1.5 s, the second's start could outlast the plans).
+    let serve_env: Vec<(&str, &str)> = ENV
+        .iter()
+        .copied()
+        .filter(|(k, _)| *k != "FLOTILLA_LLM__SIMULATED__LATENCY_MS")
+        .chain([("FLOTILLA_LLM__SIMULATED__LATENCY_MS", "4000")])
+        .collect();
+    let first = procs.spawn(&["serve"], &url, &serve_env);
     for role in ["research", "analysis", "writing", "review"] {
         procs.spawn(&["agent", "--role", role], &url, ENV);
     }
     let (bus, client) = inspector(&url).await;
     let n = 8;
     let set = start_sessions(&client, n, "survive a crashed control plane");
-    // Wait until every session is admitted and being planned, then kill one serve:
-    // it is in the middle of planning (a 1.5 s LLM call) for some of them. A session
-    // record's key is one token; task claims and commits, conversations and the
-    // serves' signer registrations (`signer.<key>`) have more.
+    // Wait until every session is admitted and being planned. A session record's key
+    // is one token; task claims and commits, conversations and the serve's signer
+    // registration (`signer.<key>`) have more.
     loop {
         let mut planning = 0;
         let mut keys_list = bus.sessions().store().keys().await.unwrap();
@@ -303,8 +307,28 @@ async fn killed_serve_process_sessions_continue_on_the_other() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    procs.kill9(serves[0]);
+    // Only now the other serve starts, so every start is held by the first, which is
+    // in the middle of planning them. Once the other is up (its presence is written),
+    // kill the first. (With both serves up from the start, one of them could pull all
+    // eight starts, and the one killed might hold none.)
+    procs.spawn(&["serve"], &url, &serve_env);
+    loop {
+        let mut serves = 0;
+        let mut keys_list = bus.agents().store().keys().await.unwrap();
+        use futures::StreamExt;
+        while let Some(Ok(key)) = keys_list.next().await {
+            if let Ok(Some((p, _))) = bus.agents().get::<flotilla_protocol::Presence>(&key).await
+                && p.role.is_orchestrator()
+            {
+                serves += 1;
+            }
+        }
+        if serves >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    procs.kill9(first);
 
     check_all_completed(&bus, set, n).await;
     // The killed instance's unfinished orchestrator messages were redelivered to the
