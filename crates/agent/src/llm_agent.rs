@@ -11,9 +11,10 @@ use crate::agent::{Agent, AgentError, AgentFuture, TaskContext};
 use crate::budget::{BudgetConfig, CallFingerprints, Exhausted, SessionLedger};
 use crate::history::HistoryStore;
 
-/// The prefix of the shared-memory keys where built-in agents record what they found:
-/// one key per task, `finding-<task>` (read them all with
-/// `SessionMemory::scan(FINDING_PREFIX)`).
+/// The prefix of the shared-memory keys where built-in agents whose role shares its
+/// findings ([`LlmAgent::with_shared_findings`], `share_findings` in a role's
+/// configuration) record what they found: one key per task, `finding-<task>` (read them
+/// all with `SessionMemory::scan(FINDING_PREFIX)`).
 pub const FINDING_PREFIX: &str = "finding-";
 
 /// The shared-memory key of `task`'s finding.
