@@ -210,8 +210,14 @@ async fn a_registered_signature_vouches_for_a_task_and_anything_else_meets_the_s
 
     // Vouched for: no session record, and still claimed and committed.
     let vouched = SessionId::parse("signed-no-record").unwrap();
+    let sign = |signer: &Signer, out: &Outgoing| {
+        signer
+            .sign_batch([(out.subject.as_str(), &out.payload[..])])
+            .unwrap()
+    };
+    let out = task(&vouched, 5_000);
     t.bus
-        .publish_signed(&task(&vouched, 5_000), &registered)
+        .publish_signed(&out, &sign(&registered, &out))
         .await
         .unwrap();
     let rec = flotilla_tests::eventually(Duration::from_secs(30), || async {
@@ -233,15 +239,14 @@ async fn a_registered_signature_vouches_for_a_task_and_anything_else_meets_the_s
     let mut dlq = t.bus.raw_js().get_stream(names.stream_dlq()).await.unwrap();
     let tampered = SessionId::parse("signed-then-tampered").unwrap();
     let mut out = task(&tampered, 5_000);
-    let sig = registered.sign(&out.subject, &out.payload).unwrap();
+    let signed = sign(&registered, &out);
     out.payload = String::from_utf8(out.payload.to_vec())
         .unwrap()
         .replace("5000", "9999999")
         .into_bytes()
         .into();
     let mut h = out.headers();
-    h.insert(headers::SIGNER, registered.public_key());
-    h.insert(headers::SIGNATURE, sig.as_str());
+    signed.add_headers(&mut h);
     let unregistered = SessionId::parse("signed-by-a-stranger").unwrap();
     for (sid, send) in [(tampered.clone(), Some(h)), (unregistered.clone(), None)] {
         let before = dlq.info().await.unwrap().state.last_sequence;
@@ -256,8 +261,9 @@ async fn a_registered_signature_vouches_for_a_task_and_anything_else_meets_the_s
                     .unwrap();
             }
             None => {
+                let out = task(&sid, 5_000);
                 t.bus
-                    .publish_signed(&task(&sid, 5_000), &stranger)
+                    .publish_signed(&out, &sign(&stranger, &out))
                     .await
                     .unwrap();
             }
@@ -285,4 +291,105 @@ async fn a_registered_signature_vouches_for_a_task_and_anything_else_meets_the_s
         );
     }
     t.stop().await;
+}
+
+/// A batch's signature vouches for each message it names, and is checked once for the
+/// whole batch by a verifier and every verifier sharing it. A message the batch does not
+/// name, a signature changed by one digit, an unregistered signer and a message without
+/// the batch header are not vouched for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_signature_vouches_for_each_task_it_names_with_one_check() {
+    use flotilla_bus::{Bus, BusConfig, Counters, SignatureError, Signed, Signer, Verifier};
+    let server = flotilla_testkit::NatsServer::start().unwrap();
+    let config = BusConfig {
+        url: server.url(),
+        ..BusConfig::default()
+    };
+    let connect = |name: &'static str| {
+        let config = config.clone();
+        async move {
+            Bus::connect(&config, name, Arc::new(Counters::default()))
+                .await
+                .unwrap()
+        }
+    };
+    let bus = connect("signatures").await;
+    let registered = Signer::generate();
+    registered
+        .register(bus.sessions(), "test-serve")
+        .await
+        .unwrap();
+    let msgs: Vec<(String, Vec<u8>)> = (0..4)
+        .map(|i| {
+            (
+                format!("flotilla.s.s{i}.in.research"),
+                format!(r#"{{"kind":"task","task_id":"t{i}"}}"#).into_bytes(),
+            )
+        })
+        .collect();
+    let as_refs = || msgs.iter().map(|(s, p)| (s.as_str(), p.as_slice()));
+    let signed = registered.sign_batch(as_refs()).unwrap();
+    fn headers<'a>(signer: &'a str, batch: &'a str, signature: &'a str) -> Signed<'a> {
+        Signed {
+            signer: Some(signer),
+            batch: Some(batch),
+            signature: Some(signature),
+        }
+    }
+    let good = headers(registered.public_key(), signed.batch(), signed.signature());
+    let verifier = Verifier::new(bus.sessions().clone());
+    let other_bus = connect("signatures-2").await;
+    let sharing = verifier.sharing(other_bus.sessions().clone());
+    for (i, (subject, payload)) in as_refs().enumerate() {
+        let v = if i % 2 == 0 { &verifier } else { &sharing };
+        v.verify(subject, payload, good).await.unwrap();
+    }
+    assert_eq!(verifier.checks(), 1, "one Ed25519 check for the batch");
+    assert_eq!(sharing.checks(), 1);
+
+    // Not named by the batch: the payload differs from every signed one.
+    let (subject, _) = &msgs[0];
+    let err = verifier.verify(subject, b"{}", good).await.unwrap_err();
+    assert!(matches!(err, SignatureError::Mismatch), "{err}");
+    // A signature one digit off: checked (not found vouched for), and refused.
+    let mut bad = signed.signature().to_owned();
+    let last = if bad.ends_with('0') { "1" } else { "0" };
+    bad.replace_range(bad.len() - 1.., last);
+    let (subject, payload) = &msgs[1];
+    let err = verifier
+        .verify(
+            subject,
+            payload,
+            headers(registered.public_key(), signed.batch(), &bad),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SignatureError::Mismatch), "{err}");
+    assert_eq!(verifier.checks(), 2);
+    // The batch names the message, but was signed by a key nobody registered.
+    let stranger = Signer::generate();
+    let by_stranger = stranger.sign_batch(as_refs()).unwrap();
+    let unregistered = headers(
+        stranger.public_key(),
+        by_stranger.batch(),
+        by_stranger.signature(),
+    );
+    let err = verifier
+        .verify(subject, payload, unregistered)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SignatureError::UnknownSigner(_)), "{err}");
+    // A signature without its batch (the scheme of an older `serve`).
+    let err = verifier
+        .verify(
+            subject,
+            payload,
+            Signed {
+                batch: None,
+                ..good
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SignatureError::Unsigned), "{err}");
 }

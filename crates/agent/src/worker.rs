@@ -173,6 +173,20 @@ impl Worker {
         }
     }
 
+    /// Shares `verifier`'s signer keys and checked batches (the workers of one process
+    /// share them, so a batch of tasks for several roles is checked once), reading
+    /// registrations through this worker's own connection.
+    pub fn with_verifier(mut self, verifier: &flotilla_bus::Verifier) -> Self {
+        self.verifier = verifier.sharing(self.bus.sessions().clone());
+        self
+    }
+
+    /// This worker's signature verifier (to share with the other workers of the
+    /// process: [`Self::with_verifier`]).
+    pub fn verifier(&self) -> &flotilla_bus::Verifier {
+        &self.verifier
+    }
+
     /// Heartbeat intervals of this process's presence.
     pub fn with_liveness(mut self, liveness: LivenessConfig) -> Self {
         self.tracker = Tracker::overdue_after(liveness.list_after());
@@ -265,8 +279,7 @@ impl Worker {
         let vouched = match Box::pin(self.verifier.verify(
             d.subject(),
             d.payload(),
-            d.header(flotilla_protocol::headers::SIGNER),
-            d.header(flotilla_protocol::headers::SIGNATURE),
+            flotilla_bus::Signed::from_headers(|h| d.header(h)),
         ))
         .await
         {

@@ -54,7 +54,7 @@ pub use memory::{
 pub use metrics::{Counters, CountersSnapshot};
 pub use nats::{CoreError, RequestError};
 pub use publish::{Outgoing, PublishError, Published, message_headers};
-pub use signing::{SignatureError, Signer, SignerRecord, Verifier};
+pub use signing::{SignatureError, Signed, SignedBatch, Signer, SignerRecord, Verifier};
 pub use streams::{Replay, StreamError, StreamHandle};
 pub use topology::TopologyError;
 pub use verdict::{VerdictError, outlast, settle};

@@ -128,18 +128,15 @@ impl Bus {
         self.publish_headers(out, out.headers()).await
     }
 
-    /// [`Bus::publish`] with the message signed by `signer` (the `Flotilla-Signer` and
-    /// `Flotilla-Signature` headers; see [`crate::signing`]).
+    /// [`Bus::publish`] with the headers of `signed`, a batch that names `out` (see
+    /// [`crate::signing`]).
     pub async fn publish_signed(
         &self,
         out: &Outgoing,
-        signer: &crate::Signer,
+        signed: &crate::SignedBatch,
     ) -> Result<Published, PublishError> {
         let mut headers = out.headers();
-        if let Some(sig) = signer.sign(&out.subject, &out.payload) {
-            headers.insert(flotilla_protocol::headers::SIGNER, signer.public_key());
-            headers.insert(flotilla_protocol::headers::SIGNATURE, sig.as_str());
-        }
+        signed.add_headers(&mut headers);
         self.publish_headers(out, headers).await
     }
 

@@ -3,21 +3,38 @@
 //!
 //! Each `serve` process makes an Ed25519 key pair (an nkey) when it starts and
 //! registers the public key in the session-records bucket at `signer.<public key>`, a
-//! key only `serve` may write (DESIGN §9). Every task it dispatches carries two headers:
-//! `Flotilla-Signer` (the public key) and `Flotilla-Signature` (hex of the signature over
-//! `<subject>\n<payload>`, the bytes as published). A worker checks the signature
-//! against a key it found registered (looked up once per signer and cached), so a
-//! correctly signed task needs no read of the session record: the orchestrator signed
-//! exactly this instruction and allowance for this attempt of this session's task.
+//! key only `serve` may write (DESIGN §9).
+//!
+//! The tasks one orchestrator step dispatches together (a plan's tasks, usually) are
+//! signed as one **batch**, with one signature:
+//! - each message's digest is hex of the first 16 bytes of SHA-256 over
+//!   `<subject>\n<payload>`, the bytes as published ([`message_digest`]);
+//! - the batch is the digests joined by `,`, in dispatch order;
+//! - the signature is Ed25519 over `flotilla-batch-v1\n<batch>`.
+//!
+//! Every task of the batch carries three headers: `Flotilla-Signer` (the public key),
+//! `Flotilla-Signed-Batch` (the batch) and `Flotilla-Signature` (hex of the signature).
+//! A worker checks that its message's own digest is in the batch, and the signature
+//! against a key it found registered (looked up once per signer and cached). A task that
+//! passes needs no read of the session record: the orchestrator signed exactly this
+//! instruction and allowance for this attempt of this session's task.
+//!
+//! A [`Verifier`] remembers the batches whose signature it checked (a bounded set), and
+//! the workers of one process share one: the other tasks of a batch cost a hash each,
+//! not a signature check. So a session's tasks cost `serve` one signature, and a process
+//! running every role one check.
 //!
 //! A task without a signature, or with one that does not check out, is not refused for
 //! that alone: the worker falls back to checking it against the session's task table
 //! (one read), which is what every task cost before signatures. A forgery therefore
-//! meets exactly the check it met before, and a task of an older, unsigned `serve` still
-//! runs during an upgrade.
+//! meets exactly the check it met before, and a task of an older `serve` (signed by
+//! another scheme, or not at all) still runs during an upgrade.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+
+use sha2::{Digest, Sha256};
 
 use crate::kv::{KvError, Records};
 
@@ -28,12 +45,29 @@ pub fn signer_key(public_key: &str) -> String {
     format!("signer.{public_key}")
 }
 
-/// The bytes a signature covers.
-fn signed_bytes(subject: &str, payload: &[u8]) -> Vec<u8> {
-    let mut b = Vec::with_capacity(subject.len() + 1 + payload.len());
-    b.extend_from_slice(subject.as_bytes());
-    b.push(b'\n');
-    b.extend_from_slice(payload);
+/// Bytes of SHA-256 a message digest keeps (128 bits: finding a second message with a
+/// signed digest takes about 2^128 hashes).
+const DIGEST_BYTES: usize = 16;
+/// The most messages a batch may name (a session plans a handful of tasks).
+pub const MAX_BATCH: usize = 64;
+/// What the signature covers ahead of the batch (domain separation).
+const BATCH_DOMAIN: &[u8] = b"flotilla-batch-v1\n";
+
+/// A message's digest in a signed batch: hex of the first 16 bytes of SHA-256 over
+/// `<subject>\n<payload>`.
+pub fn message_digest(subject: &str, payload: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(subject.as_bytes());
+    h.update(b"\n");
+    h.update(payload);
+    hex(&h.finalize()[..DIGEST_BYTES])
+}
+
+/// The bytes a batch's signature covers.
+fn signed_bytes(batch: &str) -> Vec<u8> {
+    let mut b = Vec::with_capacity(BATCH_DOMAIN.len() + batch.len());
+    b.extend_from_slice(BATCH_DOMAIN);
+    b.extend_from_slice(batch.as_bytes());
     b
 }
 
@@ -55,6 +89,35 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
         .step_by(2)
         .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
         .collect()
+}
+
+/// One signature over a batch of messages: the three header values every message of
+/// the batch carries. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct SignedBatch {
+    signer: Arc<str>,
+    batch: Arc<str>,
+    signature: Arc<str>,
+}
+
+impl SignedBatch {
+    /// Sets `Flotilla-Signer`, `Flotilla-Signed-Batch` and `Flotilla-Signature`.
+    pub fn add_headers(&self, headers: &mut async_nats::HeaderMap) {
+        use flotilla_protocol::headers;
+        headers.insert(headers::SIGNER, &*self.signer);
+        headers.insert(headers::SIGNED_BATCH, &*self.batch);
+        headers.insert(headers::SIGNATURE, &*self.signature);
+    }
+
+    /// The batch (the digests joined by `,`).
+    pub fn batch(&self) -> &str {
+        &self.batch
+    }
+
+    /// The signature (hex).
+    pub fn signature(&self) -> &str {
+        &self.signature
+    }
 }
 
 /// A process's signing key. Cheap to clone.
@@ -88,13 +151,27 @@ impl Signer {
         &self.public
     }
 
-    /// The signature (hex) of a message to `subject` with `payload`; `None` if the key
-    /// cannot sign (it always can: it holds its seed).
-    pub fn sign(&self, subject: &str, payload: &[u8]) -> Option<String> {
-        self.key
-            .sign(&signed_bytes(subject, payload))
-            .ok()
-            .map(|s| hex(&s))
+    /// One signature over the messages (`(subject, payload)`, the bytes as published)
+    /// dispatched together; `None` if there are none, more than [`MAX_BATCH`], or the
+    /// key cannot sign (it always can: it holds its seed).
+    pub fn sign_batch<'a>(
+        &self,
+        messages: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    ) -> Option<SignedBatch> {
+        let digests: Vec<String> = messages
+            .into_iter()
+            .map(|(subject, payload)| message_digest(subject, payload))
+            .collect();
+        if digests.is_empty() || digests.len() > MAX_BATCH {
+            return None;
+        }
+        let batch = digests.join(",");
+        let signature = self.key.sign(&signed_bytes(&batch)).ok()?;
+        Some(SignedBatch {
+            signer: self.public.clone(),
+            batch: batch.into(),
+            signature: hex(&signature).into(),
+        })
     }
 
     /// Registers the public key in `records` as `agent_id`'s (a put: a restart of the
@@ -130,8 +207,44 @@ pub enum SignatureError {
     Unavailable(#[from] KvError),
 }
 
-/// Checks task signatures against the registered signers. Cheap to clone; the keys
-/// found are cached for the process's life.
+/// How many checked batches a [`Verifier`] remembers per generation (two generations
+/// are kept: about 100 KB at most).
+const VOUCHED_PER_GENERATION: usize = 2048;
+
+/// The batches whose signature was checked: a two-generation set of SHA-256 over
+/// `(signer, signature, batch)`. When the current generation is full it becomes the
+/// previous one and the oldest is dropped, so memory stays bounded and a batch's tasks,
+/// which arrive together, find it.
+#[derive(Default)]
+struct Vouched {
+    current: HashSet<[u8; 32]>,
+    previous: HashSet<[u8; 32]>,
+}
+
+impl Vouched {
+    fn key(signer: &str, signature: &str, batch: &str) -> [u8; 32] {
+        let mut h = Sha256::new();
+        for part in [signer, signature, batch] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+        h.finalize().into()
+    }
+
+    fn contains(&self, key: &[u8; 32]) -> bool {
+        self.current.contains(key) || self.previous.contains(key)
+    }
+
+    fn insert(&mut self, key: [u8; 32]) {
+        if self.current.len() >= VOUCHED_PER_GENERATION {
+            self.previous = std::mem::take(&mut self.current);
+        }
+        self.current.insert(key);
+    }
+}
+
+/// Checks task signatures against the registered signers. Cheap to clone; clones share
+/// the keys found (cached for the process's life) and the batches checked.
 #[derive(Clone)]
 pub struct Verifier {
     records: Records,
@@ -139,11 +252,18 @@ pub struct Verifier {
     /// Held while a signer is looked up, so that the handlers that meet a new signer
     /// together (a burst of its first tasks) make one read, not one each.
     looking_up: Arc<tokio::sync::Mutex<()>>,
+    vouched: Arc<Mutex<Vouched>>,
+    /// Held while a signature is checked (see [`Verifier::verify`]).
+    checking: Arc<tokio::sync::Mutex<()>>,
+    /// Ed25519 checks made (each batch's first task; the rest find it vouched for).
+    checks: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Verifier").finish_non_exhaustive()
+        f.debug_struct("Verifier")
+            .field("checks", &self.checks())
+            .finish_non_exhaustive()
     }
 }
 
@@ -154,22 +274,79 @@ impl Verifier {
             records,
             known: Arc::default(),
             looking_up: Arc::default(),
+            vouched: Arc::default(),
+            checking: Arc::default(),
+            checks: Arc::default(),
         }
     }
 
-    /// `Ok` when `signature` (hex) is `signer`'s over `subject` and `payload`, and
-    /// `signer` is registered. The first message of a signer costs one read (from the
-    /// stream leader when a replica has not seen the registration yet); later ones none.
+    /// A verifier that shares this one's keys and checked batches but reads
+    /// registrations from `records` (another connection of the same process: the
+    /// workers of one process share a verifier, each through its own connection).
+    pub fn sharing(&self, records: Records) -> Self {
+        Self {
+            records,
+            ..self.clone()
+        }
+    }
+
+    /// Ed25519 checks made so far by this verifier and those sharing it.
+    pub fn checks(&self) -> u64 {
+        self.checks.load(Ordering::Relaxed)
+    }
+
+    /// `Ok` when `batch` names this message's digest, `signature` (hex) is `signer`'s
+    /// over `batch`, and `signer` is registered. The first message of a signer costs one
+    /// read (from the stream leader when a replica has not seen the registration yet);
+    /// later ones none. The first message of a batch costs one Ed25519 check; the
+    /// others a hash.
     pub async fn verify(
         &self,
         subject: &str,
         payload: &[u8],
-        signer: Option<&str>,
-        signature: Option<&str>,
+        signed: Signed<'_>,
     ) -> Result<(), SignatureError> {
-        let (Some(signer), Some(signature)) = (signer, signature) else {
+        let (Some(signer), Some(batch), Some(signature)) =
+            (signed.signer, signed.batch, signed.signature)
+        else {
             return Err(SignatureError::Unsigned);
         };
+        let digest = message_digest(subject, payload);
+        if !batch.split(',').take(MAX_BATCH).any(|d| d == digest) {
+            return Err(SignatureError::Mismatch);
+        }
+        let vouched = Vouched::key(signer, signature, batch);
+        if self.is_vouched(&vouched) {
+            return Ok(());
+        }
+        // A batch's tasks arrive together: the first to get here checks the signature
+        // while the others wait for it and then find the batch vouched for, instead of
+        // each checking it at the same time. (A check takes tens of microseconds.)
+        let _checking = self.checking.lock().await;
+        if self.is_vouched(&vouched) {
+            return Ok(());
+        }
+        let key = self.key_of(signer).await?;
+        let sig = unhex(signature).ok_or(SignatureError::Mismatch)?;
+        self.checks.fetch_add(1, Ordering::Relaxed);
+        key.verify(&signed_bytes(batch), &sig)
+            .map_err(|_| SignatureError::Mismatch)?;
+        self.vouched
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(vouched);
+        Ok(())
+    }
+
+    fn is_vouched(&self, key: &[u8; 32]) -> bool {
+        self.vouched
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(key)
+    }
+
+    /// `signer`'s key, if it is registered (cached once found).
+    async fn key_of(&self, signer: &str) -> Result<Arc<nkeys::KeyPair>, SignatureError> {
         let cached = || {
             self.known
                 .lock()
@@ -177,36 +354,55 @@ impl Verifier {
                 .get(signer)
                 .cloned()
         };
+        if let Some(k) = cached() {
+            return Ok(k);
+        }
         // Held to the end of the call on a miss (the key is cached by then).
-        let _looking_up = match cached() {
-            Some(_) => None,
-            None => Some(self.looking_up.lock().await),
-        };
-        let key = match cached() {
-            Some(k) => k,
-            None => {
-                let registered = self
-                    .records
-                    .get_current::<SignerRecord>(&signer_key_checked(signer)?, |_| true)
-                    .await?;
-                match registered {
-                    Some((rec, _)) if rec.public_key == signer => {
-                        let key = nkeys::KeyPair::from_public_key(signer)
-                            .map_err(|_| SignatureError::UnknownSigner(signer.to_owned()))?;
-                        let key = Arc::new(key);
-                        self.known
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .insert(signer.to_owned(), key.clone());
-                        key
-                    }
-                    _ => return Err(SignatureError::UnknownSigner(signer.to_owned())),
-                }
+        let _looking_up = self.looking_up.lock().await;
+        if let Some(k) = cached() {
+            return Ok(k);
+        }
+        let registered = self
+            .records
+            .get_current::<SignerRecord>(&signer_key_checked(signer)?, |_| true)
+            .await?;
+        match registered {
+            Some((rec, _)) if rec.public_key == signer => {
+                let key = nkeys::KeyPair::from_public_key(signer)
+                    .map_err(|_| SignatureError::UnknownSigner(signer.to_owned()))?;
+                let key = Arc::new(key);
+                self.known
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(signer.to_owned(), key.clone());
+                Ok(key)
             }
-        };
-        let sig = unhex(signature).ok_or(SignatureError::Mismatch)?;
-        key.verify(&signed_bytes(subject, payload), &sig)
-            .map_err(|_| SignatureError::Mismatch)
+            _ => Err(SignatureError::UnknownSigner(signer.to_owned())),
+        }
+    }
+}
+
+/// A message's signature headers (`Flotilla-Signer`, `Flotilla-Signed-Batch`,
+/// `Flotilla-Signature`), each `None` when absent.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Signed<'a> {
+    /// `Flotilla-Signer`.
+    pub signer: Option<&'a str>,
+    /// `Flotilla-Signed-Batch`.
+    pub batch: Option<&'a str>,
+    /// `Flotilla-Signature`.
+    pub signature: Option<&'a str>,
+}
+
+impl<'a> Signed<'a> {
+    /// The headers of a message, looked up with `header`.
+    pub fn from_headers(header: impl Fn(&str) -> Option<&'a str>) -> Self {
+        use flotilla_protocol::headers;
+        Self {
+            signer: header(headers::SIGNER),
+            batch: header(headers::SIGNED_BATCH),
+            signature: header(headers::SIGNATURE),
+        }
     }
 }
 
@@ -238,12 +434,40 @@ mod tests {
     }
 
     #[test]
-    fn a_signature_covers_subject_and_payload() {
+    fn a_batch_signature_covers_each_subject_and_payload() {
         let s = Signer::generate();
-        let sig = unhex(&s.sign("a.b", b"{}").unwrap()).unwrap();
+        let msgs: [(&str, &[u8]); 3] = [("a.b", b"{}"), ("a.c", b"{}"), ("a.b", b"{ }")];
+        let signed = s.sign_batch(msgs).unwrap();
+        let digests: Vec<&str> = signed.batch().split(',').collect();
+        assert_eq!(digests.len(), 3);
+        for ((subject, payload), d) in msgs.iter().zip(&digests) {
+            assert_eq!(message_digest(subject, payload), *d);
+            assert_eq!(d.len(), 2 * DIGEST_BYTES);
+        }
+        assert_ne!(digests[0], digests[1], "the subject is covered");
+        assert_ne!(digests[0], digests[2], "the payload is covered");
+        let sig = unhex(signed.signature()).unwrap();
         let public = nkeys::KeyPair::from_public_key(s.public_key()).unwrap();
-        assert!(public.verify(&signed_bytes("a.b", b"{}"), &sig).is_ok());
-        assert!(public.verify(&signed_bytes("a.c", b"{}"), &sig).is_err());
-        assert!(public.verify(&signed_bytes("a.b", b"{ }"), &sig).is_err());
+        assert!(public.verify(&signed_bytes(signed.batch()), &sig).is_ok());
+        let other = s.sign_batch([msgs[0], msgs[1]]).unwrap();
+        assert!(public.verify(&signed_bytes(other.batch()), &sig).is_err());
+        assert!(s.sign_batch([]).is_none());
+        let many = vec![("a.b", &b"{}"[..]); MAX_BATCH + 1];
+        assert!(s.sign_batch(many).is_none());
+    }
+
+    #[test]
+    fn the_vouched_set_is_bounded_and_keeps_the_last_generation() {
+        let mut v = Vouched::default();
+        let key = |i: usize| Vouched::key("S", &i.to_string(), "b");
+        for i in 0..3 * VOUCHED_PER_GENERATION {
+            v.insert(key(i));
+        }
+        assert!(v.current.len() + v.previous.len() <= 2 * VOUCHED_PER_GENERATION);
+        assert!(v.contains(&key(3 * VOUCHED_PER_GENERATION - 1)));
+        assert!(v.contains(&key(2 * VOUCHED_PER_GENERATION)));
+        assert!(!v.contains(&key(0)), "the oldest generation is dropped");
+        // The parts are length-prefixed: moving a byte across a boundary is another key.
+        assert_ne!(Vouched::key("S", "ab", "c"), Vouched::key("S", "a", "bc"));
     }
 }

@@ -107,6 +107,9 @@ impl Fleet {
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
+        // The workers of this process share one verifier: a batch of tasks signed
+        // together is checked once, not once per role.
+        let mut verifier: Option<flotilla_bus::Verifier> = None;
         for role in &spec.control.session.roles {
             for i in 0..spec.workers_per_role.max(1) {
                 let bus = Bus::connect(
@@ -132,8 +135,12 @@ impl Fleet {
                     &gateway,
                 ));
                 let settings = def.pool().apply(&spec.worker);
-                let worker = Worker::new(bus, role.clone(), agent, settings)
+                let mut worker = Worker::new(bus, role.clone(), agent, settings)
                     .with_liveness(spec.control.liveness.clone());
+                match &verifier {
+                    Some(v) => worker = worker.with_verifier(v),
+                    None => verifier = Some(worker.verifier().clone()),
+                }
                 let s = shutdown.child_token();
                 let role: Role = role.clone();
                 tasks.spawn(async move {

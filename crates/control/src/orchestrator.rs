@@ -1453,34 +1453,52 @@ impl Orchestrator {
         };
         let mut order: Vec<usize> = (0..effects.len()).collect();
         order.sort_by_key(|&i| rank(&effects[i]));
+        // The attempts dispatched together are signed as one batch: one signature for
+        // the step, and one check for the workers of a process (`flotilla_bus::signing`).
+        let messages: Vec<Option<TaskOut>> = effects
+            .iter()
+            .map(|e| match e {
+                Effect::Dispatch { task_id, attempt } => {
+                    self.task_message(rec, task_id, *attempt, trace)
+                }
+                _ => None,
+            })
+            .collect();
+        let signed = self.signer.as_ref().and_then(|signer| {
+            signer.sign_batch(
+                messages
+                    .iter()
+                    .flatten()
+                    .map(|t| (t.out.subject.as_str(), &t.out.payload[..])),
+            )
+        });
         let mut dispatched = Vec::new();
         for i in order {
             match &effects[i] {
-                Effect::Dispatch { task_id, attempt } => {
-                    let role = match self
-                        .dispatch(rec, task_id, *attempt, trace, carrier.is_none())
-                        .await
-                    {
-                        Ok(role) => role,
-                        Err(e) => {
-                            // The step's event still goes out with what was dispatched
-                            // (a repeat performs the rest, each with its own event).
-                            if let Some(Effect::Emit { id, body }) = carrier.map(|c| &effects[c]) {
-                                let _ = self
-                                    .bus
-                                    .emit_with(&rec.session_id, id, body.clone(), dispatched, trace)
-                                    .await;
-                            }
-                            return Err(e);
-                        }
+                Effect::Dispatch { .. } => {
+                    // No such task in the session: nothing to dispatch.
+                    let Some(task) = &messages[i] else {
+                        continue;
                     };
-                    if let Some(role) = role {
-                        dispatched.push(flotilla_protocol::DispatchedTask {
-                            task_id: task_id.clone(),
-                            role,
-                            attempt: *attempt,
-                        });
+                    let sent = self
+                        .dispatch(rec, task, signed.as_ref(), trace, carrier.is_none())
+                        .await;
+                    if let Err(e) = sent {
+                        // The step's event still goes out with what was dispatched
+                        // (a repeat performs the rest, each with its own event).
+                        if let Some(Effect::Emit { id, body }) = carrier.map(|c| &effects[c]) {
+                            let _ = self
+                                .bus
+                                .emit_with(&rec.session_id, id, body.clone(), dispatched, trace)
+                                .await;
+                        }
+                        return Err(e);
                     }
+                    dispatched.push(flotilla_protocol::DispatchedTask {
+                        task_id: task.task_id.clone(),
+                        role: task.role.clone(),
+                        attempt: task.attempt,
+                    });
                 }
                 Effect::Emit { id, body } => {
                     let carried = if Some(i) == carrier {
@@ -1505,23 +1523,15 @@ impl Orchestrator {
         Ok(())
     }
 
-    /// Publishes a task attempt; with `own_event`, also its `dispatched` event. The
-    /// task's role, or `None` if the session has no such task.
-    async fn dispatch(
+    /// The message of a task attempt, or `None` if the session has no such task.
+    fn task_message(
         &self,
         rec: &SessionRecord,
         task_id: &TaskId,
         attempt: u32,
         trace: Option<TraceParent>,
-        own_event: bool,
-    ) -> Result<Option<Role>, VerdictError> {
-        let Some(entry) = rec.tasks.iter().find(|t| &t.task_id == task_id) else {
-            return Ok(None);
-        };
-        // No task record is written here: the worker creates it with its claim. The
-        // message is signed, which tells the worker that this orchestrator dispatched
-        // exactly this (the task table, written before this, is the check for a task
-        // without a good signature).
+    ) -> Option<TaskOut> {
+        let entry = rec.tasks.iter().find(|t| &t.task_id == task_id)?;
         let msg = InboxMessage::Task(TaskMessage {
             v: V1,
             session_id: rec.session_id.clone(),
@@ -1543,6 +1553,35 @@ impl Orchestrator {
             trace,
             payload: Bytes::from(serde_json::to_vec(&msg).unwrap_or_default()),
         };
+        Some(TaskOut {
+            task_id: task_id.clone(),
+            role: entry.role.clone(),
+            attempt,
+            out,
+        })
+    }
+
+    /// Publishes a task attempt (`out`, from [`Self::task_message`]) with the
+    /// signature of its batch; with `own_event`, also its `dispatched` event.
+    async fn dispatch(
+        &self,
+        rec: &SessionRecord,
+        task: &TaskOut,
+        signed: Option<&flotilla_bus::SignedBatch>,
+        trace: Option<TraceParent>,
+        own_event: bool,
+    ) -> Result<(), VerdictError> {
+        let TaskOut {
+            task_id,
+            role,
+            attempt,
+            out,
+        } = task;
+        let attempt = *attempt;
+        // No task record is written here: the worker creates it with its claim. The
+        // message is signed, which tells the worker that this orchestrator dispatched
+        // exactly this (the task table, written before this, is the check for a task
+        // without a good signature).
         // A full inbox is backpressure: log it once, then retry with backoff for up to
         // half the ack wait; past that, hand the message back (the effect stays in
         // the outbox and is performed on a later pass).
@@ -1556,9 +1595,9 @@ impl Orchestrator {
         let mut full = 0u32;
         let mut logged = false;
         loop {
-            let published = match &self.signer {
-                Some(signer) => self.bus.publish_signed(&out, signer).await,
-                None => self.bus.publish(&out).await,
+            let published = match signed {
+                Some(signed) => self.bus.publish_signed(out, signed).await,
+                None => self.bus.publish(out).await,
             };
             match published {
                 Ok(p) => {
@@ -1572,19 +1611,19 @@ impl Orchestrator {
                         logged = true;
                         let body = EventBody::Backpressure {
                             task_id: task_id.clone(),
-                            role: entry.role.clone(),
+                            role: role.clone(),
                             attempt,
                         };
                         let id = format!("backpressure.{task_id}.{attempt}.{}", now());
                         self.bus.emit(&rec.session_id, &id, body, trace).await?;
-                        tracing::info!(task = %task_id, role = %entry.role, "inbox full, backing off");
+                        tracing::info!(task = %task_id, role = %role, "inbox full, backing off");
                     }
                     let wait = backoff.delay(full);
                     full = full.saturating_add(1);
                     if tokio::time::Instant::now() + wait > deadline {
                         return Err(VerdictError::retry(
                             Duration::from_millis(500),
-                            format!("inbox of {} is full", entry.role),
+                            format!("inbox of {role} is full"),
                         ));
                     }
                     tokio::time::sleep(wait).await;
@@ -1595,7 +1634,7 @@ impl Orchestrator {
         if own_event {
             let body = EventBody::Dispatched {
                 task_id: task_id.clone(),
-                role: entry.role.clone(),
+                role: role.clone(),
                 attempt,
             };
             self.bus
@@ -1607,8 +1646,16 @@ impl Orchestrator {
                 )
                 .await?;
         }
-        Ok(Some(entry.role.clone()))
+        Ok(())
     }
+}
+
+/// A task attempt's message, ready to publish.
+struct TaskOut {
+    task_id: TaskId,
+    role: Role,
+    attempt: u32,
+    out: Outgoing,
 }
 
 #[cfg(test)]

@@ -11,7 +11,12 @@ pub const ATTEMPT: &str = "Flotilla-Attempt";
 /// On a task message: the public key (an nkey) of the `serve` that signed it, registered
 /// at `signer.<key>` in the session-records bucket.
 pub const SIGNER: &str = "Flotilla-Signer";
-/// On a task message: hex of the Ed25519 signature over `<subject>\n<payload>`.
+/// On a task message: the batch of task messages signed together, each message's
+/// digest (hex of the first 16 bytes of SHA-256 over `<subject>\n<payload>`) joined by
+/// `,`. The message's own digest is one of them.
+pub const SIGNED_BATCH: &str = "Flotilla-Signed-Batch";
+/// On a task message: hex of the Ed25519 signature over `flotilla-batch-v1\n<batch>`
+/// (the `Flotilla-Signed-Batch` value).
 pub const SIGNATURE: &str = "Flotilla-Signature";
 /// On a tool call with side effects: its idempotency key (also in the body,
 /// [`crate::ToolCall::idempotency_key`]).
