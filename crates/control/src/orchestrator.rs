@@ -1464,14 +1464,23 @@ impl Orchestrator {
                 _ => None,
             })
             .collect();
-        let signed = self.signer.as_ref().and_then(|signer| {
-            signer.sign_batch(
-                messages
-                    .iter()
-                    .flatten()
-                    .map(|t| (t.out.subject.as_str(), &t.out.payload[..])),
-            )
-        });
+        // (A step dispatches at most `session.max_in_flight` tasks; a larger one is
+        // signed in batches of `MAX_BATCH`.)
+        let mut signed: Vec<Option<flotilla_bus::SignedBatch>> = vec![None; messages.len()];
+        if let Some(signer) = &self.signer {
+            let present: Vec<usize> = (0..messages.len())
+                .filter(|&i| messages[i].is_some())
+                .collect();
+            for chunk in present.chunks(flotilla_bus::signing::MAX_BATCH) {
+                let batch = signer.sign_batch(chunk.iter().filter_map(|&i| {
+                    let t = messages[i].as_ref()?;
+                    Some((t.out.subject.as_str(), &t.out.payload[..]))
+                }));
+                for &i in chunk {
+                    signed[i] = batch.clone();
+                }
+            }
+        }
         let mut dispatched = Vec::new();
         for i in order {
             match &effects[i] {
@@ -1481,7 +1490,7 @@ impl Orchestrator {
                         continue;
                     };
                     let sent = self
-                        .dispatch(rec, task, signed.as_ref(), trace, carrier.is_none())
+                        .dispatch(rec, task, signed[i].as_ref(), trace, carrier.is_none())
                         .await;
                     if let Err(e) = sent {
                         // The step's event still goes out with what was dispatched
