@@ -42,6 +42,12 @@ async fn python_client_opens_a_session_and_reads_done() {
     assert_eq!(report["roles"], roles);
     assert_eq!(report["queued_roles"], roles);
     assert_eq!(report["malformed_code"], "malformed");
+    // Every task of the session checked from Python: digest in its batch, signer
+    // registered, Ed25519 signature over the batch.
+    assert!(
+        report["signed_tasks"].as_u64().unwrap_or(0) >= 4,
+        "{report}"
+    );
     assert_eq!(report["service"], "flotilla-admission");
     assert!(report["artifacts"].as_u64().unwrap() >= 4);
     // The Rust side agrees.
