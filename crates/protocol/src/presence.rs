@@ -55,7 +55,7 @@ pub struct Presence {
 /// The registration of a `serve` process's task-signing key, at `signer.<public key>`
 /// in the session-records bucket (only `serve` may write it). Workers look a signer up
 /// once and then trust task messages it signed (`Flotilla-Signer`,
-/// `Flotilla-Signature`) without reading their session record.
+/// `Flotilla-Signed-Batch`, `Flotilla-Signature`) without reading their session record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SignerRecord {
