@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 /// short-lived buffers (messages, records, futures) across threads, where glibc's
 /// malloc spent about a sixth of the fleet's CPU in scenario A and kept freed memory
 /// in per-thread arenas (BENCHMARKS.md, 2026-12-03).
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -29,6 +30,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// default mimalloc keeps freed pages for reuse, which a process holding thousands of
 /// sessions through their model calls pays for in resident memory (about a third of
 /// the fleet's peak at 2,000 sessions in flight, at the same CPU: BENCHMARKS.md).
+#[cfg(feature = "mimalloc")]
 const FLEET_ALLOCATOR_SETTINGS: [(&str, &str); 2] = [
     ("MIMALLOC_PURGE_DELAY", "0"),
     ("MIMALLOC_ARENA_EAGER_COMMIT", "0"),
@@ -39,6 +41,7 @@ const FLEET_ALLOCATOR_SETTINGS: [(&str, &str); 2] = [
 /// (`exec`: the same pid, arguments and environment) with those of them that are not
 /// set. Anything an operator set, to any value, is kept; with all of them set nothing
 /// happens. If the restart fails, the process goes on with mimalloc's defaults.
+#[cfg(feature = "mimalloc")]
 fn fleet_allocator_settings() {
     #[cfg(unix)]
     {
@@ -420,6 +423,7 @@ fn shutdown_on_signal() -> CancellationToken {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    #[cfg(feature = "mimalloc")]
     if matches!(cli.command, Command::Serve { .. } | Command::Agent { .. }) {
         fleet_allocator_settings();
     }
