@@ -145,6 +145,14 @@ enum NotClaimed {
     Recheck,
 }
 
+/// A claim held through the model call: its key, the claimed record and its revision
+/// (what the commit is fenced on).
+struct Claimed {
+    key: String,
+    record: flotilla_protocol::TaskRecord,
+    revision: u64,
+}
+
 impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Worker")
@@ -248,12 +256,16 @@ impl Worker {
     }
 
     async fn handle(&self, d: &Delivery) -> Result<(), VerdictError> {
-        let msg = open_inbox_delivery(&self.bus, d, &self.role)?;
-        let InboxMessage::Task(task) = msg else {
-            return Err(VerdictError::poison(
-                ErrorCode::UnknownRole,
-                "only task messages go to worker inboxes",
-            ));
+        // (Matched in place: no binding of the whole message stays in this future, which
+        // lives through the model call, beside the task taken out of it.)
+        let task = match open_inbox_delivery(&self.bus, d, &self.role)? {
+            InboxMessage::Task(task) => task,
+            _ => {
+                return Err(VerdictError::poison(
+                    ErrorCode::UnknownRole,
+                    "only task messages go to worker inboxes",
+                ));
+            }
         };
         // A session ended from outside (cancel, deadline): no work for it starts here.
         let Some(guard) = self.stops.guard(&task.session_id) else {
@@ -462,6 +474,32 @@ impl Worker {
         // The pool consumer keeps the delivery alive while the agent runs; the
         // watchdog's stuck timeout sees only the agent's own progress reports.
         let result = ctx.spend.clone().scope(self.agent.run(&ctx, task)).await;
+        // What follows the model call is its own boxed future: what the commit keeps
+        // (the committed record, its headers, the write) is not part of this one,
+        // which every task holds through its model call.
+        let claim = Claimed {
+            key: claim_key,
+            record: claimed,
+            revision: claimed_rev,
+        };
+        Box::pin(self.settle(task, trace, claim, ctx, result)).await
+    }
+
+    /// After the model call: logs a rate-limit wait, then commits the outcome fenced on
+    /// the claim's revision (or reports it fenced off).
+    async fn settle(
+        &self,
+        task: &TaskMessage,
+        trace: Option<TraceParent>,
+        claim: Claimed,
+        ctx: TaskContext,
+        result: Result<flotilla_protocol::TaskOutput, AgentError>,
+    ) -> Result<(), VerdictError> {
+        let Claimed {
+            key: claim_key,
+            record: claimed,
+            revision: claimed_rev,
+        } = claim;
         let spend = ctx.spend.spend();
         if spend.rate_limit_waits > 0 {
             let body = EventBody::RateLimitWait {
