@@ -5,8 +5,8 @@
 //! registers the public key in the session-records bucket at `signer.<public key>`, a
 //! key only `serve` may write (DESIGN §9).
 //!
-//! The tasks one orchestrator step dispatches together (a plan's tasks, usually) are
-//! signed as one **batch**, with one signature:
+//! The tasks one orchestrator step dispatches together (a plan's first
+//! `session.max_in_flight`, usually) are signed as one **batch**, with one signature:
 //! - each message's digest is hex of the first 16 bytes of SHA-256 over
 //!   `<subject>\n<payload>`, the bytes as published ([`message_digest`]);
 //! - the batch is the digests joined by `,`, in dispatch order;
@@ -21,7 +21,7 @@
 //!
 //! A [`Verifier`] remembers the batches whose signature it checked (a bounded set), and
 //! the workers of one process share one: the other tasks of a batch cost a hash each,
-//! not a signature check. So a session's tasks cost `serve` one signature, and a process
+//! not a signature check. So a step's tasks cost `serve` one signature, and a process
 //! running every role one check.
 //!
 //! A task without a signature, or with one that does not check out, is not refused for
