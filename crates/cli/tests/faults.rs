@@ -958,11 +958,15 @@ async fn a_reassignment_shows_in_the_sessions_trace() {
         let spans = otlp
             .wait_for(Duration::from_secs(30), |s| {
                 let t = Trace::new(s, &tid);
+                // Spans arrive as each process's exporter sends them: a child (say
+                // `synthesize`) can come in a batch before its parent's, so wait for the
+                // trace to be whole (one root) too; one that never is fails below.
                 !t.named("reassign").is_empty()
                     && t.named("task")
                         .iter()
                         .any(|x| x.attr("task") == Some(task_id.as_str()))
                     && !t.named("synthesize").is_empty()
+                    && t.roots().len() == 1
             })
             .await;
         let t = Trace::new(&spans, &tid);
@@ -996,7 +1000,8 @@ async fn a_reassignment_shows_in_the_sessions_trace() {
             runs[0]
         );
         assert!(runs[0].start_unix_nanos > reassign[0].start_unix_nanos);
-        assert_eq!(t.roots().len(), 1, "{names:?}");
+        let roots: Vec<_> = t.roots().iter().map(|s| (&s.service, &s.name)).collect();
+        assert_eq!(t.roots().len(), 1, "roots {roots:?} of {names:?}");
     }
 }
 
