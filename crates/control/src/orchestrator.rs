@@ -170,7 +170,9 @@ impl std::fmt::Debug for RecordCache {
     }
 }
 
-type Cell = Arc<tokio::sync::Mutex<Option<(SessionRecord, u64)>>>;
+/// A session's cached record (boxed: a handler holds it through its model calls, and
+/// inline it made each handler's future 400 bytes larger, twice over).
+type Cell = Arc<tokio::sync::Mutex<Option<(Box<SessionRecord>, u64)>>>;
 
 /// A session's task records by task.
 type TaskRecords = std::collections::HashMap<TaskId, TaskRecord>;
@@ -202,12 +204,12 @@ impl RecordCache {
     }
 
     /// The record admission created for `session`, if it is still kept.
-    fn take_seed(&self, session: &SessionId) -> Option<(SessionRecord, u64)> {
+    fn take_seed(&self, session: &SessionId) -> Option<(Box<SessionRecord>, u64)> {
         self.seeds
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(session)
-            .map(|(rec, rev, _)| (rec, rev))
+            .map(|(rec, rev, _)| (Box::new(rec), rev))
     }
 
     /// Posts `r` for whoever holds its session's cell (see [`Mail`]).
@@ -679,14 +681,14 @@ impl Orchestrator {
         let Some(guard) = self.stops.guard(&session) else {
             return Ok(());
         };
-        let ack_subject = d.ack_subject().unwrap_or_default().to_owned();
+        let ack_subject = d.ack_subject().unwrap_or_default();
         let now = now();
         self.tracker.start(flotilla_protocol::InFlight {
             session_id: session.clone(),
             task_id: None,
             role: None,
             attempt: None,
-            ack_subject: ack_subject.clone(),
+            ack_subject: ack_subject.to_owned(),
             since_ms: now,
             progress_ms: now,
         });
@@ -708,7 +710,7 @@ impl Orchestrator {
                 Ok(())
             }
         };
-        self.tracker.finish(&ack_subject);
+        self.tracker.finish(ack_subject);
         result
     }
 
@@ -835,7 +837,7 @@ impl Orchestrator {
                     fresh = true;
                     // (A miss is asked of the leader again before it is final.)
                     match Box::pin(records.get_current::<SessionRecord>(&key, |_| true)).await? {
-                        Some(found) => found,
+                        Some((found, rev)) => (Box::new(found), rev),
                         None => {
                             return Err(VerdictError::poison(
                                 ErrorCode::UnknownSession,
@@ -1223,6 +1225,9 @@ impl Orchestrator {
     ) -> Result<Result<String, Halt>, VerdictError> {
         let transient = |e: String| VerdictError::retry(Duration::from_secs(1), e);
         let estimate = u64::from(flotilla_llm::estimate_request_tokens(req));
+        // (The ledger's round trips are boxed where they are awaited: inline, the
+        // largest of them made this future, and the plan's and the synthesis' around
+        // it, 3 KB for the whole model call.)
         let ledger = flotilla_agent::SessionLedger::new(self.bus.clone());
         let account = &rec.tokens;
         if account.budget > 0 && !account.metered && calls.seeded.is_none() {
@@ -1264,8 +1269,7 @@ impl Orchestrator {
                 ));
             }
             // Over to the ledger for good: what was granted becomes used there.
-            ledger
-                .seed(&rec.session_id, granted)
+            Box::pin(ledger.seed(&rec.session_id, granted))
                 .await
                 .map_err(|e| transient(e.to_string()))?;
             calls.seeded = Some(granted);
@@ -1277,22 +1281,20 @@ impl Orchestrator {
                 Err(e) => halting(e).map_err(|e| transient(e.to_string())),
             };
         }
-        let reservation = match ledger
-            .reserve(
-                &rec.session_id,
-                estimate,
-                self.config.budgets.session_tokens,
-            )
-            .await
-            .map_err(|e| transient(e.to_string()))?
+        let reservation = match Box::pin(ledger.reserve(
+            &rec.session_id,
+            estimate,
+            self.config.budgets.session_tokens,
+        ))
+        .await
+        .map_err(|e| transient(e.to_string()))?
         {
             Ok(r) => r,
             Err(e) => return Ok(Err(Halt::Budget(e))),
         };
         let result = self.llm.complete(req).await;
         let used = result.as_ref().map_or(0, |c| u64::from(c.usage.total()));
-        ledger
-            .settle(reservation, used)
+        Box::pin(ledger.settle(reservation, used))
             .await
             .map_err(|e| transient(e.to_string()))?;
         match result {
@@ -1351,7 +1353,7 @@ impl Orchestrator {
             .collect();
         let sections = match kept {
             Some(sections) => sections,
-            None => self.read_sections(rec).await?,
+            None => Box::pin(self.read_sections(rec)).await?,
         };
         let results: Vec<(String, _)> = sections
             .iter()
