@@ -285,7 +285,10 @@ impl Worker {
             trace_id = trace.map(|t| t.trace_id_hex()).unwrap_or_default(),
         );
         flotilla_bus::trace::set_parent(&span, trace);
-        let ack_subject = d.ack_subject().unwrap_or_default().to_owned();
+        // (One handle shared with the delivery and its keepalive, not a copy.)
+        let ack = d
+            .handle()
+            .unwrap_or_else(|| self.bus.ack_handle(d.ack_subject().unwrap_or_default()));
         // A task signed by a registered orchestrator key needs no check against the
         // session record; anything else gets that check (see `flotilla_bus::signing`).
         let vouched = match Box::pin(self.verifier.verify(
@@ -302,7 +305,7 @@ impl Worker {
             }
         };
         let run = self
-            .run_task(&task, trace, &ack_subject, d.delivered() > 1, vouched)
+            .run_task(&task, trace.as_ref(), &ack, d.delivered() > 1, vouched)
             .instrument(span.clone());
         // Pinned in place: `select!` polls it by reference instead of moving it into a
         // second slot of this future (which lives through the model call).
@@ -319,23 +322,22 @@ impl Worker {
                 Ok(())
             }
         };
-        self.tracker.finish(&ack_subject);
+        self.tracker.finish(ack.subject());
         result
     }
 
     async fn run_task(
         &self,
         task: &TaskMessage,
-        trace: Option<TraceParent>,
-        ack_subject: &str,
+        trace: Option<&TraceParent>,
+        ack: &flotilla_bus::AckHandle,
         redelivered: bool,
         vouched: bool,
     ) -> Result<(), VerdictError> {
         if !vouched && !Box::pin(self.check_against_table(task)).await? {
             return Ok(());
         }
-        self.claim_and_run(task, trace, ack_subject, redelivered)
-            .await
+        self.claim_and_run(task, trace, ack, redelivered).await
     }
 
     /// For a task its signature does not vouch for: the session's task table must list
@@ -407,10 +409,11 @@ impl Worker {
     async fn claim_and_run(
         &self,
         task: &TaskMessage,
-        trace: Option<TraceParent>,
-        ack_subject: &str,
+        trace: Option<&TraceParent>,
+        ack: &flotilla_bus::AckHandle,
         redelivered: bool,
     ) -> Result<(), VerdictError> {
+        let ack_subject = ack.subject();
         let claim_key = keys::claim(&task.session_id, &task.role, &task.task_id);
         // (Its own boxed future: what the claim keeps is gone before the model call.)
         let Some((claimed, claimed_rev, resumed)) =
@@ -465,10 +468,7 @@ impl Worker {
             memory: self.bus.memory().session(&task.session_id),
             spend: crate::budget::SpendMeter::default(),
             resumed,
-            progress: crate::agent::Progress::new(
-                self.bus.ack_handle(ack_subject),
-                self.tracker.clone(),
-            ),
+            progress: crate::agent::Progress::new(ack.clone(), self.tracker.clone()),
             allowance,
         };
         // The pool consumer keeps the delivery alive while the agent runs; the
@@ -482,7 +482,7 @@ impl Worker {
             record: claimed,
             revision: claimed_rev,
         };
-        Box::pin(self.settle(task, trace, claim, ctx, result)).await
+        Box::pin(self.settle(task, trace.copied(), claim, ctx, result)).await
     }
 
     /// After the model call: logs a rate-limit wait, then commits the outcome fenced on

@@ -1,6 +1,7 @@
 //! One delivery of a JetStream message to a consumer, with what a handler may do with
 //! it: ack, nak with a delay, report progress, or dead-letter it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
@@ -22,8 +23,15 @@ pub struct AckError(String);
 /// block of `name: value` lines. (The message as async-nats hands it over also keeps a
 /// header map of a dozen small allocations, the JetStream context with its prefix, the
 /// status and the description: about 1 KB more for each task in flight.)
+///
+/// One pointer wide: it is passed by value through the consumer's layers into the
+/// handler, and each layer's future keeps a slot of its own for it through the model
+/// call.
 #[derive(Debug)]
-pub struct Delivery {
+pub struct Delivery(Box<Received>);
+
+#[derive(Debug)]
+struct Received {
     subject: Box<str>,
     /// The ack subject, and the connection acks go out on.
     ack: Option<AckHandle>,
@@ -68,28 +76,28 @@ impl Delivery {
         }
         let jetstream::Message { message, context } = msg;
         let client = context.client();
-        Self {
+        Self(Box::new(Received {
             subject: Box::from(message.subject.as_str()),
             ack: message
                 .reply
                 .as_ref()
-                .map(|r| AckHandle::new(client, r.as_str().to_owned())),
+                .map(|r| AckHandle::new(client, r.as_str())),
             payload: Bytes::copy_from_slice(&message.payload),
             headers: headers.into_boxed_str(),
             stream,
             delivered,
             stream_sequence,
-        }
+        }))
     }
 
     /// The subject it was published to.
     pub fn subject(&self) -> &str {
-        &self.subject
+        &self.0.subject
     }
 
     /// The body.
     pub fn payload(&self) -> &Bytes {
-        &self.payload
+        &self.0.payload
     }
 
     /// How many times it has been delivered (1 on first delivery), counting a handling
@@ -98,27 +106,27 @@ impl Delivery {
     /// failed, before performing all of its effects, and a handler that sees
     /// `delivered() > 1` performs them again.
     pub fn delivered(&self) -> u64 {
-        self.delivered
+        self.0.delivered
     }
 
     /// Marks that this delivery is handled again in place.
     pub(crate) fn handled_again(&mut self) {
-        self.delivered = self.delivered.saturating_add(1);
+        self.0.delivered = self.0.delivered.saturating_add(1);
     }
 
     /// Its sequence in the stream.
     pub fn stream_sequence(&self) -> u64 {
-        self.stream_sequence
+        self.0.stream_sequence
     }
 
     /// The ack subject (anyone may publish `-NAK` there to release the message).
     pub fn ack_subject(&self) -> Option<&str> {
-        self.ack.as_ref().map(AckHandle::subject)
+        self.0.ack.as_ref().map(AckHandle::subject)
     }
 
     /// A header value.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.lines().find_map(|line| {
+        self.0.headers.lines().find_map(|line| {
             let (n, v) = line.split_once(": ")?;
             (n == name).then_some(v)
         })
@@ -126,7 +134,7 @@ impl Delivery {
 
     /// Publishes `body` to the ack subject.
     async fn reply_with(&self, body: Bytes) -> Result<(), AckError> {
-        match &self.ack {
+        match &self.0.ack {
             Some(ack) => ack.send(body).await,
             None => Err(AckError("no ack subject: not a JetStream delivery".into())),
         }
@@ -165,7 +173,7 @@ impl Delivery {
     /// A handle on this delivery that outlives it: progress and release by its ack
     /// subject (for the agent's progress reports and the watchdog).
     pub fn handle(&self) -> Option<AckHandle> {
-        self.ack.clone()
+        self.0.ack.clone()
     }
 
     /// Poison: copy it to the dead-letter queue with its reason, then terminate it so
@@ -178,9 +186,9 @@ impl Delivery {
         detail: &str,
     ) -> Result<(), AckError> {
         let letter = DeadLetter {
-            stream: self.stream.to_string(),
-            sequence: self.stream_sequence,
-            deliveries: self.delivered,
+            stream: self.0.stream.to_string(),
+            sequence: self.0.stream_sequence,
+            deliveries: self.0.delivered,
             subject: self.subject().to_owned(),
             reason: code.as_str().to_owned(),
             detail: detail.to_owned(),
@@ -190,7 +198,7 @@ impl Delivery {
                 .filter(|v| TraceParent::parse(v).is_ok())
                 .map(str::to_owned),
             session: self.header(headers::SESSION).map(str::to_owned),
-            payload: self.payload.clone(),
+            payload: self.0.payload.clone(),
         };
         if let Err(e) = bus.store_dead_letter(&letter).await {
             let _ = self.nak(Duration::from_secs(1)).await;
@@ -200,7 +208,7 @@ impl Delivery {
         }
         let detail_line = letter.detail_line();
         // `+TERM <reason>` ends redelivery and records the reason in the server's advisory.
-        if self.ack.is_some() {
+        if self.0.ack.is_some() {
             let body = format!("+TERM {}: {}", code.as_str(), detail_line);
             self.reply_with(body.into()).await?;
         }
@@ -211,21 +219,33 @@ impl Delivery {
 /// A delivery named by its ack subject, from any process: the holder reports progress
 /// through it, and the watchdog releases a dead holder's delivery through it. These are
 /// the only places (with [`Delivery`]) that speak the JetStream ack protocol.
+///
+/// One allocation shared by its clones (the delivery's, its keepalive's, the agent's
+/// progress reports): a handler holds these through its model call, and each clone
+/// of a client and an ack subject by value was 176 bytes and a copy of the subject.
 #[derive(Debug, Clone)]
-pub struct AckHandle {
+pub struct AckHandle(Arc<AckTarget>);
+
+#[derive(Debug)]
+struct AckTarget {
     client: async_nats::Client,
-    subject: String,
+    /// Copied out of the message (as received, it is a slice of the connection's read
+    /// buffer, which it would pin: see [`Delivery::new`]).
+    subject: async_nats::Subject,
 }
 
 impl AckHandle {
     /// The delivery whose ack subject is `subject`.
-    pub fn new(client: async_nats::Client, subject: String) -> Self {
-        Self { client, subject }
+    pub fn new(client: async_nats::Client, subject: &str) -> Self {
+        Self(Arc::new(AckTarget {
+            client,
+            subject: async_nats::Subject::from(subject),
+        }))
     }
 
     /// The ack subject.
     pub fn subject(&self) -> &str {
-        &self.subject
+        &self.0.subject
     }
 
     /// `+WPI`: the server restarts the delivery's ack wait.
@@ -240,8 +260,9 @@ impl AckHandle {
 
     /// Publishes `body` (an ack, nak, progress or term) to the ack subject.
     async fn send(&self, body: Bytes) -> Result<(), AckError> {
-        self.client
-            .publish(self.subject.clone(), body)
+        self.0
+            .client
+            .publish(self.0.subject.clone(), body)
             .await
             .map_err(|e| AckError(e.to_string()))
     }
@@ -283,8 +304,8 @@ impl DeadLetter {
 
 impl Bus {
     /// The delivery whose ack subject is `ack_subject`, on this connection.
-    pub fn ack_handle(&self, ack_subject: impl Into<String>) -> AckHandle {
-        AckHandle::new(self.client.clone(), ack_subject.into())
+    pub fn ack_handle(&self, ack_subject: &str) -> AckHandle {
+        AckHandle::new(self.client.clone(), ack_subject)
     }
 
     /// Stores `letter` in the dead-letter stream under `<p>.dlq.<stream>.<reason>`, with

@@ -427,7 +427,7 @@ impl Watchdog {
                 }
             }
         }
-        let ack = self.bus.ack_handle(item.ack_subject.clone());
+        let ack = self.bus.ack_handle(&item.ack_subject);
         if let Err(e) = ack.release().await {
             tracing::warn!(error = %e, "could not release a delivery");
         }
