@@ -45,7 +45,7 @@ pub struct Finding {
 #[derive(Clone)]
 pub struct LlmAgent {
     role: Role,
-    system_prompt: String,
+    system_prompt: Arc<str>,
     model: String,
     llm: Arc<dyn LlmClient>,
     budgets: BudgetConfig,
@@ -137,7 +137,7 @@ impl LlmAgent {
         );
         Self {
             role,
-            system_prompt,
+            system_prompt: system_prompt.into(),
             model: model.into(),
             llm,
             budgets: BudgetConfig::default(),
@@ -161,8 +161,12 @@ impl LlmAgent {
     /// Lets the agent call `allowed` tools through `gateway` when the model asks.
     pub fn with_tools(mut self, gateway: crate::tools::ToolGateway, allowed: Vec<String>) -> Self {
         if !allowed.is_empty() {
-            self.system_prompt
-                .push_str(&format!(" Tools you may call: {}.", allowed.join(", ")));
+            self.system_prompt = format!(
+                "{} Tools you may call: {}.",
+                self.system_prompt,
+                allowed.join(", ")
+            )
+            .into();
             self.tools = Some((gateway, allowed));
         }
         self
@@ -183,7 +187,7 @@ impl LlmAgent {
 
     /// Replaces the system prompt.
     pub fn with_system_prompt(mut self, prompt: impl Into<String>) -> Self {
-        self.system_prompt = prompt.into();
+        self.system_prompt = Arc::from(prompt.into());
         self
     }
 

@@ -23,27 +23,28 @@ pub enum ChatRole {
 pub struct ChatMessage {
     /// Speaker.
     pub role: ChatRole,
-    /// Text.
-    pub content: String,
+    /// Text (shared: a role's system prompt is one allocation for all of its requests
+    /// in flight, not a copy in each).
+    pub content: std::sync::Arc<str>,
 }
 
 impl ChatMessage {
     /// A system message.
-    pub fn system(content: impl Into<String>) -> Self {
+    pub fn system(content: impl Into<std::sync::Arc<str>>) -> Self {
         Self {
             role: ChatRole::System,
             content: content.into(),
         }
     }
     /// A user message.
-    pub fn user(content: impl Into<String>) -> Self {
+    pub fn user(content: impl Into<std::sync::Arc<str>>) -> Self {
         Self {
             role: ChatRole::User,
             content: content.into(),
         }
     }
     /// An assistant message (a previous model turn).
-    pub fn assistant(content: impl Into<String>) -> Self {
+    pub fn assistant(content: impl Into<std::sync::Arc<str>>) -> Self {
         Self {
             role: ChatRole::Assistant,
             content: content.into(),
@@ -89,7 +90,7 @@ impl CompletionRequest {
                     Some("assistant") => ChatRole::Assistant,
                     _ => ChatRole::User,
                 },
-                content: m["content"].as_str().unwrap_or_default().to_owned(),
+                content: m["content"].as_str().unwrap_or_default().into(),
             })
             .collect();
         let format = &body["response_format"]["json_schema"];

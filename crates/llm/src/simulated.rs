@@ -220,7 +220,7 @@ impl SimulatedProvider {
             .messages
             .iter()
             .find(|m| m.role == crate::client::ChatRole::User)
-            .map(|m| m.content.as_str())
+            .map(|m| &*m.content)
             .ok_or_else(|| LlmError::Refused("no user message".into()))?;
         let name = request.response_format.as_ref().map(|f| f.name.as_str());
         let bad = |e: serde_json::Error| {
@@ -262,7 +262,7 @@ impl SimulatedProvider {
                     .iter()
                     .filter(|m| m.role == crate::client::ChatRole::Assistant)
                     .count();
-                let last = request.messages.last().map_or("", |m| m.content.as_str());
+                let last = request.messages.last().map_or("", |m| &*m.content);
                 adversarial(self.config.behaviour, &w, turn, last)
             }
             Some(schema::CLARIFICATION) => serde_json::json!({
@@ -331,11 +331,7 @@ impl SimulatedProvider {
 impl SimulatedProvider {
     /// The request's generator (seeded by its messages) and the latency it draws first.
     fn draw_latency(&self, request: &CompletionRequest) -> (Rng, Duration) {
-        let texts: Vec<&str> = request
-            .messages
-            .iter()
-            .map(|m| m.content.as_str())
-            .collect();
+        let texts: Vec<&str> = request.messages.iter().map(|m| &*m.content).collect();
         let mut rng = Rng(fnv1a(self.config.seed, &texts));
         let jitter = self.config.jitter.clamp(0.0, 1.0);
         let factor = 1.0 + jitter * (2.0 * rng.unit() - 1.0);
