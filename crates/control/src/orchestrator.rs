@@ -337,21 +337,35 @@ impl RecordCache {
         cache.bytes = cache.bytes.saturating_add(size).saturating_sub(freed);
     }
 
-    /// The output kept for `task`'s `attempt`, if this process received its commit.
-    fn output(
+    /// The outputs kept for `session`'s tasks at these attempts, taken out of the
+    /// cache (they become the answer's sections: one copy of each through the
+    /// synthesis call, not two), if this process received every one of their
+    /// commits; otherwise `None`, and nothing is taken.
+    fn take_outputs(
         &self,
         session: &SessionId,
-        task: &TaskId,
-        attempt: u32,
-    ) -> Option<flotilla_protocol::TaskOutput> {
-        self.outputs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .by_session
-            .get(session)?
+        wanted: &[(&TaskId, u32)],
+    ) -> Option<Vec<flotilla_protocol::TaskOutput>> {
+        let mut cache = self.outputs.lock().unwrap_or_else(|p| p.into_inner());
+        let kept = cache.by_session.get_mut(session)?;
+        let all_here = wanted
             .iter()
-            .find(|(t, a, ..)| t == task && *a == attempt)
-            .map(|(_, _, o, _)| o.clone())
+            .all(|(task, attempt)| kept.iter().any(|(t, a, ..)| t == *task && a == attempt));
+        if !all_here {
+            return None;
+        }
+        let mut freed = 0;
+        let mut outputs = Vec::with_capacity(wanted.len());
+        for (task, attempt) in wanted {
+            let i = kept
+                .iter()
+                .position(|(t, a, ..)| t == *task && a == attempt)?;
+            let (_, _, output, size) = kept.swap_remove(i);
+            freed += size;
+            outputs.push(output);
+        }
+        cache.bytes = cache.bytes.saturating_sub(freed);
+        Some(outputs)
     }
 
     /// Drops what is kept for an ended (or stopped) session. Its mail goes with its
@@ -522,7 +536,7 @@ fn open_commit_delivery(
         .subject()
         .strip_prefix(prefix.as_str())
         .unwrap_or_default();
-    let rec: TaskRecord = decode(d.payload(), bus.config().max_payload)
+    let mut rec: TaskRecord = decode(d.payload(), bus.config().max_payload)
         .map_err(|e| VerdictError::poison(e.code(), format!("commit at {key}: {e}")))?;
     if key != keys::task(&rec.session_id, &rec.role, &rec.task_id) {
         return Err(VerdictError::poison(
@@ -533,8 +547,12 @@ fn open_commit_delivery(
             ),
         ));
     }
-    let output = task_machine::output_of(&rec, rec.attempt).cloned();
-    Ok(task_machine::result_of(&rec).map(|r| (r, output)))
+    let result = task_machine::result_of(&rec);
+    let output = match task_machine::output_of(&rec, rec.attempt) {
+        Some(_) => rec.output.take(),
+        None => None,
+    };
+    Ok(result.map(|r| (r, output)))
 }
 
 fn now() -> u64 {
@@ -1340,26 +1358,28 @@ impl Orchestrator {
         rec: &SessionRecord,
         calls: &mut Calls,
     ) -> Result<Result<Answer, Halt>, VerdictError> {
-        let done = || rec.tasks.iter().filter(|t| t.state == TaskState::Done);
-        // The outputs whose commits came here, when they are all here: no read.
-        let kept: Option<Vec<AnswerSection>> = done()
-            .map(|t| {
-                Some(AnswerSection {
+        let done: Vec<_> = rec
+            .tasks
+            .iter()
+            .filter(|t| t.state == TaskState::Done)
+            .collect();
+        // The outputs whose commits came here, when they are all here: no read. (A
+        // synthesis that fails and runs again reads them.)
+        let wanted: Vec<_> = done.iter().map(|t| (&t.task_id, t.attempt)).collect();
+        let kept = self.cache.take_outputs(&rec.session_id, &wanted);
+        let sections = match kept {
+            Some(outputs) => done
+                .iter()
+                .zip(outputs)
+                .map(|(t, output)| AnswerSection {
                     task_id: t.task_id.clone(),
                     role: t.role.clone(),
-                    output: self.cache.output(&rec.session_id, &t.task_id, t.attempt)?,
+                    output,
                 })
-            })
-            .collect();
-        let sections = match kept {
-            Some(sections) => sections,
+                .collect(),
             None => Box::pin(self.read_sections(rec)).await?,
         };
-        let results: Vec<(String, _)> = sections
-            .iter()
-            .map(|s| (s.role.to_string(), s.output.clone()))
-            .collect();
-        let req = prompts::synthesis(&self.config.session.orchestrator_model, rec, &results);
+        let req = prompts::synthesis(&self.config.session.orchestrator_model, rec, &sections);
         let content = match self.complete(rec, calls, &req, None).await? {
             Ok(c) => c,
             Err(e) => return Ok(Err(e)),
@@ -1730,28 +1750,54 @@ mod tests {
             summary: summary.into(),
             artifacts: Vec::new(),
         };
+        let t2 = TaskId::parse("t2").unwrap();
+        let summaries = |kept: Option<Vec<flotilla_protocol::TaskOutput>>| {
+            kept.map(|o| o.into_iter().map(|o| o.summary).collect::<Vec<_>>())
+        };
+        let bytes = || cache.outputs.lock().unwrap().bytes;
         cache.keep_output(&session, &t1, 1, out("first"), 100);
-        assert_eq!(cache.output(&session, &t1, 1).unwrap().summary, "first");
-        assert!(
-            cache.output(&session, &t1, 2).is_none(),
+        assert_eq!(
+            summaries(cache.take_outputs(&session, &[(&t1, 2)])),
+            None,
             "another attempt's"
         );
-        // A later attempt replaces it; an earlier one does not.
+        // All or nothing: with one missing, nothing is taken.
+        assert_eq!(
+            summaries(cache.take_outputs(&session, &[(&t1, 1), (&t2, 1)])),
+            None
+        );
+        assert_eq!(bytes(), 100);
+        assert_eq!(
+            summaries(cache.take_outputs(&session, &[(&t1, 1)])),
+            Some(vec!["first".to_owned()])
+        );
+        assert_eq!(bytes(), 0, "taken out, not copied");
+        assert_eq!(summaries(cache.take_outputs(&session, &[(&t1, 1)])), None);
+        // A later attempt replaces it; an earlier one does not. Taken in the order asked.
         cache.keep_output(&session, &t1, 2, out("second"), 300);
         cache.keep_output(&session, &t1, 1, out("stale"), 50);
-        assert!(cache.output(&session, &t1, 1).is_none());
-        assert_eq!(cache.output(&session, &t1, 2).unwrap().summary, "second");
-        assert_eq!(cache.outputs.lock().unwrap().bytes, 300);
+        cache.keep_output(&session, &t2, 1, out("other"), 10);
+        assert_eq!(bytes(), 310);
+        assert_eq!(summaries(cache.take_outputs(&session, &[(&t1, 1)])), None);
+        assert_eq!(
+            summaries(cache.take_outputs(&session, &[(&t2, 1), (&t1, 2)])),
+            Some(vec!["other".to_owned(), "second".to_owned()])
+        );
+        assert_eq!(bytes(), 0);
+        cache.keep_output(&session, &t1, 3, out("third"), 30);
         cache.forget(&session);
-        assert!(cache.output(&session, &t1, 2).is_none());
-        assert_eq!(cache.outputs.lock().unwrap().bytes, 0);
+        assert_eq!(summaries(cache.take_outputs(&session, &[(&t1, 3)])), None);
+        assert_eq!(bytes(), 0);
         // Past the budget the cache starts over: what it dropped is read instead.
         let other = SessionId::parse("s2").unwrap();
         cache.keep_output(&session, &t1, 1, out("kept"), OUTPUTS_MAX_BYTES - 10);
         cache.keep_output(&other, &t1, 1, out("over"), 20);
-        assert!(cache.output(&session, &t1, 1).is_none());
-        assert_eq!(cache.output(&other, &t1, 1).unwrap().summary, "over");
-        assert_eq!(cache.outputs.lock().unwrap().bytes, 20);
+        assert_eq!(summaries(cache.take_outputs(&session, &[(&t1, 1)])), None);
+        assert_eq!(bytes(), 20);
+        assert_eq!(
+            summaries(cache.take_outputs(&other, &[(&t1, 1)])),
+            Some(vec!["over".to_owned()])
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! models read well and the simulated provider parses.
 
 use flotilla_llm::{ChatMessage, CompletionRequest, ResponseFormat, schema};
-use flotilla_protocol::{SessionRecord, TaskOutput};
+use flotilla_protocol::{AnswerSection, SessionRecord};
 use std::sync::{Arc, LazyLock};
 
 /// The plan's schema, built once and shared by every request.
@@ -67,17 +67,13 @@ pub fn plan(model: &str, rec: &SessionRecord, feedback: Option<&str>) -> Complet
 }
 
 /// Asks for the final answer from the workers' results.
-pub fn synthesis(
-    model: &str,
-    rec: &SessionRecord,
-    results: &[(String, TaskOutput)],
-) -> CompletionRequest {
+pub fn synthesis(model: &str, rec: &SessionRecord, results: &[AnswerSection]) -> CompletionRequest {
     let input = serde_json::json!({
         "task": rec.task,
-        "results": results.iter().map(|(role, out)| serde_json::json!({
-            "role": role,
-            "summary": out.summary,
-            "artifacts": out.artifacts,
+        "results": results.iter().map(|s| serde_json::json!({
+            "role": s.role,
+            "summary": s.output.summary,
+            "artifacts": s.output.artifacts,
         })).collect::<Vec<_>>(),
     });
     CompletionRequest {
