@@ -619,3 +619,106 @@ async fn an_outage_is_waited_out_in_place_without_spending_deliveries() {
     shutdown.cancel();
     serving.await.unwrap();
 }
+
+/// A handler may let go of a delivery's payload once it has decoded it (it holds the
+/// delivery through a model call, and the stream keeps the message until it is acked).
+/// The payload comes back from the stream for a handling run again in place after an
+/// outage, and for the dead-letter copy of a message that turns out to be poison: the
+/// same bytes, nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_payload_is_read_back_for_a_repeat_and_for_its_dead_letter() {
+    use flotilla_bus::{
+        Bus, BusConfig, Counters, Delivery, KvError, PoolConsumer, PoolSettings, VerdictError,
+    };
+    let server = flotilla_testkit::NatsServer::start().unwrap();
+    let config = BusConfig {
+        url: server.url(),
+        ..BusConfig::default()
+    };
+    let bus = Bus::connect(&config, "released", Arc::new(Counters::default()))
+        .await
+        .unwrap();
+    let role = Role::parse("research").unwrap();
+    bus.ensure_inbox(&role).await.unwrap();
+    let consumer = PoolConsumer::for_role(&bus, &role, PoolSettings::default())
+        .await
+        .unwrap();
+    let subject = bus
+        .names()
+        .inbox(&flotilla_protocol::SessionId::generate(), &role);
+    let body = Bytes::from_static(br#"{"v":1,"kind":"released","padding":"0123456789"}"#);
+    bus.raw_js()
+        .publish(subject.clone(), body.clone())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    // First handling: releases the payload, then hits an outage. Second (in place):
+    // sees the payload again, releases it, and finds the message poison.
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<Bytes>::new()));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let (s, b) = (seen.clone(), bus.clone());
+    let serving = tokio::spawn(consumer.serve(b, shutdown.clone(), move |mut d: Delivery| {
+        let s = s.clone();
+        async move {
+            let n = {
+                let mut s = s.lock().unwrap();
+                s.push(d.payload().clone());
+                s.len()
+            };
+            d.release_payload();
+            assert!(d.payload().is_empty(), "released");
+            let verdict = if n == 1 {
+                Err(KvError::Unavailable {
+                    key: "task.x".into(),
+                    source: "no leader".into(),
+                }
+                .into())
+            } else {
+                Err(VerdictError::poison(
+                    flotilla_protocol::ErrorCode::Malformed,
+                    "poison after release",
+                ))
+            };
+            (d, verdict)
+        }
+    }));
+    let mut dlq = bus
+        .raw_js()
+        .get_stream(bus.names().stream_dlq())
+        .await
+        .unwrap();
+    let mut letters = 0;
+    for _ in 0..200 {
+        letters = dlq.info().await.unwrap().state.messages;
+        if letters > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(letters, 1, "the poison message was dead-lettered");
+    let letter = dlq.get_raw_message(1).await.unwrap();
+    assert_eq!(
+        letter.payload, body,
+        "the dead letter holds the original bytes"
+    );
+    assert_eq!(
+        letter
+            .headers
+            .get(headers::REASON)
+            .map(|v| v.to_string())
+            .as_deref(),
+        Some("malformed")
+    );
+    assert!(
+        inbox_is_empty(&bus).await,
+        "terminated: gone from the inbox"
+    );
+    assert_eq!(
+        seen.lock().unwrap().clone(),
+        vec![body.clone(), body],
+        "the repeat in place saw the payload again"
+    );
+    shutdown.cancel();
+    serving.await.unwrap();
+}

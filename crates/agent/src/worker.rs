@@ -242,10 +242,10 @@ impl Worker {
         let this = Arc::new(self);
         let bus = this.bus.clone();
         consumer
-            .serve(bus, shutdown, move |d: Delivery| {
+            .serve(bus, shutdown, move |mut d: Delivery| {
                 let this = this.clone();
                 async move {
-                    let verdict = this.handle(&d).await;
+                    let verdict = this.handle(&mut d).await;
                     (d, verdict)
                 }
             })
@@ -255,7 +255,7 @@ impl Worker {
         Ok(())
     }
 
-    async fn handle(&self, d: &Delivery) -> Result<(), VerdictError> {
+    async fn handle(&self, d: &mut Delivery) -> Result<(), VerdictError> {
         // (Matched in place: no binding of the whole message stays in this future, which
         // lives through the model call, beside the task taken out of it.)
         let task = match open_inbox_delivery(&self.bus, d, &self.role)? {
@@ -304,6 +304,9 @@ impl Worker {
                 false
             }
         };
+        // Decoded and checked: the payload is not held through the model call (the
+        // stream keeps the message until it is acked; a dead-letter copy reads it).
+        d.release_payload();
         let run = self
             .run_task(&task, trace.as_ref(), &ack, d.delivered() > 1, vouched)
             .instrument(span.clone());

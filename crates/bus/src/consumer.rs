@@ -369,11 +369,27 @@ impl PoolConsumer {
                         }
                         _ => break verdict,
                     }
-                    tokio::select! {
-                        _ = stop.cancelled() => break verdict,
-                        _ = tokio::time::sleep(crate::verdict::OUTAGE_BACKOFF.delay(retry)) => {}
+                    // A handler that released the payload gets it back from the
+                    // stream first (still in the outage: wait again).
+                    let ready = loop {
+                        tokio::select! {
+                            _ = stop.cancelled() => break false,
+                            _ = tokio::time::sleep(crate::verdict::OUTAGE_BACKOFF.delay(retry)) => {}
+                        }
+                        retry += 1;
+                        match Box::pin(d.reload_payload(&b)).await {
+                            Ok(()) => break true,
+                            Err(e) => {
+                                tracing::debug!(subject = d.subject(), error = %e, "payload not read back yet");
+                                if started.elapsed() >= crate::verdict::OUTAGE_PATIENCE {
+                                    break false;
+                                }
+                            }
+                        }
+                    };
+                    if !ready {
+                        break verdict;
                     }
-                    retry += 1;
                     // What the failed handling wrote before the outage hit may have
                     // left effects unperformed: the handler repairs them when it sees
                     // a redelivery.

@@ -35,7 +35,8 @@ struct Received {
     subject: Box<str>,
     /// The ack subject, and the connection acks go out on.
     ack: Option<AckHandle>,
-    payload: Bytes,
+    /// `None` once released ([`Delivery::release_payload`]).
+    payload: Option<Bytes>,
     /// `name: value` lines, in the order received.
     headers: Box<str>,
     stream: Box<str>,
@@ -82,7 +83,7 @@ impl Delivery {
                 .reply
                 .as_ref()
                 .map(|r| AckHandle::new(client, r.as_str())),
-            payload: Bytes::copy_from_slice(&message.payload),
+            payload: Some(Bytes::copy_from_slice(&message.payload)),
             headers: headers.into_boxed_str(),
             stream,
             delivered,
@@ -96,8 +97,42 @@ impl Delivery {
     }
 
     /// The body.
+    ///
+    /// Empty once released ([`Self::release_payload`]).
     pub fn payload(&self) -> &Bytes {
-        &self.0.payload
+        static RELEASED: Bytes = Bytes::new();
+        self.0.payload.as_ref().unwrap_or(&RELEASED)
+    }
+
+    /// Lets go of the payload, for a handler that has decoded (and checked) it and
+    /// holds the delivery through a long wait: the payload is the largest part of a
+    /// delivery, and the stream keeps the message until it is acknowledged. A
+    /// dead-letter copy reads it back from the stream, and a handling run again in
+    /// place after an outage gets it back first ([`Self::reload_payload`]).
+    pub fn release_payload(&mut self) {
+        self.0.payload = None;
+    }
+
+    /// Reads a released payload back from the stream (nothing to do otherwise).
+    pub(crate) async fn reload_payload(&mut self, bus: &Bus) -> Result<(), AckError> {
+        if self.0.payload.is_none() {
+            self.0.payload = Some(self.stored_payload(bus).await?);
+        }
+        Ok(())
+    }
+
+    /// The message as the stream stores it (it does until it is acknowledged or
+    /// terminated).
+    async fn stored_payload(&self, bus: &Bus) -> Result<Bytes, AckError> {
+        let stream = bus
+            .stream(&self.0.stream)
+            .await
+            .map_err(|e| AckError(format!("payload not read back: {e}")))?;
+        let msg = stream
+            .message(self.0.stream_sequence)
+            .await
+            .map_err(|e| AckError(format!("payload not read back: {e}")))?;
+        Ok(msg.payload)
     }
 
     /// How many times it has been delivered (1 on first delivery), counting a handling
@@ -198,7 +233,18 @@ impl Delivery {
                 .filter(|v| TraceParent::parse(v).is_ok())
                 .map(str::to_owned),
             session: self.header(headers::SESSION).map(str::to_owned),
-            payload: self.0.payload.clone(),
+            payload: match &self.0.payload {
+                Some(p) => p.clone(),
+                None => match self.stored_payload(bus).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let _ = self.nak(Duration::from_secs(1)).await;
+                        return Err(AckError(format!(
+                            "dead-letter copy failed, left for redelivery: {e}"
+                        )));
+                    }
+                },
+            },
         };
         if let Err(e) = bus.store_dead_letter(&letter).await {
             let _ = self.nak(Duration::from_secs(1)).await;

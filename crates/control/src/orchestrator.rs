@@ -617,18 +617,22 @@ impl Orchestrator {
         let commits =
             PoolConsumer::for_commits(&self.bus, self.config.orchestrator.clone()).await?;
         let this = self.clone();
-        let inbox = inbox.serve(self.bus.clone(), shutdown.clone(), move |d: Delivery| {
-            let this = this.clone();
-            async move {
-                let verdict = this.handle(&d).await;
-                (d, verdict)
-            }
-        });
+        let inbox = inbox.serve(
+            self.bus.clone(),
+            shutdown.clone(),
+            move |mut d: Delivery| {
+                let this = this.clone();
+                async move {
+                    let verdict = this.handle(&mut d).await;
+                    (d, verdict)
+                }
+            },
+        );
         let this = self.clone();
-        let commits = commits.serve(self.bus.clone(), shutdown, move |d: Delivery| {
+        let commits = commits.serve(self.bus.clone(), shutdown, move |mut d: Delivery| {
             let this = this.clone();
             async move {
-                let verdict = this.handle_commit(&d).await;
+                let verdict = this.handle_commit(&mut d).await;
                 (d, verdict)
             }
         });
@@ -636,8 +640,11 @@ impl Orchestrator {
         Ok(())
     }
 
-    async fn handle(&self, d: &Delivery) -> Result<(), VerdictError> {
+    async fn handle(&self, d: &mut Delivery) -> Result<(), VerdictError> {
         let msg = open_inbox_delivery(&self.bus, d, &Role::orchestrator())?;
+        // Decoded: the payload is not held through plan and synthesis calls (the
+        // stream keeps the message until it is acked; a dead-letter copy reads it).
+        d.release_payload();
         let session = msg.session_id().clone();
         let input = match msg {
             InboxMessage::Start(_) => Input::Start,
@@ -656,7 +663,7 @@ impl Orchestrator {
     }
 
     /// A task's commit: its result, as the holder wrote it under its claim.
-    async fn handle_commit(&self, d: &Delivery) -> Result<(), VerdictError> {
+    async fn handle_commit(&self, d: &mut Delivery) -> Result<(), VerdictError> {
         let Some((r, output)) = open_commit_delivery(&self.bus, d)? else {
             return Ok(());
         };
@@ -665,6 +672,9 @@ impl Orchestrator {
             self.cache
                 .keep_output(&session, &r.task_id, r.attempt, output, d.payload().len());
         }
+        // Decoded (a commit carries its output: the largest of the messages a session
+        // waits on): see `handle`.
+        d.release_payload();
         self.take(d, session, Input::Result(Box::new(r)), true)
             .await
     }
