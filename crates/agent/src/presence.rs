@@ -191,32 +191,38 @@ impl Tracker {
     /// within [`PRESENCE_LIST_BUDGET`].
     pub fn snapshot(&self) -> Vec<InFlight> {
         let now = epoch_ms(SystemTime::now());
-        let mut items: Vec<InFlight> = self.with(|m| match self.listing {
-            Listing::All => m.values().cloned().collect(),
-            Listing::Overdue(after) => {
-                let after = after.as_millis() as u64;
-                m.values()
-                    .filter(|i| now.saturating_sub(i.progress_ms) >= after)
-                    .cloned()
-                    .collect()
-            }
+        // Chosen by reference, and only what is listed is copied: `serve` lists every
+        // delivery, and at 10,000 in flight copying them all at each write, to list
+        // the oldest few thousand, was megabytes of short-lived copies a heartbeat.
+        let (items, in_flight) = self.with(|m| {
+            let mut items: Vec<&InFlight> = match self.listing {
+                Listing::All => m.values().collect(),
+                Listing::Overdue(after) => {
+                    let after = after.as_millis() as u64;
+                    m.values()
+                        .filter(|i| now.saturating_sub(i.progress_ms) >= after)
+                        .collect()
+                }
+            };
+            items.sort_by_key(|i| i.since_ms);
+            let in_flight = items.len();
+            let mut used = 0;
+            let listed: Vec<InFlight> = items
+                .into_iter()
+                .take_while(|i| {
+                    used += entry_size(i);
+                    used <= PRESENCE_LIST_BUDGET
+                })
+                .cloned()
+                .collect();
+            (listed, in_flight)
         });
-        items.sort_by_key(|i| i.since_ms);
-        let mut used = 0;
-        let keep = items
-            .iter()
-            .take_while(|i| {
-                used += entry_size(i);
-                used <= PRESENCE_LIST_BUDGET
-            })
-            .count();
-        if keep < items.len() {
+        if items.len() < in_flight {
             tracing::warn!(
-                listed = keep,
-                in_flight = items.len(),
+                listed = items.len(),
+                in_flight,
                 "presence lists the oldest deliveries only; the rest rely on their ack wait"
             );
-            items.truncate(keep);
         }
         items
     }
