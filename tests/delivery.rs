@@ -647,15 +647,18 @@ async fn a_released_payload_is_read_back_for_a_repeat_and_for_its_dead_letter() 
         .names()
         .inbox(&flotilla_protocol::SessionId::generate(), &role);
     let body = Bytes::from_static(br#"{"v":1,"kind":"released","padding":"0123456789"}"#);
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(headers::SESSION, "s-released");
+    h.insert(headers::SIGNATURE, "checked-before-release");
     bus.raw_js()
-        .publish(subject.clone(), body.clone())
+        .publish_with_headers(subject.clone(), h, body.clone())
         .await
         .unwrap()
         .await
         .unwrap();
     // First handling: releases the payload, then hits an outage. Second (in place):
     // sees the payload again, releases it, and finds the message poison.
-    let seen = Arc::new(std::sync::Mutex::new(Vec::<Bytes>::new()));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<(Bytes, Option<String>)>::new()));
     let shutdown = tokio_util::sync::CancellationToken::new();
     let (s, b) = (seen.clone(), bus.clone());
     let serving = tokio::spawn(consumer.serve(b, shutdown.clone(), move |mut d: Delivery| {
@@ -663,11 +666,24 @@ async fn a_released_payload_is_read_back_for_a_repeat_and_for_its_dead_letter() 
         async move {
             let n = {
                 let mut s = s.lock().unwrap();
-                s.push(d.payload().clone());
+                s.push((
+                    d.payload().clone(),
+                    d.header(headers::SIGNATURE).map(str::to_owned),
+                ));
                 s.len()
             };
             d.release_payload();
             assert!(d.payload().is_empty(), "released");
+            assert_eq!(
+                d.header(headers::SIGNATURE),
+                None,
+                "released with the payload"
+            );
+            assert_eq!(
+                d.header(headers::SESSION),
+                Some("s-released"),
+                "kept for the dead letter"
+            );
             let verdict = if n == 1 {
                 Err(KvError::Unavailable {
                     key: "task.x".into(),
@@ -715,9 +731,18 @@ async fn a_released_payload_is_read_back_for_a_repeat_and_for_its_dead_letter() 
         "terminated: gone from the inbox"
     );
     assert_eq!(
+        letter
+            .headers
+            .get(headers::SESSION)
+            .map(|v| v.to_string())
+            .as_deref(),
+        Some("s-released")
+    );
+    let sig = Some("checked-before-release".to_owned());
+    assert_eq!(
         seen.lock().unwrap().clone(),
-        vec![body.clone(), body],
-        "the repeat in place saw the payload again"
+        vec![(body.clone(), sig.clone()), (body, sig)],
+        "the repeat in place saw the payload and the headers again"
     );
     shutdown.cancel();
     serving.await.unwrap();

@@ -64,17 +64,7 @@ impl Delivery {
                 )
             })
             .unwrap_or_else(|_| (1, 0, Box::from("unknown")));
-        let mut headers = String::new();
-        if let Some(h) = &msg.headers {
-            for (name, values) in h.iter() {
-                for value in values {
-                    headers.push_str(name.as_ref());
-                    headers.push_str(": ");
-                    headers.push_str(value.as_str());
-                    headers.push('\n');
-                }
-            }
-        }
+        let headers = msg.headers.as_ref().map(header_block).unwrap_or_default();
         let jetstream::Message { message, context } = msg;
         let client = context.client();
         Self(Box::new(Received {
@@ -109,30 +99,47 @@ impl Delivery {
     /// delivery, and the stream keeps the message until it is acknowledged. A
     /// dead-letter copy reads it back from the stream, and a handling run again in
     /// place after an outage gets it back first ([`Self::reload_payload`]).
+    ///
+    /// The headers go too, but for the two a dead-letter copy and a handler's span
+    /// read later: the trace context and the session. (A task's carry its signature,
+    /// its signer and its batch's digests, about 500 bytes, checked by then.)
     pub fn release_payload(&mut self) {
         self.0.payload = None;
+        let kept: String = self
+            .0
+            .headers
+            .lines()
+            .filter(|line| {
+                line.split_once(": ")
+                    .is_some_and(|(n, _)| n == headers::TRACEPARENT || n == headers::SESSION)
+            })
+            .flat_map(|line| [line, "\n"])
+            .collect();
+        self.0.headers = kept.into_boxed_str();
     }
 
-    /// Reads a released payload back from the stream (nothing to do otherwise).
+    /// Reads a released payload and its headers back from the stream (nothing to do
+    /// otherwise).
     pub(crate) async fn reload_payload(&mut self, bus: &Bus) -> Result<(), AckError> {
         if self.0.payload.is_none() {
-            self.0.payload = Some(self.stored_payload(bus).await?);
+            let msg = self.stored(bus).await?;
+            self.0.headers = header_block(&msg.headers).into_boxed_str();
+            self.0.payload = Some(msg.payload);
         }
         Ok(())
     }
 
     /// The message as the stream stores it (it does until it is acknowledged or
     /// terminated).
-    async fn stored_payload(&self, bus: &Bus) -> Result<Bytes, AckError> {
+    async fn stored(&self, bus: &Bus) -> Result<jetstream::message::StreamMessage, AckError> {
         let stream = bus
             .stream(&self.0.stream)
             .await
             .map_err(|e| AckError(format!("payload not read back: {e}")))?;
-        let msg = stream
+        stream
             .message(self.0.stream_sequence)
             .await
-            .map_err(|e| AckError(format!("payload not read back: {e}")))?;
-        Ok(msg.payload)
+            .map_err(|e| AckError(format!("payload not read back: {e}")))
     }
 
     /// How many times it has been delivered (1 on first delivery), counting a handling
@@ -235,8 +242,8 @@ impl Delivery {
             session: self.header(headers::SESSION).map(str::to_owned),
             payload: match &self.0.payload {
                 Some(p) => p.clone(),
-                None => match self.stored_payload(bus).await {
-                    Ok(p) => p,
+                None => match self.stored(bus).await {
+                    Ok(m) => m.payload,
                     Err(e) => {
                         let _ = self.nak(Duration::from_secs(1)).await;
                         return Err(AckError(format!(
@@ -260,6 +267,20 @@ impl Delivery {
         }
         Ok(())
     }
+}
+
+/// A message's headers as one block of `name: value` lines, in the order received.
+fn header_block(h: &async_nats::HeaderMap) -> String {
+    let mut headers = String::new();
+    for (name, values) in h.iter() {
+        for value in values {
+            headers.push_str(name.as_ref());
+            headers.push_str(": ");
+            headers.push_str(value.as_str());
+            headers.push('\n');
+        }
+    }
+    headers
 }
 
 /// A delivery named by its ack subject, from any process: the holder reports progress
