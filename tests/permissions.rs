@@ -188,6 +188,21 @@ async fn each_component_runs_on_its_own_user_and_a_worker_may_do_nothing_else() 
         .get_last_raw_message_by_subject(&format!("$KV.flotilla-sessions.{}", keys::session(&sid)))
         .await;
     assert!(leader_read.is_ok(), "{leader_read:?}");
+    // ...and its own inbox's messages by sequence (a handler reads back the payload it
+    // released, for a dead-letter copy): the inbox is empty by now, so the answer is
+    // "no message", not a refusal.
+    let own_inbox = js
+        .get_stream("FLOTILLA_INBOX_research")
+        .await
+        .unwrap()
+        .get_raw_message(1)
+        .await;
+    assert!(
+        own_inbox.as_ref().is_ok()
+            || own_inbox.as_ref().is_err_and(|e| e.kind()
+                == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound),
+        "{own_inbox:?}"
+    );
     // ...and another process's presence (a claim is taken over only once it is gone).
     let presence = js
         .get_key_value("flotilla-agents")
@@ -248,6 +263,10 @@ async fn each_component_runs_on_its_own_user_and_a_worker_may_do_nothing_else() 
         (
             "pull from another role's inbox",
             "$JS.API.CONSUMER.MSG.NEXT.FLOTILLA_INBOX_analysis.role-analysis".into(),
+        ),
+        (
+            "read another role's inbox by sequence",
+            "$JS.API.STREAM.MSG.GET.FLOTILLA_INBOX_analysis".into(),
         ),
         (
             "write a session record",
