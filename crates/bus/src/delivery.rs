@@ -130,10 +130,10 @@ impl Delivery {
     }
 
     /// The message as the stream stores it (it does until it is acknowledged or
-    /// terminated).
+    /// terminated): one request, the stream not looked up first.
     async fn stored(&self, bus: &Bus) -> Result<jetstream::message::StreamMessage, AckError> {
         let stream = bus
-            .stream(&self.0.stream)
+            .stream_unchecked(&self.0.stream)
             .await
             .map_err(|e| AckError(format!("payload not read back: {e}")))?;
         stream
