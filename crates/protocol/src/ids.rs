@@ -10,6 +10,7 @@ use std::str::FromStr;
 
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
+use smol_str::SmolStr;
 
 /// An identifier was empty, too long, or contained a character that cannot go in a
 /// subject token.
@@ -63,16 +64,18 @@ fn check(
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident, $kind:literal, $max:expr, $lower:expr, $pattern:literal) => {
         $(#[$doc])*
-        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-        #[serde(try_from = "String", into = "String")]
-        pub struct $name(String);
+        ///
+        /// Up to 23 bytes it is held inline; a longer one (a UUID session id) is one
+        /// shared allocation, so a clone never allocates.
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(SmolStr);
 
         impl $name {
             /// Validates and wraps `s`.
-            pub fn parse(s: impl Into<String>) -> Result<Self, InvalidId> {
-                let s = s.into();
-                check($kind, &s, $max, $lower)?;
-                Ok(Self(s))
+            pub fn parse(s: impl AsRef<str>) -> Result<Self, InvalidId> {
+                let s = s.as_ref();
+                check($kind, s, $max, $lower)?;
+                Ok(Self(SmolStr::new(s)))
             }
 
             /// The id as a string slice (always a valid subject token).
@@ -90,7 +93,29 @@ macro_rules! id_type {
 
         impl From<$name> for String {
             fn from(id: $name) -> String {
-                id.0
+                id.0.into()
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.0)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V;
+                impl serde::de::Visitor<'_> for V {
+                    type Value = $name;
+                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        f.write_str(concat!("a ", $kind))
+                    }
+                    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<$name, E> {
+                        $name::parse(v).map_err(E::custom)
+                    }
+                }
+                d.deserialize_str(V)
             }
         }
 
@@ -163,7 +188,7 @@ impl SessionId {
     /// A fresh, globally unique session id: a UUIDv7 (time-ordered, so ids sort by
     /// creation time and listings can go newest first without reading records).
     pub fn generate() -> Self {
-        Self(uuid::Uuid::now_v7().to_string())
+        Self(SmolStr::new(uuid::Uuid::now_v7().to_string()))
     }
 
     /// When the session id was generated, ms since the Unix epoch, if it is a UUIDv7
@@ -181,21 +206,25 @@ impl SessionId {
 impl TaskId {
     /// The conventional id of the `n`th task (1-based) of a plan: `t1`, `t2`, ...
     pub fn nth(n: usize) -> Self {
-        Self(format!("t{n}"))
+        Self(smol_str::format_smolstr!("t{n}"))
     }
 }
 
 impl AgentId {
     /// A fresh agent id for a process serving `role`: `<role>-<nuid>`.
     pub fn generate(role: &Role) -> Self {
-        Self(format!("{}-{}", role.as_str(), nuid::next()))
+        Self(smol_str::format_smolstr!(
+            "{}-{}",
+            role.as_str(),
+            nuid::next()
+        ))
     }
 }
 
 impl Role {
     /// The role served by `flotilla serve`.
     pub fn orchestrator() -> Self {
-        Self("orchestrator".to_owned())
+        Self(SmolStr::new_static("orchestrator"))
     }
 
     /// True for the orchestrator role.
