@@ -82,12 +82,16 @@ pub struct Worker {
 /// still this process's (the watchdog may take it from a stuck first handler: then the
 /// copy runs the attempt).
 #[derive(Debug, Clone, Default)]
-struct Running(Arc<std::sync::Mutex<HashMap<String, usize>>>);
+struct Running(Arc<std::sync::Mutex<HashMap<AttemptKey, usize>>>);
+
+/// A task attempt: session, task and attempt number (ids share their text, so a key
+/// allocates nothing).
+type AttemptKey = (flotilla_protocol::SessionId, flotilla_protocol::TaskId, u32);
 
 /// A handler's entry in [`Running`], removed when the handler ends (or is dropped).
 struct RunningGuard {
     running: Running,
-    key: String,
+    key: AttemptKey,
 }
 
 impl Running {
@@ -107,7 +111,7 @@ impl Running {
     }
 
     /// Whether more than one handler of this process is on the attempt at `key`.
-    fn shared(&self, key: &str) -> bool {
+    fn shared(&self, key: &AttemptKey) -> bool {
         self.0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -116,8 +120,8 @@ impl Running {
     }
 }
 
-fn running_key(task: &TaskMessage) -> String {
-    format!("{}.{}.{}", task.session_id, task.task_id, task.attempt)
+fn running_key(task: &TaskMessage) -> AttemptKey {
+    (task.session_id.clone(), task.task_id.clone(), task.attempt)
 }
 
 impl Drop for RunningGuard {
