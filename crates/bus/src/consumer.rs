@@ -413,6 +413,10 @@ impl PoolConsumer {
         let limit = self.settings.concurrency.max(1);
         let keepalive = (self.settings.effective_ack_wait() / 2).max(Duration::from_millis(100));
         let permits = Arc::new(Semaphore::new(limit));
+        // One timer for every delivery in flight, not one each (a handler in a long
+        // model call holds no timer of its own); stopped when this loop returns.
+        let keepalives = Keepalives::default();
+        let _ticker = AbortOnDrop(tokio::spawn(keepalives.clone().run(keepalive)));
         let backoff = flotilla_protocol::Backoff::exponential(
             Duration::from_millis(100),
             Duration::from_secs(5),
@@ -478,36 +482,21 @@ impl PoolConsumer {
                         Err(_) => break 'pull,
                     },
                 };
-                let delivery = Delivery::new(msg);
+                let delivery = Delivery::new(msg, &bus);
                 if delivery.delivered() > 1 {
                     bus.counters.redelivered.increment();
                 }
                 let h = handler.clone();
-                let ack = delivery.handle();
-                let task = async move {
-                    // A healthy handler keeps its delivery: an LLM call may outlast the
-                    // ack wait, and letting it expire would have another process redo
-                    // (and pay for) the same work. A dead or frozen process stops these,
-                    // and the watchdog finds it sooner than the ack wait would.
-                    let work = h(delivery);
-                    tokio::pin!(work);
-                    let mut tick = tokio::time::interval_at(
-                        tokio::time::Instant::now() + keepalive,
-                        keepalive,
-                    );
-                    loop {
-                        tokio::select! {
-                            _ = &mut work => break,
-                            _ = tick.tick() => {
-                                if let Some(a) = &ack && let Err(e) = Box::pin(a.progress()).await {
-                                    tracing::debug!(error = %e, "keepalive not sent");
-                                }
-                            }
-                        }
-                    }
+                // A healthy handler keeps its delivery: an LLM call may outlast the
+                // ack wait, and letting it expire would have another process redo (and
+                // pay for) the same work. A dead or frozen process stops the keepalive,
+                // and the watchdog finds it sooner than the ack wait would.
+                let kept = delivery.handle().map(|a| keepalives.keep(a));
+                tokio::spawn(async move {
+                    h(delivery).await;
+                    drop(kept);
                     drop(permit);
-                };
-                tokio::spawn(task);
+                });
             }
         }
         // Drain: wait for in-flight handlers, bounded.
@@ -517,5 +506,83 @@ impl PoolConsumer {
         if drained.is_err() {
             tracing::warn!(consumer = %self.name, "drain timed out; unfinished messages will be redelivered");
         }
+    }
+}
+
+/// The deliveries in flight of one pull loop, each with when its next keepalive
+/// (`+WPI`) is due. One task sends them all, so a handler waiting on a model call
+/// holds an entry here (a few dozen bytes) instead of a timer of its own.
+#[derive(Clone, Default)]
+struct Keepalives(Arc<std::sync::Mutex<KeepaliveSet>>);
+
+#[derive(Default)]
+struct KeepaliveSet {
+    next_id: u64,
+    due: std::collections::HashMap<u64, (tokio::time::Instant, crate::AckHandle)>,
+}
+
+/// A delivery's entry in [`Keepalives`], removed when its handler ends (or is dropped).
+struct Kept {
+    set: Keepalives,
+    id: u64,
+}
+
+impl Keepalives {
+    fn lock(&self) -> std::sync::MutexGuard<'_, KeepaliveSet> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps `ack`'s delivery alive until the returned entry is dropped.
+    fn keep(&self, ack: crate::AckHandle) -> Kept {
+        let mut set = self.lock();
+        let id = set.next_id;
+        set.next_id += 1;
+        set.due.insert(id, (tokio::time::Instant::now(), ack));
+        Kept {
+            set: self.clone(),
+            id,
+        }
+    }
+
+    /// Sends each delivery's keepalive `every` from its start: it looks four times a
+    /// period, so a keepalive is at most a quarter period late.
+    async fn run(self, every: Duration) {
+        let mut tick = tokio::time::interval(every / 4);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let now = tokio::time::Instant::now();
+            let due: Vec<crate::AckHandle> = {
+                let mut set = self.lock();
+                set.due
+                    .values_mut()
+                    .filter(|(since, _)| now.duration_since(*since) >= every)
+                    .map(|(since, ack)| {
+                        *since = now;
+                        ack.clone()
+                    })
+                    .collect()
+            };
+            for ack in due {
+                if let Err(e) = ack.progress().await {
+                    tracing::debug!(error = %e, "keepalive not sent");
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        self.set.lock().due.remove(&self.id);
+    }
+}
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
