@@ -10,7 +10,7 @@
 //! orchestrator delivery it holds (no other record names their holder), written soon
 //! after it starts and never awaited.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -99,7 +99,7 @@ impl LivenessConfig {
 /// section is one map operation, never held across an `.await`.
 #[derive(Debug, Clone)]
 pub struct Tracker {
-    inner: Arc<Mutex<HashMap<String, InFlight>>>,
+    inner: Arc<Mutex<HashSet<ByAck>>>,
     /// Wakes the heartbeat when work starts (listing `All`), so the presence lists it
     /// soon rather than at the next periodic renewal.
     changed: Arc<tokio::sync::Notify>,
@@ -132,7 +132,7 @@ impl Tracker {
         }
     }
 
-    fn with<R>(&self, f: impl FnOnce(&mut HashMap<String, InFlight>) -> R) -> R {
+    fn with<R>(&self, f: impl FnOnce(&mut HashSet<ByAck>) -> R) -> R {
         f(&mut self.inner.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
@@ -140,7 +140,7 @@ impl Tracker {
     /// which (listing every delivery) writes soon after, coalescing a burst, or
     /// (listing overdue ones) makes sure to look again when this one could be due.
     pub fn start(&self, item: InFlight) {
-        self.with(|m| m.insert(item.ack_subject.clone(), item));
+        self.with(|m| m.replace(ByAck(item)));
         self.changed.notify_one();
     }
 
@@ -148,8 +148,9 @@ impl Tracker {
     pub fn progress(&self, ack_subject: &str) {
         let now = epoch_ms(SystemTime::now());
         self.with(|m| {
-            if let Some(i) = m.get_mut(ack_subject) {
+            if let Some(ByAck(mut i)) = m.take(ack_subject) {
                 i.progress_ms = now;
+                m.insert(ByAck(i));
             }
         });
     }
@@ -179,8 +180,8 @@ impl Tracker {
         let now = epoch_ms(SystemTime::now());
         let after_ms = after.as_millis() as u64;
         self.with(|m| {
-            m.values()
-                .map(|i| i.progress_ms.saturating_add(after_ms))
+            m.iter()
+                .map(|ByAck(i)| i.progress_ms.saturating_add(after_ms))
                 .filter(|due| *due > now)
                 .min()
         })
@@ -196,10 +197,11 @@ impl Tracker {
         // the oldest few thousand, was megabytes of short-lived copies a heartbeat.
         let (items, in_flight) = self.with(|m| {
             let mut items: Vec<&InFlight> = match self.listing {
-                Listing::All => m.values().collect(),
+                Listing::All => m.iter().map(|ByAck(i)| i).collect(),
                 Listing::Overdue(after) => {
                     let after = after.as_millis() as u64;
-                    m.values()
+                    m.iter()
+                        .map(|ByAck(i)| i)
                         .filter(|i| now.saturating_sub(i.progress_ms) >= after)
                         .collect()
                 }
@@ -225,6 +227,32 @@ impl Tracker {
             );
         }
         items
+    }
+}
+
+/// A delivery in flight, found by its ack subject (the set's key is the entry's own
+/// field: the subject is not stored twice).
+#[derive(Debug)]
+struct ByAck(InFlight);
+
+impl std::borrow::Borrow<str> for ByAck {
+    fn borrow(&self) -> &str {
+        &self.0.ack_subject
+    }
+}
+
+impl PartialEq for ByAck {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.ack_subject == other.0.ack_subject
+    }
+}
+
+impl Eq for ByAck {}
+
+impl std::hash::Hash for ByAck {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // As `str` hashes, so a lookup by `&str` finds it (`Borrow`'s contract).
+        self.0.ack_subject.as_str().hash(state);
     }
 }
 

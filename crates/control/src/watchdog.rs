@@ -69,10 +69,12 @@ pub struct Watchdog {
     store: kv::Store,
     /// Last presence seen of every process, to know what an expired one held.
     seen: HashMap<String, Presence>,
-    /// Running claims by holder: task key -> the claim.
-    claims: HashMap<AgentId, HashMap<String, InFlight>>,
+    /// Running claims by holder: task key -> the claim. (A claim's key is one shared
+    /// string in both maps, and its holder's id the one in this map's key: every
+    /// running task in the fleet has an entry in every `serve`.)
+    claims: HashMap<AgentId, HashMap<Arc<str>, InFlight>>,
     /// Task key -> its holder in `claims`.
-    holder_of: HashMap<String, AgentId>,
+    holder_of: HashMap<Arc<str>, AgentId>,
     /// Counters.
     pub counters: Arc<WatchdogCounters>,
 }
@@ -167,22 +169,22 @@ impl Watchdog {
                     .as_ref()
                     .is_some_and(|c| item.attempt.is_some_and(|a| a <= c.attempt))
             };
-            if let Some(holder) = self.holder_of.get(&claim_key).cloned()
+            if let Some(holder) = self.holder_of.get(claim_key.as_str()).cloned()
                 && let Some(held) = self.claims.get_mut(&holder)
-                && held.get(&claim_key).is_some_and(ended)
+                && held.get(claim_key.as_str()).is_some_and(ended)
             {
-                held.remove(&claim_key);
+                held.remove(claim_key.as_str());
                 if held.is_empty() {
                     self.claims.remove(&holder);
                 }
-                self.holder_of.remove(&claim_key);
+                self.holder_of.remove(claim_key.as_str());
             }
             return;
         }
-        if let Some(old) = self.holder_of.remove(&entry.key)
+        if let Some(old) = self.holder_of.remove(entry.key.as_str())
             && let Some(held) = self.claims.get_mut(&old)
         {
-            held.remove(&entry.key);
+            held.remove(entry.key.as_str());
             if held.is_empty() {
                 self.claims.remove(&old);
             }
@@ -198,9 +200,14 @@ impl Watchdog {
         else {
             return;
         };
-        self.holder_of.insert(entry.key.clone(), holder.clone());
+        let key: Arc<str> = entry.key.into();
+        let holder = match self.claims.get_key_value(&holder) {
+            Some((known, _)) => known.clone(),
+            None => holder,
+        };
+        self.holder_of.insert(key.clone(), holder.clone());
         self.claims.entry(holder).or_default().insert(
-            entry.key,
+            key,
             InFlight {
                 session_id: rec.session_id,
                 task_id: Some(rec.task_id),
