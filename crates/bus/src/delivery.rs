@@ -53,7 +53,9 @@ impl Delivery {
     /// from, 64 KiB or more, which at 2,000 sessions in flight was 150 MB of `serve`'s
     /// peak (heaptrack, BENCHMARKS.md). A copy of a message of a few hundred bytes is
     /// cheaper than that by far.
-    pub fn new(msg: jetstream::Message) -> Self {
+    ///
+    /// `bus` is the connection the message came on: acks go out on it.
+    pub fn new(msg: jetstream::Message, bus: &Bus) -> Self {
         let (delivered, stream_sequence, stream) = msg
             .info()
             .map(|i| {
@@ -65,14 +67,13 @@ impl Delivery {
             })
             .unwrap_or_else(|_| (1, 0, Box::from("unknown")));
         let headers = msg.headers.as_ref().map(header_block).unwrap_or_default();
-        let jetstream::Message { message, context } = msg;
-        let client = context.client();
+        let message = msg.message;
         Self(Box::new(Received {
             subject: Box::from(message.subject.as_str()),
             ack: message
                 .reply
                 .as_ref()
-                .map(|r| AckHandle::new(client, r.as_str())),
+                .map(|r| AckHandle::new(bus.clone(), r.as_str())),
             payload: Some(Bytes::copy_from_slice(&message.payload)),
             headers: headers.into_boxed_str(),
             stream,
@@ -290,22 +291,24 @@ fn header_block(h: &async_nats::HeaderMap) -> String {
 /// One allocation shared by its clones (the delivery's, its keepalive's, the agent's
 /// progress reports): a handler holds these through its model call, and each clone
 /// of a client and an ack subject by value was 176 bytes and a copy of the subject.
+/// It reaches the connection through the [`Bus`] (a pointer), not a client of its own
+/// (152 bytes in each delivery's allocation).
 #[derive(Debug, Clone)]
 pub struct AckHandle(Arc<AckTarget>);
 
 #[derive(Debug)]
 struct AckTarget {
-    client: async_nats::Client,
+    bus: Bus,
     /// Copied out of the message (as received, it is a slice of the connection's read
     /// buffer, which it would pin: see [`Delivery::new`]).
     subject: async_nats::Subject,
 }
 
 impl AckHandle {
-    /// The delivery whose ack subject is `subject`.
-    pub fn new(client: async_nats::Client, subject: &str) -> Self {
+    /// The delivery whose ack subject is `subject`, acknowledged on `bus`'s connection.
+    pub fn new(bus: Bus, subject: &str) -> Self {
         Self(Arc::new(AckTarget {
-            client,
+            bus,
             subject: async_nats::Subject::from(subject),
         }))
     }
@@ -328,6 +331,7 @@ impl AckHandle {
     /// Publishes `body` (an ack, nak, progress or term) to the ack subject.
     async fn send(&self, body: Bytes) -> Result<(), AckError> {
         self.0
+            .bus
             .client
             .publish(self.0.subject.clone(), body)
             .await
@@ -372,7 +376,7 @@ impl DeadLetter {
 impl Bus {
     /// The delivery whose ack subject is `ack_subject`, on this connection.
     pub fn ack_handle(&self, ack_subject: &str) -> AckHandle {
-        AckHandle::new(self.client.clone(), ack_subject)
+        AckHandle::new(self.clone(), ack_subject)
     }
 
     /// Stores `letter` in the dead-letter stream under `<p>.dlq.<stream>.<reason>`, with

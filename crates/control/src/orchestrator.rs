@@ -641,6 +641,14 @@ impl Orchestrator {
     }
 
     async fn handle(&self, d: &mut Delivery) -> Result<(), VerdictError> {
+        let (session, input) = self.open_input(d)?;
+        self.take(d, session, input, false).await
+    }
+
+    /// Decodes an inbox delivery into its session and input, and releases its payload.
+    /// (Not async: the decoded message is gone before the handler's first await, so
+    /// no slot of it stays in the future held through plan and synthesis calls.)
+    fn open_input(&self, d: &mut Delivery) -> Result<(SessionId, Input), VerdictError> {
         let msg = open_inbox_delivery(&self.bus, d, &Role::orchestrator())?;
         // Decoded: the payload is not held through plan and synthesis calls (the
         // stream keeps the message until it is acked; a dead-letter copy reads it).
@@ -659,13 +667,22 @@ impl Orchestrator {
                 ));
             }
         };
-        self.take(d, session, input, false).await
+        Ok((session, input))
     }
 
     /// A task's commit: its result, as the holder wrote it under its claim.
     async fn handle_commit(&self, d: &mut Delivery) -> Result<(), VerdictError> {
-        let Some((r, output)) = open_commit_delivery(&self.bus, d)? else {
+        let Some((session, input)) = self.open_commit(d)? else {
             return Ok(());
+        };
+        self.take(d, session, input, true).await
+    }
+
+    /// Decodes a commit into its session and result, keeps its output for the
+    /// synthesis, and releases the payload (not async: see [`Self::open_input`]).
+    fn open_commit(&self, d: &mut Delivery) -> Result<Option<(SessionId, Input)>, VerdictError> {
+        let Some((r, output)) = open_commit_delivery(&self.bus, d)? else {
+            return Ok(None);
         };
         let session = r.session_id.clone();
         if let Some(output) = output {
@@ -675,8 +692,7 @@ impl Orchestrator {
         // Decoded (a commit carries its output: the largest of the messages a session
         // waits on): see `handle`.
         d.release_payload();
-        self.take(d, session, Input::Result(Box::new(r)), true)
-            .await
+        Ok(Some((session, Input::Result(Box::new(r)))))
     }
 
     /// Drives `session` with `input` (`committed`: a result read from its commit, which
@@ -790,7 +806,9 @@ impl Orchestrator {
             Input::Result(r) if carrier && !redelivered => Some(self.cache.post(r)),
             _ => None,
         };
-        let mut cached = cell.lock().await;
+        // (Waits are boxed here and below: this future lives through plan and
+        // synthesis calls, and is as large as its largest wait.)
+        let mut cached = Box::pin(cell.lock()).await;
         if posted.as_ref().is_some_and(|p| p.applied_by_another()) {
             tracing::debug!("result applied by the session's previous handler");
             return Ok(());
@@ -810,9 +828,11 @@ impl Orchestrator {
                 .filter(|t| t.state == TaskState::Dispatched && t.task_id != r.task_id)
                 .count();
             if others > 0 {
-                self.cache
-                    .gather(session, others, tokio::time::Instant::now() + linger)
-                    .await;
+                Box::pin(
+                    self.cache
+                        .gather(session, others, tokio::time::Instant::now() + linger),
+                )
+                .await;
             }
         }
         // A result from the inbox is checked against the task's commit first.
