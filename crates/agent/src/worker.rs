@@ -149,11 +149,11 @@ enum NotClaimed {
     Recheck,
 }
 
-/// A claim held through the model call: its key, the claimed record and its revision
-/// (what the commit is fenced on).
+/// A claim held through the model call: its key, what its commit takes of the claimed
+/// record, and its revision (what the commit is fenced on).
 struct Claimed {
     key: String,
-    record: flotilla_protocol::TaskRecord,
+    record: task_machine::Held,
     revision: u64,
 }
 
@@ -279,16 +279,6 @@ impl Worker {
         // (A copy of an attempt this process is running waits at the claim.)
         let _running = self.running.enter(&task);
         let trace = d.trace();
-        let span = tracing::info_span!(
-            "task",
-            session = %task.session_id,
-            role = %task.role,
-            task = %task.task_id,
-            attempt = task.attempt,
-            agent = %self.agent_id,
-            trace_id = trace.map(|t| t.trace_id_hex()).unwrap_or_default(),
-        );
-        flotilla_bus::trace::set_parent(&span, trace);
         // (One handle shared with the delivery and its keepalive, not a copy.)
         let ack = d
             .handle()
@@ -304,16 +294,18 @@ impl Worker {
         {
             Ok(()) => true,
             Err(e) => {
-                span.in_scope(|| tracing::debug!(reason = %e, "signature does not vouch for the task; checking the session record"));
+                tracing::debug!(session = %task.session_id, task = %task.task_id, reason = %e, "signature does not vouch for the task; checking the session record");
                 false
             }
         };
         // Decoded and checked: the payload is not held through the model call (the
         // stream keeps the message until it is acked; a dead-letter copy reads it).
         d.release_payload();
+        // (The span is made in place and moved into the instrumented future: this
+        // future, which lives through the model call, keeps no copy of its own.)
         let run = self
-            .run_task(&task, trace.as_ref(), &ack, d.delivered() > 1, vouched)
-            .instrument(span.clone());
+            .claim_and_run(&task, trace.as_ref(), &ack, d.delivered() > 1, vouched)
+            .instrument(self.task_span(&task, trace.as_ref()));
         // Pinned in place: `select!` polls it by reference instead of moving it into a
         // second slot of this future (which lives through the model call).
         tokio::pin!(run);
@@ -322,7 +314,7 @@ impl Worker {
         let result = tokio::select! {
             r = &mut run => r,
             _ = guard.token().cancelled() => {
-                span.in_scope(|| {
+                run.span().in_scope(|| {
                     tracing::info!("session stopped; task aborted");
                     flotilla_bus::trace::span_event("stopped", Vec::new());
                 });
@@ -333,18 +325,19 @@ impl Worker {
         result
     }
 
-    async fn run_task(
-        &self,
-        task: &TaskMessage,
-        trace: Option<&TraceParent>,
-        ack: &flotilla_bus::AckHandle,
-        redelivered: bool,
-        vouched: bool,
-    ) -> Result<(), VerdictError> {
-        if !vouched && !Box::pin(self.check_against_table(task)).await? {
-            return Ok(());
-        }
-        self.claim_and_run(task, trace, ack, redelivered).await
+    /// The span of a task attempt's handling.
+    fn task_span(&self, task: &TaskMessage, trace: Option<&TraceParent>) -> tracing::Span {
+        let span = tracing::info_span!(
+            "task",
+            session = %task.session_id,
+            role = %task.role,
+            task = %task.task_id,
+            attempt = task.attempt,
+            agent = %self.agent_id,
+            trace_id = trace.map(|t| t.trace_id_hex()).unwrap_or_default(),
+        );
+        flotilla_bus::trace::set_parent(&span, trace.copied());
+        span
     }
 
     /// For a task its signature does not vouch for: the session's task table must list
@@ -411,23 +404,28 @@ impl Worker {
         Ok(true)
     }
 
-    /// Claims the task (fenced by the record's revision), runs the agent, commits,
-    /// notifies the orchestrator.
+    /// Checks a task its signature does not vouch for (`vouched`) against the session's
+    /// table, claims it (fenced by the record's revision), runs the agent, and commits.
     async fn claim_and_run(
         &self,
         task: &TaskMessage,
         trace: Option<&TraceParent>,
         ack: &flotilla_bus::AckHandle,
         redelivered: bool,
+        vouched: bool,
     ) -> Result<(), VerdictError> {
+        if !vouched && !Box::pin(self.check_against_table(task)).await? {
+            return Ok(());
+        }
         let ack_subject = ack.subject();
         let claim_key = keys::claim(&task.session_id, &task.role, &task.task_id);
-        // (Its own boxed future: what the claim keeps is gone before the model call.)
-        let Some((claimed, claimed_rev, resumed)) =
-            Box::pin(self.claim(task, ack_subject, redelivered)).await?
-        else {
-            return Ok(());
-        };
+        // (Its own boxed future: what the claim keeps is gone before the model call.
+        // Of the claimed record, only what its commit takes is kept.)
+        let (claimed, claimed_rev, resumed) =
+            match Box::pin(self.claim(task, ack_subject, redelivered)).await? {
+                Some((record, rev, resumed)) => (task_machine::Held::of(&record), rev, resumed),
+                None => return Ok(()),
+            };
         // Tracked for the stuck check (listed in our presence only once overdue). A
         // crash is covered by the claim itself: it names us and this delivery's ack
         // subject, and the watchdog indexes claims by holder.
@@ -441,10 +439,10 @@ impl Worker {
             since_ms: now,
             progress_ms: now,
         });
-        if resumed && claimed.attempt == task.attempt {
+        if resumed && claimed.attempt() == task.attempt {
             tracing::info!("resuming an attempt another holder started");
         }
-        if claimed.holders > 1 && claimed.attempt == task.attempt {
+        if claimed.holders() > 1 && claimed.attempt() == task.attempt {
             // Another holder had this attempt (taken over, or fenced by the watchdog).
             flotilla_bus::trace::span_event(
                 "reassigned",
@@ -452,7 +450,7 @@ impl Worker {
                     flotilla_bus::trace::KeyValue::new("flotilla.attempt", i64::from(task.attempt)),
                     flotilla_bus::trace::KeyValue::new(
                         "flotilla.holders",
-                        i64::from(claimed.holders),
+                        i64::from(claimed.holders()),
                     ),
                 ],
             );
@@ -462,7 +460,7 @@ impl Worker {
         let allowance = task.allowance.map(|tokens| {
             crate::agent::Allowance::new(
                 tokens,
-                claimed.holders.max(1) - 1,
+                claimed.holders().max(1) - 1,
                 Some((
                     self.bus.sessions().clone(),
                     claim_key.clone(),
@@ -551,8 +549,7 @@ impl Worker {
         // Commit, fenced on the claim's revision: one write, which the orchestrator's
         // consumer of commits takes as the result. Refused means the claim was taken
         // over or fenced (the watchdog, a newer attempt, the dead-letter mover).
-        let mut committed =
-            task_machine::commit(&claimed, outcome, output, epoch_ms(SystemTime::now()));
+        let mut committed = claimed.commit(outcome, output, epoch_ms(SystemTime::now()));
         committed.spend = Some(spend);
         committed.memory = Some(ctx.memory.stats());
         committed.attempt_tokens = ctx.allowance.as_ref().and_then(|a| a.attempt_tokens());

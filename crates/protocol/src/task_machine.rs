@@ -25,7 +25,7 @@
 //! orchestrator's dispatch publishes the task message and writes no record, and the
 //! worker checks the task against the session's task table before claiming.
 
-use crate::ids::AgentId;
+use crate::ids::{AgentId, Role, SessionId, TaskId};
 use crate::inbox::{ResultMessage, TaskMessage, TaskOutcome};
 use crate::output::TaskOutput;
 use crate::record::{TaskRecord, TaskRunState};
@@ -237,6 +237,69 @@ pub fn commit(
         ack_subject: None,
         updated_ms: now,
         ..claimed.clone()
+    }
+}
+
+/// What a holder keeps of its claimed record through the attempt: what [`commit`]
+/// takes from it. A claim ([`claim`]'s `Take`) sets nothing else that a commit keeps
+/// (the outcome, output, error, ack subject and time are the commit's own; a claim
+/// leaves spend, memory and attempt tokens unset), so `held.commit(..)` is
+/// `commit(&claimed, ..)`. A third of the record's size: every task in a model call
+/// holds one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    session_id: SessionId,
+    task_id: TaskId,
+    role: Role,
+    attempt: u32,
+    holder: Option<AgentId>,
+    holders: u32,
+}
+
+impl Held {
+    /// What a holder keeps of `claimed`.
+    pub fn of(claimed: &TaskRecord) -> Self {
+        Self {
+            session_id: claimed.session_id.clone(),
+            task_id: claimed.task_id.clone(),
+            role: claimed.role.clone(),
+            attempt: claimed.attempt,
+            holder: claimed.holder.clone(),
+            holders: claimed.holders,
+        }
+    }
+
+    /// How many holders the attempt has had, this one included.
+    pub fn holders(&self) -> u32 {
+        self.holders
+    }
+
+    /// The claimed attempt.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// [`commit`] of the claimed record.
+    pub fn commit(self, outcome: TaskOutcome, output: Option<TaskOutput>, now: u64) -> TaskRecord {
+        let claimed = TaskRecord {
+            v: V1,
+            session_id: self.session_id,
+            task_id: self.task_id,
+            role: self.role,
+            attempt: self.attempt,
+            state: TaskRunState::Running,
+            holder: self.holder,
+            holders: self.holders,
+            ack_subject: None,
+            output: None,
+            error: None,
+            outcome: None,
+            spend: None,
+            memory: None,
+            attempt_tokens: None,
+            updated_ms: now,
+        };
+        commit(&claimed, outcome, output, now)
     }
 }
 
@@ -667,6 +730,42 @@ mod tests {
                     prop_assert!(age_ms < ttl);
                 }
                 Claim::WrongRole => prop_assert!(false),
+            }
+        }
+
+        /// What a holder keeps of a claim commits exactly as the claimed record
+        /// would, whatever the record claimed over.
+        #[test]
+        fn a_held_claim_commits_as_the_record(
+            rec_attempt in 1u32..5,
+            msg_attempt in 1u32..5,
+            state in arb_state(),
+            holder in 0u8..3,
+            me in 0u8..3,
+            updated in 0u64..10_000,
+            now in 0u64..20_000,
+            ttl in 1u64..5_000,
+            outcome_kind in 0u8..4,
+            later in 0u64..1_000_000,
+        ) {
+            let Claim::Take { record: mut current, .. } = claim(None, &task(rec_attempt), &agent(holder), ttl, updated) else { unreachable!() };
+            current.state = state;
+            current.holders = u32::from(holder) + 1;
+            current.spend = Some(crate::Spend::default());
+            current.error = Some("earlier".into());
+            if let Claim::Take { record: mut claimed, .. } = claim(Some(&current), &task(msg_attempt), &agent(me), ttl, now) {
+                claimed.ack_subject = Some("$JS.ACK.x".into());
+                let outcome = match outcome_kind {
+                    0 => TaskOutcome::Completed,
+                    1 => TaskOutcome::Failed { reason: "r".into() },
+                    2 => TaskOutcome::Stopped { budget: crate::BudgetKind::Turns, reason: "t".into() },
+                    _ => TaskOutcome::Clarify { question: "q".into() },
+                };
+                let whole = commit(&claimed, outcome.clone(), Some(output()), later);
+                let held = Held::of(&claimed);
+                prop_assert_eq!(held.holders(), claimed.holders);
+                prop_assert_eq!(held.attempt(), claimed.attempt);
+                prop_assert_eq!(held.commit(outcome, Some(output()), later), whole);
             }
         }
 
