@@ -72,7 +72,7 @@ pub struct Watchdog {
     /// Running claims by holder: task key -> the claim. (A claim's key is one shared
     /// string in both maps, and its holder's id the one in this map's key: every
     /// running task in the fleet has an entry in every `serve`.)
-    claims: HashMap<AgentId, HashMap<Arc<str>, InFlight>>,
+    claims: HashMap<AgentId, HashMap<Arc<str>, HeldClaim>>,
     /// Task key -> its holder in `claims`.
     holder_of: HashMap<Arc<str>, AgentId>,
     /// Counters.
@@ -164,10 +164,10 @@ impl Watchdog {
             let committed = (entry.operation == kv::Operation::Put)
                 .then(|| serde_json::from_slice::<ClaimView>(&entry.value).ok())
                 .flatten();
-            let ended = |item: &InFlight| {
+            let ended = |held: &HeldClaim| {
                 committed
                     .as_ref()
-                    .is_some_and(|c| item.attempt.is_some_and(|a| a <= c.attempt))
+                    .is_some_and(|c| held.attempt <= c.attempt)
             };
             if let Some(holder) = self.holder_of.get(claim_key.as_str()).cloned()
                 && let Some(held) = self.claims.get_mut(&holder)
@@ -208,14 +208,10 @@ impl Watchdog {
         self.holder_of.insert(key.clone(), holder.clone());
         self.claims.entry(holder).or_default().insert(
             key,
-            InFlight {
-                session_id: rec.session_id,
-                task_id: Some(rec.task_id),
-                role: Some(rec.role),
-                attempt: Some(rec.attempt),
-                ack_subject,
+            HeldClaim {
+                attempt: rec.attempt,
+                ack_subject: ack_subject.into_boxed_str(),
                 since_ms: rec.updated_ms,
-                progress_ms: rec.updated_ms,
             },
         );
     }
@@ -343,8 +339,9 @@ impl Watchdog {
             let known: std::collections::HashSet<String> =
                 items.iter().map(|i| i.ack_subject.clone()).collect();
             items.extend(
-                held.into_values()
-                    .filter(|i| !known.contains(&i.ack_subject)),
+                held.into_iter()
+                    .filter(|(_, h)| !known.contains(&*h.ack_subject))
+                    .filter_map(|(key, h)| h.in_flight(&key)),
             );
         }
         self.seen.remove(g.agent_id.as_str());
@@ -489,6 +486,31 @@ impl Watchdog {
 }
 
 /// The process whose work is released.
+/// A running claim in the index: what releasing it needs that its key (session, role
+/// and task) does not say. Every `serve` holds one for each task running in the fleet.
+#[derive(Debug)]
+struct HeldClaim {
+    attempt: u32,
+    ack_subject: Box<str>,
+    since_ms: u64,
+}
+
+impl HeldClaim {
+    /// The delivery in flight that the claim at `key` stands for.
+    fn in_flight(self, key: &str) -> Option<InFlight> {
+        let (session_id, role, task_id) = keys::parse_claim(key)?;
+        Some(InFlight {
+            session_id,
+            task_id: Some(task_id),
+            role: Some(role),
+            attempt: Some(self.attempt),
+            ack_subject: self.ack_subject.into(),
+            since_ms: self.since_ms,
+            progress_ms: self.since_ms,
+        })
+    }
+}
+
 struct Ghost {
     agent_id: AgentId,
     role: Option<flotilla_protocol::Role>,
@@ -506,12 +528,10 @@ impl Ghost {
     }
 }
 
-/// What the watchdog reads of a task record (the output is skipped).
+/// What the watchdog reads of a task record (the output is skipped, and the ids: the
+/// key names them).
 #[derive(serde::Deserialize)]
 struct ClaimView {
-    session_id: flotilla_protocol::SessionId,
-    task_id: flotilla_protocol::TaskId,
-    role: flotilla_protocol::Role,
     attempt: u32,
     state: TaskRunState,
     #[serde(default)]

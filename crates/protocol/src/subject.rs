@@ -472,6 +472,18 @@ pub mod keys {
     /// Every claim of every session (for the watchdog): `*.c.>`.
     pub const ALL_CLAIMS: &str = "*.c.>";
 
+    /// The session, role and task of a claim key (`<sid>.c.<role>.<task>`), `None` for
+    /// any other key.
+    pub fn parse_claim(key: &str) -> Option<(SessionId, Role, TaskId)> {
+        let (session, rest) = key.split_once('.')?;
+        let (role, task) = rest.strip_prefix("c.")?.split_once('.')?;
+        Some((
+            SessionId::parse(session).ok()?,
+            Role::parse(role).ok()?,
+            TaskId::parse(task).ok()?,
+        ))
+    }
+
     /// The claim key of a committed record's key (`<sid>.t.<role>.<task>` ->
     /// `<sid>.c.<role>.<task>`), `None` for any other key.
     pub fn claim_of_commit(key: &str) -> Option<String> {
@@ -504,5 +516,36 @@ pub mod keys {
     /// Parses an admission slot key.
     pub fn parse_slot(key: &str) -> Option<u32> {
         key.strip_prefix("slot.")?.parse().ok()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod key_tests {
+    use super::keys;
+    use crate::ids::{Role, SessionId, TaskId};
+
+    #[test]
+    fn a_claim_key_parses_back_and_a_commit_names_its_claim() {
+        let (s, r, t) = (
+            SessionId::generate(),
+            Role::parse("research").unwrap(),
+            TaskId::nth(3),
+        );
+        let claim = keys::claim(&s, &r, &t);
+        assert_eq!(
+            keys::parse_claim(&claim),
+            Some((s.clone(), r.clone(), t.clone()))
+        );
+        assert_eq!(keys::claim_of_commit(&keys::task(&s, &r, &t)), Some(claim));
+        for other in [
+            keys::task(&s, &r, &t),
+            keys::session(&s),
+            format!("{s}.c.research"),
+            format!("{s}.c.Research.t1"),
+            "a.c.b.c.d".to_owned(),
+        ] {
+            assert_eq!(keys::parse_claim(&other), None, "{other}");
+        }
     }
 }
