@@ -137,7 +137,22 @@ impl Posted<'_> {
         {
             m.pending.swap_remove(i);
         }
+        m.release_empty();
         false
+    }
+}
+
+impl Mail {
+    /// Lets go of the buffers of empty lists: the mail lives as long as its session's
+    /// handlers, one of which may hold the cell through a synthesis call, and a list of
+    /// results that held one keeps room for four (900 bytes).
+    fn release_empty(&mut self) {
+        if self.pending.is_empty() {
+            self.pending = Vec::new();
+        }
+        if self.applied.is_empty() {
+            self.applied = Vec::new();
+        }
     }
 }
 
@@ -154,6 +169,8 @@ impl Drop for Posted<'_> {
             }
             if m.live.is_empty() {
                 mail.remove(&self.session);
+            } else {
+                m.release_empty();
             }
         }
     }
@@ -316,9 +333,11 @@ impl RecordCache {
         session: &SessionId,
         task: &TaskId,
         attempt: u32,
-        output: flotilla_protocol::TaskOutput,
+        mut output: flotilla_protocol::TaskOutput,
         size: usize,
     ) {
+        // Kept until the synthesis: without the room decoding left for more artifacts.
+        output.artifacts.shrink_to_fit();
         let mut cache = self.outputs.lock().unwrap_or_else(|p| p.into_inner());
         if cache.bytes.saturating_add(size) > OUTPUTS_MAX_BYTES {
             *cache = OutputCache::default();
@@ -704,23 +723,6 @@ impl Orchestrator {
         input: Input,
         committed: bool,
     ) -> Result<(), VerdictError> {
-        let span = tracing::info_span!(
-            "orchestrate",
-            session = %session,
-            role = "orchestrator",
-            task = match &input {
-                Input::Result(r) => r.task_id.as_str().to_owned(),
-                Input::Answer(a) => a.task_id.as_str().to_owned(),
-                Input::Start => String::new(),
-            },
-            input = match &input {
-                Input::Result(_) => "result",
-                Input::Answer(_) => "answer",
-                Input::Start => "start",
-            },
-            trace_id = d.trace().map(|t| t.trace_id_hex()).unwrap_or_default(),
-        );
-        flotilla_bus::trace::set_parent(&span, d.trace());
         // Ended from outside: the record says so; nothing is left to do here.
         let Some(guard) = self.stops.guard(&session) else {
             return Ok(());
@@ -739,9 +741,13 @@ impl Orchestrator {
         // Listed in our presence soon after (never awaited: a crash before that write
         // leaves this message to its ack wait), so the watchdog can release it at once
         // if this process dies in a long call.
-        let drive = self
-            .drive(&session, input, d.delivered(), committed)
-            .instrument(span.clone());
+        // (The span is made in this block and moved into the instrumented future:
+        // this future, which lives through plan and synthesis calls, keeps no copy.)
+        let drive = {
+            let span = orchestrate_span(&session, &input, d);
+            self.drive(&session, input, d.delivered(), committed)
+                .instrument(span)
+        };
         // Pinned in place: `select!` polls it by reference instead of moving it into a
         // second slot of this future (which lives through plan and synthesis calls).
         tokio::pin!(drive);
@@ -749,7 +755,7 @@ impl Orchestrator {
         let result = tokio::select! {
             r = &mut drive => r,
             _ = guard.token().cancelled() => {
-                span.in_scope(|| tracing::info!("session stopped; handler aborted"));
+                drive.span().in_scope(|| tracing::info!("session stopped; handler aborted"));
                 self.cache.forget(&session);
                 Ok(())
             }
@@ -1717,6 +1723,28 @@ struct TaskOut {
     role: Role,
     attempt: u32,
     out: Outgoing,
+}
+
+/// The span of an orchestrator handler's run on one input.
+fn orchestrate_span(session: &SessionId, input: &Input, d: &Delivery) -> tracing::Span {
+    let span = tracing::info_span!(
+        "orchestrate",
+        session = %session,
+        role = "orchestrator",
+        task = match &input {
+            Input::Result(r) => r.task_id.as_str().to_owned(),
+            Input::Answer(a) => a.task_id.as_str().to_owned(),
+            Input::Start => String::new(),
+        },
+        input = match &input {
+            Input::Result(_) => "result",
+            Input::Answer(_) => "answer",
+            Input::Start => "start",
+        },
+        trace_id = d.trace().map(|t| t.trace_id_hex()).unwrap_or_default(),
+    );
+    flotilla_bus::trace::set_parent(&span, d.trace());
+    span
 }
 
 #[cfg(test)]
