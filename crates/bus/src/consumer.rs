@@ -14,6 +14,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::Bus;
 use crate::delivery::Delivery;
@@ -416,7 +417,7 @@ impl PoolConsumer {
         // One timer for every delivery in flight, not one each (a handler in a long
         // model call holds no timer of its own); stopped when this loop returns.
         let keepalives = Keepalives::default();
-        let _ticker = AbortOnDrop(tokio::spawn(keepalives.clone().run(keepalive)));
+        let _ticker = AbortOnDropHandle::new(tokio::spawn(keepalives.clone().run(keepalive)));
         let backoff = flotilla_protocol::Backoff::exponential(
             Duration::from_millis(100),
             Duration::from_secs(5),
@@ -575,14 +576,5 @@ impl Keepalives {
 impl Drop for Kept {
     fn drop(&mut self) {
         self.set.lock().due.remove(&self.id);
-    }
-}
-
-/// Aborts a spawned task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }

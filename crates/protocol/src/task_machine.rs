@@ -69,15 +69,33 @@ pub enum Claim {
 
 /// A fresh record for `task` claimed by `holder`.
 fn running(task: &TaskMessage, holder: &AgentId, now: u64) -> TaskRecord {
+    bare(
+        (&task.session_id, &task.task_id, &task.role, task.attempt),
+        TaskRunState::Running,
+        Some(holder.clone()),
+        1,
+        now,
+    )
+}
+
+/// A record of an attempt (session, task, role, attempt) in `state`, with nothing
+/// recorded of a run yet (no ack subject, output, outcome, error or spend).
+fn bare(
+    (session_id, task_id, role, attempt): (&SessionId, &TaskId, &Role, u32),
+    state: TaskRunState,
+    holder: Option<AgentId>,
+    holders: u32,
+    now: u64,
+) -> TaskRecord {
     TaskRecord {
         v: V1,
-        session_id: task.session_id.clone(),
-        task_id: task.task_id.clone(),
-        role: task.role.clone(),
-        attempt: task.attempt,
-        state: TaskRunState::Running,
-        holder: Some(holder.clone()),
-        holders: 1,
+        session_id: session_id.clone(),
+        task_id: task_id.clone(),
+        role: role.clone(),
+        attempt,
+        state,
+        holder,
+        holders,
         ack_subject: None,
         output: None,
         error: None,
@@ -281,24 +299,13 @@ impl Held {
 
     /// [`commit`] of the claimed record.
     pub fn commit(self, outcome: TaskOutcome, output: Option<TaskOutput>, now: u64) -> TaskRecord {
-        let claimed = TaskRecord {
-            v: V1,
-            session_id: self.session_id,
-            task_id: self.task_id,
-            role: self.role,
-            attempt: self.attempt,
-            state: TaskRunState::Running,
-            holder: self.holder,
-            holders: self.holders,
-            ack_subject: None,
-            output: None,
-            error: None,
-            outcome: None,
-            spend: None,
-            memory: None,
-            attempt_tokens: None,
-            updated_ms: now,
-        };
+        let claimed = bare(
+            (&self.session_id, &self.task_id, &self.role, self.attempt),
+            TaskRunState::Running,
+            self.holder,
+            self.holders,
+            now,
+        );
         commit(&claimed, outcome, output, now)
     }
 }
@@ -350,24 +357,13 @@ pub fn abandon(
     let base = match claim {
         Some(rec) if rec.attempt > task.attempt => return None,
         Some(rec) if rec.attempt == task.attempt => rec.clone(),
-        _ => TaskRecord {
-            v: V1,
-            session_id: task.session_id.clone(),
-            task_id: task.task_id.clone(),
-            role: task.role.clone(),
-            attempt: task.attempt,
-            state: TaskRunState::Queued,
-            holder: None,
-            holders: 0,
-            ack_subject: None,
-            output: None,
-            error: None,
-            outcome: None,
-            spend: None,
-            memory: None,
-            attempt_tokens: None,
-            updated_ms: now,
-        },
+        _ => bare(
+            (&task.session_id, &task.task_id, &task.role, task.attempt),
+            TaskRunState::Queued,
+            None,
+            0,
+            now,
+        ),
     };
     Some(TaskRecord {
         state: TaskRunState::Queued,
