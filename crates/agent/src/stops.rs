@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use flotilla_bus::Bus;
-use flotilla_protocol::{SessionId, StopAck, StopSession, V1};
+use flotilla_protocol::{SessionId, StopAck, StopSession, TaskId, V1};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
@@ -24,10 +24,18 @@ const REMEMBER: Duration = Duration::from_secs(600);
 
 #[derive(Default)]
 struct Inner {
-    /// Sessions with handlers here: their token and how many guards hold it.
-    running: HashMap<SessionId, (CancellationToken, usize)>,
+    /// Sessions with handlers here: their token, and the guards that hold it.
+    running: HashMap<SessionId, Holders>,
     /// Sessions stopped, and when.
     stopped: HashMap<SessionId, Instant>,
+}
+
+/// A session's guards in this process: how many, and the task attempts of those
+/// taken for one ([`Stops::guard_attempt`]).
+struct Holders {
+    token: CancellationToken,
+    n: usize,
+    attempts: Vec<(TaskId, u32)>,
 }
 
 /// The stopped sessions of one process, and the tokens of its handlers. Cheap to clone.
@@ -49,6 +57,7 @@ pub struct StopGuard {
     stops: Stops,
     session: SessionId,
     token: CancellationToken,
+    attempt: Option<(TaskId, u32)>,
 }
 
 impl StopGuard {
@@ -61,10 +70,14 @@ impl StopGuard {
 impl Drop for StopGuard {
     fn drop(&mut self) {
         let mut inner = self.stops.lock();
-        if let Some((_, n)) = inner.running.get_mut(&self.session) {
-            *n -= 1;
-            if *n == 0 {
+        if let Some(h) = inner.running.get_mut(&self.session) {
+            h.n -= 1;
+            if h.n == 0 {
                 inner.running.remove(&self.session);
+            } else if let Some(a) = &self.attempt
+                && let Some(i) = h.attempts.iter().position(|x| x == a)
+            {
+                h.attempts.swap_remove(i);
             }
         }
     }
@@ -77,19 +90,56 @@ impl Stops {
 
     /// A guard for work on `session`, or `None` if it was stopped.
     pub fn guard(&self, session: &SessionId) -> Option<StopGuard> {
+        self.take(session, None)
+    }
+
+    /// A guard for work on `task`'s `attempt` of `session`, or `None` if the session
+    /// was stopped. It also counts the handler in on that attempt, for
+    /// [`Stops::attempt_shared`] (one entry per session serves both, so a task in
+    /// flight costs one map entry here, not two).
+    pub fn guard_attempt(
+        &self,
+        session: &SessionId,
+        task: &TaskId,
+        attempt: u32,
+    ) -> Option<StopGuard> {
+        self.take(session, Some((task.clone(), attempt)))
+    }
+
+    fn take(&self, session: &SessionId, attempt: Option<(TaskId, u32)>) -> Option<StopGuard> {
         let mut inner = self.lock();
         if inner.stopped.contains_key(session) {
             return None;
         }
-        let (token, n) = inner
+        let h = inner
             .running
             .entry(session.clone())
-            .or_insert_with(|| (CancellationToken::new(), 0));
-        *n += 1;
+            .or_insert_with(|| Holders {
+                token: CancellationToken::new(),
+                n: 0,
+                attempts: Vec::new(),
+            });
+        h.n += 1;
+        if let Some(a) = &attempt {
+            h.attempts.push(a.clone());
+        }
         Some(StopGuard {
             stops: self.clone(),
             session: session.clone(),
-            token: token.clone(),
+            token: h.token.clone(),
+            attempt,
+        })
+    }
+
+    /// Whether more than one guard of this process holds `task`'s `attempt` of
+    /// `session` (a copy of an attempt that a handler here is running).
+    pub fn attempt_shared(&self, session: &SessionId, task: &TaskId, attempt: u32) -> bool {
+        self.lock().running.get(session).is_some_and(|h| {
+            h.attempts
+                .iter()
+                .filter(|(t, a)| t == task && *a == attempt)
+                .count()
+                > 1
         })
     }
 
@@ -108,9 +158,9 @@ impl Stops {
             .retain(|_, at| now.duration_since(*at) < REMEMBER);
         inner.stopped.insert(session.clone(), now);
         match inner.running.remove(session) {
-            Some((token, n)) => {
-                token.cancel();
-                u32::try_from(n).unwrap_or(u32::MAX)
+            Some(h) => {
+                h.token.cancel();
+                u32::try_from(h.n).unwrap_or(u32::MAX)
             }
             None => 0,
         }
@@ -193,5 +243,34 @@ mod tests {
         drop(a);
         drop(c);
         assert!(stops.lock().running.is_empty(), "guards clean up");
+    }
+
+    #[test]
+    fn guards_of_one_attempt_are_counted_by_attempt() {
+        let stops = Stops::default();
+        let s = SessionId::generate();
+        let (t1, t2) = (TaskId::nth(1), TaskId::nth(2));
+        let first = stops.guard_attempt(&s, &t1, 1).unwrap();
+        let other_task = stops.guard_attempt(&s, &t2, 1).unwrap();
+        let plain = stops.guard(&s).unwrap();
+        assert!(!stops.attempt_shared(&s, &t1, 1));
+        let copy = stops.guard_attempt(&s, &t1, 1).unwrap();
+        let next = stops.guard_attempt(&s, &t1, 2).unwrap();
+        assert!(stops.attempt_shared(&s, &t1, 1));
+        assert!(!stops.attempt_shared(&s, &t1, 2) && !stops.attempt_shared(&s, &t2, 1));
+        drop(copy);
+        assert!(
+            !stops.attempt_shared(&s, &t1, 1),
+            "the copy's count goes with it"
+        );
+        drop((first, other_task, plain, next));
+        assert!(stops.lock().running.is_empty());
+        // A stopped session's attempt guards are refused like any other.
+        let g = stops.guard_attempt(&s, &t1, 3).unwrap();
+        assert_eq!(stops.stop(&s), 1);
+        assert!(g.token().is_cancelled());
+        assert!(stops.guard_attempt(&s, &t1, 3).is_none());
+        drop(g);
+        assert!(stops.lock().running.is_empty());
     }
 }

@@ -8,7 +8,6 @@
 //! state: a redelivered attempt whose commit is there is acked and nothing more; a
 //! holder whose claim was taken over or fenced has its commit refused by the server.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -70,70 +69,6 @@ pub struct Worker {
     tracker: Tracker,
     stops: crate::stops::Stops,
     verifier: flotilla_bus::Verifier,
-    running: Running,
-}
-
-/// The task attempts this process's handlers are on, with how many handlers each. The
-/// server can deliver an attempt again to the process that runs it: a consumer leader
-/// elected on a cluster may not have seen the keepalives sent to the old one, and
-/// redelivers. The claim names this process already, so without this the copy would
-/// resume the attempt, call the model a second time beside the first, and fence off the
-/// first's commit. The copy waits instead, its delivery kept alive, while the claim is
-/// still this process's (the watchdog may take it from a stuck first handler: then the
-/// copy runs the attempt).
-#[derive(Debug, Clone, Default)]
-struct Running(Arc<std::sync::Mutex<HashMap<AttemptKey, usize>>>);
-
-/// A task attempt: session, task and attempt number (ids share their text, so a key
-/// allocates nothing).
-type AttemptKey = (flotilla_protocol::SessionId, flotilla_protocol::TaskId, u32);
-
-/// A handler's entry in [`Running`], removed when the handler ends (or is dropped).
-struct RunningGuard {
-    running: Running,
-    key: AttemptKey,
-}
-
-impl Running {
-    /// Counts a handler in on `task`'s attempt.
-    fn enter(&self, task: &TaskMessage) -> RunningGuard {
-        let key = running_key(task);
-        *self
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(key.clone())
-            .or_default() += 1;
-        RunningGuard {
-            running: self.clone(),
-            key,
-        }
-    }
-
-    /// Whether more than one handler of this process is on the attempt at `key`.
-    fn shared(&self, key: &AttemptKey) -> bool {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(key)
-            .is_some_and(|n| *n > 1)
-    }
-}
-
-fn running_key(task: &TaskMessage) -> AttemptKey {
-    (task.session_id.clone(), task.task_id.clone(), task.attempt)
-}
-
-impl Drop for RunningGuard {
-    fn drop(&mut self) {
-        let mut map = self.running.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = map.get_mut(&self.key) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.key);
-            }
-        }
-    }
 }
 
 /// Why a claim was not written.
@@ -181,7 +116,6 @@ impl Worker {
             tracker: Tracker::overdue_after(LivenessConfig::default().list_after()),
             liveness: LivenessConfig::default(),
             stops: crate::stops::Stops::default(),
-            running: Running::default(),
         }
     }
 
@@ -272,12 +206,21 @@ impl Worker {
             }
         };
         // A session ended from outside (cancel, deadline): no work for it starts here.
-        let Some(guard) = self.stops.guard(&task.session_id) else {
+        // The guard also counts this handler in on the attempt: the server can deliver
+        // an attempt again to the process that runs it (a consumer leader elected on a
+        // cluster may not have seen the keepalives sent to the old one). The claim
+        // names this process already, so the copy would resume the attempt, call the
+        // model a second time beside the first, and fence off the first's commit. The
+        // copy waits at the claim instead, its delivery kept alive, while the claim is
+        // still this process's (the watchdog may take it from a stuck first handler:
+        // then the copy runs the attempt).
+        let Some(guard) = self
+            .stops
+            .guard_attempt(&task.session_id, &task.task_id, task.attempt)
+        else {
             tracing::debug!(session = %task.session_id, task = %task.task_id, "session stopped; task dropped");
             return Ok(());
         };
-        // (A copy of an attempt this process is running waits at the claim.)
-        let _running = self.running.enter(&task);
         let trace = d.trace();
         // (One handle shared with the delivery and its keepalive, not a copy.)
         let ack = d
@@ -630,7 +573,6 @@ impl Worker {
     ) -> Result<Option<(flotilla_protocol::TaskRecord, u64, bool)>, VerdictError> {
         let key = keys::claim(&task.session_id, &task.role, &task.task_id);
         let commit_key = keys::task(&task.session_id, &task.role, &task.task_id);
-        let running_key = running_key(task);
         // Claim. The first delivery of a first attempt creates the claim (one round
         // trip); anything else looks at the commit key first (a committed attempt is
         // never run again), then reads the claim.
@@ -658,7 +600,11 @@ impl Worker {
                             c.state == flotilla_protocol::TaskRunState::Running
                                 && c.attempt == task.attempt
                                 && c.holder.as_ref() == Some(&self.agent_id)
-                        }) && self.running.shared(&running_key) =>
+                        }) && self.stops.attempt_shared(
+                            &task.session_id,
+                            &task.task_id,
+                            task.attempt,
+                        ) =>
                     {
                         Step::Keep(Err(NotClaimed::RunningHere))
                     }
