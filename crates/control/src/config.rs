@@ -52,6 +52,11 @@ pub struct SessionConfig {
     /// record (0: no wait). Added to a session's latency at most once per result.
     #[serde(with = "humantime_serde")]
     pub result_linger: Duration,
+    /// Bytes of task outputs (as their commits' sizes) each `serve` keeps for its
+    /// sessions' synthesis, which then reads nothing. A session whose outputs did not
+    /// fit reads them at synthesis, one request; so at scale memory stays bounded at
+    /// the cost of about one server message a session.
+    pub output_cache_bytes: usize,
 }
 
 impl Default for SessionConfig {
@@ -80,6 +85,7 @@ impl Default for SessionConfig {
             human_roles: Vec::new(),
             input_wait: Duration::from_secs(600),
             result_linger: Duration::from_millis(10),
+            output_cache_bytes: crate::orchestrator::DEFAULT_OUTPUT_CACHE_BYTES,
         }
     }
 }

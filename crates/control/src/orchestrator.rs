@@ -66,26 +66,93 @@ pub(crate) struct RecordCache {
     outputs: Arc<std::sync::Mutex<OutputCache>>,
 }
 
-/// The kept outputs, and about how many bytes they take.
-#[derive(Default)]
+/// The kept outputs, and about how many bytes they take, within a byte budget
+/// (`session.output_cache_bytes`).
 struct OutputCache {
     by_session: std::collections::HashMap<SessionId, Outputs>,
     bytes: usize,
+    max_bytes: usize,
+    /// When entries were last looked over for sessions gone elsewhere.
+    swept: Option<std::time::Instant>,
 }
 
-/// The most bytes of outputs kept (as their commits' sizes): past it the cache starts
-/// over. Outputs of sessions that end in another process stay until then, and a
-/// session whose outputs went with it reads them at synthesis instead.
-const OUTPUTS_MAX_BYTES: usize = 32 << 20;
+impl Default for OutputCache {
+    fn default() -> Self {
+        Self::with_budget(DEFAULT_OUTPUT_CACHE_BYTES)
+    }
+}
+
+/// The default of `session.output_cache_bytes`.
+pub const DEFAULT_OUTPUT_CACHE_BYTES: usize = 4 << 20;
+
+/// A session's outputs kept longer than this may be dropped when the cache is full:
+/// the session ended in another process (its outputs would stay otherwise), or waits
+/// long on a task; either way its synthesis reads them, one request.
+const OUTPUTS_STALE: Duration = Duration::from_secs(120);
+
+impl OutputCache {
+    fn with_budget(max_bytes: usize) -> Self {
+        Self {
+            by_session: std::collections::HashMap::new(),
+            bytes: 0,
+            max_bytes,
+            swept: None,
+        }
+    }
+
+    /// Whether an output of `size` bytes for `session` fits: a session with outputs
+    /// here may go past the budget (to twice it) to complete its set, as its synthesis
+    /// reads nothing then; a new one must fit. When one does not, entries past
+    /// [`OUTPUTS_STALE`] are dropped first (looked over at most once a second).
+    fn room_for(&mut self, session: &SessionId, size: usize) -> bool {
+        let fits = |c: &Self| {
+            let limit = if c.by_session.contains_key(session) {
+                c.max_bytes.saturating_mul(2)
+            } else {
+                c.max_bytes
+            };
+            c.bytes.saturating_add(size) <= limit
+        };
+        if fits(self) {
+            return true;
+        }
+        let now = std::time::Instant::now();
+        if self
+            .swept
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            return false;
+        }
+        self.swept = Some(now);
+        let mut freed = 0;
+        self.by_session.retain(|_, o| {
+            let keep = now.duration_since(o.since) < OUTPUTS_STALE;
+            if !keep {
+                freed += o.bytes();
+            }
+            keep
+        });
+        self.bytes = self.bytes.saturating_sub(freed);
+        fits(self)
+    }
+}
 
 /// A session's task outputs as their commits were delivered here (a commit read from
 /// the stream is what its holder wrote under its claim, so it needs no second read).
 /// The synthesis takes its sections from here when every finished task's attempt has
 /// one, and reads the task records otherwise (the session's commits went to several
-/// processes, or this one restarted). Kept until the session ends here; a process
-/// where it ends elsewhere drops them when the cache starts over
-/// ([`OUTPUTS_MAX_BYTES`]).
-type Outputs = Vec<(TaskId, u32, flotilla_protocol::TaskOutput, usize)>;
+/// processes, this one restarted, or the cache was full). Kept until the session ends
+/// here, or, when the cache is full, for [`OUTPUTS_STALE`] at least.
+struct Outputs {
+    since: std::time::Instant,
+    kept: Vec<(TaskId, u32, flotilla_protocol::TaskOutput, usize)>,
+}
+
+impl Outputs {
+    fn bytes(&self) -> usize {
+        self.kept.iter().map(|o| o.3).sum()
+    }
+}
 
 /// A session's results waiting for its cell. Results of one session often arrive
 /// together (the tasks of a wave end at about the same time), and their handlers take
@@ -198,6 +265,15 @@ type TaskRecords = std::collections::HashMap<TaskId, TaskRecord>;
 const CACHE_MAX: usize = 100_000;
 
 impl RecordCache {
+    /// A cache keeping at most about `bytes` of task outputs (as their commits' sizes)
+    /// for synthesis here (`session.output_cache_bytes`).
+    pub(crate) fn with_output_budget(bytes: usize) -> Self {
+        Self {
+            outputs: Arc::new(std::sync::Mutex::new(OutputCache::with_budget(bytes))),
+            ..Self::default()
+        }
+    }
+
     fn cell(&self, session: &SessionId) -> Cell {
         let mut cells = self.cells.lock().unwrap_or_else(|p| p.into_inner());
         if cells.len() >= CACHE_MAX && !cells.contains_key(session) {
@@ -339,10 +415,18 @@ impl RecordCache {
         // Kept until the synthesis: without the room decoding left for more artifacts.
         output.artifacts.shrink_to_fit();
         let mut cache = self.outputs.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.bytes.saturating_add(size) > OUTPUTS_MAX_BYTES {
-            *cache = OutputCache::default();
+        if !cache.room_for(session, size) {
+            // Over its budget: this session's synthesis reads its outputs instead.
+            return;
         }
-        let kept = cache.by_session.entry(session.clone()).or_default();
+        let kept = &mut cache
+            .by_session
+            .entry(session.clone())
+            .or_insert_with(|| Outputs {
+                since: std::time::Instant::now(),
+                kept: Vec::new(),
+            })
+            .kept;
         let freed = match kept.iter_mut().find(|(t, ..)| t == task) {
             Some(slot) if slot.1 <= attempt => {
                 std::mem::replace(slot, (task.clone(), attempt, output, size)).3
@@ -366,7 +450,7 @@ impl RecordCache {
         wanted: &[(&TaskId, u32)],
     ) -> Option<Vec<flotilla_protocol::TaskOutput>> {
         let mut cache = self.outputs.lock().unwrap_or_else(|p| p.into_inner());
-        let kept = cache.by_session.get_mut(session)?;
+        let kept = &mut cache.by_session.get_mut(session)?.kept;
         let all_here = wanted
             .iter()
             .all(|(task, attempt)| kept.iter().any(|(t, a, ..)| t == *task && a == attempt));
@@ -398,8 +482,7 @@ impl RecordCache {
             .remove(session);
         let mut cache = self.outputs.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(gone) = cache.by_session.remove(session) {
-            let size: usize = gone.iter().map(|o| o.3).sum();
-            cache.bytes = cache.bytes.saturating_sub(size);
+            cache.bytes = cache.bytes.saturating_sub(gone.bytes());
         }
     }
 }
@@ -581,12 +664,13 @@ fn now() -> u64 {
 impl Orchestrator {
     /// An orchestrator planning and synthesizing with `llm`.
     pub fn new(bus: Bus, llm: Arc<dyn LlmClient>, config: Arc<ControlConfig>) -> Self {
+        let cache = RecordCache::with_output_budget(config.session.output_cache_bytes);
         Self {
             bus,
             llm,
             config,
             tracker: flotilla_agent::Tracker::default(),
-            cache: RecordCache::default(),
+            cache,
             stops: flotilla_agent::Stops::default(),
             ender: None,
             signer: None,
@@ -986,6 +1070,9 @@ impl Orchestrator {
             // synthesis redelivers the result, whose handler synthesizes again.
             if rec.status == SessionStatus::Synthesizing {
                 if synthesized.is_none() {
+                    // What this write will perform after the call, without the room
+                    // left for more.
+                    rec.outbox.shrink_to_fit();
                     synthesized = Some(
                         Box::pin(
                             self.synthesize(&rec, &mut calls)
@@ -1416,6 +1503,9 @@ impl Orchestrator {
             None => Box::pin(self.read_sections(rec)).await?,
         };
         let req = prompts::synthesis(&self.config.session.orchestrator_model, rec, &sections);
+        // The request carries the outputs through the call: the sections are read back
+        // from it after, not kept beside it.
+        drop(sections);
         let content = match self.complete(rec, calls, &req, None).await? {
             Ok(c) => c,
             Err(e) => return Ok(Err(e)),
@@ -1423,6 +1513,12 @@ impl Orchestrator {
         let s: Synthesis = match decode(content.as_bytes(), DEFAULT_MAX_PAYLOAD) {
             Ok(s) => s,
             Err(e) => return Ok(Err(Halt::Failed(format!("synthesis unusable: {e}")))),
+        };
+        let Some(sections) = prompts::sections_of(&req) else {
+            // (Cannot happen: `prompts::synthesis` wrote them.)
+            return Ok(Err(Halt::Failed(
+                "the synthesis request lost its results".to_owned(),
+            )));
         };
         Ok(Ok(Answer {
             summary: s.summary,
@@ -1846,15 +1942,55 @@ mod tests {
         cache.forget(&session);
         assert_eq!(summaries(cache.take_outputs(&session, &[(&t1, 3)])), None);
         assert_eq!(bytes(), 0);
-        // Past the budget the cache starts over: what it dropped is read instead.
+        // Within its byte budget: a new session's output that does not fit is not kept
+        // (that session's synthesis reads its outputs); one with outputs here may go to
+        // twice the budget to complete its set.
+        let cache = RecordCache::with_output_budget(1000);
+        let bytes = || cache.outputs.lock().unwrap().bytes;
         let other = SessionId::parse("s2").unwrap();
-        cache.keep_output(&session, &t1, 1, out("kept"), OUTPUTS_MAX_BYTES - 10);
-        cache.keep_output(&other, &t1, 1, out("over"), 20);
-        assert_eq!(summaries(cache.take_outputs(&session, &[(&t1, 1)])), None);
-        assert_eq!(bytes(), 20);
+        cache.keep_output(&session, &t1, 1, out("kept"), 900);
+        cache.keep_output(&other, &t1, 1, out("over"), 200);
+        assert_eq!(bytes(), 900);
+        assert_eq!(summaries(cache.take_outputs(&other, &[(&t1, 1)])), None);
+        cache.keep_output(&session, &t2, 1, out("completes"), 900);
+        assert_eq!(bytes(), 1800);
+        cache.keep_output(
+            &session,
+            &TaskId::parse("t3").unwrap(),
+            1,
+            out("past twice"),
+            300,
+        );
+        assert_eq!(bytes(), 1800);
+        assert_eq!(
+            summaries(cache.take_outputs(&session, &[(&t1, 1), (&t2, 1)])),
+            Some(vec!["kept".to_owned(), "completes".to_owned()])
+        );
+        assert_eq!(bytes(), 0);
+        cache.keep_output(&other, &t1, 1, out("fits now"), 200);
         assert_eq!(
             summaries(cache.take_outputs(&other, &[(&t1, 1)])),
-            Some(vec!["over".to_owned()])
+            Some(vec!["fits now".to_owned()])
+        );
+        // A full cache drops what it kept past `OUTPUTS_STALE` (a session that ended in
+        // another process) to make room.
+        let gone = SessionId::parse("s3").unwrap();
+        cache.keep_output(&gone, &t1, 1, out("left"), 1000);
+        let fresh = SessionId::parse("s4").unwrap();
+        cache.keep_output(&fresh, &t1, 1, out("refused"), 100);
+        assert_eq!(bytes(), 1000, "nothing stale yet");
+        {
+            let mut c = cache.outputs.lock().unwrap();
+            c.by_session.get_mut(&gone).unwrap().since -= OUTPUTS_STALE;
+            // (Looked over at most once a second: as if the last look were long ago.)
+            c.swept = None;
+        }
+        cache.keep_output(&fresh, &t1, 1, out("new"), 100);
+        assert_eq!(bytes(), 100);
+        assert_eq!(summaries(cache.take_outputs(&gone, &[(&t1, 1)])), None);
+        assert_eq!(
+            summaries(cache.take_outputs(&fresh, &[(&t1, 1)])),
+            Some(vec!["new".to_owned()])
         );
     }
 

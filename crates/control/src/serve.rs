@@ -124,7 +124,7 @@ impl Serve {
         )
         .await;
         let ender = crate::ender::Ender::new(self.bus.clone(), stops.clone(), cfg.stop_wait);
-        let cache = crate::orchestrator::RecordCache::default();
+        let cache = crate::orchestrator::RecordCache::with_output_budget(cfg.output_cache_bytes);
         let admission = Admission::new(self.bus.clone(), cfg.clone(), slots.clone())
             .with_ender(ender.clone())
             .with_cache(cache.clone());
