@@ -35,7 +35,7 @@ pub use limits::{
     LimitError, LimitStats, LimitedLlm, LimiterClient, LimitsConfig, ModelLimits, Permit,
 };
 pub use llm_agent::{FINDING_PREFIX, Finding, LlmAgent, finding_key};
-pub use presence::{LivenessConfig, RECONNECT_GRACE, Tracker};
+pub use presence::{InFlightWork, LivenessConfig, RECONNECT_GRACE, Tracker};
 pub use role::RoleSpec;
 pub use stops::{StopGuard, Stops};
 pub use tools::{

@@ -99,7 +99,7 @@ impl LivenessConfig {
 /// section is one map operation, never held across an `.await`.
 #[derive(Debug, Clone)]
 pub struct Tracker {
-    inner: Arc<Mutex<HashSet<ByAck>>>,
+    inner: Arc<Mutex<HashSet<Tracked>>>,
     /// Wakes the heartbeat when work starts (listing `All`), so the presence lists it
     /// soon rather than at the next periodic renewal.
     changed: Arc<tokio::sync::Notify>,
@@ -132,15 +132,34 @@ impl Tracker {
         }
     }
 
-    fn with<R>(&self, f: impl FnOnce(&mut HashSet<ByAck>) -> R) -> R {
+    fn with<R>(&self, f: impl FnOnce(&mut HashSet<Tracked>) -> R) -> R {
         f(&mut self.inner.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// Records the start of work on a delivery. Never waits: it wakes the heartbeat,
-    /// which (listing every delivery) writes soon after, coalescing a burst, or
-    /// (listing overdue ones) makes sure to look again when this one could be due.
-    pub fn start(&self, item: InFlight) {
-        self.with(|m| m.replace(ByAck(item)));
+    /// Records the start of `work` on the delivery `ack` answers. Never waits: it
+    /// wakes the heartbeat, which (listing every delivery) writes soon after,
+    /// coalescing a burst, or (listing overdue ones) makes sure to look again when this
+    /// one could be due.
+    pub fn start(&self, ack: &flotilla_bus::AckHandle, work: InFlightWork) {
+        let now = epoch_ms(SystemTime::now());
+        self.start_at(ack.shared_subject(), work, now, now);
+    }
+
+    fn start_at(
+        &self,
+        ack: async_nats::Subject,
+        work: InFlightWork,
+        since_ms: u64,
+        progress_ms: u64,
+    ) {
+        self.with(|m| {
+            m.replace(Tracked {
+                ack,
+                work,
+                since_ms,
+                progress_ms,
+            })
+        });
         self.changed.notify_one();
     }
 
@@ -148,9 +167,9 @@ impl Tracker {
     pub fn progress(&self, ack_subject: &str) {
         let now = epoch_ms(SystemTime::now());
         self.with(|m| {
-            if let Some(ByAck(mut i)) = m.take(ack_subject) {
+            if let Some(mut i) = m.take(ack_subject) {
                 i.progress_ms = now;
-                m.insert(ByAck(i));
+                m.insert(i);
             }
         });
     }
@@ -181,7 +200,7 @@ impl Tracker {
         let after_ms = after.as_millis() as u64;
         self.with(|m| {
             m.iter()
-                .map(|ByAck(i)| i.progress_ms.saturating_add(after_ms))
+                .map(|i| i.progress_ms.saturating_add(after_ms))
                 .filter(|due| *due > now)
                 .min()
         })
@@ -196,12 +215,11 @@ impl Tracker {
         // delivery, and at 10,000 in flight copying them all at each write, to list
         // the oldest few thousand, was megabytes of short-lived copies a heartbeat.
         let (items, in_flight) = self.with(|m| {
-            let mut items: Vec<&InFlight> = match self.listing {
-                Listing::All => m.iter().map(|ByAck(i)| i).collect(),
+            let mut items: Vec<&Tracked> = match self.listing {
+                Listing::All => m.iter().collect(),
                 Listing::Overdue(after) => {
                     let after = after.as_millis() as u64;
                     m.iter()
-                        .map(|ByAck(i)| i)
                         .filter(|i| now.saturating_sub(i.progress_ms) >= after)
                         .collect()
                 }
@@ -215,7 +233,7 @@ impl Tracker {
                     used += entry_size(i);
                     used <= PRESENCE_LIST_BUDGET
                 })
-                .cloned()
+                .map(Tracked::listed)
                 .collect();
             (listed, in_flight)
         });
@@ -230,37 +248,71 @@ impl Tracker {
     }
 }
 
-/// A delivery in flight, found by its ack subject (the set's key is the entry's own
-/// field: the subject is not stored twice).
+/// What a delivery in flight is for, as its presence entry lists it: the session, and
+/// for a task its id, role and attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InFlightWork {
+    /// Session.
+    pub session_id: flotilla_protocol::SessionId,
+    /// Task, for a task's delivery.
+    pub task_id: Option<flotilla_protocol::TaskId>,
+    /// The task's role.
+    pub role: Option<Role>,
+    /// The task's attempt.
+    pub attempt: Option<u32>,
+}
+
+/// A delivery in flight, found by its ack subject: the set's key is the entry's own
+/// field, which shares its text with the delivery's ack handle (not a copy).
 #[derive(Debug)]
-struct ByAck(InFlight);
+struct Tracked {
+    ack: async_nats::Subject,
+    work: InFlightWork,
+    since_ms: u64,
+    progress_ms: u64,
+}
 
-impl std::borrow::Borrow<str> for ByAck {
+impl Tracked {
+    /// Its entry in a presence record.
+    fn listed(&self) -> InFlight {
+        InFlight {
+            session_id: self.work.session_id.clone(),
+            task_id: self.work.task_id.clone(),
+            role: self.work.role.clone(),
+            attempt: self.work.attempt,
+            ack_subject: self.ack.to_string(),
+            since_ms: self.since_ms,
+            progress_ms: self.progress_ms,
+        }
+    }
+}
+
+impl std::borrow::Borrow<str> for Tracked {
     fn borrow(&self) -> &str {
-        &self.0.ack_subject
+        &self.ack
     }
 }
 
-impl PartialEq for ByAck {
+impl PartialEq for Tracked {
     fn eq(&self, other: &Self) -> bool {
-        self.0.ack_subject == other.0.ack_subject
+        self.ack == other.ack
     }
 }
 
-impl Eq for ByAck {}
+impl Eq for Tracked {}
 
-impl std::hash::Hash for ByAck {
+impl std::hash::Hash for Tracked {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         // As `str` hashes, so a lookup by `&str` finds it (`Borrow`'s contract).
-        self.0.ack_subject.as_str().hash(state);
+        self.ack.as_str().hash(state);
     }
 }
 
 /// A generous estimate of an entry's JSON size.
-fn entry_size(i: &InFlight) -> usize {
-    i.ack_subject.len()
-        + i.session_id.as_str().len()
-        + i.task_id.as_ref().map_or(0, |t| t.as_str().len())
+fn entry_size(i: &Tracked) -> usize {
+    i.ack.len()
+        + i.work.session_id.as_str().len()
+        + i.work.task_id.as_ref().map_or(0, |t| t.as_str().len())
         + 140
 }
 
@@ -383,27 +435,40 @@ mod tests {
     use super::*;
     use flotilla_protocol::SessionId;
 
-    fn item(n: usize, since_ms: u64, progress_ms: u64) -> InFlight {
-        InFlight {
+    fn ack(n: usize) -> String {
+        format!("$JS.ACK.FLOTILLA_INBOX_research.role-research.1.{n}.{n}.0.0")
+    }
+
+    fn start(t: &Tracker, n: usize, since_ms: u64, progress_ms: u64) {
+        let work = InFlightWork {
             session_id: SessionId::parse(format!("s{n}")).unwrap(),
             task_id: None,
             role: None,
             attempt: None,
-            ack_subject: format!("$JS.ACK.FLOTILLA_INBOX_research.role-research.1.{n}.{n}.0.0"),
-            since_ms,
-            progress_ms,
-        }
+        };
+        t.start_at(ack(n).into(), work, since_ms, progress_ms);
     }
 
     #[test]
     fn a_worker_lists_only_tasks_without_progress_for_the_threshold() {
         let t = Tracker::overdue_after(Duration::from_secs(10));
         let now = epoch_ms(SystemTime::now());
-        t.start(item(1, now, now));
-        t.start(item(2, now - 20_000, now - 20_000));
-        t.start(item(3, now - 20_000, now - 1_000));
-        let listed: Vec<String> = t.snapshot().into_iter().map(|i| i.ack_subject).collect();
-        assert_eq!(listed, vec![item(2, 0, 0).ack_subject]);
+        start(&t, 1, now, now);
+        start(&t, 2, now - 20_000, now - 20_000);
+        start(&t, 3, now - 20_000, now - 1_000);
+        let listed: Vec<InFlight> = t.snapshot();
+        assert_eq!(
+            listed,
+            vec![InFlight {
+                session_id: SessionId::parse("s2").unwrap(),
+                task_id: None,
+                role: None,
+                attempt: None,
+                ack_subject: ack(2),
+                since_ms: now - 20_000,
+                progress_ms: now - 20_000,
+            }]
+        );
         assert_eq!(t.len(), 3);
         // Item 1 is due in about 10 s, item 3 in about 9 s.
         let next = t.next_overdue().unwrap();
@@ -411,7 +476,8 @@ mod tests {
             next > Duration::from_secs(8) && next <= Duration::from_millis(9_100),
             "{next:?}"
         );
-        t.finish(&item(2, 0, 0).ack_subject);
+        t.progress(&ack(1));
+        t.finish(&ack(2));
         assert!(t.snapshot().is_empty());
     }
 
@@ -420,7 +486,7 @@ mod tests {
         let t = Tracker::default();
         let n = 20_000;
         for i in 0..n {
-            t.start(item(i, 1_000 + i as u64, 1_000 + i as u64));
+            start(&t, i, 1_000 + i as u64, 1_000 + i as u64);
         }
         assert!(t.next_overdue().is_none());
         let listed = t.snapshot();

@@ -24,7 +24,7 @@ const REMEMBER: Duration = Duration::from_secs(600);
 
 #[derive(Default)]
 struct Inner {
-    /// Sessions with handlers here: their token, and the guards that hold it.
+    /// Sessions with handlers here: the guards that hold them.
     running: HashMap<SessionId, Holders>,
     /// Sessions stopped, and when.
     stopped: HashMap<SessionId, Instant>,
@@ -33,15 +33,38 @@ struct Inner {
 /// A session's guards in this process: how many, and the task attempts of those
 /// taken for one ([`Stops::guard_attempt`]).
 struct Holders {
-    token: CancellationToken,
     n: usize,
     attempts: Vec<(TaskId, u32)>,
 }
 
-/// The stopped sessions of one process, and the tokens of its handlers. Cheap to clone.
-#[derive(Clone, Default)]
+/// The stopped sessions of one process, and the guards of its handlers. Cheap to clone.
+///
+/// A guard waits on one of [`WAKE_SHARDS`] notifiers, chosen by its session, and looks
+/// at the stopped set when woken: a session in flight costs no allocation of its own
+/// (a cancellation token each was about 100 bytes for every task in flight), and a
+/// stop wakes the handlers of about one session in [`WAKE_SHARDS`], which look again.
+#[derive(Clone)]
 pub struct Stops {
-    inner: Arc<Mutex<Inner>>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    inner: Mutex<Inner>,
+    wake: [tokio::sync::Notify; WAKE_SHARDS],
+}
+
+/// How many notifiers the guards of one process are spread over.
+const WAKE_SHARDS: usize = 64;
+
+impl Default for Stops {
+    fn default() -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                inner: Mutex::default(),
+                wake: std::array::from_fn(|_| tokio::sync::Notify::new()),
+            }),
+        }
+    }
 }
 
 impl std::fmt::Debug for Stops {
@@ -50,20 +73,29 @@ impl std::fmt::Debug for Stops {
     }
 }
 
-/// A handler's hold on its session: its token is cancelled when the session is
-/// stopped. Released on drop.
+/// A handler's hold on its session: [`StopGuard::stopped`] completes when the session
+/// is stopped. Released on drop.
 #[derive(Debug)]
 pub struct StopGuard {
     stops: Stops,
     session: SessionId,
-    token: CancellationToken,
     attempt: Option<(TaskId, u32)>,
 }
 
 impl StopGuard {
-    /// Cancelled once the session is stopped.
-    pub fn token(&self) -> &CancellationToken {
-        &self.token
+    /// Completes once the session is stopped (at once if it is already).
+    pub async fn stopped(&self) {
+        let wake = self.stops.wake(&self.session);
+        loop {
+            let woken = wake.notified();
+            tokio::pin!(woken);
+            // Listening before looking: a stop between the look and the wait wakes it.
+            woken.as_mut().enable();
+            if self.stops.is_stopped(&self.session) {
+                return;
+            }
+            woken.await;
+        }
     }
 }
 
@@ -85,7 +117,18 @@ impl Drop for StopGuard {
 
 impl Stops {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+        self.shared
+            .inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The notifier `session`'s guards wait on.
+    fn wake(&self, session: &SessionId) -> &tokio::sync::Notify {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        session.as_str().hash(&mut h);
+        &self.shared.wake[(h.finish() % WAKE_SHARDS as u64) as usize]
     }
 
     /// A guard for work on `session`, or `None` if it was stopped.
@@ -115,18 +158,19 @@ impl Stops {
             .running
             .entry(session.clone())
             .or_insert_with(|| Holders {
-                token: CancellationToken::new(),
                 n: 0,
                 attempts: Vec::new(),
             });
         h.n += 1;
         if let Some(a) = &attempt {
+            // (Room for one more, not four: a session has one task in a process, as a
+            // rule, held through its model call.)
+            h.attempts.reserve_exact(1);
             h.attempts.push(a.clone());
         }
         Some(StopGuard {
             stops: self.clone(),
             session: session.clone(),
-            token: h.token.clone(),
             attempt,
         })
     }
@@ -149,21 +193,21 @@ impl Stops {
     }
 
     /// Stops `session`: no guard is given for it from now on, and the handlers that
-    /// hold one are cancelled. Returns how many were.
+    /// hold one are woken ([`StopGuard::stopped`]). Returns how many were.
     pub fn stop(&self, session: &SessionId) -> u32 {
-        let mut inner = self.lock();
-        let now = Instant::now();
-        inner
-            .stopped
-            .retain(|_, at| now.duration_since(*at) < REMEMBER);
-        inner.stopped.insert(session.clone(), now);
-        match inner.running.remove(session) {
-            Some(h) => {
-                h.token.cancel();
-                u32::try_from(h.n).unwrap_or(u32::MAX)
-            }
-            None => 0,
+        let held = {
+            let mut inner = self.lock();
+            let now = Instant::now();
+            inner
+                .stopped
+                .retain(|_, at| now.duration_since(*at) < REMEMBER);
+            inner.stopped.insert(session.clone(), now);
+            inner.running.remove(session).map_or(0, |h| h.n)
+        };
+        if held > 0 {
+            self.wake(session).notify_waiters();
         }
+        u32::try_from(held).unwrap_or(u32::MAX)
     }
 }
 
@@ -224,6 +268,43 @@ async fn answer(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::FutureExt;
+
+    #[tokio::test]
+    async fn a_stop_wakes_the_handlers_waiting_on_it_and_only_them() {
+        let stops = Stops::default();
+        let s = SessionId::generate();
+        // Sessions sharing its notifier, and one that does not.
+        let sessions: Vec<SessionId> = (0..200).map(|_| SessionId::generate()).collect();
+        let guard = stops.guard(&s).unwrap();
+        let others: Vec<StopGuard> = sessions.iter().map(|o| stops.guard(o).unwrap()).collect();
+        let waiting = tokio::spawn(async move {
+            guard.stopped().await;
+        });
+        let bystanders: Vec<_> = others
+            .into_iter()
+            .map(|g| {
+                tokio::spawn(async move {
+                    g.stopped().await;
+                })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        assert_eq!(stops.stop(&s), 1);
+        tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("woken by the stop")
+            .unwrap();
+        // (Time for any woken bystander to look again.)
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            bystanders.iter().all(|b| !b.is_finished()),
+            "other sessions' handlers look again and keep waiting"
+        );
+        for b in bystanders {
+            b.abort();
+        }
+    }
 
     #[test]
     fn a_stop_cancels_holders_and_refuses_new_guards() {
@@ -235,8 +316,8 @@ mod tests {
         let c = stops.guard(&other).unwrap();
         drop(b);
         assert_eq!(stops.stop(&s), 1, "one guard still held");
-        assert!(a.token().is_cancelled());
-        assert!(!c.token().is_cancelled());
+        assert!(a.stopped().now_or_never().is_some());
+        assert!(c.stopped().now_or_never().is_none());
         assert!(stops.guard(&s).is_none());
         assert!(stops.is_stopped(&s) && !stops.is_stopped(&other));
         assert_eq!(stops.stop(&s), 0, "idempotent");
@@ -268,7 +349,7 @@ mod tests {
         // A stopped session's attempt guards are refused like any other.
         let g = stops.guard_attempt(&s, &t1, 3).unwrap();
         assert_eq!(stops.stop(&s), 1);
-        assert!(g.token().is_cancelled());
+        assert!(g.stopped().now_or_never().is_some());
         assert!(stops.guard_attempt(&s, &t1, 3).is_none());
         drop(g);
         assert!(stops.lock().running.is_empty());

@@ -15,8 +15,8 @@ use flotilla_bus::{Applied, Bus, Delivery, PoolConsumer, PoolSettings, Start, St
 use flotilla_protocol::subject::keys;
 use flotilla_protocol::task_machine::{self, Claim};
 use flotilla_protocol::{
-    AgentId, ErrorCode, EventBody, InFlight, InboxMessage, MessageId, ParsedSubject, Role,
-    SessionRecord, TaskMessage, TaskOutcome, TraceParent, decode, epoch_ms,
+    AgentId, ErrorCode, EventBody, InboxMessage, MessageId, ParsedSubject, Role, SessionRecord,
+    TaskMessage, TaskOutcome, TraceParent, decode, epoch_ms,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -84,10 +84,9 @@ enum NotClaimed {
     Recheck,
 }
 
-/// A claim held through the model call: its key, what its commit takes of the claimed
+/// A claim held through the model call: what its commit takes of the claimed
 /// record, and its revision (what the commit is fenced on).
 struct Claimed {
-    key: String,
     record: task_machine::Held,
     revision: u64,
 }
@@ -256,7 +255,7 @@ impl Worker {
         // nothing is committed or reported for a session that has ended.
         let result = tokio::select! {
             r = &mut run => r,
-            _ = guard.token().cancelled() => {
+            _ = guard.stopped() => {
                 run.span().in_scope(|| {
                     tracing::info!("session stopped; task aborted");
                     flotilla_bus::trace::span_event("stopped", Vec::new());
@@ -361,7 +360,6 @@ impl Worker {
             return Ok(());
         }
         let ack_subject = ack.subject();
-        let claim_key = keys::claim(&task.session_id, &task.role, &task.task_id);
         // (Its own boxed future: what the claim keeps is gone before the model call.
         // Of the claimed record, only what its commit takes is kept.)
         let (claimed, claimed_rev, resumed) =
@@ -372,16 +370,15 @@ impl Worker {
         // Tracked for the stuck check (listed in our presence only once overdue). A
         // crash is covered by the claim itself: it names us and this delivery's ack
         // subject, and the watchdog indexes claims by holder.
-        let now = epoch_ms(SystemTime::now());
-        self.tracker.start(InFlight {
-            session_id: task.session_id.clone(),
-            task_id: Some(task.task_id.clone()),
-            role: Some(task.role.clone()),
-            attempt: Some(task.attempt),
-            ack_subject: ack_subject.to_owned(),
-            since_ms: now,
-            progress_ms: now,
-        });
+        self.tracker.start(
+            ack,
+            crate::InFlightWork {
+                session_id: task.session_id.clone(),
+                task_id: Some(task.task_id.clone()),
+                role: Some(task.role.clone()),
+                attempt: Some(task.attempt),
+            },
+        );
         if resumed && claimed.attempt() == task.attempt {
             tracing::info!("resuming an attempt another holder started");
         }
@@ -406,7 +403,7 @@ impl Worker {
                 claimed.holders().max(1) - 1,
                 Some((
                     self.bus.sessions().clone(),
-                    claim_key.clone(),
+                    keys::claim(&task.session_id, &task.role, &task.task_id),
                     self.agent_id.clone(),
                     task.attempt,
                 )),
@@ -426,7 +423,6 @@ impl Worker {
         // (the committed record, its headers, the write) is not part of this one,
         // which every task holds through its model call.
         let claim = Claimed {
-            key: claim_key,
             record: claimed,
             revision: claimed_rev,
         };
@@ -444,10 +440,11 @@ impl Worker {
         result: Result<flotilla_protocol::TaskOutput, AgentError>,
     ) -> Result<(), VerdictError> {
         let Claimed {
-            key: claim_key,
             record: claimed,
             revision: claimed_rev,
         } = claim;
+        // (Made again from the task's ids rather than held through the model call.)
+        let claim_key = keys::claim(&task.session_id, &task.role, &task.task_id);
         let spend = ctx.spend.spend();
         if spend.rate_limit_waits > 0 {
             let body = EventBody::RateLimitWait {

@@ -318,6 +318,11 @@ impl AckHandle {
         &self.0.subject
     }
 
+    /// The ack subject, sharing this handle's text (a clone counts a reference).
+    pub fn shared_subject(&self) -> async_nats::Subject {
+        self.0.subject.clone()
+    }
+
     /// `+WPI`: the server restarts the delivery's ack wait.
     pub async fn progress(&self) -> Result<(), AckError> {
         self.send(AckKind::Progress.into()).await

@@ -811,17 +811,17 @@ impl Orchestrator {
         let Some(guard) = self.stops.guard(&session) else {
             return Ok(());
         };
-        let ack_subject = d.ack_subject().unwrap_or_default();
-        let now = now();
-        self.tracker.start(flotilla_protocol::InFlight {
-            session_id: session.clone(),
-            task_id: None,
-            role: None,
-            attempt: None,
-            ack_subject: ack_subject.to_owned(),
-            since_ms: now,
-            progress_ms: now,
-        });
+        if let Some(ack) = &d.handle() {
+            self.tracker.start(
+                ack,
+                flotilla_agent::InFlightWork {
+                    session_id: session.clone(),
+                    task_id: None,
+                    role: None,
+                    attempt: None,
+                },
+            );
+        }
         // Listed in our presence soon after (never awaited: a crash before that write
         // leaves this message to its ack wait), so the watchdog can release it at once
         // if this process dies in a long call.
@@ -838,13 +838,13 @@ impl Orchestrator {
         // Stopped meanwhile: a plan or synthesis call in flight is dropped (aborted).
         let result = tokio::select! {
             r = &mut drive => r,
-            _ = guard.token().cancelled() => {
+            _ = guard.stopped() => {
                 drive.span().in_scope(|| tracing::info!("session stopped; handler aborted"));
                 self.cache.forget(&session);
                 Ok(())
             }
         };
-        self.tracker.finish(ack_subject);
+        self.tracker.finish(d.ack_subject().unwrap_or_default());
         result
     }
 
