@@ -689,11 +689,40 @@ mod tests {
         ]
     }
 
-    proptest! {
-        /// Whatever the record, a claim never goes back in attempts, never takes a
-        /// committed attempt, and never takes a live claim of another holder.
-        #[test]
-        fn claims_respect_attempts_commits_and_live_holders(
+    /// A claim against a record in any state: the record (of attempt `rec_attempt`,
+    /// claimed by `holder` at `updated`, then put in `state`), and who claims which
+    /// attempt when.
+    #[derive(Debug, Clone)]
+    struct ClaimCase {
+        rec_attempt: u32,
+        msg_attempt: u32,
+        state: TaskRunState,
+        holder: u8,
+        me: u8,
+        updated: u64,
+        now: u64,
+        ttl: u64,
+    }
+
+    impl ClaimCase {
+        /// The record claimed over.
+        fn current(&self) -> TaskRecord {
+            let Claim::Take { mut record, .. } = claim(
+                None,
+                &task(self.rec_attempt),
+                &agent(self.holder),
+                self.ttl,
+                self.updated,
+            ) else {
+                unreachable!()
+            };
+            record.state = self.state;
+            record
+        }
+    }
+
+    prop_compose! {
+        fn arb_claim_case()(
             rec_attempt in 1u32..5,
             msg_attempt in 1u32..5,
             state in arb_state(),
@@ -702,10 +731,18 @@ mod tests {
             updated in 0u64..10_000,
             now in 0u64..20_000,
             ttl in 1u64..5_000,
-        ) {
-            let mut rec = claim(None, &task(rec_attempt), &agent(holder), ttl, updated);
-            let Claim::Take { record: mut rec0, .. } = std::mem::replace(&mut rec, Claim::WrongRole) else { unreachable!() };
-            rec0.state = state;
+        ) -> ClaimCase {
+            ClaimCase { rec_attempt, msg_attempt, state, holder, me, updated, now, ttl }
+        }
+    }
+
+    proptest! {
+        /// Whatever the record, a claim never goes back in attempts, never takes a
+        /// committed attempt, and never takes a live claim of another holder.
+        #[test]
+        fn claims_respect_attempts_commits_and_live_holders(c in arb_claim_case()) {
+            let ClaimCase { rec_attempt, msg_attempt, state, holder, me, updated, now, ttl } = c.clone();
+            let mut rec0 = c.current();
             if state == TaskRunState::Queued { rec0.holder = None; }
             match claim(Some(&rec0), &task(msg_attempt), &agent(me), ttl, now) {
                 Claim::Take { record, .. } => {
@@ -733,19 +770,12 @@ mod tests {
         /// would, whatever the record claimed over.
         #[test]
         fn a_held_claim_commits_as_the_record(
-            rec_attempt in 1u32..5,
-            msg_attempt in 1u32..5,
-            state in arb_state(),
-            holder in 0u8..3,
-            me in 0u8..3,
-            updated in 0u64..10_000,
-            now in 0u64..20_000,
-            ttl in 1u64..5_000,
+            c in arb_claim_case(),
             outcome_kind in 0u8..4,
             later in 0u64..1_000_000,
         ) {
-            let Claim::Take { record: mut current, .. } = claim(None, &task(rec_attempt), &agent(holder), ttl, updated) else { unreachable!() };
-            current.state = state;
+            let ClaimCase { msg_attempt, holder, me, now, ttl, .. } = c.clone();
+            let mut current = c.current();
             current.holders = u32::from(holder) + 1;
             current.spend = Some(crate::Spend::default());
             current.error = Some("earlier".into());
