@@ -69,12 +69,8 @@ pub struct Watchdog {
     store: kv::Store,
     /// Last presence seen of every process, to know what an expired one held.
     seen: HashMap<String, Presence>,
-    /// Running claims by holder: task key -> the claim. (A claim's key is one shared
-    /// string in both maps, and its holder's id the one in this map's key: every
-    /// running task in the fleet has an entry in every `serve`.)
-    claims: HashMap<AgentId, HashMap<Arc<str>, HeldClaim>>,
-    /// Task key -> its holder in `claims`.
-    holder_of: HashMap<Arc<str>, AgentId>,
+    /// The running claims of the fleet.
+    claims: ClaimIndex,
     /// Counters.
     pub counters: Arc<WatchdogCounters>,
 }
@@ -95,8 +91,7 @@ impl Watchdog {
             config,
             store,
             seen: HashMap::new(),
-            claims: HashMap::new(),
-            holder_of: HashMap::new(),
+            claims: ClaimIndex::default(),
             counters: Arc::default(),
         })
     }
@@ -169,26 +164,12 @@ impl Watchdog {
                     .as_ref()
                     .is_some_and(|c| held.attempt <= c.attempt)
             };
-            if let Some(holder) = self.holder_of.get(claim_key.as_str()).cloned()
-                && let Some(held) = self.claims.get_mut(&holder)
-                && held.get(claim_key.as_str()).is_some_and(ended)
-            {
-                held.remove(claim_key.as_str());
-                if held.is_empty() {
-                    self.claims.remove(&holder);
-                }
-                self.holder_of.remove(claim_key.as_str());
+            if self.claims.get(claim_key.as_str()).is_some_and(ended) {
+                self.claims.remove(claim_key.as_str());
             }
             return;
         }
-        if let Some(old) = self.holder_of.remove(entry.key.as_str())
-            && let Some(held) = self.claims.get_mut(&old)
-        {
-            held.remove(entry.key.as_str());
-            if held.is_empty() {
-                self.claims.remove(&old);
-            }
-        }
+        self.claims.remove(entry.key.as_str());
         if entry.operation != kv::Operation::Put {
             return;
         }
@@ -200,15 +181,10 @@ impl Watchdog {
         else {
             return;
         };
-        let key: Arc<str> = entry.key.into();
-        let holder = match self.claims.get_key_value(&holder) {
-            Some((known, _)) => known.clone(),
-            None => holder,
-        };
-        self.holder_of.insert(key.clone(), holder.clone());
-        self.claims.entry(holder).or_default().insert(
-            key,
+        self.claims.insert(
+            entry.key.into_boxed_str(),
             HeldClaim {
+                holder,
                 attempt: rec.attempt,
                 ack_subject: ack_subject.into_boxed_str(),
                 since_ms: rec.updated_ms,
@@ -256,7 +232,7 @@ impl Watchdog {
         let current: Vec<Presence> = self.seen.values().cloned().collect();
         let orphans: Vec<AgentId> = self
             .claims
-            .keys()
+            .holders()
             .filter(|h| !self.seen.contains_key(h.as_str()))
             .cloned()
             .collect();
@@ -332,10 +308,8 @@ impl Watchdog {
     /// Releases everything `g` held: what its presence listed and its running claims.
     async fn ghost(&mut self, g: Ghost, listed: Vec<InFlight>, reason: &str) {
         let mut items = listed;
-        if let Some(held) = self.claims.remove(&g.agent_id) {
-            for task_key in held.keys() {
-                self.holder_of.remove(task_key);
-            }
+        let held = self.claims.take_held_by(&g.agent_id);
+        if !held.is_empty() {
             let known: std::collections::HashSet<String> =
                 items.iter().map(|i| i.ack_subject.clone()).collect();
             items.extend(
@@ -485,11 +459,87 @@ impl Watchdog {
     }
 }
 
-/// The process whose work is released.
+/// The running claims of the fleet, by task key, with a count of each holder's.
+///
+/// Every `serve` holds an entry for each task running in the fleet, so an entry is one
+/// table slot, with the key and the ack subject its only allocations. Finding a
+/// holder's claims is a scan of the table, done only when a holder is found gone. The
+/// table grows to the fleet's peak of running tasks; it is shrunk once it is a quarter
+/// full (at 10,000 sessions it would otherwise keep about 6 MB through the answers'
+/// wave, when the tasks have ended: BENCHMARKS.md).
+#[derive(Debug, Default)]
+struct ClaimIndex {
+    claims: HashMap<Box<str>, HeldClaim>,
+    /// How many claims each holder in `claims` has.
+    holders: HashMap<AgentId, usize>,
+}
+
+impl ClaimIndex {
+    /// Tables this small are left as they are.
+    const KEEP_CAPACITY: usize = 1024;
+
+    /// Indexes `claim` at `key`, in place of the claim there.
+    fn insert(&mut self, key: Box<str>, claim: HeldClaim) {
+        *self.holders.entry(claim.holder.clone()).or_default() += 1;
+        if let Some(old) = self.claims.insert(key, claim) {
+            self.forget_one_of(&old.holder);
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<&HeldClaim> {
+        self.claims.get(key)
+    }
+
+    /// Drops the claim at `key`.
+    fn remove(&mut self, key: &str) -> Option<HeldClaim> {
+        let old = self.claims.remove(key)?;
+        self.forget_one_of(&old.holder);
+        self.shrink();
+        Some(old)
+    }
+
+    /// Takes out every claim `holder` has.
+    fn take_held_by(&mut self, holder: &AgentId) -> Vec<(Box<str>, HeldClaim)> {
+        if self.holders.remove(holder).is_none() {
+            return Vec::new();
+        }
+        let taken = self
+            .claims
+            .extract_if(|_, claim| &claim.holder == holder)
+            .collect();
+        self.shrink();
+        taken
+    }
+
+    /// The processes that hold claims.
+    fn holders(&self) -> impl Iterator<Item = &AgentId> {
+        self.holders.keys()
+    }
+
+    fn forget_one_of(&mut self, holder: &AgentId) {
+        if let Some(n) = self.holders.get_mut(holder) {
+            *n -= 1;
+            if *n == 0 {
+                self.holders.remove(holder);
+            }
+        }
+    }
+
+    /// Halves what a quarter-full table keeps (a shrink follows at least as many
+    /// removals as it moves entries, so its cost is spread over them).
+    fn shrink(&mut self) {
+        let (len, capacity) = (self.claims.len(), self.claims.capacity());
+        if capacity > Self::KEEP_CAPACITY && len < capacity / 4 {
+            self.claims.shrink_to(len * 2);
+        }
+    }
+}
+
 /// A running claim in the index: what releasing it needs that its key (session, role
-/// and task) does not say. Every `serve` holds one for each task running in the fleet.
+/// and task) does not say.
 #[derive(Debug)]
 struct HeldClaim {
+    holder: AgentId,
     attempt: u32,
     ack_subject: Box<str>,
     since_ms: u64,
@@ -511,6 +561,7 @@ impl HeldClaim {
     }
 }
 
+/// The process whose work is released.
 struct Ghost {
     agent_id: AgentId,
     role: Option<flotilla_protocol::Role>,
@@ -545,4 +596,95 @@ enum Liveness {
     Alive,
     Gone,
     Unresponsive,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claim(holder: &str, attempt: u32) -> HeldClaim {
+        HeldClaim {
+            holder: AgentId::parse(holder).unwrap(),
+            attempt,
+            ack_subject: format!("$JS.ACK.s.c.1.{attempt}.1.0.0").into_boxed_str(),
+            since_ms: 0,
+        }
+    }
+
+    fn holders(index: &ClaimIndex) -> Vec<(String, usize)> {
+        let mut v: Vec<_> = index
+            .holders
+            .iter()
+            .map(|(h, n)| (h.to_string(), *n))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_claim_replaced_or_removed_moves_its_holder_count() {
+        let mut index = ClaimIndex::default();
+        index.insert("s.c.research.t1".into(), claim("a", 1));
+        index.insert("s.c.research.t2".into(), claim("a", 1));
+        index.insert("s.c.writing.t3".into(), claim("b", 1));
+        assert_eq!(holders(&index), [("a".into(), 2), ("b".into(), 1)]);
+        // Taken over: the key's claim is b's now.
+        index.insert("s.c.research.t1".into(), claim("b", 2));
+        assert_eq!(holders(&index), [("a".into(), 1), ("b".into(), 2)]);
+        assert_eq!(index.get("s.c.research.t1").map(|c| c.attempt), Some(2));
+        assert!(index.remove("s.c.research.t2").is_some());
+        assert!(index.remove("s.c.research.t2").is_none());
+        assert_eq!(holders(&index), [("b".into(), 2)]);
+        assert_eq!(index.holders().count(), 1);
+    }
+
+    #[test]
+    fn a_gone_holder_takes_out_its_claims_and_no_others() {
+        let mut index = ClaimIndex::default();
+        for i in 0..50 {
+            let holder = if i % 5 == 0 { "dead" } else { "alive" };
+            index.insert(format!("s{i}.c.research.t1").into(), claim(holder, 1));
+        }
+        let mut taken: Vec<_> = index
+            .take_held_by(&AgentId::parse("dead").unwrap())
+            .into_iter()
+            .map(|(k, c)| (k.to_string(), c.holder.to_string()))
+            .collect();
+        taken.sort();
+        assert_eq!(taken.len(), 10);
+        assert!(
+            taken
+                .iter()
+                .all(|(k, h)| h == "dead" && k.ends_with(".c.research.t1"))
+        );
+        assert_eq!(index.claims.len(), 40);
+        assert_eq!(holders(&index), [("alive".into(), 40)]);
+        assert!(
+            index
+                .take_held_by(&AgentId::parse("dead").unwrap())
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn the_table_gives_back_room_once_it_empties_and_keeps_its_claims() {
+        let mut index = ClaimIndex::default();
+        for i in 0..40_000 {
+            index.insert(format!("s{i}.c.research.t1").into(), claim("a", 1));
+        }
+        let peak = index.claims.capacity();
+        assert!(peak >= 40_000);
+        for i in 0..39_000 {
+            index.remove(&format!("s{i}.c.research.t1"));
+        }
+        assert!(
+            index.claims.capacity() <= peak / 8,
+            "{} slots kept for {} claims",
+            index.claims.capacity(),
+            index.claims.len()
+        );
+        assert_eq!(index.claims.len(), 1_000);
+        assert!((39_000..40_000).all(|i| index.get(&format!("s{i}.c.research.t1")).is_some()));
+        assert_eq!(holders(&index), [("a".into(), 1_000)]);
+    }
 }
