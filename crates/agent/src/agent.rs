@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use flotilla_bus::{MemoryError, SessionMemory};
 use flotilla_llm::LlmError;
+use flotilla_protocol::subject::keys;
 use flotilla_protocol::{AgentId, OutputError, TaskMessage, TaskOutput};
 
 /// A task attempt could not produce an output.
@@ -101,34 +102,29 @@ pub struct Allowance {
     claim: Option<ClaimCheck>,
 }
 
-/// Reads the task record to see whether this process still holds the attempt.
+/// Reads the task record to see whether this process still holds the attempt. (The
+/// claim key is made from the task's ids when it is read, not held through the model
+/// calls in between.)
 #[derive(Debug, Clone)]
 struct ClaimCheck {
     records: flotilla_bus::Records,
-    key: String,
     holder: AgentId,
-    attempt: u32,
 }
 
 impl Allowance {
     /// An allowance of `tokens` for the holder after `earlier_holders` others;
-    /// `claim` (the claim key, holder, attempt) is what [`Allowance::still_held`]
+    /// `claim` (the task records and the holder) is what [`Allowance::still_held`]
     /// checks.
     pub fn new(
         tokens: u64,
         earlier_holders: u32,
-        claim: Option<(flotilla_bus::Records, String, AgentId, u32)>,
+        claim: Option<(flotilla_bus::Records, AgentId)>,
     ) -> Self {
         Self {
             tokens,
             earlier_holders,
             spent: Arc::new(AtomicU64::new(u64::MAX)),
-            claim: claim.map(|(records, key, holder, attempt)| ClaimCheck {
-                records,
-                key,
-                holder,
-                attempt,
-            }),
+            claim: claim.map(|(records, holder)| ClaimCheck { records, holder }),
         }
     }
 
@@ -153,19 +149,20 @@ impl Allowance {
         }
     }
 
-    /// False once another holder has claimed the attempt (a watchdog released it while
-    /// this process was stuck): the agent must make no more calls. One KV read.
-    pub async fn still_held(&self) -> Result<bool, AgentError> {
+    /// False once another holder has claimed `task`'s attempt (a watchdog released it
+    /// while this process was stuck): the agent must make no more calls. One KV read.
+    pub async fn still_held(&self, task: &TaskMessage) -> Result<bool, AgentError> {
         let Some(c) = &self.claim else {
             return Ok(true);
         };
+        let key = keys::claim(&task.session_id, &task.role, &task.task_id);
         let rec = c
             .records
-            .get::<flotilla_protocol::TaskRecord>(&c.key)
+            .get::<flotilla_protocol::TaskRecord>(&key)
             .await
             .map_err(|e| AgentError::Transient(e.to_string()))?;
         Ok(rec.is_some_and(|(r, _)| {
-            r.attempt == c.attempt
+            r.attempt == task.attempt
                 && r.state == flotilla_protocol::TaskRunState::Running
                 && r.holder.as_ref() == Some(&c.holder)
         }))

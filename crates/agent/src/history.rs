@@ -18,10 +18,10 @@ pub struct HistoryStore {
     window: usize,
 }
 
-/// A conversation being continued, with the revision it was read at.
+/// A conversation being continued, with the revision it was read at. (Its key is made
+/// from the task's ids when it is written, not held through the model calls.)
 #[derive(Debug, Clone)]
 pub struct Conversation {
-    key: String,
     revision: Option<u64>,
     /// The conversation.
     pub history: AgentHistory,
@@ -80,17 +80,14 @@ impl HistoryStore {
         };
         Ok(match stored {
             Some((h, rev)) if h.attempt == attempt => Conversation {
-                key,
                 revision: Some(rev),
                 history: h,
             },
             Some((_, rev)) => Conversation {
-                key,
                 revision: Some(rev),
                 history: fresh,
             },
             None => Conversation {
-                key,
                 revision: None,
                 history: fresh,
             },
@@ -99,15 +96,8 @@ impl HistoryStore {
 
     /// A new conversation for `task`'s `attempt`, without reading KV (a first delivery
     /// has nothing to continue).
-    pub fn fresh(
-        &self,
-        session: &SessionId,
-        role: &Role,
-        task: &TaskId,
-        attempt: u32,
-    ) -> Conversation {
+    pub fn fresh(&self, attempt: u32) -> Conversation {
         Conversation {
-            key: keys::history(session, role, task),
             revision: None,
             history: AgentHistory {
                 v: V1,
@@ -120,13 +110,16 @@ impl HistoryStore {
         }
     }
 
-    /// Appends a turn (folding the oldest into the summary past the window) and saves.
+    /// Appends a turn (folding the oldest into the summary past the window) and saves
+    /// it as the conversation of `task` of `session`'s `role`.
     pub async fn push(
         &self,
+        (session, role, task): (&SessionId, &Role, &TaskId),
         c: &mut Conversation,
         turn: HistoryTurn,
         tokens: u64,
     ) -> Result<(), HistoryError> {
+        let key = keys::history(session, role, task);
         let h = &mut c.history;
         h.turns_taken += 1;
         h.tokens = tokens;
@@ -143,19 +136,19 @@ impl HistoryStore {
         }
         let records = self.bus.sessions();
         let mut res = match c.revision {
-            Some(rev) => records.update(&c.key, &c.history, rev).await,
-            None => records.create(&c.key, &c.history).await,
+            Some(rev) => records.update(&key, &c.history, rev).await,
+            None => records.create(&key, &c.history).await,
         };
         if let Err(KvError::Exists { .. }) = res {
             // A fresh conversation over an earlier attempt's: replace it; over this
             // attempt's, someone else is running it.
             match records
-                .get::<AgentHistory>(&c.key)
+                .get::<AgentHistory>(&key)
                 .await
                 .map_err(HistoryError::Unavailable)?
             {
                 Some((old, rev)) if old.attempt < c.history.attempt => {
-                    res = records.update(&c.key, &c.history, rev).await;
+                    res = records.update(&key, &c.history, rev).await;
                 }
                 _ => return Err(HistoryError::TakenOver),
             }

@@ -283,7 +283,7 @@ impl LlmAgent {
             }
             // (Round trips are boxed: this future lives through the model call, so
             // only what the call needs should be inline.)
-            if ctx.spend.spend().calls > 0 && !Box::pin(a.still_held()).await? {
+            if ctx.spend.spend().calls > 0 && !Box::pin(a.still_held(task)).await? {
                 return Err(AgentError::Unusable(
                     "the attempt was taken over by another holder".into(),
                 ));
@@ -298,8 +298,10 @@ impl LlmAgent {
             ),
             _ => None,
         };
+        // (The timer is boxed: inline, it was a third of this future, which the task's
+        // boxed run future holds through every model call, timer or not.)
         let result = match self.call_timeout {
-            Some(t) => tokio::time::timeout(t, self.llm.complete(request))
+            Some(t) => Box::pin(tokio::time::timeout(t, self.llm.complete(request)))
                 .await
                 .unwrap_or_else(|_| Err(LlmError::Unavailable(format!("no answer within {t:?}")))),
             None => self.llm.complete(request).await,
@@ -360,7 +362,7 @@ impl Agent for LlmAgent {
                         .map_err(|e| AgentError::Transient(e.to_string()))?,
                 ),
                 // A first delivery has no conversation to continue: skip the read.
-                Some(h) => Some(h.fresh(&task.session_id, &task.role, &task.task_id, task.attempt)),
+                Some(h) => Some(h.fresh(task.attempt)),
                 None => None,
             };
             let mut first_turn = 1;
@@ -457,9 +459,14 @@ impl Agent for LlmAgent {
                         assistant: content.clone(),
                         user: reply.clone(),
                     };
-                    Box::pin(h.push(c, turn, task_spent))
-                        .await
-                        .map_err(|e| AgentError::Transient(e.to_string()))?;
+                    Box::pin(h.push(
+                        (&task.session_id, &task.role, &task.task_id),
+                        c,
+                        turn,
+                        task_spent,
+                    ))
+                    .await
+                    .map_err(|e| AgentError::Transient(e.to_string()))?;
                 }
                 Box::pin(ctx.progress.report()).await;
                 request.messages.push(ChatMessage::assistant(content));

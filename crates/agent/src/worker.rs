@@ -401,12 +401,7 @@ impl Worker {
             crate::agent::Allowance::new(
                 tokens,
                 claimed.holders().max(1) - 1,
-                Some((
-                    self.bus.sessions().clone(),
-                    keys::claim(&task.session_id, &task.role, &task.task_id),
-                    self.agent_id.clone(),
-                    task.attempt,
-                )),
+                Some((self.bus.sessions().clone(), self.agent_id.clone())),
             )
         });
         let ctx = TaskContext {
