@@ -39,7 +39,6 @@ struct Received {
     payload: Option<Bytes>,
     /// `name: value` lines, in the order received.
     headers: Box<str>,
-    stream: Box<str>,
     delivered: u64,
     stream_sequence: u64,
 }
@@ -56,16 +55,10 @@ impl Delivery {
     ///
     /// `bus` is the connection the message came on: acks go out on it.
     pub fn new(msg: jetstream::Message, bus: &Bus) -> Self {
-        let (delivered, stream_sequence, stream) = msg
+        let (delivered, stream_sequence) = msg
             .info()
-            .map(|i| {
-                (
-                    i.delivered.max(1) as u64,
-                    i.stream_sequence,
-                    Box::from(i.stream),
-                )
-            })
-            .unwrap_or_else(|_| (1, 0, Box::from("unknown")));
+            .map(|i| (i.delivered.max(1) as u64, i.stream_sequence))
+            .unwrap_or((1, 0));
         let headers = msg.headers.as_ref().map(header_block).unwrap_or_default();
         let message = msg.message;
         Self(Box::new(Received {
@@ -76,7 +69,6 @@ impl Delivery {
                 .map(|r| AckHandle::new(bus.clone(), r.as_str())),
             payload: Some(Bytes::copy_from_slice(&message.payload)),
             headers: headers.into_boxed_str(),
-            stream,
             delivered,
             stream_sequence,
         }))
@@ -101,9 +93,10 @@ impl Delivery {
     /// dead-letter copy reads it back from the stream, and a handling run again in
     /// place after an outage gets it back first ([`Self::reload_payload`]).
     ///
-    /// The headers go too, but for the two a dead-letter copy and a handler's span
-    /// read later: the trace context and the session. (A task's carry its signature,
-    /// its signer and its batch's digests, about 500 bytes, checked by then.)
+    /// The headers go too, but for the trace context, which a handler's span and its
+    /// logs read later. (A task's carry its signature, its signer and its batch's
+    /// digests, about 500 bytes, checked by then; a dead-letter copy reads the session
+    /// header back with the payload.)
     pub fn release_payload(&mut self) {
         self.0.payload = None;
         let kept: String = self
@@ -112,7 +105,7 @@ impl Delivery {
             .lines()
             .filter(|line| {
                 line.split_once(": ")
-                    .is_some_and(|(n, _)| n == headers::TRACEPARENT || n == headers::SESSION)
+                    .is_some_and(|(n, _)| n == headers::TRACEPARENT)
             })
             .flat_map(|line| [line, "\n"])
             .collect();
@@ -130,11 +123,22 @@ impl Delivery {
         Ok(())
     }
 
+    /// The stream it was delivered from: named in its ack subject, so not kept beside
+    /// it (`None` for a message that did not come from a stream).
+    pub fn stream(&self) -> Option<&str> {
+        self.0.ack.as_ref().and_then(|a| stream_of_ack(a.subject()))
+    }
+
     /// The message as the stream stores it (it does until it is acknowledged or
     /// terminated): one request, the stream not looked up first.
     async fn stored(&self, bus: &Bus) -> Result<jetstream::message::StreamMessage, AckError> {
+        let Some(stream) = self.stream() else {
+            return Err(AckError(
+                "payload not read back: not a stream's delivery".into(),
+            ));
+        };
         let stream = bus
-            .stream_unchecked(&self.0.stream)
+            .stream_unchecked(stream)
             .await
             .map_err(|e| AckError(format!("payload not read back: {e}")))?;
         stream
@@ -228,8 +232,25 @@ impl Delivery {
         code: ErrorCode,
         detail: &str,
     ) -> Result<(), AckError> {
+        // A released payload is read back, with the headers it left.
+        let (payload, stored_headers) = match &self.0.payload {
+            Some(p) => (p.clone(), None),
+            None => match self.stored(bus).await {
+                Ok(m) => (m.payload, Some(m.headers)),
+                Err(e) => {
+                    let _ = self.nak(Duration::from_secs(1)).await;
+                    return Err(AckError(format!(
+                        "dead-letter copy failed, left for redelivery: {e}"
+                    )));
+                }
+            },
+        };
+        let session = match &stored_headers {
+            Some(h) => h.get(headers::SESSION).map(|v| v.as_str().to_owned()),
+            None => self.header(headers::SESSION).map(str::to_owned),
+        };
         let letter = DeadLetter {
-            stream: self.0.stream.to_string(),
+            stream: self.stream().unwrap_or("unknown").to_owned(),
             sequence: self.0.stream_sequence,
             deliveries: self.0.delivered,
             subject: self.subject().to_owned(),
@@ -240,19 +261,8 @@ impl Delivery {
                 .header(headers::TRACEPARENT)
                 .filter(|v| TraceParent::parse(v).is_ok())
                 .map(str::to_owned),
-            session: self.header(headers::SESSION).map(str::to_owned),
-            payload: match &self.0.payload {
-                Some(p) => p.clone(),
-                None => match self.stored(bus).await {
-                    Ok(m) => m.payload,
-                    Err(e) => {
-                        let _ = self.nak(Duration::from_secs(1)).await;
-                        return Err(AckError(format!(
-                            "dead-letter copy failed, left for redelivery: {e}"
-                        )));
-                    }
-                },
-            },
+            session,
+            payload,
         };
         if let Err(e) = bus.store_dead_letter(&letter).await {
             let _ = self.nak(Duration::from_secs(1)).await;
@@ -282,6 +292,18 @@ fn header_block(h: &async_nats::HeaderMap) -> String {
         }
     }
     headers
+}
+
+/// The stream an ack subject names (ADR-15): `$JS.ACK.<stream>.<consumer>.` and five
+/// numbers, or `$JS.ACK.<domain>.<account hash>.<stream>.<consumer>.` and five numbers
+/// with optional tokens after them. `None` for anything else.
+fn stream_of_ack(ack: &str) -> Option<&str> {
+    let rest = ack.strip_prefix("$JS.ACK.")?;
+    match rest.split('.').count() {
+        7 => rest.split('.').next(),
+        n if n >= 9 => rest.split('.').nth(2),
+        _ => None,
+    }
 }
 
 /// A delivery named by its ack subject, from any process: the holder reports progress
@@ -422,5 +444,33 @@ impl Bus {
                 .increment_labeled(&[("reason", letter.reason.clone())]);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stream_of_ack;
+
+    #[test]
+    fn the_stream_is_read_from_either_form_of_ack_subject() {
+        let ts = "1700000000000000000";
+        assert_eq!(
+            stream_of_ack(&format!(
+                "$JS.ACK.flotilla_inbox.pool-research.3.100.7.{ts}.42"
+            )),
+            Some("flotilla_inbox")
+        );
+        assert_eq!(
+            stream_of_ack(&format!("$JS.ACK._.szMpdrwD.events.durable.1.1.1.{ts}.1")),
+            Some("events")
+        );
+        assert_eq!(
+            stream_of_ack(&format!(
+                "$JS.ACK.hub.szMpdrwD.events.durable.2.50.9.{ts}.0.rand"
+            )),
+            Some("events")
+        );
+        assert_eq!(stream_of_ack("$JS.ACK.events.durable.3"), None);
+        assert_eq!(stream_of_ack("_INBOX.abc.def"), None);
     }
 }
