@@ -152,6 +152,8 @@ pub(crate) struct Costs {
     pub(crate) bench_peak_rss_kb: Option<u64>,
     /// Peak RSS of the fleet's processes, added up, KiB.
     pub(crate) fleet_peak_rss_kb: Option<u64>,
+    /// Of `fleet_peak_rss_kb`, the `serve` processes' (the rest is the agents'), KiB.
+    pub(crate) serve_peak_rss_kb: Option<u64>,
     /// Peak RSS of the embedded nats-server, KiB.
     pub(crate) server_peak_rss_kb: Option<u64>,
 }
@@ -189,6 +191,18 @@ impl Costs {
             k(self.server_peak_rss_kb),
             f(Self::per_in_flight(self.server_peak_rss_kb, in_flight)),
         );
+        if let (Some(fleet), Some(serve)) = (self.fleet_peak_rss_kb, self.serve_peak_rss_kb) {
+            println!(
+                "  of the fleet  serve {} ({} KB/session)   agents {} ({} KB/session)",
+                k(Some(serve)),
+                f(Self::per_in_flight(Some(serve), in_flight)),
+                k(Some(fleet.saturating_sub(serve))),
+                f(Self::per_in_flight(
+                    Some(fleet.saturating_sub(serve)),
+                    in_flight
+                )),
+            );
+        }
     }
 }
 

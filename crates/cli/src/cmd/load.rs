@@ -236,9 +236,9 @@ pub(crate) async fn load(
     let varz1 = varz_all(&monitor_ports);
     let bench1 = crate::procstat::own();
     let server1 = usage_all(&server_pids);
-    let fleet_usage = match &fleet {
-        Running::Processes(f) => usage_all(&f.pids().await),
-        Running::InProcess(_) => None,
+    let (fleet_usage, serve_usage) = match &fleet {
+        Running::Processes(f) => (usage_all(&f.pids().await), usage_all(&f.serve_pids().await)),
+        Running::InProcess(_) => (None, None),
     };
     let duplicates = load::duplicate_results(&bus, &results).await;
     load::autopsy(&bus, &results).await;
@@ -262,6 +262,7 @@ pub(crate) async fn load(
         c.bench_peak_rss_kb = bench1.map(|u| u.peak_rss_kb);
         c.server_peak_rss_kb = server1.map(|u| u.peak_rss_kb);
         c.fleet_peak_rss_kb = fleet_usage.map(|u| u.peak_rss_kb);
+        c.serve_peak_rss_kb = serve_usage.map(|u| u.peak_rss_kb);
         let cpu = [c.bench_cpu_ms, c.fleet_cpu_ms, c.server_cpu_ms];
         if c.bench_cpu_ms.is_some() {
             c.cpu_ms_per_session = Some(cpu.iter().flatten().sum::<u64>() as f64 / done);
