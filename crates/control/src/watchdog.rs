@@ -3,7 +3,7 @@
 //!
 //! It follows two KV watches: the presences in the agents bucket, and the task claims
 //! and commits (`*.c.>` and `*.t.>`, one watch, in stream order) in the sessions
-//! bucket. It indexes running claims by holder (a claim names its holder and its
+//! bucket. It indexes running claims by task key (a claim names its holder and its
 //! delivery's ack subject) and drops one when its attempt's commit comes. Every `probe_every` it pings each
 //! process on its own subject:
 //! - **disconnected**: the ping gets "no responders" (the server dropped the process's
@@ -152,7 +152,7 @@ impl Watchdog {
         }
     }
 
-    /// Indexes a task's running claim by holder (or drops the key's old claim); a commit
+    /// Indexes a task's running claim (or drops the key's old claim); a commit
     /// drops the claim of its attempt.
     fn observe_claim(&mut self, entry: kv::Entry) {
         if let Some(claim_key) = keys::claim_of_commit(&entry.key) {
