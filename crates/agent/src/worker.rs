@@ -369,7 +369,7 @@ impl Worker {
             };
         // Tracked for the stuck check (listed in our presence only once overdue). A
         // crash is covered by the claim itself: it names us and this delivery's ack
-        // subject, and the watchdog indexes claims by holder.
+        // subject, and the watchdog indexes running claims with their holders.
         self.tracker.start(
             ack,
             crate::InFlightWork {
