@@ -102,29 +102,30 @@ pub struct Allowance {
     claim: Option<ClaimCheck>,
 }
 
-/// Reads the task record to see whether this process still holds the attempt. (The
-/// claim key is made from the task's ids when it is read, not held through the model
-/// calls in between.)
+/// How [`Allowance::still_held`] sees whether this process still holds an attempt:
+/// the task records to read, and the holder to find there. One per worker, shared by
+/// pointer with each of its allowances (the claim key is made from the task's ids when
+/// it is read, not held through the model calls in between).
 #[derive(Debug, Clone)]
-struct ClaimCheck {
-    records: flotilla_bus::Records,
-    holder: AgentId,
+pub struct ClaimCheck(Arc<(flotilla_bus::Records, AgentId)>);
+
+impl ClaimCheck {
+    /// Checks `holder`'s claims in `records`.
+    pub fn new(records: flotilla_bus::Records, holder: AgentId) -> Self {
+        Self(Arc::new((records, holder)))
+    }
 }
 
 impl Allowance {
     /// An allowance of `tokens` for the holder after `earlier_holders` others;
     /// `claim` (the task records and the holder) is what [`Allowance::still_held`]
     /// checks.
-    pub fn new(
-        tokens: u64,
-        earlier_holders: u32,
-        claim: Option<(flotilla_bus::Records, AgentId)>,
-    ) -> Self {
+    pub fn new(tokens: u64, earlier_holders: u32, claim: Option<ClaimCheck>) -> Self {
         Self {
             tokens,
             earlier_holders,
             spent: Arc::new(AtomicU64::new(u64::MAX)),
-            claim: claim.map(|(records, holder)| ClaimCheck { records, holder }),
+            claim,
         }
     }
 
@@ -152,19 +153,19 @@ impl Allowance {
     /// False once another holder has claimed `task`'s attempt (a watchdog released it
     /// while this process was stuck): the agent must make no more calls. One KV read.
     pub async fn still_held(&self, task: &TaskMessage) -> Result<bool, AgentError> {
-        let Some(c) = &self.claim else {
+        let Some(ClaimCheck(c)) = &self.claim else {
             return Ok(true);
         };
+        let (records, holder) = &**c;
         let key = keys::claim(&task.session_id, &task.role, &task.task_id);
-        let rec = c
-            .records
+        let rec = records
             .get::<flotilla_protocol::TaskRecord>(&key)
             .await
             .map_err(|e| AgentError::Transient(e.to_string()))?;
         Ok(rec.is_some_and(|(r, _)| {
             r.attempt == task.attempt
                 && r.state == flotilla_protocol::TaskRunState::Running
-                && r.holder.as_ref() == Some(&c.holder)
+                && r.holder.as_ref() == Some(holder)
         }))
     }
 }

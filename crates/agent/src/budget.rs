@@ -298,9 +298,13 @@ impl SpendMeter {
         self.with(|s| *s)
     }
 
-    /// Runs `fut` with this meter as the current attempt's.
-    pub async fn scope<F: std::future::Future>(self, fut: F) -> F::Output {
-        METER.scope(self, fut).await
+    /// Runs `fut` with this meter as the current attempt's. (Tokio's scope future
+    /// itself, not an `async fn` around it: a task holds it through its model call.)
+    pub fn scope<F: std::future::Future>(
+        self,
+        fut: F,
+    ) -> impl std::future::Future<Output = F::Output> {
+        METER.scope(self, fut)
     }
 
     /// Records a rate-limit wait in the current attempt's meter, if any.

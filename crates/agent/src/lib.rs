@@ -29,7 +29,7 @@ pub mod stops;
 pub mod tools;
 pub mod worker;
 
-pub use agent::{Agent, AgentError, AgentFuture, Allowance, TaskContext};
+pub use agent::{Agent, AgentError, AgentFuture, Allowance, ClaimCheck, TaskContext};
 pub use budget::{BudgetConfig, Exhausted, SessionLedger, SpendMeter};
 pub use limits::{
     LimitError, LimitStats, LimitedLlm, LimiterClient, LimitsConfig, ModelLimits, Permit,
@@ -37,7 +37,7 @@ pub use limits::{
 pub use llm_agent::{FINDING_PREFIX, Finding, LlmAgent, finding_key};
 pub use presence::{InFlightWork, LivenessConfig, RECONNECT_GRACE, Tracker};
 pub use role::RoleSpec;
-pub use stops::{StopGuard, Stops};
+pub use stops::{StopGuard, Stopped, Stops};
 pub use tools::{
     Breaker, Pacer, ServeToolError, ToolError, ToolGateway, ToolSpec, ToolStats, ToolsConfig,
     serve_tool,

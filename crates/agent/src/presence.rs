@@ -97,23 +97,24 @@ impl LivenessConfig {
 /// What this process is working on, shared between its handlers (which add and remove
 /// entries) and its heartbeat (which publishes them). A plain mutex: every critical
 /// section is one map operation, never held across an `.await`.
+///
+/// One pointer: every task's context holds a clone through its model call.
 #[derive(Debug, Clone)]
-pub struct Tracker {
-    inner: Arc<Mutex<HashSet<Tracked>>>,
+pub struct Tracker(Arc<TrackerShared>);
+
+#[derive(Debug)]
+struct TrackerShared {
+    set: Mutex<HashSet<Tracked>>,
     /// Wakes the heartbeat when work starts (listing `All`), so the presence lists it
     /// soon rather than at the next periodic renewal.
-    changed: Arc<tokio::sync::Notify>,
+    changed: tokio::sync::Notify,
     listing: Listing,
 }
 
 impl Default for Tracker {
     /// A tracker that lists every delivery (as `serve` does).
     fn default() -> Self {
-        Self {
-            inner: Arc::default(),
-            changed: Arc::default(),
-            listing: Listing::All,
-        }
+        Self::listing(Listing::All)
     }
 }
 
@@ -126,14 +127,19 @@ impl Tracker {
     /// A tracker that lists only deliveries without progress for `after` (as workers
     /// do, with half the stuck timeout).
     pub fn overdue_after(after: Duration) -> Self {
-        Self {
-            listing: Listing::Overdue(after),
-            ..Self::default()
-        }
+        Self::listing(Listing::Overdue(after))
+    }
+
+    fn listing(listing: Listing) -> Self {
+        Self(Arc::new(TrackerShared {
+            set: Mutex::default(),
+            changed: tokio::sync::Notify::new(),
+            listing,
+        }))
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut HashSet<Tracked>) -> R) -> R {
-        f(&mut self.inner.lock().unwrap_or_else(|p| p.into_inner()))
+        f(&mut self.0.set.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Records the start of `work` on the delivery `ack` answers. Never waits: it
@@ -160,7 +166,7 @@ impl Tracker {
                 progress_ms,
             })
         });
-        self.changed.notify_one();
+        self.0.changed.notify_one();
     }
 
     /// Records progress on a delivery.
@@ -193,7 +199,7 @@ impl Tracker {
     /// a tracker listing overdue items only; never under a quarter of the threshold, so
     /// items turning overdue one by one are gathered into few writes.
     fn next_overdue(&self) -> Option<Duration> {
-        let Listing::Overdue(after) = self.listing else {
+        let Listing::Overdue(after) = self.0.listing else {
             return None;
         };
         let now = epoch_ms(SystemTime::now());
@@ -215,7 +221,7 @@ impl Tracker {
         // delivery, and at 10,000 in flight copying them all at each write, to list
         // the oldest few thousand, was megabytes of short-lived copies a heartbeat.
         let (items, in_flight) = self.with(|m| {
-            let mut items: Vec<&Tracked> = match self.listing {
+            let mut items: Vec<&Tracked> = match self.0.listing {
                 Listing::All => m.iter().collect(),
                 Listing::Overdue(after) => {
                     let after = after.as_millis() as u64;
@@ -403,7 +409,7 @@ pub async fn heartbeat_with(
             tokio::select! {
                 _ = shutdown.cancelled() => break true,
                 _ = tokio::time::sleep_until(deadline) => break false,
-                _ = tracker.changed.notified() => match tracker.listing {
+                _ = tracker.0.changed.notified() => match tracker.0.listing {
                     Listing::All => {
                         // Coalesce a burst of starts into one write.
                         tokio::time::sleep(eager_debounce(listed)).await;

@@ -75,39 +75,82 @@ impl std::fmt::Debug for Stops {
 
 /// A handler's hold on its session: [`StopGuard::stopped`] completes when the session
 /// is stopped. Released on drop.
+///
+/// It borrows the registry and the ids from its handler (which has them already), so
+/// it adds four words to a handler's future, which lives through the model call.
 #[derive(Debug)]
-pub struct StopGuard {
-    stops: Stops,
-    session: SessionId,
-    attempt: Option<(TaskId, u32)>,
+pub struct StopGuard<'a> {
+    stops: &'a Stops,
+    session: &'a SessionId,
+    attempt: Option<(&'a TaskId, u32)>,
 }
 
-impl StopGuard {
+impl<'a> StopGuard<'a> {
     /// Completes once the session is stopped (at once if it is already).
-    pub async fn stopped(&self) {
-        let wake = self.stops.wake(&self.session);
-        loop {
-            let woken = wake.notified();
-            tokio::pin!(woken);
-            // Listening before looking: a stop between the look and the wait wakes it.
-            woken.as_mut().enable();
-            if self.stops.is_stopped(&self.session) {
-                return;
-            }
-            woken.await;
+    pub fn stopped(&self) -> Stopped<'_, 'a> {
+        Stopped {
+            guard: self,
+            // Listening before looking: a stop between the look and the wait wakes it
+            // (a `Notified` receives `notify_waiters` from its creation on, polled or
+            // not).
+            woken: self.stops.wake(self.session).notified(),
         }
     }
 }
 
-impl Drop for StopGuard {
+pin_project_lite::pin_project! {
+    /// What [`StopGuard::stopped`] returns: the guard and one wait on its notifier,
+    /// 72 bytes (an `async fn` kept two more pointers and a pinned reference). It is
+    /// part of every handler's future through the model call.
+    #[must_use = "futures do nothing unless polled"]
+    pub struct Stopped<'g, 'a> {
+        guard: &'g StopGuard<'a>,
+        #[pin]
+        woken: tokio::sync::futures::Notified<'a>,
+    }
+}
+
+impl std::fmt::Debug for Stopped<'_, '_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stopped")
+            .field("guard", self.guard)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::future::Future for Stopped<'_, '_> {
+    type Output = ();
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        let mut this = self.project();
+        loop {
+            if this.guard.stops.is_stopped(this.guard.session) {
+                return std::task::Poll::Ready(());
+            }
+            std::task::ready!(this.woken.as_mut().poll(cx));
+            // Woken (a stop of a session sharing the notifier, perhaps another one):
+            // listen again, then look.
+            this.woken
+                .set(this.guard.stops.wake(this.guard.session).notified());
+        }
+    }
+}
+
+impl Drop for StopGuard<'_> {
     fn drop(&mut self) {
         let mut inner = self.stops.lock();
-        if let Some(h) = inner.running.get_mut(&self.session) {
+        if let Some(h) = inner.running.get_mut(self.session) {
             h.n -= 1;
             if h.n == 0 {
-                inner.running.remove(&self.session);
-            } else if let Some(a) = &self.attempt
-                && let Some(i) = h.attempts.iter().position(|x| x == a)
+                inner.running.remove(self.session);
+            } else if let Some((task, attempt)) = self.attempt
+                && let Some(i) = h
+                    .attempts
+                    .iter()
+                    .position(|(t, a)| t == task && *a == attempt)
             {
                 h.attempts.swap_remove(i);
             }
@@ -132,7 +175,7 @@ impl Stops {
     }
 
     /// A guard for work on `session`, or `None` if it was stopped.
-    pub fn guard(&self, session: &SessionId) -> Option<StopGuard> {
+    pub fn guard<'a>(&'a self, session: &'a SessionId) -> Option<StopGuard<'a>> {
         self.take(session, None)
     }
 
@@ -140,16 +183,20 @@ impl Stops {
     /// was stopped. It also counts the handler in on that attempt, for
     /// [`Stops::attempt_shared`] (one entry per session serves both, so a task in
     /// flight costs one map entry here, not two).
-    pub fn guard_attempt(
-        &self,
-        session: &SessionId,
-        task: &TaskId,
+    pub fn guard_attempt<'a>(
+        &'a self,
+        session: &'a SessionId,
+        task: &'a TaskId,
         attempt: u32,
-    ) -> Option<StopGuard> {
-        self.take(session, Some((task.clone(), attempt)))
+    ) -> Option<StopGuard<'a>> {
+        self.take(session, Some((task, attempt)))
     }
 
-    fn take(&self, session: &SessionId, attempt: Option<(TaskId, u32)>) -> Option<StopGuard> {
+    fn take<'a>(
+        &'a self,
+        session: &'a SessionId,
+        attempt: Option<(&'a TaskId, u32)>,
+    ) -> Option<StopGuard<'a>> {
         let mut inner = self.lock();
         if inner.stopped.contains_key(session) {
             return None;
@@ -162,15 +209,15 @@ impl Stops {
                 attempts: Vec::new(),
             });
         h.n += 1;
-        if let Some(a) = &attempt {
+        if let Some((task, attempt)) = attempt {
             // (Room for one more, not four: a session has one task in a process, as a
             // rule, held through its model call.)
             h.attempts.reserve_exact(1);
-            h.attempts.push(a.clone());
+            h.attempts.push((task.clone(), attempt));
         }
         Some(StopGuard {
-            stops: self.clone(),
-            session: session.clone(),
+            stops: self,
+            session,
             attempt,
         })
     }
@@ -278,32 +325,23 @@ mod tests {
         let sessions: Vec<SessionId> = (0..200).map(|_| SessionId::generate()).collect();
         let guard = stops.guard(&s).unwrap();
         let others: Vec<StopGuard> = sessions.iter().map(|o| stops.guard(o).unwrap()).collect();
-        let waiting = tokio::spawn(async move {
-            guard.stopped().await;
-        });
-        let bystanders: Vec<_> = others
-            .into_iter()
-            .map(|g| {
-                tokio::spawn(async move {
-                    g.stopped().await;
-                })
-            })
-            .collect();
-        tokio::task::yield_now().await;
+        // (Guards borrow their handler's ids: the waits are polled here, not spawned.)
+        let mut waiting = Box::pin(guard.stopped());
+        let mut bystanders: Vec<_> = others.iter().map(|g| Box::pin(g.stopped())).collect();
+        assert!(waiting.as_mut().now_or_never().is_none(), "not stopped yet");
+        for b in &mut bystanders {
+            assert!(b.as_mut().now_or_never().is_none(), "not stopped");
+        }
         assert_eq!(stops.stop(&s), 1);
-        tokio::time::timeout(Duration::from_secs(10), waiting)
+        tokio::time::timeout(Duration::from_secs(10), waiting.as_mut())
             .await
-            .expect("woken by the stop")
-            .unwrap();
-        // (Time for any woken bystander to look again.)
-        tokio::time::sleep(Duration::from_millis(50)).await;
+            .expect("woken by the stop");
         assert!(
-            bystanders.iter().all(|b| !b.is_finished()),
+            bystanders
+                .iter_mut()
+                .all(|b| b.as_mut().now_or_never().is_none()),
             "other sessions' handlers look again and keep waiting"
         );
-        for b in bystanders {
-            b.abort();
-        }
     }
 
     #[test]

@@ -69,6 +69,8 @@ pub struct Worker {
     tracker: Tracker,
     stops: crate::stops::Stops,
     verifier: flotilla_bus::Verifier,
+    /// What each allowance checks its claim with (this process's claims, shared).
+    claim_check: crate::agent::ClaimCheck,
 }
 
 /// Why a claim was not written.
@@ -105,7 +107,9 @@ impl Worker {
     pub fn new(bus: Bus, role: Role, agent: Arc<dyn Agent>, settings: PoolSettings) -> Self {
         let agent_id = AgentId::generate(&role);
         let verifier = flotilla_bus::Verifier::new(bus.sessions().clone());
+        let claim_check = crate::agent::ClaimCheck::new(bus.sessions().clone(), agent_id.clone());
         Self {
+            claim_check,
             verifier,
             bus,
             role,
@@ -141,6 +145,7 @@ impl Worker {
 
     /// Uses `id` as this process's agent id (the holder written into task records).
     pub fn with_agent_id(mut self, id: AgentId) -> Self {
+        self.claim_check = crate::agent::ClaimCheck::new(self.bus.sessions().clone(), id.clone());
         self.agent_id = id;
         self
     }
@@ -192,79 +197,98 @@ impl Worker {
         Ok(())
     }
 
-    async fn handle(&self, d: &mut Delivery) -> Result<(), VerdictError> {
-        // (Matched in place: no binding of the whole message stays in this future, which
-        // lives through the model call, beside the task taken out of it.)
-        let task = match open_inbox_delivery(&self.bus, d, &self.role)? {
-            InboxMessage::Task(task) => task,
-            _ => {
-                return Err(VerdictError::poison(
-                    ErrorCode::UnknownRole,
-                    "only task messages go to worker inboxes",
-                ));
-            }
-        };
-        // A session ended from outside (cancel, deadline): no work for it starts here.
-        // The guard also counts this handler in on the attempt: the server can deliver
-        // an attempt again to the process that runs it (a consumer leader elected on a
-        // cluster may not have seen the keepalives sent to the old one). The claim
-        // names this process already, so the copy would resume the attempt, call the
-        // model a second time beside the first, and fence off the first's commit. The
-        // copy waits at the claim instead, its delivery kept alive, while the claim is
-        // still this process's (the watchdog may take it from a stuck first handler:
-        // then the copy runs the attempt).
-        let Some(guard) = self
-            .stops
-            .guard_attempt(&task.session_id, &task.task_id, task.attempt)
-        else {
-            tracing::debug!(session = %task.session_id, task = %task.task_id, "session stopped; task dropped");
-            return Ok(());
-        };
-        let trace = d.trace();
-        // (One handle shared with the delivery and its keepalive, not a copy.)
-        let ack = d
-            .handle()
-            .unwrap_or_else(|| self.bus.ack_handle(d.ack_subject().unwrap_or_default()));
-        // A task signed by a registered orchestrator key needs no check against the
-        // session record; anything else gets that check (see `flotilla_bus::signing`).
-        let vouched = match Box::pin(self.verifier.verify(
-            d.subject(),
-            d.payload(),
-            flotilla_bus::Signed::from_headers(|h| d.header(h)),
-        ))
-        .await
-        {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::debug!(session = %task.session_id, task = %task.task_id, reason = %e, "signature does not vouch for the task; checking the session record");
-                false
-            }
-        };
-        // Decoded and checked: the payload is not held through the model call (the
-        // stream keeps the message until it is acked; a dead-letter copy reads it).
-        d.release_payload();
-        // (The span is made in place and moved into the instrumented future: this
-        // future, which lives through the model call, keeps no copy of its own.)
-        let run = self
-            .claim_and_run(&task, trace.as_ref(), &ack, d.delivered() > 1, vouched)
-            .instrument(self.task_span(&task, trace.as_ref()));
-        // Pinned in place: `select!` polls it by reference instead of moving it into a
-        // second slot of this future (which lives through the model call).
-        tokio::pin!(run);
-        // Stopped mid-task: the model or tool call in flight is dropped (aborted), and
-        // nothing is committed or reported for a session that has ended.
-        let result = tokio::select! {
-            r = &mut run => r,
-            _ = guard.stopped() => {
+    /// Handles one delivery of a task.
+    ///
+    /// (An `async` block rather than an `async fn`: an `async fn` moves each argument
+    /// into a second slot of its own, and this future lives through the model call.)
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn keeps a second slot per argument"
+    )]
+    fn handle<'a>(
+        &'a self,
+        d: &'a mut Delivery,
+    ) -> impl Future<Output = Result<(), VerdictError>> + Send + 'a {
+        async move {
+            // (Matched in place: no binding of the whole message stays in this future, which
+            // lives through the model call, beside the task taken out of it.)
+            let task = match open_inbox_delivery(&self.bus, d, &self.role)? {
+                InboxMessage::Task(task) => task,
+                _ => {
+                    return Err(VerdictError::poison(
+                        ErrorCode::UnknownRole,
+                        "only task messages go to worker inboxes",
+                    ));
+                }
+            };
+            // A session ended from outside (cancel, deadline): no work for it starts here.
+            // The guard also counts this handler in on the attempt: the server can deliver
+            // an attempt again to the process that runs it (a consumer leader elected on a
+            // cluster may not have seen the keepalives sent to the old one). The claim
+            // names this process already, so the copy would resume the attempt, call the
+            // model a second time beside the first, and fence off the first's commit. The
+            // copy waits at the claim instead, its delivery kept alive, while the claim is
+            // still this process's (the watchdog may take it from a stuck first handler:
+            // then the copy runs the attempt).
+            let Some(guard) =
+                self.stops
+                    .guard_attempt(&task.session_id, &task.task_id, task.attempt)
+            else {
+                tracing::debug!(session = %task.session_id, task = %task.task_id, "session stopped; task dropped");
+                return Ok(());
+            };
+            // (One handle shared with the delivery and its keepalive, not a copy.)
+            let ack = d
+                .handle()
+                .unwrap_or_else(|| self.bus.ack_handle(d.ack_subject().unwrap_or_default()));
+            // A task signed by a registered orchestrator key needs no check against the
+            // session record; anything else gets that check (see `flotilla_bus::signing`).
+            let vouched = match Box::pin(self.verifier.verify(
+                d.subject(),
+                d.payload(),
+                flotilla_bus::Signed::from_headers(|h| d.header(h)),
+            ))
+            .await
+            {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::debug!(session = %task.session_id, task = %task.task_id, reason = %e, "signature does not vouch for the task; checking the session record");
+                    false
+                }
+            };
+            // Decoded and checked: the payload is not held through the model call (the
+            // stream keeps the message until it is acked; a dead-letter copy reads it).
+            d.release_payload();
+            // (The span is made in place and moved into the instrumented future: this
+            // future, which lives through the model call, keeps no copy of its own.)
+            let run = self
+                .claim_and_run(&task, d, &ack, vouched)
+                .instrument(self.task_span(&task, d.trace().as_ref()));
+            // Both pinned in place and polled by reference (the run first: a result ready
+            // beside a stop is kept). `select!` would keep a second slot for the stop's
+            // wait and its own state in this future, which lives through the model call.
+            tokio::pin!(run);
+            let stopped = guard.stopped();
+            tokio::pin!(stopped);
+            let finished = std::future::poll_fn(|cx| {
+                if let std::task::Poll::Ready(r) = run.as_mut().poll(cx) {
+                    return std::task::Poll::Ready(Some(r));
+                }
+                stopped.as_mut().poll(cx).map(|()| None)
+            })
+            .await;
+            // Stopped mid-task: the model or tool call in flight is dropped (aborted), and
+            // nothing is committed or reported for a session that has ended.
+            let result = finished.unwrap_or_else(|| {
                 run.span().in_scope(|| {
                     tracing::info!("session stopped; task aborted");
                     flotilla_bus::trace::span_event("stopped", Vec::new());
                 });
                 Ok(())
-            }
-        };
-        self.tracker.finish(ack.subject());
-        result
+            });
+            self.tracker.finish(ack.subject());
+            result
+        }
     }
 
     /// The span of a task attempt's handling.
@@ -348,80 +372,93 @@ impl Worker {
 
     /// Checks a task its signature does not vouch for (`vouched`) against the session's
     /// table, claims it (fenced by the record's revision), runs the agent, and commits.
-    async fn claim_and_run(
-        &self,
-        task: &TaskMessage,
-        trace: Option<&TraceParent>,
-        ack: &flotilla_bus::AckHandle,
-        redelivered: bool,
+    ///
+    /// (An `async` block rather than an `async fn`, as [`Self::handle`] is: see there.)
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn keeps a second slot per argument"
+    )]
+    fn claim_and_run<'a>(
+        &'a self,
+        task: &'a TaskMessage,
+        d: &'a Delivery,
+        ack: &'a flotilla_bus::AckHandle,
         vouched: bool,
-    ) -> Result<(), VerdictError> {
-        if !vouched && !Box::pin(self.check_against_table(task)).await? {
-            return Ok(());
-        }
-        let ack_subject = ack.subject();
-        // (Its own boxed future: what the claim keeps is gone before the model call.
-        // Of the claimed record, only what its commit takes is kept.)
-        let (claimed, claimed_rev, resumed) =
-            match Box::pin(self.claim(task, ack_subject, redelivered)).await? {
-                Some((record, rev, resumed)) => (task_machine::Held::of(&record), rev, resumed),
-                None => return Ok(()),
-            };
-        // Tracked for the stuck check (listed in our presence only once overdue). A
-        // crash is covered by the claim itself: it names us and this delivery's ack
-        // subject, and the watchdog indexes running claims with their holders.
-        self.tracker.start(
-            ack,
-            crate::InFlightWork {
-                session_id: task.session_id.clone(),
-                task_id: Some(task.task_id.clone()),
-                role: Some(task.role.clone()),
-                attempt: Some(task.attempt),
-            },
-        );
-        if resumed && claimed.attempt() == task.attempt {
-            tracing::info!("resuming an attempt another holder started");
-        }
-        if claimed.holders() > 1 && claimed.attempt() == task.attempt {
-            // Another holder had this attempt (taken over, or fenced by the watchdog).
-            flotilla_bus::trace::span_event(
-                "reassigned",
-                vec![
-                    flotilla_bus::trace::KeyValue::new("flotilla.attempt", i64::from(task.attempt)),
-                    flotilla_bus::trace::KeyValue::new(
-                        "flotilla.holders",
-                        i64::from(claimed.holders()),
-                    ),
-                ],
+    ) -> impl Future<Output = Result<(), VerdictError>> + Send + 'a {
+        async move {
+            let redelivered = d.delivered() > 1;
+            if !vouched && !Box::pin(self.check_against_table(task)).await? {
+                return Ok(());
+            }
+            let ack_subject = ack.subject();
+            // (Its own boxed future: what the claim keeps is gone before the model call.
+            // Of the claimed record, only what its commit takes is kept.)
+            let (claimed, claimed_rev, resumed) =
+                match Box::pin(self.claim(task, ack_subject, redelivered)).await? {
+                    Some((record, rev, resumed)) => (task_machine::Held::of(&record), rev, resumed),
+                    None => return Ok(()),
+                };
+            // Tracked for the stuck check (listed in our presence only once overdue). A
+            // crash is covered by the claim itself: it names us and this delivery's ack
+            // subject, and the watchdog indexes running claims with their holders.
+            self.tracker.start(
+                ack,
+                crate::InFlightWork {
+                    session_id: task.session_id.clone(),
+                    task_id: Some(task.task_id.clone()),
+                    role: Some(task.role.clone()),
+                    attempt: Some(task.attempt),
+                },
             );
-        }
+            if resumed && claimed.attempt() == task.attempt {
+                tracing::info!("resuming an attempt another holder started");
+            }
+            if claimed.holders() > 1 && claimed.attempt() == task.attempt {
+                // Another holder had this attempt (taken over, or fenced by the watchdog).
+                flotilla_bus::trace::span_event(
+                    "reassigned",
+                    vec![
+                        flotilla_bus::trace::KeyValue::new(
+                            "flotilla.attempt",
+                            i64::from(task.attempt),
+                        ),
+                        flotilla_bus::trace::KeyValue::new(
+                            "flotilla.holders",
+                            i64::from(claimed.holders()),
+                        ),
+                    ],
+                );
+            }
 
-        // Run (on an allowance, when the session set one aside).
-        let allowance = task.allowance.map(|tokens| {
-            crate::agent::Allowance::new(
-                tokens,
-                claimed.holders().max(1) - 1,
-                Some((self.bus.sessions().clone(), self.agent_id.clone())),
-            )
-        });
-        let ctx = TaskContext {
-            memory: self.bus.memory().session(&task.session_id),
-            spend: crate::budget::SpendMeter::default(),
-            resumed,
-            progress: crate::agent::Progress::new(ack.clone(), self.tracker.clone()),
-            allowance,
-        };
-        // The pool consumer keeps the delivery alive while the agent runs; the
-        // watchdog's stuck timeout sees only the agent's own progress reports.
-        let result = ctx.spend.clone().scope(self.agent.run(&ctx, task)).await;
-        // What follows the model call is its own boxed future: what the commit keeps
-        // (the committed record, its headers, the write) is not part of this one,
-        // which every task holds through its model call.
-        let claim = Claimed {
-            record: claimed,
-            revision: claimed_rev,
-        };
-        Box::pin(self.settle(task, trace.copied(), claim, ctx, result)).await
+            // Run (on an allowance, when the session set one aside).
+            let allowance = task.allowance.map(|tokens| {
+                crate::agent::Allowance::new(
+                    tokens,
+                    claimed.holders().max(1) - 1,
+                    Some(self.claim_check.clone()),
+                )
+            });
+            let ctx = TaskContext {
+                memory: self.bus.memory().session(&task.session_id),
+                spend: crate::budget::SpendMeter::default(),
+                resumed,
+                progress: crate::agent::Progress::new(ack.clone(), self.tracker.clone()),
+                allowance,
+            };
+            // The pool consumer keeps the delivery alive while the agent runs; the
+            // watchdog's stuck timeout sees only the agent's own progress reports.
+            let result = ctx.spend.clone().scope(self.agent.run(&ctx, task)).await;
+            // What follows the model call is its own boxed future: what the commit keeps
+            // (the committed record, its headers, the write) is not part of this one,
+            // which every task holds through its model call.
+            let claim = Claimed {
+                record: claimed,
+                revision: claimed_rev,
+            };
+            // (The trace context is read again from the delivery, which keeps it, rather
+            // than held through the model call beside it.)
+            Box::pin(self.settle(task, d.trace(), claim, ctx, result)).await
+        }
     }
 
     /// After the model call: logs a rate-limit wait, then commits the outcome fenced on
@@ -484,7 +521,13 @@ impl Worker {
         // Commit, fenced on the claim's revision: one write, which the orchestrator's
         // consumer of commits takes as the result. Refused means the claim was taken
         // over or fenced (the watchdog, a newer attempt, the dead-letter mover).
-        let mut committed = claimed.commit(outcome, output, epoch_ms(SystemTime::now()));
+        let mut committed = claimed.commit(
+            task,
+            &self.agent_id,
+            outcome,
+            output,
+            epoch_ms(SystemTime::now()),
+        );
         committed.spend = Some(spend);
         committed.memory = Some(ctx.memory.stats());
         committed.attempt_tokens = ctx.allowance.as_ref().and_then(|a| a.attempt_tokens());

@@ -344,13 +344,13 @@ impl PoolConsumer {
         let settle_bus = bus.clone();
         let handler = Arc::new(handler);
         let stop = shutdown.clone();
-        self.run(bus, shutdown, move |d| {
+        self.run(bus, shutdown, move |mut d| {
             let (h, b, stop) = (handler.clone(), settle_bus.clone(), stop.clone());
             async move {
                 let started = tokio::time::Instant::now();
                 // One call site of `h` (in the loop): the handler's future has one slot
                 // in this one's, not one per call site (it lives through model calls).
-                let mut d = d;
+                // (`d` is the block's own, not rebound: a rebinding is a second slot.)
                 let mut retry = 0;
                 let verdict = loop {
                     let (back, verdict) = h(d).await;

@@ -261,28 +261,21 @@ pub fn commit(
 /// What a holder keeps of its claimed record through the attempt: what [`commit`]
 /// takes from it. A claim ([`claim`]'s `Take`) sets nothing else that a commit keeps
 /// (the outcome, output, error, ack subject and time are the commit's own; a claim
-/// leaves spend, memory and attempt tokens unset), so `held.commit(..)` is
-/// `commit(&claimed, ..)`. A third of the record's size: every task in a model call
-/// holds one.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// leaves spend, memory and attempt tokens unset), so `held.commit(task, holder, ..)`
+/// is `commit(&claimed, ..)`. Eight bytes: every task in a model call holds one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Held {
-    session_id: SessionId,
-    task_id: TaskId,
-    role: Role,
     attempt: u32,
-    holder: Option<AgentId>,
     holders: u32,
 }
 
 impl Held {
-    /// What a holder keeps of `claimed`.
+    /// What a holder keeps of `claimed`: its attempt and holder count. The rest of a
+    /// claimed record is the task message's ids and the claimer, as [`claim`] builds
+    /// every record it takes, so [`Held::commit`] has them from the task and holder.
     pub fn of(claimed: &TaskRecord) -> Self {
         Self {
-            session_id: claimed.session_id.clone(),
-            task_id: claimed.task_id.clone(),
-            role: claimed.role.clone(),
             attempt: claimed.attempt,
-            holder: claimed.holder.clone(),
             holders: claimed.holders,
         }
     }
@@ -297,12 +290,19 @@ impl Held {
         self.attempt
     }
 
-    /// [`commit`] of the claimed record.
-    pub fn commit(self, outcome: TaskOutcome, output: Option<TaskOutput>, now: u64) -> TaskRecord {
+    /// [`commit`] of the record `holder` claimed for `task`.
+    pub fn commit(
+        self,
+        task: &TaskMessage,
+        holder: &AgentId,
+        outcome: TaskOutcome,
+        output: Option<TaskOutput>,
+        now: u64,
+    ) -> TaskRecord {
         let claimed = bare(
-            (&self.session_id, &self.task_id, &self.role, self.attempt),
+            (&task.session_id, &task.task_id, &task.role, self.attempt),
             TaskRunState::Running,
-            self.holder,
+            Some(holder.clone()),
             self.holders,
             now,
         );
@@ -791,7 +791,7 @@ mod tests {
                 let held = Held::of(&claimed);
                 prop_assert_eq!(held.holders(), claimed.holders);
                 prop_assert_eq!(held.attempt(), claimed.attempt);
-                prop_assert_eq!(held.commit(outcome, Some(output()), later), whole);
+                prop_assert_eq!(held.commit(&task(msg_attempt), &agent(me), outcome, Some(output()), later), whole);
             }
         }
 
