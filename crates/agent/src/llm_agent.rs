@@ -399,78 +399,22 @@ impl Agent for LlmAgent {
             }
             for _turn in first_turn..=max_turns {
                 let content = self.call(ctx, task, &mut request, &mut task_spent).await?;
-                let turn: Turn = match serde_json::from_str::<Turn>(&content) {
-                    Ok(t) => t,
-                    Err(_) => {
-                        let output: TaskOutput = decode(content.as_bytes(), DEFAULT_MAX_PAYLOAD)
-                            .map_err(|e| {
-                                AgentError::Unusable(format!(
-                                    "output does not match the schema: {e}"
-                                ))
-                            })?;
-                        Turn::Final {
-                            summary: output.summary,
-                            artifacts: output.artifacts,
-                        }
-                    }
+                // What the answer leads to is its own boxed future: what a turn keeps
+                // (the answer, its parse, a tool's result) is no part of this one,
+                // which every task holds through its model calls.
+                let answer = Turn::of(content)?;
+                let mut state = TurnState {
+                    request: &mut request,
+                    calls: &mut calls,
+                    told_closed: &mut told_closed,
+                    conversation: conversation.as_mut(),
+                    task_spent,
                 };
-                let reply = match &turn {
-                    Turn::Final { summary, artifacts } => {
-                        let output = TaskOutput {
-                            summary: summary.clone(),
-                            artifacts: artifacts.clone(),
-                        };
-                        output.validate()?;
-                        if self.share_findings {
-                            Box::pin(self.record_finding(ctx, task, &output)).await?;
-                        }
-                        return Ok(output);
-                    }
-                    Turn::Clarify { question } => {
-                        if !task.questions_closed {
-                            return Err(AgentError::Clarify(question.clone()));
-                        }
-                        if told_closed {
-                            return Err(Exhausted {
-                                budget: BudgetKind::Clarifications,
-                                reason: format!(
-                                    "the agent asked again after clarifications closed: {question}"
-                                ),
-                            }
-                            .into());
-                        }
-                        told_closed = true;
-                        CLOSED.to_owned()
-                    }
-                    Turn::Tool { tool, arguments } => {
-                        calls.observe(
-                            &format!("tool {tool} {arguments}"),
-                            self.budgets.circuit_repeats,
-                        )?;
-                        Box::pin(self.call_tool(task, tool, arguments)).await?
-                    }
-                    Turn::Continue { note } => {
-                        calls.observe(&format!("continue {note}"), self.budgets.circuit_repeats)?;
-                        CONTINUE.to_owned()
-                    }
-                };
-                if let (Some(h), Some(c)) = (&self.history, conversation.as_mut()) {
-                    let turn = flotilla_protocol::HistoryTurn {
-                        assistant: content.clone(),
-                        user: reply.clone(),
-                    };
-                    Box::pin(h.push(
-                        (&task.session_id, &task.role, &task.task_id),
-                        c,
-                        turn,
-                        task_spent,
-                    ))
-                    .await
-                    .map_err(|e| AgentError::Transient(e.to_string()))?;
+                if let Some(output) =
+                    Box::pin(self.take_turn(ctx, task, answer, &mut state)).await?
+                {
+                    return Ok(output);
                 }
-                Box::pin(ctx.progress.report()).await;
-                request.messages.push(ChatMessage::assistant(content));
-                request.messages.push(ChatMessage::user(reply));
             }
             Err(Exhausted {
                 budget: BudgetKind::Turns,
@@ -481,6 +425,114 @@ impl Agent for LlmAgent {
     }
 }
 
+/// The parts of a task's run that a turn changes (see [`LlmAgent::take_turn`]).
+struct TurnState<'r> {
+    request: &'r mut CompletionRequest,
+    calls: &'r mut CallFingerprints,
+    told_closed: &'r mut bool,
+    conversation: Option<&'r mut crate::history::Conversation>,
+    task_spent: u64,
+}
+
+/// A model's answer and the text it came as (kept for the conversation).
+struct TurnAnswer {
+    content: String,
+    turn: Turn,
+}
+
+impl Turn {
+    /// Parses a model's answer: a turn, or else a bare task output (a final answer).
+    fn of(content: String) -> Result<TurnAnswer, AgentError> {
+        let turn = match serde_json::from_str::<Turn>(&content) {
+            Ok(t) => t,
+            Err(_) => {
+                let output: TaskOutput =
+                    decode(content.as_bytes(), DEFAULT_MAX_PAYLOAD).map_err(|e| {
+                        AgentError::Unusable(format!("output does not match the schema: {e}"))
+                    })?;
+                Turn::Final {
+                    summary: output.summary,
+                    artifacts: output.artifacts,
+                }
+            }
+        };
+        Ok(TurnAnswer { content, turn })
+    }
+}
+
+impl LlmAgent {
+    /// Acts on one answer of the model: the task's output if it is final; otherwise
+    /// the reply (a tool's result, or the nudge to go on) is added to the request and
+    /// the conversation, and `None` asks for the next turn.
+    async fn take_turn(
+        &self,
+        ctx: &TaskContext,
+        task: &TaskMessage,
+        answer: TurnAnswer,
+        st: &mut TurnState<'_>,
+    ) -> Result<Option<TaskOutput>, AgentError> {
+        let TurnAnswer { content, turn } = answer;
+        let reply = match &turn {
+            Turn::Final { summary, artifacts } => {
+                let output = TaskOutput {
+                    summary: summary.clone(),
+                    artifacts: artifacts.clone(),
+                };
+                output.validate()?;
+                if self.share_findings {
+                    Box::pin(self.record_finding(ctx, task, &output)).await?;
+                }
+                return Ok(Some(output));
+            }
+            Turn::Clarify { question } => {
+                if !task.questions_closed {
+                    return Err(AgentError::Clarify(question.clone()));
+                }
+                if *st.told_closed {
+                    return Err(Exhausted {
+                        budget: BudgetKind::Clarifications,
+                        reason: format!(
+                            "the agent asked again after clarifications closed: {question}"
+                        ),
+                    }
+                    .into());
+                }
+                *st.told_closed = true;
+                CLOSED.to_owned()
+            }
+            Turn::Tool { tool, arguments } => {
+                st.calls.observe(
+                    &format!("tool {tool} {arguments}"),
+                    self.budgets.circuit_repeats,
+                )?;
+                Box::pin(self.call_tool(task, tool, arguments)).await?
+            }
+            Turn::Continue { note } => {
+                st.calls
+                    .observe(&format!("continue {note}"), self.budgets.circuit_repeats)?;
+                CONTINUE.to_owned()
+            }
+        };
+        if let (Some(h), Some(c)) = (&self.history, st.conversation.as_deref_mut()) {
+            let turn = flotilla_protocol::HistoryTurn {
+                assistant: content.clone(),
+                user: reply.clone(),
+            };
+            Box::pin(h.push(
+                (&task.session_id, &task.role, &task.task_id),
+                c,
+                turn,
+                st.task_spent,
+            ))
+            .await
+            .map_err(|e| AgentError::Transient(e.to_string()))?;
+        }
+        Box::pin(ctx.progress.report()).await;
+        st.request.messages.push(ChatMessage::assistant(content));
+        st.request.messages.push(ChatMessage::user(reply));
+        Ok(None)
+    }
+}
 impl LlmAgent {
     /// Runs a tool the model asked for; its result (or why it failed) is the next
     /// message. Transient gateway failures retry the attempt later.
