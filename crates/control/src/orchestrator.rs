@@ -804,52 +804,72 @@ impl Orchestrator {
 
     /// Drives `session` with `input` (`committed`: a result read from its commit, which
     /// needs no check against it).
-    async fn take(
-        &self,
-        d: &Delivery,
+    ///
+    /// (An `async` block rather than an `async fn`: an `async fn` moves each argument
+    /// into a second slot of its own, 56 bytes of this future, which lives through
+    /// plan and synthesis calls.)
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn keeps a second slot per argument"
+    )]
+    fn take<'a>(
+        &'a self,
+        d: &'a Delivery,
         session: SessionId,
         input: Input,
         committed: bool,
-    ) -> Result<(), VerdictError> {
-        // Ended from outside: the record says so; nothing is left to do here.
-        let Some(guard) = self.stops.guard(&session) else {
-            return Ok(());
-        };
-        if let Some(ack) = &d.handle() {
-            self.tracker.start(
-                ack,
-                flotilla_agent::InFlightWork {
-                    session_id: session.clone(),
-                    task_id: None,
-                    role: None,
-                    attempt: None,
-                },
-            );
-        }
-        // Listed in our presence soon after (never awaited: a crash before that write
-        // leaves this message to its ack wait), so the watchdog can release it at once
-        // if this process dies in a long call.
-        // (The span is made in this block and moved into the instrumented future:
-        // this future, which lives through plan and synthesis calls, keeps no copy.)
-        let drive = {
-            let span = orchestrate_span(&session, &input, d);
-            self.drive(&session, input, d.delivered(), committed)
-                .instrument(span)
-        };
-        // Pinned in place: `select!` polls it by reference instead of moving it into a
-        // second slot of this future (which lives through plan and synthesis calls).
-        tokio::pin!(drive);
-        // Stopped meanwhile: a plan or synthesis call in flight is dropped (aborted).
-        let result = tokio::select! {
-            r = &mut drive => r,
-            _ = guard.stopped() => {
-                drive.span().in_scope(|| tracing::info!("session stopped; handler aborted"));
+    ) -> impl Future<Output = Result<(), VerdictError>> + Send + 'a {
+        async move {
+            // Ended from outside: the record says so; nothing is left to do here.
+            let Some(guard) = self.stops.guard(&session) else {
+                return Ok(());
+            };
+            if let Some(ack) = &d.handle() {
+                self.tracker.start(
+                    ack,
+                    flotilla_agent::InFlightWork {
+                        session_id: session.clone(),
+                        task_id: None,
+                        role: None,
+                        attempt: None,
+                    },
+                );
+            }
+            // Listed in our presence soon after (never awaited: a crash before that write
+            // leaves this message to its ack wait), so the watchdog can release it at once
+            // if this process dies in a long call.
+            // (The span is made in this block and moved into the instrumented future:
+            // this future, which lives through plan and synthesis calls, keeps no copy.)
+            let drive = {
+                let span = orchestrate_span(&session, &input, d);
+                self.drive(&session, input, d.delivered(), committed)
+                    .instrument(span)
+            };
+            // Both pinned in place and polled by reference (the drive first: a result
+            // ready beside a stop is kept). `select!` would keep a second slot for the
+            // stop's wait and its own state in this future, which lives through plan and
+            // synthesis calls.
+            tokio::pin!(drive);
+            let stopped = guard.stopped();
+            tokio::pin!(stopped);
+            let finished = std::future::poll_fn(|cx| {
+                if let std::task::Poll::Ready(r) = drive.as_mut().poll(cx) {
+                    return std::task::Poll::Ready(Some(r));
+                }
+                stopped.as_mut().poll(cx).map(|()| None)
+            })
+            .await;
+            // Stopped meanwhile: a plan or synthesis call in flight is dropped (aborted).
+            let result = finished.unwrap_or_else(|| {
+                drive
+                    .span()
+                    .in_scope(|| tracing::info!("session stopped; handler aborted"));
                 self.cache.forget(&session);
                 Ok(())
-            }
-        };
-        self.tracker.finish(d.ack_subject().unwrap_or_default());
-        result
+            });
+            self.tracker.finish(d.ack_subject().unwrap_or_default());
+            result
+        }
     }
 
     /// Refuses a result from the inbox that is not what the task's holder committed (a
