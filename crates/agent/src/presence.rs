@@ -213,9 +213,10 @@ impl Tracker {
         .map(|due| Duration::from_millis(due - now + 1).max(after / 4))
     }
 
-    /// What the presence lists now: the deliveries this tracker lists, oldest first,
-    /// within [`PRESENCE_LIST_BUDGET`].
-    pub fn snapshot(&self) -> Vec<InFlight> {
+    /// What the presence of a process of `role` lists now: the deliveries this tracker
+    /// lists, oldest first, within [`PRESENCE_LIST_BUDGET`] (a task's is listed with
+    /// `role`).
+    pub fn snapshot(&self, role: &Role) -> Vec<InFlight> {
         let now = epoch_ms(SystemTime::now());
         // Chosen by reference, and only what is listed is copied: `serve` lists every
         // delivery, and at 10,000 in flight copying them all at each write, to list
@@ -239,7 +240,7 @@ impl Tracker {
                     used += entry_size(i);
                     used <= PRESENCE_LIST_BUDGET
                 })
-                .map(Tracked::listed)
+                .map(|i| i.listed(role))
                 .collect();
             (listed, in_flight)
         });
@@ -255,17 +256,14 @@ impl Tracker {
 }
 
 /// What a delivery in flight is for, as its presence entry lists it: the session, and
-/// for a task its id, role and attempt.
+/// for a task its id and attempt. (A task's role is the process's, which its presence
+/// names: it is not kept with each entry.)
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InFlightWork {
     /// Session.
     pub session_id: flotilla_protocol::SessionId,
-    /// Task, for a task's delivery.
-    pub task_id: Option<flotilla_protocol::TaskId>,
-    /// The task's role.
-    pub role: Option<Role>,
-    /// The task's attempt.
-    pub attempt: Option<u32>,
+    /// Task and attempt, for a task's delivery.
+    pub task: Option<(flotilla_protocol::TaskId, u32)>,
 }
 
 /// A delivery in flight, found by its ack subject: the set's key is the entry's own
@@ -279,13 +277,14 @@ struct Tracked {
 }
 
 impl Tracked {
-    /// Its entry in a presence record.
-    fn listed(&self) -> InFlight {
+    /// Its entry in a presence record of a process of `role`.
+    fn listed(&self, role: &Role) -> InFlight {
+        let task = self.work.task.as_ref();
         InFlight {
             session_id: self.work.session_id.clone(),
-            task_id: self.work.task_id.clone(),
-            role: self.work.role.clone(),
-            attempt: self.work.attempt,
+            task_id: task.map(|(t, _)| t.clone()),
+            role: task.map(|_| role.clone()),
+            attempt: task.map(|(_, a)| *a),
             ack_subject: self.ack.to_string(),
             since_ms: self.since_ms,
             progress_ms: self.progress_ms,
@@ -318,7 +317,7 @@ impl std::hash::Hash for Tracked {
 fn entry_size(i: &Tracked) -> usize {
     i.ack.len()
         + i.work.session_id.as_str().len()
-        + i.work.task_id.as_ref().map_or(0, |t| t.as_str().len())
+        + i.work.task.as_ref().map_or(0, |(t, _)| t.as_str().len())
         + 140
 }
 
@@ -387,7 +386,7 @@ pub async fn heartbeat_with(
             ping_subject: ping_subject.clone(),
             started_ms,
             renewed_ms: epoch_ms(SystemTime::now()),
-            in_flight: tracker.snapshot(),
+            in_flight: tracker.snapshot(&role),
         };
         let listed = presence.in_flight.len();
         let payload = Bytes::from(serde_json::to_vec(&presence).unwrap_or_default());
@@ -446,11 +445,12 @@ mod tests {
     }
 
     fn start(t: &Tracker, n: usize, since_ms: u64, progress_ms: u64) {
+        // (Even ones are tasks' deliveries, attempt 3.)
         let work = InFlightWork {
             session_id: SessionId::parse(format!("s{n}")).unwrap(),
-            task_id: None,
-            role: None,
-            attempt: None,
+            task: n
+                .is_multiple_of(2)
+                .then(|| (flotilla_protocol::TaskId::nth(n), 3)),
         };
         t.start_at(ack(n).into(), work, since_ms, progress_ms);
     }
@@ -462,14 +462,14 @@ mod tests {
         start(&t, 1, now, now);
         start(&t, 2, now - 20_000, now - 20_000);
         start(&t, 3, now - 20_000, now - 1_000);
-        let listed: Vec<InFlight> = t.snapshot();
+        let listed: Vec<InFlight> = t.snapshot(&Role::parse("research").unwrap());
         assert_eq!(
             listed,
             vec![InFlight {
                 session_id: SessionId::parse("s2").unwrap(),
-                task_id: None,
-                role: None,
-                attempt: None,
+                task_id: Some(flotilla_protocol::TaskId::nth(2)),
+                role: Some(Role::parse("research").unwrap()),
+                attempt: Some(3),
                 ack_subject: ack(2),
                 since_ms: now - 20_000,
                 progress_ms: now - 20_000,
@@ -484,7 +484,7 @@ mod tests {
         );
         t.progress(&ack(1));
         t.finish(&ack(2));
-        assert!(t.snapshot().is_empty());
+        assert!(t.snapshot(&Role::parse("research").unwrap()).is_empty());
     }
 
     #[test]
@@ -495,7 +495,7 @@ mod tests {
             start(&t, i, 1_000 + i as u64, 1_000 + i as u64);
         }
         assert!(t.next_overdue().is_none());
-        let listed = t.snapshot();
+        let listed = t.snapshot(&Role::orchestrator());
         assert!(listed.len() < n, "{} of {n} fit", listed.len());
         assert!(listed.len() > 1_000);
         assert!(listed.windows(2).all(|w| w[0].since_ms < w[1].since_ms));

@@ -405,9 +405,7 @@ impl Worker {
                 ack,
                 crate::InFlightWork {
                     session_id: task.session_id.clone(),
-                    task_id: Some(task.task_id.clone()),
-                    role: Some(task.role.clone()),
-                    attempt: Some(task.attempt),
+                    task: Some((task.task_id.clone(), task.attempt)),
                 },
             );
             if resumed && claimed.attempt() == task.attempt {

@@ -829,9 +829,7 @@ impl Orchestrator {
                     ack,
                     flotilla_agent::InFlightWork {
                         session_id: session.clone(),
-                        task_id: None,
-                        role: None,
-                        attempt: None,
+                        task: None,
                     },
                 );
             }
