@@ -650,6 +650,7 @@ async fn a_released_payload_is_read_back_for_a_repeat_and_for_its_dead_letter() 
     let mut h = async_nats::HeaderMap::new();
     h.insert(headers::SESSION, "s-released");
     h.insert(headers::SIGNATURE, "checked-before-release");
+    h.insert(headers::TRACEPARENT, "00-not-a-trace-context");
     bus.raw_js()
         .publish_with_headers(subject.clone(), h, body.clone())
         .await
@@ -672,7 +673,13 @@ async fn a_released_payload_is_read_back_for_a_repeat_and_for_its_dead_letter() 
                 ));
                 s.len()
             };
+            // A malformed trace context is replaced by a root of the delivery's own:
+            // the same at every read, before the release and after it.
+            let trace = d.trace();
+            assert!(trace.is_some(), "replaced, not dropped");
+            assert_eq!(d.trace(), trace);
             d.release_payload();
+            assert_eq!(d.trace(), trace, "the same after the release");
             assert!(d.payload().is_empty(), "released");
             assert_eq!(
                 d.header(headers::SIGNATURE),
@@ -729,6 +736,10 @@ async fn a_released_payload_is_read_back_for_a_repeat_and_for_its_dead_letter() 
     assert!(
         inbox_is_empty(&bus).await,
         "terminated: gone from the inbox"
+    );
+    assert!(
+        letter.headers.get(headers::TRACEPARENT).is_none(),
+        "a malformed trace context is not passed on"
     );
     assert_eq!(
         letter

@@ -188,16 +188,34 @@ impl Delivery {
     }
 
     /// The sender's trace context: `None` if it sent none, and a new root in place of
-    /// a malformed one (logged; a malformed header is never passed on).
+    /// a malformed one (logged; a malformed header is never passed on). The new root
+    /// is made from the delivery's own identity (its ack subject, or its subject and
+    /// sequence), so every read of one delivery gives the same context: a handler
+    /// reads it again after a long wait rather than holding a copy.
     pub fn trace(&self) -> Option<TraceParent> {
         let raw = self.header(headers::TRACEPARENT)?;
         match TraceParent::parse(raw) {
             Ok(t) => Some(t),
             Err(e) => {
                 tracing::warn!(subject = %self.subject(), error = %e, "malformed traceparent replaced by a new trace");
-                Some(crate::trace::new_root())
+                Some(self.replacement_root())
             }
         }
+    }
+
+    /// A root trace context of this delivery's own.
+    fn replacement_root(&self) -> TraceParent {
+        use std::hash::{Hash, Hasher};
+        let bits = |salt: u8| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            salt.hash(&mut h);
+            match &self.0.ack {
+                Some(ack) => ack.subject().hash(&mut h),
+                None => (self.subject(), self.0.stream_sequence).hash(&mut h),
+            }
+            h.finish()
+        };
+        TraceParent::root((u128::from(bits(0)) << 64) | u128::from(bits(1)), bits(2))
     }
 
     /// Done: remove it from the work queue.
