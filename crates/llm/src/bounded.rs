@@ -102,9 +102,13 @@ impl LlmClient for InFlightLimit {
                 Ok(p) => p,
                 Err(_) => {
                     self.counter.waited.fetch_add(1, Ordering::Relaxed);
-                    self.places.clone().acquire_owned().await.map_err(|_| {
-                        crate::LlmError::Unavailable("the in-flight limit was closed".into())
-                    })?
+                    // (Boxed: a wait for a place is rare, and inline it would size
+                    // this future, which every call holds through its wait.)
+                    Box::pin(self.places.clone().acquire_owned())
+                        .await
+                        .map_err(|_| {
+                            crate::LlmError::Unavailable("the in-flight limit was closed".into())
+                        })?
                 }
             };
             self.counter.started.fetch_add(1, Ordering::Relaxed);
@@ -125,7 +129,12 @@ impl LlmClient for InFlightLimit {
                 gen_ai.usage.output_tokens = tracing::field::Empty,
                 error.type = tracing::field::Empty,
             );
-            let out = self.inner.complete(request).instrument(span.clone()).await;
+            // Pinned in place and its span read back from it after the call, rather than
+            // a second copy of the span held beside it through the call.
+            let call = self.inner.complete(request).instrument(span);
+            tokio::pin!(call);
+            let out = call.as_mut().await;
+            let span = call.span();
             match &out {
                 Ok(c) => {
                     span.record("gen_ai.usage.input_tokens", c.usage.prompt_tokens);
