@@ -37,7 +37,7 @@ pub use limits::{
 pub use llm_agent::{FINDING_PREFIX, Finding, LlmAgent, finding_key};
 pub use presence::{InFlightWork, LivenessConfig, RECONNECT_GRACE, Tracker};
 pub use role::RoleSpec;
-pub use stops::{StopGuard, Stopped, Stops};
+pub use stops::{StopGuard, Stopped, Stops, unless_stopped};
 pub use tools::{
     Breaker, Pacer, ServeToolError, ToolError, ToolGateway, ToolSpec, ToolStats, ToolsConfig,
     serve_tool,

@@ -110,6 +110,23 @@ pin_project_lite::pin_project! {
     }
 }
 
+/// `run`, unless its session is stopped first: `Some` with `run`'s output (polled
+/// first, so a result ready beside a stop is kept), `None` once `stopped` completes.
+/// Both are polled in place, by reference: `select!` would keep a second slot for the
+/// stop's wait, and state of its own, in a handler's future, which lives through the
+/// model call.
+pub fn unless_stopped<'p, F: std::future::Future>(
+    mut run: std::pin::Pin<&'p mut F>,
+    mut stopped: std::pin::Pin<&'p mut Stopped<'_, '_>>,
+) -> impl std::future::Future<Output = Option<F::Output>> + 'p {
+    std::future::poll_fn(move |cx| {
+        if let std::task::Poll::Ready(r) = run.as_mut().poll(cx) {
+            return std::task::Poll::Ready(Some(r));
+        }
+        stopped.as_mut().poll(cx).map(|()| None)
+    })
+}
+
 impl std::fmt::Debug for Stopped<'_, '_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Stopped")

@@ -264,19 +264,11 @@ impl Worker {
             let run = self
                 .claim_and_run(&task, d, &ack, vouched)
                 .instrument(self.task_span(&task, d.trace().as_ref()));
-            // Both pinned in place and polled by reference (the run first: a result ready
-            // beside a stop is kept). `select!` would keep a second slot for the stop's
-            // wait and its own state in this future, which lives through the model call.
+            // Both pinned in place (see `unless_stopped`).
             tokio::pin!(run);
             let stopped = guard.stopped();
             tokio::pin!(stopped);
-            let finished = std::future::poll_fn(|cx| {
-                if let std::task::Poll::Ready(r) = run.as_mut().poll(cx) {
-                    return std::task::Poll::Ready(Some(r));
-                }
-                stopped.as_mut().poll(cx).map(|()| None)
-            })
-            .await;
+            let finished = crate::stops::unless_stopped(run.as_mut(), stopped).await;
             // Stopped mid-task: the model or tool call in flight is dropped (aborted), and
             // nothing is committed or reported for a session that has ended.
             let result = finished.unwrap_or_else(|| {

@@ -843,20 +843,12 @@ impl Orchestrator {
                 self.drive(&session, input, d.delivered(), committed)
                     .instrument(span)
             };
-            // Both pinned in place and polled by reference (the drive first: a result
-            // ready beside a stop is kept). `select!` would keep a second slot for the
-            // stop's wait and its own state in this future, which lives through plan and
-            // synthesis calls.
+            // Both pinned in place (see `unless_stopped`): this future lives through plan
+            // and synthesis calls.
             tokio::pin!(drive);
             let stopped = guard.stopped();
             tokio::pin!(stopped);
-            let finished = std::future::poll_fn(|cx| {
-                if let std::task::Poll::Ready(r) = drive.as_mut().poll(cx) {
-                    return std::task::Poll::Ready(Some(r));
-                }
-                stopped.as_mut().poll(cx).map(|()| None)
-            })
-            .await;
+            let finished = flotilla_agent::unless_stopped(drive.as_mut(), stopped).await;
             // Stopped meanwhile: a plan or synthesis call in flight is dropped (aborted).
             let result = finished.unwrap_or_else(|| {
                 drive
