@@ -311,9 +311,53 @@ fn compare_stream(want: &stream::Config, have: &stream::Config) -> Result<(), To
     Ok(())
 }
 
+/// How long a creation refused because its replicas cannot be placed yet is tried
+/// again: a cluster that has just formed refuses placement until its meta leader has
+/// heard from every peer, which takes seconds at most.
+const PLACEMENT_PATIENCE: Duration = Duration::from_secs(20);
+
+/// Runs `step` again, backed off, while it fails only because replicas cannot be placed
+/// yet ([`PLACEMENT_PATIENCE`] at most); any other outcome is returned as it is.
+async fn waiting_for_placement<F, Fut>(mut step: F) -> Result<(), TopologyError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), TopologyError>>,
+{
+    let deadline = tokio::time::Instant::now() + PLACEMENT_PATIENCE;
+    let backoff =
+        flotilla_protocol::Backoff::exponential(Duration::from_millis(100), Duration::from_secs(2));
+    let mut retry = 0;
+    loop {
+        match step().await {
+            Err(e) if e.placement_pending() && tokio::time::Instant::now() < deadline => {
+                tracing::debug!(error = %e, "replicas cannot be placed yet; trying again");
+                tokio::time::sleep(backoff.delay(retry)).await;
+                retry += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+impl TopologyError {
+    /// The cluster could not place the replicas yet (see [`placement_pending`]).
+    fn placement_pending(&self) -> bool {
+        matches!(self, Self::Unavailable { source, .. } if placement_pending(&source.to_string()))
+    }
+}
+
 /// Creates every stream and bucket that is missing and checks the ones that exist.
-/// Safe to run concurrently from many processes.
+/// Safe to run concurrently from many processes. A cluster that cannot place the
+/// replicas yet is waited for ([`PLACEMENT_PATIENCE`] at most).
 pub async fn ensure(
+    js: &jetstream::Context,
+    ns: &Namespace,
+    c: &BusConfig,
+) -> Result<(), TopologyError> {
+    waiting_for_placement(|| ensure_once(js, ns, c)).await
+}
+
+async fn ensure_once(
     js: &jetstream::Context,
     ns: &Namespace,
     c: &BusConfig,
@@ -423,7 +467,8 @@ pub async fn ensure_inbox(
     c: &BusConfig,
     role: &Role,
 ) -> Result<(), TopologyError> {
-    ensure_stream(js, &inbox_config(ns, c, role)).await?;
+    let want = inbox_config(ns, c, role);
+    waiting_for_placement(|| ensure_stream(js, &want)).await?;
     capture_max_deliveries(js, ns, &ns.stream_inbox(role)).await
 }
 
