@@ -109,6 +109,11 @@ struct TrackerShared {
     /// soon rather than at the next periodic renewal.
     changed: tokio::sync::Notify,
     listing: Listing,
+    /// Whether the last listing was cut at [`PRESENCE_LIST_BUDGET`]. New work is then
+    /// not listed by an early write (the oldest are listed first, so it would be cut
+    /// too): it waits for the periodic renewal, which lists what room the ended work
+    /// left.
+    cut: std::sync::atomic::AtomicBool,
 }
 
 impl Default for Tracker {
@@ -135,6 +140,7 @@ impl Tracker {
             set: Mutex::default(),
             changed: tokio::sync::Notify::new(),
             listing,
+            cut: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -145,7 +151,8 @@ impl Tracker {
     /// Records the start of `work` on the delivery `ack` answers. Never waits: it
     /// wakes the heartbeat, which (listing every delivery) writes soon after,
     /// coalescing a burst, or (listing overdue ones) makes sure to look again when this
-    /// one could be due.
+    /// one could be due. While the listing is cut at its budget it does not: the new
+    /// work would not be listed.
     pub fn start(&self, ack: &flotilla_bus::AckHandle, work: InFlightWork) {
         let now = epoch_ms(SystemTime::now());
         self.start_at(ack.shared_subject(), work, now, now);
@@ -166,7 +173,9 @@ impl Tracker {
                 progress_ms,
             })
         });
-        self.0.changed.notify_one();
+        if !self.0.cut.load(std::sync::atomic::Ordering::Relaxed) {
+            self.0.changed.notify_one();
+        }
     }
 
     /// Records progress on a delivery.
@@ -244,12 +253,18 @@ impl Tracker {
                 .collect();
             (listed, in_flight)
         });
-        if items.len() < in_flight {
+        // Said when it starts and when it ends, not at every write.
+        let cut = items.len() < in_flight;
+        let was_cut = self.0.cut.swap(cut, std::sync::atomic::Ordering::Relaxed);
+        if cut && !was_cut {
             tracing::warn!(
                 listed = items.len(),
                 in_flight,
-                "presence lists the oldest deliveries only; the rest rely on their ack wait"
+                "presence lists the oldest deliveries only, and is renewed only periodically; \
+                 the rest rely on their ack wait"
             );
+        } else if was_cut && !cut {
+            tracing::info!(in_flight, "presence lists every delivery again");
         }
         items
     }
@@ -512,6 +527,32 @@ mod tests {
         };
         let bytes = serde_json::to_vec(&p).unwrap().len();
         assert!(bytes <= PRESENCE_LIST_BUDGET + 1024, "{bytes} bytes");
+    }
+
+    #[test]
+    fn new_work_wakes_the_heartbeat_only_while_the_listing_is_whole() {
+        use futures::FutureExt;
+        let woken = |t: &Tracker| t.0.changed.notified().now_or_never().is_some();
+        let role = Role::orchestrator();
+        let t = Tracker::default();
+        start(&t, 0, 1_000, 1_000);
+        assert!(woken(&t), "new work is listed soon");
+        let n = 20_000;
+        for i in 1..n {
+            start(&t, i, 1_000 + i as u64, 1_000 + i as u64);
+        }
+        woken(&t);
+        assert!(t.snapshot(&role).len() < n, "the listing is cut");
+        // The newest is cut first: an early write would not list it.
+        start(&t, n, 900_000, 900_000);
+        assert!(!woken(&t), "new work past the cut wakes nothing");
+        for i in 0..n {
+            t.finish(&ack(i));
+        }
+        // The periodic renewal lists what is left, whole again.
+        assert_eq!(t.snapshot(&role).len(), 1);
+        start(&t, n + 1, 900_001, 900_001);
+        assert!(woken(&t), "new work is listed soon again");
     }
 
     #[test]
