@@ -318,25 +318,18 @@ const PLACEMENT_PATIENCE: Duration = Duration::from_secs(20);
 
 /// Runs `step` again, backed off, while it fails only because replicas cannot be placed
 /// yet ([`PLACEMENT_PATIENCE`] at most); any other outcome is returned as it is.
-async fn waiting_for_placement<F, Fut>(mut step: F) -> Result<(), TopologyError>
+async fn waiting_for_placement<F, Fut>(step: F) -> Result<(), TopologyError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<(), TopologyError>>,
 {
-    let deadline = tokio::time::Instant::now() + PLACEMENT_PATIENCE;
-    let backoff =
-        flotilla_protocol::Backoff::exponential(Duration::from_millis(100), Duration::from_secs(2));
-    let mut retry = 0;
-    loop {
-        match step().await {
-            Err(e) if e.placement_pending() && tokio::time::Instant::now() < deadline => {
-                tracing::debug!(error = %e, "replicas cannot be placed yet; trying again");
-                tokio::time::sleep(backoff.delay(retry)).await;
-                retry += 1;
-            }
-            other => return other,
-        }
-    }
+    crate::verdict::retry_while(
+        step,
+        TopologyError::placement_pending,
+        flotilla_protocol::Backoff::exponential(Duration::from_millis(100), Duration::from_secs(2)),
+        PLACEMENT_PATIENCE,
+    )
+    .await
 }
 
 impl TopologyError {

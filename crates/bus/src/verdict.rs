@@ -43,7 +43,23 @@ pub(crate) const OUTAGE_BACKOFF: flotilla_protocol::Backoff =
 /// re-run, the outage would run the whole handler, and the call, again. `op` must be
 /// safe to repeat, and a write that got no answer may have landed: the caller reads a
 /// conflict after a retry with that in mind.
-pub async fn outlast<T, E, F, Fut>(mut op: F, outage: impl Fn(&E) -> bool) -> Result<T, E>
+pub async fn outlast<T, E, F, Fut>(op: F, outage: impl Fn(&E) -> bool) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    retry_while(op, outage, OUTAGE_BACKOFF, OUTAGE_PATIENCE).await
+}
+
+/// Runs `op` again, waiting `backoff` between tries, while its error is one that
+/// waiting helps (`again` says which) and for at most `patience`; any other outcome is
+/// returned as it is.
+pub(crate) async fn retry_while<T, E, F, Fut>(
+    mut op: F,
+    again: impl Fn(&E) -> bool,
+    backoff: flotilla_protocol::Backoff,
+    patience: Duration,
+) -> Result<T, E>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, E>>,
@@ -52,9 +68,9 @@ where
     let mut retry = 0;
     loop {
         match op().await {
-            Err(e) if outage(&e) && started.elapsed() < OUTAGE_PATIENCE => {
-                tracing::debug!(retry, "jetstream unavailable; writing again");
-                tokio::time::sleep(OUTAGE_BACKOFF.delay(retry)).await;
+            Err(e) if again(&e) && started.elapsed() < patience => {
+                tracing::debug!(retry, "not possible yet; trying again");
+                tokio::time::sleep(backoff.delay(retry)).await;
                 retry += 1;
             }
             other => return other,
