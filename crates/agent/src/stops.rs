@@ -110,20 +110,22 @@ pin_project_lite::pin_project! {
     }
 }
 
-/// `run`, unless its session is stopped first: `Some` with `run`'s output (polled
-/// first, so a result ready beside a stop is kept), `None` once `stopped` completes.
-/// Both are polled in place, by reference: `select!` would keep a second slot for the
-/// stop's wait, and state of its own, in a handler's future, which lives through the
-/// model call.
+/// `run` (a handler's work in its span), unless its session is stopped first: `Ok`
+/// with `run`'s output (polled first, so a result ready beside a stop is kept), or
+/// once `stopped` completes, `Err` with `run`'s span (to say so in it). Both are
+/// polled in place, by reference, and taken by value: `select!` would keep a second
+/// slot for the stop's wait, and state of its own, in a handler's future, which lives
+/// through the model call, and a pinned reference the handler kept to read the span
+/// after would be one more.
 pub fn unless_stopped<'p, F: std::future::Future>(
-    mut run: std::pin::Pin<&'p mut F>,
+    mut run: std::pin::Pin<&'p mut tracing::instrument::Instrumented<F>>,
     mut stopped: std::pin::Pin<&'p mut Stopped<'_, '_>>,
-) -> impl std::future::Future<Output = Option<F::Output>> + 'p {
+) -> impl std::future::Future<Output = Result<F::Output, tracing::Span>> + 'p {
     std::future::poll_fn(move |cx| {
         if let std::task::Poll::Ready(r) = run.as_mut().poll(cx) {
-            return std::task::Poll::Ready(Some(r));
+            return std::task::Poll::Ready(Ok(r));
         }
-        stopped.as_mut().poll(cx).map(|()| None)
+        stopped.as_mut().poll(cx).map(|()| Err(run.span().clone()))
     })
 }
 

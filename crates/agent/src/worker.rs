@@ -237,10 +237,6 @@ impl Worker {
                 tracing::debug!(session = %task.session_id, task = %task.task_id, "session stopped; task dropped");
                 return Ok(());
             };
-            // (One handle shared with the delivery and its keepalive, not a copy.)
-            let ack = d
-                .handle()
-                .unwrap_or_else(|| self.bus.ack_handle(d.ack_subject().unwrap_or_default()));
             // A task signed by a registered orchestrator key needs no check against the
             // session record; anything else gets that check (see `flotilla_bus::signing`).
             let vouched = match Box::pin(self.verifier.verify(
@@ -261,24 +257,30 @@ impl Worker {
             d.release_payload();
             // (The span is made in place and moved into the instrumented future: this
             // future, which lives through the model call, keeps no copy of its own.)
+            // (One handle shared with the delivery and its keepalive, not a copy; the
+            // run's own, not held in this future beside it.)
+            let ack = d
+                .handle()
+                .unwrap_or_else(|| self.bus.ack_handle(d.ack_subject().unwrap_or_default()));
             let run = self
-                .claim_and_run(&task, d, &ack, vouched)
+                .claim_and_run(&task, d, ack, vouched)
                 .instrument(self.task_span(&task, d.trace().as_ref()));
             // Both pinned in place (see `unless_stopped`).
             tokio::pin!(run);
             let stopped = guard.stopped();
             tokio::pin!(stopped);
-            let finished = crate::stops::unless_stopped(run.as_mut(), stopped).await;
+            let finished = crate::stops::unless_stopped(run, stopped).await;
             // Stopped mid-task: the model or tool call in flight is dropped (aborted), and
             // nothing is committed or reported for a session that has ended.
-            let result = finished.unwrap_or_else(|| {
-                run.span().in_scope(|| {
+            let result = finished.unwrap_or_else(|span| {
+                span.in_scope(|| {
                     tracing::info!("session stopped; task aborted");
                     flotilla_bus::trace::span_event("stopped", Vec::new());
                 });
                 Ok(())
             });
-            self.tracker.finish(ack.subject());
+            // (The delivery's ack subject is the run's handle's: see above.)
+            self.tracker.finish(d.ack_subject().unwrap_or_default());
             result
         }
     }
@@ -374,7 +376,7 @@ impl Worker {
         &'a self,
         task: &'a TaskMessage,
         d: &'a Delivery,
-        ack: &'a flotilla_bus::AckHandle,
+        ack: flotilla_bus::AckHandle,
         vouched: bool,
     ) -> impl Future<Output = Result<(), VerdictError>> + Send + 'a {
         async move {
@@ -394,7 +396,7 @@ impl Worker {
             // crash is covered by the claim itself: it names us and this delivery's ack
             // subject, and the watchdog indexes running claims with their holders.
             self.tracker.start(
-                ack,
+                &ack,
                 crate::InFlightWork {
                     session_id: task.session_id.clone(),
                     task: Some((task.task_id.clone(), task.attempt)),

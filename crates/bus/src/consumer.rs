@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -341,62 +341,41 @@ impl PoolConsumer {
         F: Fn(Delivery) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = (Delivery, Result<(), VerdictError>)> + Send + 'static,
     {
-        let settle_bus = bus.clone();
-        let handler = Arc::new(handler);
-        let stop = shutdown.clone();
+        // The handler, the connection verdicts go out on and the shutdown token: one
+        // pointer in each handling's future (which lives through model calls), not
+        // three.
+        let shared = Arc::new((handler, bus.clone(), shutdown.clone()));
         self.run(bus, shutdown, move |mut d| {
-            let (h, b, stop) = (handler.clone(), settle_bus.clone(), stop.clone());
+            let shared = shared.clone();
             async move {
-                let started = tokio::time::Instant::now();
-                // One call site of `h` (in the loop): the handler's future has one slot
+                // One call site of the handler (in the loop): the handler's future has one slot
                 // in this one's, not one per call site (it lives through model calls).
                 // (`d` is the block's own, not rebound: a rebinding is a second slot.)
-                let mut retry = 0;
+                // Nothing else is held beside it: an outage's state is allocated when
+                // one happens, and each verdict is taken at once (a verdict held across
+                // a wait would keep a slot of its own through every model call).
+                let mut outage: Option<Box<Outage>> = None;
                 let verdict = loop {
-                    let (back, verdict) = h(d).await;
+                    let (back, verdict) = (shared.0)(d).await;
                     d = back;
                     // An outage is waited out here, the delivery kept alive by `run`'s
-                    // keepalive: a nak would spend one of its bounded deliveries per try.
-                    match &verdict {
-                        Err(e)
-                            if e.is_outage()
-                                && started.elapsed() < crate::verdict::OUTAGE_PATIENCE =>
-                        {
-                            tracing::debug!(
-                                subject = d.subject(),
-                                retry,
-                                "jetstream unavailable; handling again"
-                            );
-                        }
-                        _ => break verdict,
-                    }
-                    // A handler that released the payload gets it back from the
-                    // stream first (still in the outage: wait again).
-                    let ready = loop {
-                        tokio::select! {
-                            _ = stop.cancelled() => break false,
-                            _ = tokio::time::sleep(crate::verdict::OUTAGE_BACKOFF.delay(retry)) => {}
-                        }
-                        retry += 1;
-                        match Box::pin(d.reload_payload(&b)).await {
-                            Ok(()) => break true,
-                            Err(e) => {
-                                tracing::debug!(subject = d.subject(), error = %e, "payload not read back yet");
-                                if started.elapsed() >= crate::verdict::OUTAGE_PATIENCE {
-                                    break false;
-                                }
-                            }
-                        }
+                    // keepalive: a nak per try would spend one of its bounded deliveries.
+                    let why = match verdict {
+                        Err(e) if e.is_outage() => e,
+                        other => break other,
                     };
-                    if !ready {
-                        break verdict;
+                    let waited = outage
+                        .get_or_insert_with(|| Box::new(Outage::began()))
+                        .wait_out(&shared.2, &shared.1, &mut d, why);
+                    if let Some(given_up) = Box::pin(waited).await {
+                        break Err(given_up);
                     }
                     // What the failed handling wrote before the outage hit may have
                     // left effects unperformed: the handler repairs them when it sees
                     // a redelivery.
                     d.handled_again();
                 };
-                Box::pin(settle(&b, &d, verdict)).await;
+                Box::pin(settle(&shared.1, &d, verdict)).await;
             }
         })
         .await;
@@ -487,17 +466,19 @@ impl PoolConsumer {
                 if delivery.delivered() > 1 {
                     bus.counters.redelivered.increment();
                 }
-                let h = handler.clone();
                 // A healthy handler keeps its delivery: an LLM call may outlast the
                 // ack wait, and letting it expire would have another process redo (and
                 // pay for) the same work. A dead or frozen process stops the keepalive,
                 // and the watchdog finds it sooner than the ack wait would.
                 let kept = delivery.handle().map(|a| keepalives.keep(a));
-                tokio::spawn(async move {
-                    h(delivery).await;
+                // The handler's future is made here and spawned as it is, with the two
+                // guards beside it (an `async` block awaiting it would keep the handler
+                // and the delivery in slots of their own as well, through the model
+                // call).
+                tokio::spawn(handler(delivery).map(move |()| {
                     drop(kept);
                     drop(permit);
-                });
+                }));
             }
         }
         // Drain: wait for in-flight handlers, bounded.
@@ -506,6 +487,66 @@ impl PoolConsumer {
             tokio::time::timeout(self.settings.drain_timeout, permits.acquire_many(all)).await;
         if drained.is_err() {
             tracing::warn!(consumer = %self.name, "drain timed out; unfinished messages will be redelivered");
+        }
+    }
+}
+
+/// An outage a handler is waiting out in place (see [`PoolConsumer::serve`]): since
+/// when, and how many times the handler has been run again.
+struct Outage {
+    since: tokio::time::Instant,
+    retries: u32,
+}
+
+impl Outage {
+    fn began() -> Self {
+        Self {
+            since: tokio::time::Instant::now(),
+            retries: 0,
+        }
+    }
+
+    /// Waits before the handler runs again, and reads a released payload back from
+    /// the stream (waiting again while that fails too). `None`: run the handler again;
+    /// `Some(why)`: give up, past [`crate::verdict::OUTAGE_PATIENCE`] from the
+    /// outage's start or at shutdown, and hand the delivery back with `why`.
+    async fn wait_out(
+        &mut self,
+        stop: &CancellationToken,
+        bus: &Bus,
+        d: &mut Delivery,
+        why: VerdictError,
+    ) -> Option<VerdictError> {
+        let patience = crate::verdict::OUTAGE_PATIENCE;
+        if self.since.elapsed() >= patience {
+            return Some(why);
+        }
+        tracing::debug!(
+            subject = d.subject(),
+            seq = d.stream_sequence(),
+            retry = self.retries,
+            "jetstream unavailable; handling again"
+        );
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return Some(why),
+                _ = tokio::time::sleep(crate::verdict::OUTAGE_BACKOFF.delay(self.retries)) => {}
+            }
+            self.retries += 1;
+            match d.reload_payload(bus).await {
+                Ok(()) => return None,
+                Err(e) => {
+                    tracing::debug!(
+                        subject = d.subject(),
+                        seq = d.stream_sequence(),
+                        error = %e,
+                        "payload not read back yet"
+                    );
+                    if self.since.elapsed() >= patience {
+                        return Some(why);
+                    }
+                }
+            }
         }
     }
 }

@@ -848,12 +848,10 @@ impl Orchestrator {
             tokio::pin!(drive);
             let stopped = guard.stopped();
             tokio::pin!(stopped);
-            let finished = flotilla_agent::unless_stopped(drive.as_mut(), stopped).await;
+            let finished = flotilla_agent::unless_stopped(drive, stopped).await;
             // Stopped meanwhile: a plan or synthesis call in flight is dropped (aborted).
-            let result = finished.unwrap_or_else(|| {
-                drive
-                    .span()
-                    .in_scope(|| tracing::info!("session stopped; handler aborted"));
+            let result = finished.unwrap_or_else(|span| {
+                span.in_scope(|| tracing::info!("session stopped; handler aborted"));
                 self.cache.forget(&session);
                 Ok(())
             });
