@@ -662,8 +662,9 @@ async fn a_released_payload_is_read_back_for_a_repeat_and_for_its_dead_letter() 
     let seen = Arc::new(std::sync::Mutex::new(Vec::<(Bytes, Option<String>)>::new()));
     let shutdown = tokio_util::sync::CancellationToken::new();
     let (s, b) = (seen.clone(), bus.clone());
+    let sent_to = subject.to_string();
     let serving = tokio::spawn(consumer.serve(b, shutdown.clone(), move |mut d: Delivery| {
-        let s = s.clone();
+        let (s, sub) = (s.clone(), sent_to.clone());
         async move {
             let n = {
                 let mut s = s.lock().unwrap();
@@ -671,6 +672,7 @@ async fn a_released_payload_is_read_back_for_a_repeat_and_for_its_dead_letter() 
                     d.payload().clone(),
                     d.header(headers::SIGNATURE).map(str::to_owned),
                 ));
+                assert_eq!(d.subject(), sub, "the subject, read back for a repeat");
                 s.len()
             };
             // A malformed trace context is replaced by a root of the delivery's own:
@@ -690,6 +692,11 @@ async fn a_released_payload_is_read_back_for_a_repeat_and_for_its_dead_letter() 
                 d.header(headers::SESSION),
                 None,
                 "released too: the dead letter reads it back with the payload"
+            );
+            assert_eq!(
+                d.subject(),
+                "",
+                "released too: read back with the payload for a repeat and a dead letter"
             );
             let verdict = if n == 1 {
                 Err(KvError::Unavailable {
@@ -748,6 +755,15 @@ async fn a_released_payload_is_read_back_for_a_repeat_and_for_its_dead_letter() 
             .map(|v| v.to_string())
             .as_deref(),
         Some("s-released")
+    );
+    assert_eq!(
+        letter
+            .headers
+            .get(headers::ORIGIN_SUBJECT)
+            .map(|v| v.to_string())
+            .as_deref(),
+        Some(subject.as_str()),
+        "the dead letter names the subject the message was published to"
     );
     let sig = Some("checked-before-release".to_owned());
     assert_eq!(

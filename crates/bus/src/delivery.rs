@@ -32,13 +32,17 @@ pub struct Delivery(Box<Received>);
 
 #[derive(Debug)]
 struct Received {
+    /// Empty once released ([`Delivery::release_payload`]).
     subject: Box<str>,
     /// The ack subject, and the connection acks go out on.
     ack: Option<AckHandle>,
     /// `None` once released ([`Delivery::release_payload`]).
     payload: Option<Bytes>,
-    /// `name: value` lines, in the order received.
+    /// `name: value` lines, in the order received; once released, only the
+    /// `traceparent` value (if there was one).
     headers: Box<str>,
+    /// Payload, subject and headers let go of (but the trace context).
+    released: bool,
     delivered: u64,
     stream_sequence: u64,
 }
@@ -69,12 +73,17 @@ impl Delivery {
                 .map(|r| AckHandle::new(bus.clone(), r.as_str())),
             payload: Some(Bytes::copy_from_slice(&message.payload)),
             headers: headers.into_boxed_str(),
+            released: false,
             delivered,
             stream_sequence,
         }))
     }
 
     /// The subject it was published to.
+    ///
+    /// Empty once released ([`Self::release_payload`]): a handler reads it before
+    /// (logs after that name the stream sequence; a dead-letter copy reads the subject
+    /// back with the payload).
     pub fn subject(&self) -> &str {
         &self.0.subject
     }
@@ -93,32 +102,37 @@ impl Delivery {
     /// dead-letter copy reads it back from the stream, and a handling run again in
     /// place after an outage gets it back first ([`Self::reload_payload`]).
     ///
-    /// The headers go too, but for the trace context, which a handler's span and its
-    /// logs read later. (A task's carry its signature, its signer and its batch's
-    /// digests, about 500 bytes, checked by then; a dead-letter copy reads the session
-    /// header back with the payload.)
+    /// The subject and the headers go too, but for the trace context's value, which a
+    /// handler's span and its logs read later. (A task's headers carry its signature,
+    /// its signer and its batch's digests, about 500 bytes, checked by then; a
+    /// dead-letter copy reads the subject and the session header back with the
+    /// payload.)
     pub fn release_payload(&mut self) {
-        self.0.payload = None;
-        let kept: String = self
-            .0
-            .headers
-            .lines()
-            .filter(|line| {
-                line.split_once(": ")
-                    .is_some_and(|(n, _)| n == headers::TRACEPARENT)
-            })
-            .flat_map(|line| [line, "\n"])
-            .collect();
-        self.0.headers = kept.into_boxed_str();
+        // (A malformed one is kept as the root that replaces it, made while the
+        // delivery still has all that names it: every read gives the same context.)
+        let kept = self
+            .header(headers::TRACEPARENT)
+            .map(|raw| match TraceParent::parse(raw) {
+                Ok(_) => Box::<str>::from(raw),
+                Err(_) => self.replacement_root().to_string().into_boxed_str(),
+            });
+        let r = &mut *self.0;
+        r.payload = None;
+        r.subject = Box::default();
+        r.headers = kept.unwrap_or_default();
+        r.released = true;
     }
 
-    /// Reads a released payload and its headers back from the stream (nothing to do
-    /// otherwise).
+    /// Reads a released payload, its subject and its headers back from the stream
+    /// (nothing to do otherwise).
     pub(crate) async fn reload_payload(&mut self, bus: &Bus) -> Result<(), AckError> {
-        if self.0.payload.is_none() {
+        if self.0.released {
             let msg = self.stored(bus).await?;
-            self.0.headers = header_block(&msg.headers).into_boxed_str();
-            self.0.payload = Some(msg.payload);
+            let r = &mut *self.0;
+            r.subject = Box::from(msg.subject.as_str());
+            r.headers = header_block(&msg.headers).into_boxed_str();
+            r.payload = Some(msg.payload);
+            r.released = false;
         }
         Ok(())
     }
@@ -171,8 +185,12 @@ impl Delivery {
         self.0.ack.as_ref().map(AckHandle::subject)
     }
 
-    /// A header value.
+    /// A header value (once released, only the `traceparent`).
     pub fn header(&self, name: &str) -> Option<&str> {
+        if self.0.released {
+            return (name == headers::TRACEPARENT && !self.0.headers.is_empty())
+                .then_some(&*self.0.headers);
+        }
         self.0.headers.lines().find_map(|line| {
             let (n, v) = line.split_once(": ")?;
             (n == name).then_some(v)
@@ -251,10 +269,10 @@ impl Delivery {
         detail: &str,
     ) -> Result<(), AckError> {
         // A released payload is read back, with the headers it left.
-        let (payload, stored_headers) = match &self.0.payload {
+        let (payload, stored) = match &self.0.payload {
             Some(p) => (p.clone(), None),
             None => match self.stored(bus).await {
-                Ok(m) => (m.payload, Some(m.headers)),
+                Ok(m) => (m.payload, Some((m.subject, m.headers))),
                 Err(e) => {
                     let _ = self.nak(Duration::from_secs(1)).await;
                     return Err(AckError(format!(
@@ -263,22 +281,26 @@ impl Delivery {
                 }
             },
         };
-        let session = match &stored_headers {
-            Some(h) => h.get(headers::SESSION).map(|v| v.as_str().to_owned()),
-            None => self.header(headers::SESSION).map(str::to_owned),
+        // (The headers as sent: a released delivery's trace context may be the root
+        // that replaced a malformed one.)
+        let header = |name: &str| match &stored {
+            Some((_, h)) => h.get(name).map(|v| v.as_str().to_owned()),
+            None => self.header(name).map(str::to_owned),
+        };
+        let (session, traceparent) = (header(headers::SESSION), header(headers::TRACEPARENT));
+        let subject = match &stored {
+            Some((subject, _)) => subject.to_string(),
+            None => self.subject().to_owned(),
         };
         let letter = DeadLetter {
             stream: self.stream().unwrap_or("unknown").to_owned(),
             sequence: self.0.stream_sequence,
             deliveries: self.0.delivered,
-            subject: self.subject().to_owned(),
+            subject,
             reason: code.as_str().to_owned(),
             detail: detail.to_owned(),
             // Kept only if well-formed: a malformed trace context is never passed on.
-            traceparent: self
-                .header(headers::TRACEPARENT)
-                .filter(|v| TraceParent::parse(v).is_ok())
-                .map(str::to_owned),
+            traceparent: traceparent.filter(|v| TraceParent::parse(v).is_ok()),
             session,
             payload,
         };

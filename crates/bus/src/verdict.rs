@@ -109,11 +109,11 @@ pub async fn settle(bus: &Bus, d: &Delivery, verdict: Result<(), VerdictError>) 
             d.nak(delay).await
         }
         Err(Verdict::Outage(why)) => {
-            tracing::warn!(reason = %why, subject = d.subject(), "jetstream unavailable past the patience; redelivering later");
+            tracing::warn!(reason = %why, subject = d.subject(), seq = d.stream_sequence(), "jetstream unavailable past the patience; redelivering later");
             d.nak(OUTAGE_BACKOFF.max).await
         }
         Err(Verdict::Poison(code, why)) => {
-            tracing::warn!(code = %code, reason = %why, subject = d.subject(), "dead-lettering message");
+            tracing::warn!(code = %code, reason = %why, subject = d.subject(), seq = d.stream_sequence(), "dead-lettering message");
             d.dead_letter(bus, code, &why).await
         }
     };
