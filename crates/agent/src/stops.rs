@@ -74,7 +74,7 @@ impl std::fmt::Debug for Stops {
 }
 
 /// A handler's hold on its session: [`StopGuard::stopped`] completes when the session
-/// is stopped. Released on drop.
+/// is stopped. Released on drop (of the guard, or of the wait it became).
 ///
 /// It borrows the registry and the ids from its handler (which has them already), so
 /// it adds four words to a handler's future, which lives through the model call.
@@ -86,25 +86,27 @@ pub struct StopGuard<'a> {
 }
 
 impl<'a> StopGuard<'a> {
-    /// Completes once the session is stopped (at once if it is already).
-    pub fn stopped(&self) -> Stopped<'_, 'a> {
+    /// Completes once the session is stopped (at once if it is already). The guard
+    /// goes into the wait and is held as long as it is (one slot in a handler's
+    /// future, not a guard and a pointer to it).
+    pub fn stopped(self) -> Stopped<'a> {
         Stopped {
-            guard: self,
             // Listening before looking: a stop between the look and the wait wakes it
             // (a `Notified` receives `notify_waiters` from its creation on, polled or
             // not).
             woken: self.stops.wake(self.session).notified(),
+            guard: self,
         }
     }
 }
 
 pin_project_lite::pin_project! {
     /// What [`StopGuard::stopped`] returns: the guard and one wait on its notifier,
-    /// 72 bytes (an `async fn` kept two more pointers and a pinned reference). It is
+    /// 96 bytes (an `async fn` kept two more pointers and a pinned reference). It is
     /// part of every handler's future through the model call.
     #[must_use = "futures do nothing unless polled"]
-    pub struct Stopped<'g, 'a> {
-        guard: &'g StopGuard<'a>,
+    pub struct Stopped<'a> {
+        guard: StopGuard<'a>,
         #[pin]
         woken: tokio::sync::futures::Notified<'a>,
     }
@@ -119,7 +121,7 @@ pin_project_lite::pin_project! {
 /// after would be one more.
 pub fn unless_stopped<'p, F: std::future::Future>(
     mut run: std::pin::Pin<&'p mut tracing::instrument::Instrumented<F>>,
-    mut stopped: std::pin::Pin<&'p mut Stopped<'_, '_>>,
+    mut stopped: std::pin::Pin<&'p mut Stopped<'_>>,
 ) -> impl std::future::Future<Output = Result<F::Output, tracing::Span>> + 'p {
     std::future::poll_fn(move |cx| {
         if let std::task::Poll::Ready(r) = run.as_mut().poll(cx) {
@@ -129,15 +131,15 @@ pub fn unless_stopped<'p, F: std::future::Future>(
     })
 }
 
-impl std::fmt::Debug for Stopped<'_, '_> {
+impl std::fmt::Debug for Stopped<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Stopped")
-            .field("guard", self.guard)
+            .field("guard", &self.guard)
             .finish_non_exhaustive()
     }
 }
 
-impl std::future::Future for Stopped<'_, '_> {
+impl std::future::Future for Stopped<'_> {
     type Output = ();
 
     fn poll(
@@ -346,7 +348,7 @@ mod tests {
         let others: Vec<StopGuard> = sessions.iter().map(|o| stops.guard(o).unwrap()).collect();
         // (Guards borrow their handler's ids: the waits are polled here, not spawned.)
         let mut waiting = Box::pin(guard.stopped());
-        let mut bystanders: Vec<_> = others.iter().map(|g| Box::pin(g.stopped())).collect();
+        let mut bystanders: Vec<_> = others.into_iter().map(|g| Box::pin(g.stopped())).collect();
         assert!(waiting.as_mut().now_or_never().is_none(), "not stopped yet");
         for b in &mut bystanders {
             assert!(b.as_mut().now_or_never().is_none(), "not stopped");
@@ -373,8 +375,9 @@ mod tests {
         let c = stops.guard(&other).unwrap();
         drop(b);
         assert_eq!(stops.stop(&s), 1, "one guard still held");
-        assert!(a.stopped().now_or_never().is_some());
-        assert!(c.stopped().now_or_never().is_none());
+        let (mut a, mut c) = (Box::pin(a.stopped()), Box::pin(c.stopped()));
+        assert!(a.as_mut().now_or_never().is_some());
+        assert!(c.as_mut().now_or_never().is_none());
         assert!(stops.guard(&s).is_none());
         assert!(stops.is_stopped(&s) && !stops.is_stopped(&other));
         assert_eq!(stops.stop(&s), 0, "idempotent");
@@ -406,7 +409,8 @@ mod tests {
         // A stopped session's attempt guards are refused like any other.
         let g = stops.guard_attempt(&s, &t1, 3).unwrap();
         assert_eq!(stops.stop(&s), 1);
-        assert!(g.stopped().now_or_never().is_some());
+        let mut g = Box::pin(g.stopped());
+        assert!(g.as_mut().now_or_never().is_some());
         assert!(stops.guard_attempt(&s, &t1, 3).is_none());
         drop(g);
         assert!(stops.lock().running.is_empty());

@@ -345,37 +345,16 @@ impl PoolConsumer {
         // pointer in each handling's future (which lives through model calls), not
         // three.
         let shared = Arc::new((handler, bus.clone(), shutdown.clone()));
-        self.run(bus, shutdown, move |mut d| {
+        self.run(bus, shutdown, move |d| {
             let shared = shared.clone();
             async move {
-                // One call site of the handler (in the loop): the handler's future has one slot
-                // in this one's, not one per call site (it lives through model calls).
-                // (`d` is the block's own, not rebound: a rebinding is a second slot.)
-                // Nothing else is held beside it: an outage's state is allocated when
-                // one happens, and each verdict is taken at once (a verdict held across
-                // a wait would keep a slot of its own through every model call).
-                let mut outage: Option<Box<Outage>> = None;
-                let verdict = loop {
-                    let (back, verdict) = (shared.0)(d).await;
-                    d = back;
-                    // An outage is waited out here, the delivery kept alive by `run`'s
-                    // keepalive: a nak per try would spend one of its bounded deliveries.
-                    let why = match verdict {
-                        Err(e) if e.is_outage() => e,
-                        other => break other,
-                    };
-                    let waited = outage
-                        .get_or_insert_with(|| Box::new(Outage::began()))
-                        .wait_out(&shared.2, &shared.1, &mut d, why);
-                    if let Some(given_up) = Box::pin(waited).await {
-                        break Err(given_up);
-                    }
-                    // What the failed handling wrote before the outage hit may have
-                    // left effects unperformed: the handler repairs them when it sees
-                    // a redelivery.
-                    d.handled_again();
-                };
-                Box::pin(settle(&shared.1, &d, verdict)).await;
+                // Nothing is held beside the handler's future but the delivery and the
+                // shared pointer: a verdict is taken at once, and an outage is waited
+                // out (the handler run again) in a future of its own, allocated only
+                // when one happens.
+                let (d, verdict) = (shared.0)(d).await;
+                let (d, verdict) = after_handling(&shared, d, verdict).await;
+                Box::pin(settle_owned(&shared.1, d, verdict)).await;
             }
         })
         .await;
@@ -487,6 +466,70 @@ impl PoolConsumer {
             tokio::time::timeout(self.settings.drain_timeout, permits.acquire_many(all)).await;
         if drained.is_err() {
             tracing::warn!(consumer = %self.name, "drain timed out; unfinished messages will be redelivered");
+        }
+    }
+}
+
+/// A delivery given back by its handler, with the handler's verdict.
+type Handled = (Delivery, Result<(), VerdictError>);
+
+/// What follows a handling: its verdict as it is, or for an outage, the handler run
+/// again in place ([`through_outage`], boxed: only an outage allocates it). Not
+/// `async`: its output is the only thing a handling's future keeps of it.
+fn after_handling<'a, F, Fut>(
+    shared: &'a (F, Bus, CancellationToken),
+    d: Delivery,
+    verdict: Result<(), VerdictError>,
+) -> futures::future::Either<
+    std::future::Ready<Handled>,
+    std::pin::Pin<Box<dyn Future<Output = Handled> + Send + 'a>>,
+>
+where
+    F: Fn(Delivery) -> Fut + Send + Sync,
+    Fut: Future<Output = (Delivery, Result<(), VerdictError>)> + Send + 'a,
+{
+    match verdict {
+        Err(e) if e.is_outage() => {
+            futures::future::Either::Right(Box::pin(through_outage(shared, d, e)))
+        }
+        other => futures::future::Either::Left(std::future::ready((d, other))),
+    }
+}
+
+/// [`settle`] for a delivery given up by its handling's future.
+async fn settle_owned(bus: &Bus, d: Delivery, verdict: Result<(), VerdictError>) {
+    settle(bus, &d, verdict).await;
+}
+
+/// Runs a handler whose handling met an outage (`why`) again in place, backed off, the
+/// delivery kept alive by [`PoolConsumer::run`]'s keepalive (a nak per try would spend
+/// one of its bounded deliveries), until it gets a verdict that is not an outage, or
+/// the outage outlasts [`crate::verdict::OUTAGE_PATIENCE`] or shutdown comes: then the
+/// delivery is handed back with the outage's verdict.
+async fn through_outage<F, Fut>(
+    shared: &(F, Bus, CancellationToken),
+    mut d: Delivery,
+    why: VerdictError,
+) -> (Delivery, Result<(), VerdictError>)
+where
+    F: Fn(Delivery) -> Fut,
+    Fut: Future<Output = (Delivery, Result<(), VerdictError>)>,
+{
+    let (handler, bus, stop) = shared;
+    let mut outage = Outage::began();
+    let mut why = why;
+    loop {
+        if let Some(given_up) = outage.wait_out(stop, bus, &mut d, why).await {
+            return (d, Err(given_up));
+        }
+        // What the failed handling wrote before the outage hit may have left effects
+        // unperformed: the handler repairs them when it sees a redelivery.
+        d.handled_again();
+        let (back, verdict) = handler(d).await;
+        d = back;
+        match verdict {
+            Err(e) if e.is_outage() => why = e,
+            other => return (d, other),
         }
     }
 }

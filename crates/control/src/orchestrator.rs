@@ -23,6 +23,7 @@ use flotilla_protocol::{
     MessageId, Plan, ResultMessage, Role, SessionId, SessionRecord, SessionStatus, TaskId,
     TaskMessage, TaskRecord, TaskState, TraceParent, V1, decode, epoch_ms,
 };
+use futures::future::Either;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -747,9 +748,17 @@ impl Orchestrator {
         Ok(())
     }
 
-    async fn handle(&self, d: &mut Delivery) -> Result<(), VerdictError> {
-        let (session, input) = self.open_input(d)?;
-        self.take(d, session, input, false).await
+    /// An inbox delivery. (Its input is opened before the future is made: an `async
+    /// fn` would keep the orchestrator and the delivery in slots beside the handling's,
+    /// which lives through plan and synthesis calls.)
+    fn handle<'a>(
+        &'a self,
+        d: &'a mut Delivery,
+    ) -> impl Future<Output = Result<(), VerdictError>> + Send + 'a {
+        match self.open_input(d) {
+            Ok((session, input)) => Either::Left(self.take(d, session, input, false)),
+            Err(e) => Either::Right(std::future::ready(Err(e))),
+        }
     }
 
     /// Decodes an inbox delivery into its session and input, and releases its payload.
@@ -778,11 +787,16 @@ impl Orchestrator {
     }
 
     /// A task's commit: its result, as the holder wrote it under its claim.
-    async fn handle_commit(&self, d: &mut Delivery) -> Result<(), VerdictError> {
-        let Some((session, input)) = self.open_commit(d)? else {
-            return Ok(());
-        };
-        self.take(d, session, input, true).await
+    /// (Opened before the future is made, as [`Self::handle`] is.)
+    fn handle_commit<'a>(
+        &'a self,
+        d: &'a mut Delivery,
+    ) -> impl Future<Output = Result<(), VerdictError>> + Send + 'a {
+        match self.open_commit(d) {
+            Ok(Some((session, input))) => Either::Left(self.take(d, session, input, true)),
+            Ok(None) => Either::Right(std::future::ready(Ok(()))),
+            Err(e) => Either::Right(std::future::ready(Err(e))),
+        }
     }
 
     /// Decodes a commit into its session and result, keeps its output for the
@@ -886,326 +900,336 @@ impl Orchestrator {
         })
     }
 
-    async fn drive(
-        &self,
-        session: &SessionId,
+    /// (An `async` block rather than an `async fn`, as [`Self::take`] is: see there.)
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn keeps a second slot per argument"
+    )]
+    fn drive<'a>(
+        &'a self,
+        session: &'a SessionId,
         input: Input,
         delivered: u64,
         committed: bool,
-    ) -> Result<(), VerdictError> {
-        let mut redelivered = delivered > 1;
-        let records = self.bus.sessions();
-        let key = keys::session(session);
-        // Handlers of one session in this process take turns (no conflicts among
-        // themselves), and start from the record as the last one left it. A commit's
-        // result waits in the session's mail meanwhile: the handler before it may
-        // apply it in its own write.
-        let cell = self.cache.cell(session);
-        let carrier = committed
-            && matches!(&input, Input::Result(r)
+    ) -> impl Future<Output = Result<(), VerdictError>> + Send + 'a {
+        async move {
+            let mut redelivered = delivered > 1;
+            let records = self.bus.sessions();
+            let key = keys::session(session);
+            // Handlers of one session in this process take turns (no conflicts among
+            // themselves), and start from the record as the last one left it. A commit's
+            // result waits in the session's mail meanwhile: the handler before it may
+            // apply it in its own write.
+            let cell = self.cache.cell(session);
+            let carrier = committed
+                && matches!(&input, Input::Result(r)
                 if !matches!(r.outcome, flotilla_protocol::TaskOutcome::Clarify { .. }));
-        let posted = match &input {
-            Input::Result(r) if carrier && !redelivered => Some(self.cache.post(r)),
-            _ => None,
-        };
-        // (Waits are boxed here and below: this future lives through plan and
-        // synthesis calls, and is as large as its largest wait.)
-        let mut cached = Box::pin(cell.lock()).await;
-        if posted.as_ref().is_some_and(|p| p.applied_by_another()) {
-            tracing::debug!("result applied by the session's previous handler");
-            return Ok(());
-        }
-        // The session's other tasks in flight often end within moments of this one (a
-        // wave's tasks run side by side): their results, posted meanwhile, then share
-        // this handler's write. It waits at most `session.result_linger`, holding the
-        // cell, and only while the cached record shows other tasks dispatched.
-        let linger = self.config.session.result_linger;
-        if let (Some(_), Some((rec, _)), Input::Result(r)) = (&posted, cached.as_ref(), &input)
-            && !linger.is_zero()
-            && rec.status == SessionStatus::Running
-        {
-            let others = rec
-                .tasks
-                .iter()
-                .filter(|t| t.state == TaskState::Dispatched && t.task_id != r.task_id)
-                .count();
-            if others > 0 {
-                Box::pin(
-                    self.cache
-                        .gather(session, others, tokio::time::Instant::now() + linger),
-                )
-                .await;
-            }
-        }
-        // A result from the inbox is checked against the task's commit first.
-        if let Input::Result(r) = &input
-            && !committed
-        {
-            Box::pin(self.vouch(r, delivered)).await?;
-        }
-        let mut input = Some(input);
-        // LLM answers, kept across compare-and-set rounds (one call each).
-        let mut clarified: Option<Result<String, Halt>> = None;
-        let mut planned: Option<Result<Result<Plan, String>, Halt>> = None;
-        let mut synthesized: Option<Result<Answer, Halt>> = None;
-        // The model calls this handler made off the session's ledger.
-        let mut calls = Calls {
-            delivered,
-            ..Calls::default()
-        };
-        // Whether the record in hand was read or written by this handler (the cell's
-        // copy may lag behind another process's writes).
-        let mut fresh = false;
-        // A result's effect on its task, counted once its write lands.
-        let mut task_outcome: Option<(Role, &'static str)> = None;
-        // Other handlers' results applied in this handler's write (see `Mail`).
-        let mut carried: Vec<(ResultMessage, Role, &'static str)> = Vec::new();
-        for _ in 0..CAS_ROUNDS {
-            // What of `calls` this round's copy of the record holds.
-            let mut applied = 0;
-            let from_cell = cached.take();
-            // A cached copy only ever lags behind: it is good for a compare-and-set
-            // (which fails if it lags) but not for a decision to write nothing, to
-            // reject, or to call the model. Those are made on a fresh read.
-            let plain_result = matches!(&input, Some(Input::Result(r))
-                if !matches!(r.outcome, flotilla_protocol::TaskOutcome::Clarify { .. }));
-            // A first `start` may plan on the record admission created in this process
-            // (seeded in the cell): nothing but this message's handler moves a session
-            // out of planning, and a cancel in between fails the plan's write.
-            let first_start = matches!(&input, Some(Input::Start)) && delivered == 1;
-            let from_cell = match from_cell {
-                None if first_start => self.cache.take_seed(session),
-                known => known,
+            let posted = match &input {
+                Input::Result(r) if carrier && !redelivered => Some(self.cache.post(r)),
+                _ => None,
             };
-            let (mut rec, rev) = match from_cell {
-                Some(known) if fresh || plain_result => known,
-                Some(known) if first_start && known.0.status == SessionStatus::Planning => {
-                    fresh = true;
-                    known
+            // (Waits are boxed here and below: this future lives through plan and
+            // synthesis calls, and is as large as its largest wait.)
+            let mut cached = Box::pin(cell.lock()).await;
+            if posted.as_ref().is_some_and(|p| p.applied_by_another()) {
+                tracing::debug!("result applied by the session's previous handler");
+                return Ok(());
+            }
+            // The session's other tasks in flight often end within moments of this one (a
+            // wave's tasks run side by side): their results, posted meanwhile, then share
+            // this handler's write. It waits at most `session.result_linger`, holding the
+            // cell, and only while the cached record shows other tasks dispatched.
+            let linger = self.config.session.result_linger;
+            if let (Some(_), Some((rec, _)), Input::Result(r)) = (&posted, cached.as_ref(), &input)
+                && !linger.is_zero()
+                && rec.status == SessionStatus::Running
+            {
+                let others = rec
+                    .tasks
+                    .iter()
+                    .filter(|t| t.state == TaskState::Dispatched && t.task_id != r.task_id)
+                    .count();
+                if others > 0 {
+                    Box::pin(self.cache.gather(
+                        session,
+                        others,
+                        tokio::time::Instant::now() + linger,
+                    ))
+                    .await;
                 }
-                _ => {
+            }
+            // A result from the inbox is checked against the task's commit first.
+            if let Input::Result(r) = &input
+                && !committed
+            {
+                Box::pin(self.vouch(r, delivered)).await?;
+            }
+            let mut input = Some(input);
+            // LLM answers, kept across compare-and-set rounds (one call each).
+            let mut clarified: Option<Result<String, Halt>> = None;
+            let mut planned: Option<Result<Result<Plan, String>, Halt>> = None;
+            let mut synthesized: Option<Result<Answer, Halt>> = None;
+            // The model calls this handler made off the session's ledger.
+            let mut calls = Calls {
+                delivered,
+                ..Calls::default()
+            };
+            // Whether the record in hand was read or written by this handler (the cell's
+            // copy may lag behind another process's writes).
+            let mut fresh = false;
+            // A result's effect on its task, counted once its write lands.
+            let mut task_outcome: Option<(Role, &'static str)> = None;
+            // Other handlers' results applied in this handler's write (see `Mail`).
+            let mut carried: Vec<(ResultMessage, Role, &'static str)> = Vec::new();
+            for _ in 0..CAS_ROUNDS {
+                // What of `calls` this round's copy of the record holds.
+                let mut applied = 0;
+                let from_cell = cached.take();
+                // A cached copy only ever lags behind: it is good for a compare-and-set
+                // (which fails if it lags) but not for a decision to write nothing, to
+                // reject, or to call the model. Those are made on a fresh read.
+                let plain_result = matches!(&input, Some(Input::Result(r))
+                if !matches!(r.outcome, flotilla_protocol::TaskOutcome::Clarify { .. }));
+                // A first `start` may plan on the record admission created in this process
+                // (seeded in the cell): nothing but this message's handler moves a session
+                // out of planning, and a cancel in between fails the plan's write.
+                let first_start = matches!(&input, Some(Input::Start)) && delivered == 1;
+                let from_cell = match from_cell {
+                    None if first_start => self.cache.take_seed(session),
+                    known => known,
+                };
+                let (mut rec, rev) = match from_cell {
+                    Some(known) if fresh || plain_result => known,
+                    Some(known) if first_start && known.0.status == SessionStatus::Planning => {
+                        fresh = true;
+                        known
+                    }
+                    _ => {
+                        fresh = true;
+                        // (A miss is asked of the leader again before it is final.)
+                        match Box::pin(records.get_current::<SessionRecord>(&key, |_| true)).await?
+                        {
+                            Some((found, rev)) => (Box::new(found), rev),
+                            None => {
+                                return Err(VerdictError::poison(
+                                    ErrorCode::UnknownSession,
+                                    format!("no session {session}"),
+                                ));
+                            }
+                        }
+                    }
+                };
+                if !fresh && rec.status == SessionStatus::Synthesizing {
                     fresh = true;
-                    // (A miss is asked of the leader again before it is final.)
-                    match Box::pin(records.get_current::<SessionRecord>(&key, |_| true)).await? {
-                        Some((found, rev)) => (Box::new(found), rev),
-                        None => {
-                            return Err(VerdictError::poison(
-                                ErrorCode::UnknownSession,
-                                format!("no session {session}"),
-                            ));
+                    continue;
+                }
+                let mut changed = match (&input, rec.status) {
+                    (Some(Input::Start), SessionStatus::Planning) => {
+                        self.open_account(&mut rec);
+                        if planned.is_none() {
+                            planned = Some(
+                                Box::pin(
+                                    self.plan(&rec, &mut calls)
+                                        .instrument(tracing::info_span!("plan")),
+                                )
+                                .await?,
+                            );
+                        }
+                        calls.charge(&mut rec, &mut applied);
+                        self.on_start(&mut rec, planned.clone());
+                        true
+                    }
+                    (Some(Input::Result(r)), _)
+                        if matches!(r.outcome, flotilla_protocol::TaskOutcome::Clarify { .. }) =>
+                    {
+                        Box::pin(self.on_clarification(
+                            &mut rec,
+                            r,
+                            &mut clarified,
+                            &mut calls,
+                            &mut applied,
+                        ))
+                        .await?
+                    }
+                    (Some(Input::Result(r)), _) => match self.on_result(&mut rec, r) {
+                        Ok(Some(outcome)) => {
+                            task_outcome = Some((r.role.clone(), outcome));
+                            true
+                        }
+                        // Rejected or a duplicate as the cached copy saw it: look again.
+                        Ok(None) | Err(_) if !fresh => {
+                            fresh = true;
+                            continue;
+                        }
+                        other => other?.is_some(),
+                    },
+                    (Some(Input::Answer(a)), _) => {
+                        let cfg = &self.config.session;
+                        match machine::on_input(
+                            &mut rec,
+                            &a.task_id,
+                            a.attempt,
+                            a.answer.clone(),
+                            cfg.max_in_flight,
+                            now(),
+                        ) {
+                            machine::InputVerdict::Taken => true,
+                            machine::InputVerdict::NotAwaiting if !fresh => {
+                                fresh = true;
+                                continue;
+                            }
+                            machine::InputVerdict::NotAwaiting => false,
+                        }
+                    }
+                    _ => false,
+                };
+                // Results waiting for the cell go in this write too, when they are of the
+                // current attempt (a rejection is decided by their own handler, on a
+                // fresh read).
+                if carrier && input.is_some() && rec.status == SessionStatus::Running {
+                    for other in self.cache.drain(session) {
+                        let mut probe = rec.clone();
+                        match self.on_result(&mut probe, &other) {
+                            Ok(Some(o @ ("completed" | "retried" | "failed"))) => {
+                                rec = probe;
+                                changed = true;
+                                let role = other.role.clone();
+                                carried.push((other, role, o));
+                            }
+                            _ => self.cache.repost(other),
                         }
                     }
                 }
-            };
-            if !fresh && rec.status == SessionStatus::Synthesizing {
-                fresh = true;
-                continue;
-            }
-            let mut changed = match (&input, rec.status) {
-                (Some(Input::Start), SessionStatus::Planning) => {
-                    self.open_account(&mut rec);
-                    if planned.is_none() {
-                        planned = Some(
+                // The last result and the answer go in one write: a crash during the
+                // synthesis redelivers the result, whose handler synthesizes again.
+                if rec.status == SessionStatus::Synthesizing {
+                    if synthesized.is_none() {
+                        // What this write will perform after the call, without the room
+                        // left for more.
+                        rec.outbox.shrink_to_fit();
+                        synthesized = Some(
                             Box::pin(
-                                self.plan(&rec, &mut calls)
-                                    .instrument(tracing::info_span!("plan")),
+                                self.synthesize(&rec, &mut calls)
+                                    .instrument(tracing::info_span!("synthesize")),
                             )
                             .await?,
                         );
                     }
-                    calls.charge(&mut rec, &mut applied);
-                    self.on_start(&mut rec, planned.clone());
-                    true
-                }
-                (Some(Input::Result(r)), _)
-                    if matches!(r.outcome, flotilla_protocol::TaskOutcome::Clarify { .. }) =>
-                {
-                    Box::pin(self.on_clarification(
-                        &mut rec,
-                        r,
-                        &mut clarified,
-                        &mut calls,
-                        &mut applied,
-                    ))
-                    .await?
-                }
-                (Some(Input::Result(r)), _) => match self.on_result(&mut rec, r) {
-                    Ok(Some(outcome)) => {
-                        task_outcome = Some((r.role.clone(), outcome));
-                        true
+                    match synthesized.clone() {
+                        Some(Ok(answer)) => machine::on_synthesized(&mut rec, answer, now()),
+                        Some(Err(h)) => halt(&mut rec, h, now()),
+                        None => {}
                     }
-                    // Rejected or a duplicate as the cached copy saw it: look again.
-                    Ok(None) | Err(_) if !fresh => {
-                        fresh = true;
-                        continue;
-                    }
-                    other => other?.is_some(),
-                },
-                (Some(Input::Answer(a)), _) => {
-                    let cfg = &self.config.session;
-                    match machine::on_input(
-                        &mut rec,
-                        &a.task_id,
-                        a.attempt,
-                        a.answer.clone(),
-                        cfg.max_in_flight,
-                        now(),
-                    ) {
-                        machine::InputVerdict::Taken => true,
-                        machine::InputVerdict::NotAwaiting if !fresh => {
-                            fresh = true;
-                            continue;
-                        }
-                        machine::InputVerdict::NotAwaiting => false,
-                    }
+                    changed = true;
                 }
-                _ => false,
-            };
-            // Results waiting for the cell go in this write too, when they are of the
-            // current attempt (a rejection is decided by their own handler, on a
-            // fresh read).
-            if carrier && input.is_some() && rec.status == SessionStatus::Running {
-                for other in self.cache.drain(session) {
-                    let mut probe = rec.clone();
-                    match self.on_result(&mut probe, &other) {
-                        Ok(Some(o @ ("completed" | "retried" | "failed"))) => {
-                            rec = probe;
-                            changed = true;
-                            let role = other.role.clone();
-                            carried.push((other, role, o));
-                        }
-                        _ => self.cache.repost(other),
-                    }
-                }
-            }
-            // The last result and the answer go in one write: a crash during the
-            // synthesis redelivers the result, whose handler synthesizes again.
-            if rec.status == SessionStatus::Synthesizing {
-                if synthesized.is_none() {
-                    // What this write will perform after the call, without the room
-                    // left for more.
-                    rec.outbox.shrink_to_fit();
-                    synthesized = Some(
-                        Box::pin(
-                            self.synthesize(&rec, &mut calls)
-                                .instrument(tracing::info_span!("synthesize")),
-                        )
-                        .await?,
-                    );
-                }
-                match synthesized.clone() {
-                    Some(Ok(answer)) => machine::on_synthesized(&mut rec, answer, now()),
-                    Some(Err(h)) => halt(&mut rec, h, now()),
-                    None => {}
-                }
-                changed = true;
-            }
-            if !changed {
-                if redelivered {
-                    // The handler that wrote this state may have died before
-                    // performing its effects: perform them again (de-duplicated).
-                    Box::pin(self.perform(&rec, &machine::derived_effects(&rec), false)).await?;
-                }
-                if !rec.status.is_terminal() {
-                    *cached = Some((rec, rev));
-                }
-                return Ok(());
-            }
-            calls.charge(&mut rec, &mut applied);
-            // The record keeps no outbox: these effects are performed right after the
-            // write, before the ack; a crash in between redelivers this message.
-            let effects = std::mem::take(&mut rec.outbox);
-            // An outage is waited out at this write rather than by running the
-            // handler, and its model call, again. A write that got no answer may have
-            // landed: the conflict that follows then reads our own record, and its
-            // effects are performed as a repeat's.
-            let mut tries = 0;
-            let written = Box::pin(flotilla_bus::outlast(
-                || {
-                    tries += 1;
-                    records.update(&key, &rec, rev)
-                },
-                |e| matches!(e, KvError::Unavailable { .. }),
-            ))
-            .await;
-            if tries > 1 && matches!(written, Err(KvError::Conflict { .. })) {
-                redelivered = true;
-            }
-            match written {
-                Ok(new_rev) => {
-                    fresh = true;
-                    let mut effects = effects;
+                if !changed {
                     if redelivered {
-                        // Also what an earlier handler of this message may have left
-                        // unperformed (without repeating this transition's own).
-                        for e in machine::derived_effects(&rec) {
-                            if !effects.contains(&e) {
-                                effects.push(e);
-                            }
-                        }
+                        // The handler that wrote this state may have died before
+                        // performing its effects: perform them again (de-duplicated).
+                        Box::pin(self.perform(&rec, &machine::derived_effects(&rec), false))
+                            .await?;
                     }
-                    Box::pin(self.perform(&rec, &effects, !redelivered)).await?;
-                    if let Some(ender) = &self.ender {
-                        for t in rec
-                            .tasks
-                            .iter()
-                            .filter(|t| t.state == TaskState::AwaitingInput)
-                        {
-                            if let Some(d) = t.input_deadline_ms {
-                                ender.at_input_deadline(session, &t.task_id, t.attempt, d);
-                            }
-                        }
+                    if !rec.status.is_terminal() {
+                        *cached = Some((rec, rev));
                     }
-                    if let Some((role, outcome)) = task_outcome.take() {
-                        metrics::counter!("flotilla_tasks_total", "role" => role.to_string(), "outcome" => outcome)
-                            .increment(1);
-                    }
-                    for (_, role, outcome) in &carried {
-                        metrics::counter!("flotilla_tasks_total", "role" => role.to_string(), "outcome" => *outcome)
-                            .increment(1);
-                    }
-                    // Written and performed: their handlers only ack.
-                    self.cache.mark_applied(session, &carried);
-                    carried.clear();
-                    if rec.status.is_terminal() {
-                        session_ended_metrics(&rec);
-                        tracing::info!(status = ?rec.status, "session ended");
-                        self.cache.forget(session);
-                        return Ok(());
-                    }
-                    if rec.status == SessionStatus::Synthesizing {
-                        *cached = Some((rec, new_rev));
-                        input = None;
-                        continue;
-                    }
-                    *cached = Some((rec, new_rev));
                     return Ok(());
                 }
-                // Another process wrote since: read it again (and the carried results
-                // wait for the next round's write, or their own handlers).
-                Err(KvError::Conflict { .. }) => {
-                    for (other, _, _) in carried.drain(..) {
-                        self.cache.repost(other);
-                    }
-                    metrics::counter!("flotilla_cas_conflicts_total", "bucket" => "sessions")
-                        .increment(1);
-                    flotilla_bus::trace::span_event(
-                        "cas_conflict",
-                        vec![flotilla_bus::trace::KeyValue::new(
-                            "flotilla.bucket",
-                            "sessions",
-                        )],
-                    );
-                    fresh = false;
-                    continue;
+                calls.charge(&mut rec, &mut applied);
+                // The record keeps no outbox: these effects are performed right after the
+                // write, before the ack; a crash in between redelivers this message.
+                let effects = std::mem::take(&mut rec.outbox);
+                // An outage is waited out at this write rather than by running the
+                // handler, and its model call, again. A write that got no answer may have
+                // landed: the conflict that follows then reads our own record, and its
+                // effects are performed as a repeat's.
+                let mut tries = 0;
+                let written = Box::pin(flotilla_bus::outlast(
+                    || {
+                        tries += 1;
+                        records.update(&key, &rec, rev)
+                    },
+                    |e| matches!(e, KvError::Unavailable { .. }),
+                ))
+                .await;
+                if tries > 1 && matches!(written, Err(KvError::Conflict { .. })) {
+                    redelivered = true;
                 }
-                Err(e) => return Err(e.into()),
+                match written {
+                    Ok(new_rev) => {
+                        fresh = true;
+                        let mut effects = effects;
+                        if redelivered {
+                            // Also what an earlier handler of this message may have left
+                            // unperformed (without repeating this transition's own).
+                            for e in machine::derived_effects(&rec) {
+                                if !effects.contains(&e) {
+                                    effects.push(e);
+                                }
+                            }
+                        }
+                        Box::pin(self.perform(&rec, &effects, !redelivered)).await?;
+                        if let Some(ender) = &self.ender {
+                            for t in rec
+                                .tasks
+                                .iter()
+                                .filter(|t| t.state == TaskState::AwaitingInput)
+                            {
+                                if let Some(d) = t.input_deadline_ms {
+                                    ender.at_input_deadline(session, &t.task_id, t.attempt, d);
+                                }
+                            }
+                        }
+                        if let Some((role, outcome)) = task_outcome.take() {
+                            metrics::counter!("flotilla_tasks_total", "role" => role.to_string(), "outcome" => outcome)
+                            .increment(1);
+                        }
+                        for (_, role, outcome) in &carried {
+                            metrics::counter!("flotilla_tasks_total", "role" => role.to_string(), "outcome" => *outcome)
+                            .increment(1);
+                        }
+                        // Written and performed: their handlers only ack.
+                        self.cache.mark_applied(session, &carried);
+                        carried.clear();
+                        if rec.status.is_terminal() {
+                            session_ended_metrics(&rec);
+                            tracing::info!(status = ?rec.status, "session ended");
+                            self.cache.forget(session);
+                            return Ok(());
+                        }
+                        if rec.status == SessionStatus::Synthesizing {
+                            *cached = Some((rec, new_rev));
+                            input = None;
+                            continue;
+                        }
+                        *cached = Some((rec, new_rev));
+                        return Ok(());
+                    }
+                    // Another process wrote since: read it again (and the carried results
+                    // wait for the next round's write, or their own handlers).
+                    Err(KvError::Conflict { .. }) => {
+                        for (other, _, _) in carried.drain(..) {
+                            self.cache.repost(other);
+                        }
+                        metrics::counter!("flotilla_cas_conflicts_total", "bucket" => "sessions")
+                            .increment(1);
+                        flotilla_bus::trace::span_event(
+                            "cas_conflict",
+                            vec![flotilla_bus::trace::KeyValue::new(
+                                "flotilla.bucket",
+                                "sessions",
+                            )],
+                        );
+                        fresh = false;
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
+            Err(VerdictError::retry(
+                Duration::from_millis(100),
+                "session record kept changing",
+            ))
         }
-        Err(VerdictError::retry(
-            Duration::from_millis(100),
-            "session record kept changing",
-        ))
     }
 
     /// `start`: the plan (or why there is none) becomes the task table.
