@@ -231,23 +231,82 @@ impl LlmAgent {
         }
     }
 
+    /// The most turns a task takes (at least one).
+    fn max_turns(&self) -> u32 {
+        self.budgets.max_turns.max(1)
+    }
+
     /// One call, within the call, task and session budgets.
-    async fn call(
+    ///
+    /// (An `async` block rather than an `async fn`, which moves each argument into a
+    /// second slot, and what follows the model's answer is its own boxed future: this
+    /// one is part of the task's run future through every model call, and is as large
+    /// as its largest state.)
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn keeps a second slot per argument"
+    )]
+    fn call<'a>(
+        &'a self,
+        ctx: &'a TaskContext,
+        task: &'a TaskMessage,
+        request: &'a mut CompletionRequest,
+        task_spent: &'a mut u64,
+    ) -> impl Future<Output = Result<String, AgentError>> + Send + 'a {
+        async move {
+            let estimate = self.admit(ctx, *task_spent, request)?;
+            let b = &self.budgets;
+            if let Some(a) = &ctx.allowance {
+                // On an allowance, only while the claim is still ours (a holder taken
+                // over while stuck stops at its next call). (Round trips are boxed.)
+                if ctx.spend.spend().calls > 0 && !Box::pin(a.still_held(task)).await? {
+                    return Err(AgentError::Unusable(
+                        "the attempt was taken over by another holder".into(),
+                    ));
+                }
+            }
+            let reservation = match &self.ledger {
+                // On an allowance, or with no session budget: nothing to reserve.
+                Some(l) if b.session_tokens > 0 && ctx.allowance.is_none() => Some(
+                    Box::pin(l.reserve(&task.session_id, estimate, b.session_tokens))
+                        .await
+                        .map_err(|e| AgentError::Transient(e.to_string()))??,
+                ),
+                _ => None,
+            };
+            // (The timer is boxed: inline, it was a third of this future, timer or not.)
+            let request = &*request;
+            let result = match self.call_timeout {
+                Some(t) => Box::pin(tokio::time::timeout(t, self.llm.complete(request)))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(LlmError::Unavailable(format!("no answer within {t:?}")))
+                    }),
+                None => self.llm.complete(request).await,
+            };
+            Box::pin(self.account(ctx, task_spent, reservation, result)).await
+        }
+    }
+
+    /// Before a call: the task's budget must have room, and the prompt must leave room
+    /// in the call's budget (the completion may use what it leaves, set on the request
+    /// in place, not on a copy of the conversation: later turns only lower it, their
+    /// prompts being longer), and on an allowance the call's ceiling must fit in it.
+    /// The call's ceiling (prompt and completion) is what it may use.
+    fn admit(
         &self,
         ctx: &TaskContext,
-        task: &TaskMessage,
+        task_spent: u64,
         request: &mut CompletionRequest,
-        task_spent: &mut u64,
-    ) -> Result<String, AgentError> {
+    ) -> Result<u64, AgentError> {
         let b = &self.budgets;
-        if *task_spent >= b.task_tokens {
+        if task_spent >= b.task_tokens {
             return Err(Exhausted {
                 budget: BudgetKind::TaskTokens,
                 reason: format!("task spent {task_spent} of {} tokens", b.task_tokens),
             }
             .into());
         }
-        // The completion may use what the prompt leaves of the call budget.
         let prompt = u64::from(flotilla_llm::estimate_prompt_tokens(&request.messages));
         if prompt >= b.call_tokens {
             return Err(Exhausted {
@@ -260,58 +319,41 @@ impl LlmAgent {
             .into());
         }
         let room = (b.call_tokens - prompt).min(u64::from(request.max_tokens.unwrap_or(u32::MAX)));
-        // Set in place, not on a copy of the conversation (held through the call).
-        // Later turns only lower it: their prompts are longer.
         request.max_tokens = Some(room as u32);
-        let request = &*request;
         let estimate = prompt + room;
         if let Some(a) = &ctx.allowance {
-            // On an allowance: within it, and only while the claim is still ours (a
-            // holder taken over while stuck stops at its next call).
             let held_back = a.held_back(b.call_tokens);
-            if held_back + *task_spent + estimate > a.tokens {
+            if held_back + task_spent + estimate > a.tokens {
                 return Err(Exhausted {
                     budget: BudgetKind::SessionTokens,
                     reason: format!(
                         "the attempt's share of the session budget is spent: {} of {} tokens, \
                          and the next call may use {estimate}",
-                        held_back + *task_spent,
+                        held_back + task_spent,
                         a.tokens
                     ),
                 }
                 .into());
             }
-            // (Round trips are boxed: this future lives through the model call, so
-            // only what the call needs should be inline.)
-            if ctx.spend.spend().calls > 0 && !Box::pin(a.still_held(task)).await? {
-                return Err(AgentError::Unusable(
-                    "the attempt was taken over by another holder".into(),
-                ));
-            }
         }
-        let reservation = match &self.ledger {
-            // On an allowance, or with no session budget: nothing to reserve.
-            Some(l) if b.session_tokens > 0 && ctx.allowance.is_none() => Some(
-                Box::pin(l.reserve(&task.session_id, estimate, b.session_tokens))
-                    .await
-                    .map_err(|e| AgentError::Transient(e.to_string()))??,
-            ),
-            _ => None,
-        };
-        // (The timer is boxed: inline, it was a third of this future, which the task's
-        // boxed run future holds through every model call, timer or not.)
-        let result = match self.call_timeout {
-            Some(t) => Box::pin(tokio::time::timeout(t, self.llm.complete(request)))
-                .await
-                .unwrap_or_else(|_| Err(LlmError::Unavailable(format!("no answer within {t:?}")))),
-            None => self.llm.complete(request).await,
-        };
+        Ok(estimate)
+    }
+
+    /// After a call: settles its reservation on the session's ledger with what it
+    /// used, and counts the use in the task's spend.
+    async fn account(
+        &self,
+        ctx: &TaskContext,
+        task_spent: &mut u64,
+        reservation: Option<crate::budget::Reservation>,
+        result: Result<flotilla_llm::Completion, LlmError>,
+    ) -> Result<String, AgentError> {
         let used = match &result {
             Ok(c) => u64::from(c.usage.total()),
             Err(_) => 0,
         };
         if let (Some(l), Some(r)) = (&self.ledger, reservation) {
-            Box::pin(l.settle(r, used))
+            l.settle(r, used)
                 .await
                 .map_err(|e| AgentError::Transient(e.to_string()))?;
         }
@@ -329,7 +371,7 @@ impl LlmAgent {
         ctx.spend.add_call(used);
         *task_spent += used;
         if let Some(a) = &ctx.allowance {
-            a.record_spent(*task_spent, b.call_tokens);
+            a.record_spent(*task_spent, self.budgets.call_tokens);
         }
         Ok(completion.content)
     }
@@ -353,7 +395,7 @@ impl Agent for LlmAgent {
             let mut task_spent = 0u64;
             let mut calls = CallFingerprints::default();
             let mut told_closed = false;
-            let max_turns = self.budgets.max_turns.max(1);
+
             // Continue the conversation a failed process left, if any.
             let mut conversation = match &self.history {
                 Some(h) if ctx.resumed => Some(
@@ -365,7 +407,9 @@ impl Agent for LlmAgent {
                 Some(h) => Some(h.fresh(task.attempt)),
                 None => None,
             };
-            let mut first_turn = 1;
+            // The turn to take next (a counter, not a range: the run future keeps it
+            // through every call).
+            let mut turn = 1;
             if let Some(a) = &ctx.allowance {
                 // Nothing spent yet by this holder: what earlier ones recorded. Without
                 // a conversation store there is no telling, so nothing is left.
@@ -392,12 +436,13 @@ impl Agent for LlmAgent {
                     request.messages.push(ChatMessage::user(t.user.clone()));
                 }
                 task_spent = h.tokens;
-                first_turn = h.turns_taken + 1;
+                turn = h.turns_taken + 1;
                 if h.turns_taken > 0 {
                     tracing::info!(turns = h.turns_taken, "continuing a conversation from KV");
                 }
             }
-            for _turn in first_turn..=max_turns {
+            while turn <= self.max_turns() {
+                turn += 1;
                 let content = self.call(ctx, task, &mut request, &mut task_spent).await?;
                 // What the answer leads to is its own boxed future: what a turn keeps
                 // (the answer, its parse, a tool's result) is no part of this one,
@@ -418,7 +463,7 @@ impl Agent for LlmAgent {
             }
             Err(Exhausted {
                 budget: BudgetKind::Turns,
-                reason: format!("no final answer after {max_turns} turns"),
+                reason: format!("no final answer after {} turns", self.max_turns()),
             }
             .into())
         })
