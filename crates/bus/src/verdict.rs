@@ -27,8 +27,8 @@ pub(crate) enum Verdict {
     Poison(ErrorCode, String),
 }
 
-/// How long a handler is re-run in place while JetStream does not answer, before its
-/// message is handed back for redelivery. Covers a cluster electing new stream leaders
+/// How long a handler is re-run in place while JetStream does not answer, counted from
+/// the outage's start, before its message is handed back for redelivery. Covers a cluster electing new stream leaders
 /// after losing a node (seconds) with room to spare.
 pub const OUTAGE_PATIENCE: Duration = Duration::from_secs(60);
 

@@ -1483,83 +1483,101 @@ impl Orchestrator {
     /// Asks for a plan, up to [`PLAN_ATTEMPTS`] times; `Ok(Err(why))` when every plan
     /// was invalid (the session fails), `Err` for a transient failure (redeliver).
     #[allow(clippy::type_complexity)]
-    async fn plan(
-        &self,
-        rec: &SessionRecord,
-        calls: &mut Calls,
-    ) -> Result<Result<Result<Plan, String>, Halt>, VerdictError> {
-        let model = &self.config.session.orchestrator_model;
-        let mut feedback: Option<String> = None;
-        for _ in 0..PLAN_ATTEMPTS {
-            let req = prompts::plan(model, rec, feedback.as_deref());
+    /// (An `async` block rather than an `async fn`, as [`Self::take`] is: boxed with
+    /// its span, it is 448 bytes, mimalloc's 448-byte class rather than 512.)
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn keeps a second slot per argument"
+    )]
+    fn plan<'a>(
+        &'a self,
+        rec: &'a SessionRecord,
+        calls: &'a mut Calls,
+    ) -> impl Future<Output = Result<Result<Result<Plan, String>, Halt>, VerdictError>> + Send + 'a
+    {
+        async move {
+            let model = &self.config.session.orchestrator_model;
+            let mut feedback: Option<String> = None;
+            for _ in 0..PLAN_ATTEMPTS {
+                let req = prompts::plan(model, rec, feedback.as_deref());
+                let content = match self.complete(rec, calls, &req, None).await? {
+                    Ok(c) => c,
+                    Err(e) => return Ok(Err(e)),
+                };
+                let why = match decode::<Plan>(content.as_bytes(), DEFAULT_MAX_PAYLOAD) {
+                    Ok(plan) => match plan.validate(&rec.roles, self.config.session.max_tasks) {
+                        Ok(()) => return Ok(Ok(Ok(plan))),
+                        Err(e) => e.to_string(),
+                    },
+                    Err(e) => e.to_string(),
+                };
+                tracing::warn!(reason = %why, "plan rejected");
+                feedback = Some(why);
+            }
+            Ok(Ok(Err(format!(
+                "no valid plan after {PLAN_ATTEMPTS} attempts: {}",
+                feedback.unwrap_or_default()
+            ))))
+        }
+    }
+
+    /// (An `async` block rather than an `async fn`, as [`Self::take`] is: boxed with
+    /// its span, it is within mimalloc's 512-byte class, not 640; every session holds
+    /// it through its synthesis call.)
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn keeps a second slot per argument"
+    )]
+    fn synthesize<'a>(
+        &'a self,
+        rec: &'a SessionRecord,
+        calls: &'a mut Calls,
+    ) -> impl Future<Output = Result<Result<Answer, Halt>, VerdictError>> + Send + 'a {
+        async move {
+            let done: Vec<_> = rec
+                .tasks
+                .iter()
+                .filter(|t| t.state == TaskState::Done)
+                .collect();
+            // The outputs whose commits came here, when they are all here: no read. (A
+            // synthesis that fails and runs again reads them.)
+            let wanted: Vec<_> = done.iter().map(|t| (&t.task_id, t.attempt)).collect();
+            let kept = self.cache.take_outputs(&rec.session_id, &wanted);
+            let sections = match kept {
+                Some(outputs) => done
+                    .iter()
+                    .zip(outputs)
+                    .map(|(t, output)| AnswerSection {
+                        task_id: t.task_id.clone(),
+                        role: t.role.clone(),
+                        output,
+                    })
+                    .collect(),
+                None => Box::pin(self.read_sections(rec)).await?,
+            };
+            let req = prompts::synthesis(&self.config.session.orchestrator_model, rec, &sections);
+            // The request carries the outputs through the call: the sections are read back
+            // from it after, not kept beside it.
+            drop(sections);
             let content = match self.complete(rec, calls, &req, None).await? {
                 Ok(c) => c,
                 Err(e) => return Ok(Err(e)),
             };
-            let why = match decode::<Plan>(content.as_bytes(), DEFAULT_MAX_PAYLOAD) {
-                Ok(plan) => match plan.validate(&rec.roles, self.config.session.max_tasks) {
-                    Ok(()) => return Ok(Ok(Ok(plan))),
-                    Err(e) => e.to_string(),
-                },
-                Err(e) => e.to_string(),
+            let s: Synthesis = match decode(content.as_bytes(), DEFAULT_MAX_PAYLOAD) {
+                Ok(s) => s,
+                Err(e) => return Ok(Err(Halt::Failed(format!("synthesis unusable: {e}")))),
             };
-            tracing::warn!(reason = %why, "plan rejected");
-            feedback = Some(why);
+            let Some(sections) = prompts::sections_of(&req) else {
+                // (Cannot happen: `prompts::synthesis` wrote them.)
+                return Ok(Err(Halt::Failed(
+                    "the synthesis request lost its results".to_owned(),
+                )));
+            };
+            Ok(Ok(Answer {
+                summary: s.summary,
+                sections,
+            }))
         }
-        Ok(Ok(Err(format!(
-            "no valid plan after {PLAN_ATTEMPTS} attempts: {}",
-            feedback.unwrap_or_default()
-        ))))
-    }
-
-    async fn synthesize(
-        &self,
-        rec: &SessionRecord,
-        calls: &mut Calls,
-    ) -> Result<Result<Answer, Halt>, VerdictError> {
-        let done: Vec<_> = rec
-            .tasks
-            .iter()
-            .filter(|t| t.state == TaskState::Done)
-            .collect();
-        // The outputs whose commits came here, when they are all here: no read. (A
-        // synthesis that fails and runs again reads them.)
-        let wanted: Vec<_> = done.iter().map(|t| (&t.task_id, t.attempt)).collect();
-        let kept = self.cache.take_outputs(&rec.session_id, &wanted);
-        let sections = match kept {
-            Some(outputs) => done
-                .iter()
-                .zip(outputs)
-                .map(|(t, output)| AnswerSection {
-                    task_id: t.task_id.clone(),
-                    role: t.role.clone(),
-                    output,
-                })
-                .collect(),
-            None => Box::pin(self.read_sections(rec)).await?,
-        };
-        let req = prompts::synthesis(&self.config.session.orchestrator_model, rec, &sections);
-        // The request carries the outputs through the call: the sections are read back
-        // from it after, not kept beside it.
-        drop(sections);
-        let content = match self.complete(rec, calls, &req, None).await? {
-            Ok(c) => c,
-            Err(e) => return Ok(Err(e)),
-        };
-        let s: Synthesis = match decode(content.as_bytes(), DEFAULT_MAX_PAYLOAD) {
-            Ok(s) => s,
-            Err(e) => return Ok(Err(Halt::Failed(format!("synthesis unusable: {e}")))),
-        };
-        let Some(sections) = prompts::sections_of(&req) else {
-            // (Cannot happen: `prompts::synthesis` wrote them.)
-            return Ok(Err(Halt::Failed(
-                "the synthesis request lost its results".to_owned(),
-            )));
-        };
-        Ok(Ok(Answer {
-            summary: s.summary,
-            sections,
-        }))
     }
 
     /// The finished tasks' outputs, from their task records.
