@@ -486,7 +486,7 @@ fn after_handling<'a, F, Fut>(
 >
 where
     F: Fn(Delivery) -> Fut + Send + Sync,
-    Fut: Future<Output = (Delivery, Result<(), VerdictError>)> + Send + 'a,
+    Fut: Future<Output = Handled> + Send + 'a,
 {
     match verdict {
         Err(e) if e.is_outage() => {
@@ -510,10 +510,10 @@ async fn through_outage<F, Fut>(
     shared: &(F, Bus, CancellationToken),
     mut d: Delivery,
     why: VerdictError,
-) -> (Delivery, Result<(), VerdictError>)
+) -> Handled
 where
     F: Fn(Delivery) -> Fut,
-    Fut: Future<Output = (Delivery, Result<(), VerdictError>)>,
+    Fut: Future<Output = Handled>,
 {
     let (handler, bus, stop) = shared;
     let mut outage = Outage::began();

@@ -1482,9 +1482,10 @@ impl Orchestrator {
 
     /// Asks for a plan, up to [`PLAN_ATTEMPTS`] times; `Ok(Err(why))` when every plan
     /// was invalid (the session fails), `Err` for a transient failure (redeliver).
-    #[allow(clippy::type_complexity)]
+    ///
     /// (An `async` block rather than an `async fn`, as [`Self::take`] is: boxed with
     /// its span, it is 448 bytes, mimalloc's 448-byte class rather than 512.)
+    #[allow(clippy::type_complexity)]
     #[expect(
         clippy::manual_async_fn,
         reason = "an async fn keeps a second slot per argument"
