@@ -36,13 +36,12 @@ struct Received {
     subject: Box<str>,
     /// The ack subject, and the connection acks go out on.
     ack: Option<AckHandle>,
-    /// `None` once released ([`Delivery::release_payload`]).
+    /// `None` once released ([`Delivery::release_payload`]), with the subject and
+    /// the headers but the trace context.
     payload: Option<Bytes>,
     /// `name: value` lines, in the order received; once released, only the
     /// `traceparent` value (if there was one).
     headers: Box<str>,
-    /// Payload, subject and headers let go of (but the trace context).
-    released: bool,
     delivered: u64,
     stream_sequence: u64,
 }
@@ -73,7 +72,6 @@ impl Delivery {
                 .map(|r| AckHandle::new(bus.clone(), r.as_str())),
             payload: Some(Bytes::copy_from_slice(&message.payload)),
             headers: headers.into_boxed_str(),
-            released: false,
             delivered,
             stream_sequence,
         }))
@@ -120,19 +118,17 @@ impl Delivery {
         r.payload = None;
         r.subject = Box::default();
         r.headers = kept.unwrap_or_default();
-        r.released = true;
     }
 
     /// Reads a released payload, its subject and its headers back from the stream
     /// (nothing to do otherwise).
     pub(crate) async fn reload_payload(&mut self, bus: &Bus) -> Result<(), AckError> {
-        if self.0.released {
+        if self.0.payload.is_none() {
             let msg = self.stored(bus).await?;
             let r = &mut *self.0;
             r.subject = Box::from(msg.subject.as_str());
             r.headers = header_block(&msg.headers).into_boxed_str();
             r.payload = Some(msg.payload);
-            r.released = false;
         }
         Ok(())
     }
@@ -187,7 +183,7 @@ impl Delivery {
 
     /// A header value (once released, only the `traceparent`).
     pub fn header(&self, name: &str) -> Option<&str> {
-        if self.0.released {
+        if self.0.payload.is_none() {
             return (name == headers::TRACEPARENT && !self.0.headers.is_empty())
                 .then_some(&*self.0.headers);
         }
