@@ -32,18 +32,26 @@ pub struct Delivery(Box<Received>);
 
 #[derive(Debug)]
 struct Received {
-    /// Empty once released ([`Delivery::release_payload`]).
-    subject: Box<str>,
     /// The ack subject, and the connection acks go out on.
     ack: Option<AckHandle>,
-    /// `None` once released ([`Delivery::release_payload`]), with the subject and
-    /// the headers but the trace context.
-    payload: Option<Bytes>,
-    /// `name: value` lines, in the order received; once released, only the
-    /// `traceparent` value (if there was one).
-    headers: Box<str>,
+    content: Content,
     delivered: u64,
     stream_sequence: u64,
+}
+
+/// What a delivery keeps of its message.
+#[derive(Debug)]
+enum Content {
+    /// All a handler reads.
+    Held {
+        subject: Box<str>,
+        payload: Bytes,
+        /// `name: value` lines, in the order received.
+        headers: Box<str>,
+    },
+    /// Released ([`Delivery::release_payload`]): only the trace context, as
+    /// [`Delivery::trace`] gives it (in the room the message took: no allocation).
+    Released(Option<TraceParent>),
 }
 
 impl Delivery {
@@ -65,13 +73,15 @@ impl Delivery {
         let headers = msg.headers.as_ref().map(header_block).unwrap_or_default();
         let message = msg.message;
         Self(Box::new(Received {
-            subject: Box::from(message.subject.as_str()),
             ack: message
                 .reply
                 .as_ref()
                 .map(|r| AckHandle::new(bus.clone(), r.as_str())),
-            payload: Some(Bytes::copy_from_slice(&message.payload)),
-            headers: headers.into_boxed_str(),
+            content: Content::Held {
+                subject: Box::from(message.subject.as_str()),
+                payload: Bytes::copy_from_slice(&message.payload),
+                headers: headers.into_boxed_str(),
+            },
             delivered,
             stream_sequence,
         }))
@@ -83,7 +93,10 @@ impl Delivery {
     /// (logs after that name the stream sequence; a dead-letter copy reads the subject
     /// back with the payload).
     pub fn subject(&self) -> &str {
-        &self.0.subject
+        match &self.0.content {
+            Content::Held { subject, .. } => subject,
+            Content::Released(_) => "",
+        }
     }
 
     /// The body.
@@ -91,7 +104,10 @@ impl Delivery {
     /// Empty once released ([`Self::release_payload`]).
     pub fn payload(&self) -> &Bytes {
         static RELEASED: Bytes = Bytes::new();
-        self.0.payload.as_ref().unwrap_or(&RELEASED)
+        match &self.0.content {
+            Content::Held { payload, .. } => payload,
+            Content::Released(_) => &RELEASED,
+        }
     }
 
     /// Lets go of the payload, for a handler that has decoded (and checked) it and
@@ -100,35 +116,29 @@ impl Delivery {
     /// dead-letter copy reads it back from the stream, and a handling run again in
     /// place after an outage gets it back first ([`Self::reload_payload`]).
     ///
-    /// The subject and the headers go too, but for the trace context's value, which a
-    /// handler's span and its logs read later. (A task's headers carry its signature,
-    /// its signer and its batch's digests, about 500 bytes, checked by then; a
-    /// dead-letter copy reads the subject and the session header back with the
-    /// payload.)
+    /// The subject and the headers go too, but for the trace context, which a
+    /// handler's span and its logs read later, kept parsed. (A task's headers carry
+    /// its signature, its signer and its batch's digests, about 500 bytes, checked by
+    /// then; a dead-letter copy reads the subject and the session header back with
+    /// the payload.)
     pub fn release_payload(&mut self) {
         // (A malformed one is kept as the root that replaces it, made while the
         // delivery still has all that names it: every read gives the same context.)
-        let kept = self
-            .header(headers::TRACEPARENT)
-            .map(|raw| match TraceParent::parse(raw) {
-                Ok(_) => Box::<str>::from(raw),
-                Err(_) => self.replacement_root().to_string().into_boxed_str(),
-            });
-        let r = &mut *self.0;
-        r.payload = None;
-        r.subject = Box::default();
-        r.headers = kept.unwrap_or_default();
+        if let Content::Held { .. } = self.0.content {
+            self.0.content = Content::Released(self.trace());
+        }
     }
 
     /// Reads a released payload, its subject and its headers back from the stream
     /// (nothing to do otherwise).
     pub(crate) async fn reload_payload(&mut self, bus: &Bus) -> Result<(), AckError> {
-        if self.0.payload.is_none() {
+        if let Content::Released(_) = self.0.content {
             let msg = self.stored(bus).await?;
-            let r = &mut *self.0;
-            r.subject = Box::from(msg.subject.as_str());
-            r.headers = header_block(&msg.headers).into_boxed_str();
-            r.payload = Some(msg.payload);
+            self.0.content = Content::Held {
+                subject: Box::from(msg.subject.as_str()),
+                payload: msg.payload,
+                headers: header_block(&msg.headers).into_boxed_str(),
+            };
         }
         Ok(())
     }
@@ -181,13 +191,13 @@ impl Delivery {
         self.0.ack.as_ref().map(AckHandle::subject)
     }
 
-    /// A header value (once released, only the `traceparent`).
+    /// A header value (none once released: [`Self::trace`] still gives the trace
+    /// context).
     pub fn header(&self, name: &str) -> Option<&str> {
-        if self.0.payload.is_none() {
-            return (name == headers::TRACEPARENT && !self.0.headers.is_empty())
-                .then_some(&*self.0.headers);
-        }
-        self.0.headers.lines().find_map(|line| {
+        let Content::Held { headers, .. } = &self.0.content else {
+            return None;
+        };
+        headers.lines().find_map(|line| {
             let (n, v) = line.split_once(": ")?;
             (n == name).then_some(v)
         })
@@ -207,6 +217,9 @@ impl Delivery {
     /// sequence), so every read of one delivery gives the same context: a handler
     /// reads it again after a long wait rather than holding a copy.
     pub fn trace(&self) -> Option<TraceParent> {
+        if let Content::Released(kept) = self.0.content {
+            return kept;
+        }
         let raw = self.header(headers::TRACEPARENT)?;
         match TraceParent::parse(raw) {
             Ok(t) => Some(t),
@@ -265,9 +278,9 @@ impl Delivery {
         detail: &str,
     ) -> Result<(), AckError> {
         // A released payload is read back, with the headers it left.
-        let (payload, stored) = match &self.0.payload {
-            Some(p) => (p.clone(), None),
-            None => match self.stored(bus).await {
+        let (payload, stored) = match &self.0.content {
+            Content::Held { payload, .. } => (payload.clone(), None),
+            Content::Released(_) => match self.stored(bus).await {
                 Ok(m) => (m.payload, Some((m.subject, m.headers))),
                 Err(e) => {
                     let _ = self.nak(Duration::from_secs(1)).await;
@@ -486,6 +499,18 @@ impl Bus {
 #[cfg(test)]
 mod tests {
     use super::stream_of_ack;
+
+    #[test]
+    fn a_delivery_is_one_allocation_of_mimallocs_96_byte_class() {
+        // Every delivery in flight is one; a released one keeps its trace context in
+        // the room its message took. (A layout change that grows it past 96 bytes
+        // costs every task in flight the next size class.)
+        assert!(
+            size_of::<super::Received>() <= 96,
+            "{}",
+            size_of::<super::Received>()
+        );
+    }
 
     #[test]
     fn the_stream_is_read_from_either_form_of_ack_subject() {
