@@ -33,6 +33,10 @@ async fn revision_checked_reads_and_writes() {
     let server = NatsServer::start().unwrap();
     let bus = bus(&server, MemoryConfig::default()).await;
     let mem = bus.memory().session(&SessionId::generate());
+    // A clone made before any use shares the handle's counts (they are made lazily);
+    // another session's handle has its own.
+    let early = mem.clone();
+    let other = bus.memory().session(&SessionId::generate());
     let k = key("plan");
     assert!(mem.get::<Vec<String>>(&k).await.unwrap().is_none());
     let r1 = mem.create(&k, &vec!["a".to_owned()]).await.unwrap();
@@ -73,6 +77,10 @@ async fn revision_checked_reads_and_writes() {
     assert!(mem.get::<Vec<String>>(&k).await.unwrap().is_none());
     let stats = bus.memory().stats();
     assert!(stats.cas_attempts >= 4 && stats.conflicts >= 3, "{stats:?}");
+    let own = mem.stats();
+    assert!(own.cas_attempts >= 4 && own.conflicts >= 3, "{own:?}");
+    assert_eq!(early.stats(), own);
+    assert_eq!(other.stats(), flotilla_protocol::MemoryStats::default());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

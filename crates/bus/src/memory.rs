@@ -274,7 +274,7 @@ impl Memory {
         SessionMemory {
             mem: self.clone(),
             session: session.clone(),
-            local: Arc::new(MemoryCounters::default()),
+            local: std::sync::OnceLock::new(),
         }
     }
 
@@ -285,11 +285,23 @@ impl Memory {
 }
 
 /// One session's memory. Every method addresses this session's keys only.
-#[derive(Clone)]
 pub struct SessionMemory {
     mem: Memory,
     session: SessionId,
-    local: Arc<MemoryCounters>,
+    /// This handle's traffic, shared with its clones. Made at its first count (or
+    /// clone): every task is handed a handle and holds it through its model calls,
+    /// and most never use it.
+    local: std::sync::OnceLock<Arc<MemoryCounters>>,
+}
+
+impl Clone for SessionMemory {
+    fn clone(&self) -> Self {
+        Self {
+            mem: self.mem.clone(),
+            session: self.session.clone(),
+            local: std::sync::OnceLock::from(self.local().clone()),
+        }
+    }
 }
 
 impl std::fmt::Debug for SessionMemory {
@@ -329,13 +341,20 @@ impl SessionMemory {
 
     /// This handle's own traffic (the process-wide totals are in [`Memory::stats`]).
     pub fn stats(&self) -> MemoryStats {
-        self.local.snapshot()
+        self.local
+            .get()
+            .map_or_else(MemoryStats::default, |c| c.snapshot())
+    }
+
+    /// This handle's counters (made at the first use).
+    fn local(&self) -> &Arc<MemoryCounters> {
+        self.local.get_or_init(Arc::default)
     }
 
     /// Counts one event, in this handle and process-wide.
     fn count(&self, pick: fn(&MemoryCounters) -> &AtomicU64) {
         inc(pick(&self.mem.counters.memory));
-        inc(pick(&self.local));
+        inc(pick(self.local()));
     }
 
     fn key(&self, key: &MemKey) -> String {
