@@ -371,8 +371,10 @@ pub struct AckHandle(Arc<AckTarget>);
 struct AckTarget {
     bus: Bus,
     /// Copied out of the message (as received, it is a slice of the connection's read
-    /// buffer, which it would pin: see [`Delivery::new`]).
-    subject: async_nats::Subject,
+    /// buffer, which it would pin: see [`Delivery::new`]). Shared text, not a
+    /// `Subject`: a clone of that (for a tracker's key, or at each send) turns its
+    /// buffer into a shared one, one more allocation for every delivery in flight.
+    subject: Arc<str>,
 }
 
 impl AckHandle {
@@ -380,7 +382,7 @@ impl AckHandle {
     pub fn new(bus: Bus, subject: &str) -> Self {
         Self(Arc::new(AckTarget {
             bus,
-            subject: async_nats::Subject::from(subject),
+            subject: Arc::from(subject),
         }))
     }
 
@@ -390,7 +392,7 @@ impl AckHandle {
     }
 
     /// The ack subject, sharing this handle's text (a clone counts a reference).
-    pub fn shared_subject(&self) -> async_nats::Subject {
+    pub fn shared_subject(&self) -> Arc<str> {
         self.0.subject.clone()
     }
 
@@ -409,7 +411,7 @@ impl AckHandle {
         self.0
             .bus
             .client
-            .publish(self.0.subject.clone(), body)
+            .publish(async_nats::Subject::from(&*self.0.subject), body)
             .await
             .map_err(|e| AckError(e.to_string()))
     }
