@@ -262,8 +262,8 @@ struct Concurrency {
 impl LlmClient for Concurrency {
     fn complete<'a>(&'a self, request: &'a CompletionRequest) -> LlmFuture<'a> {
         Box::pin(async move {
-            let worker = request.response_format.as_ref().map(|f| f.name.as_str())
-                == Some(schema::TASK_OUTPUT);
+            let worker =
+                request.response_format.as_ref().map(|f| &*f.name) == Some(schema::TASK_OUTPUT);
             let input: serde_json::Value = request
                 .messages
                 .iter()

@@ -190,7 +190,7 @@ impl LlmClient for Scripted {
         request: &'a flotilla_llm::CompletionRequest,
     ) -> flotilla_llm::LlmFuture<'a> {
         Box::pin(async move {
-            let schema = request.response_format.as_ref().map(|f| f.name.clone());
+            let schema = request.response_format.as_ref().map(|f| f.name.to_string());
             let input: serde_json::Value = request
                 .messages
                 .last()

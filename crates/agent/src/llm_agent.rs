@@ -46,7 +46,7 @@ pub struct Finding {
 pub struct LlmAgent {
     role: Role,
     system_prompt: Arc<str>,
-    model: String,
+    model: Arc<str>,
     llm: Arc<dyn LlmClient>,
     budgets: BudgetConfig,
     ledger: Option<SessionLedger>,
@@ -138,7 +138,7 @@ impl LlmAgent {
         Self {
             role,
             system_prompt: system_prompt.into(),
-            model: model.into(),
+            model: Arc::from(model.into()),
             llm,
             budgets: BudgetConfig::default(),
             ledger: None,
@@ -224,7 +224,7 @@ impl LlmAgent {
                 ChatMessage::user(input.to_string()),
             ],
             response_format: Some(ResponseFormat {
-                name: schema::TASK_OUTPUT.to_owned(),
+                name: schema::TASK_OUTPUT.into(),
                 schema: turn_schema(),
             }),
             max_tokens: Some(2048.min(self.budgets.call_tokens as u32)),

@@ -494,6 +494,8 @@ pub struct Orchestrator {
     bus: Bus,
     llm: Arc<dyn LlmClient>,
     config: Arc<ControlConfig>,
+    /// `session.orchestrator_model`, shared by the requests in flight.
+    model: Arc<str>,
     tracker: flotilla_agent::Tracker,
     cache: RecordCache,
     stops: flotilla_agent::Stops,
@@ -669,6 +671,7 @@ impl Orchestrator {
         Self {
             bus,
             llm,
+            model: Arc::from(config.session.orchestrator_model.as_str()),
             config,
             tracker: flotilla_agent::Tracker::default(),
             cache,
@@ -1358,12 +1361,7 @@ impl Orchestrator {
             return Ok(Ok(String::new()));
         };
         let task = &rec.tasks[idx];
-        let req = prompts::clarification(
-            &self.config.session.orchestrator_model,
-            rec,
-            &task.instruction,
-            question,
-        );
+        let req = prompts::clarification(&self.model, rec, &task.instruction, question);
         let asking = Some((idx, r.attempt_tokens));
         let content = match self.complete(rec, calls, &req, asking).await? {
             Ok(c) => c,
@@ -1497,7 +1495,7 @@ impl Orchestrator {
     ) -> impl Future<Output = Result<Result<Result<Plan, String>, Halt>, VerdictError>> + Send + 'a
     {
         async move {
-            let model = &self.config.session.orchestrator_model;
+            let model = &self.model;
             let mut feedback: Option<String> = None;
             for _ in 0..PLAN_ATTEMPTS {
                 let req = prompts::plan(model, rec, feedback.as_deref());
@@ -1556,7 +1554,7 @@ impl Orchestrator {
                     .collect(),
                 None => Box::pin(self.read_sections(rec)).await?,
             };
-            let req = prompts::synthesis(&self.config.session.orchestrator_model, rec, &sections);
+            let req = prompts::synthesis(&self.model, rec, &sections);
             // The request carries the outputs through the call: the sections are read back
             // from it after, not kept beside it.
             drop(sections);

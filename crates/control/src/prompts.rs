@@ -50,7 +50,7 @@ macro_rules! shared_prompt {
 }
 
 /// Asks for a plan: one subtask per worker role, in a sensible order.
-pub fn plan(model: &str, rec: &SessionRecord, feedback: Option<&str>) -> CompletionRequest {
+pub fn plan(model: &Arc<str>, rec: &SessionRecord, feedback: Option<&str>) -> CompletionRequest {
     let mut input = serde_json::json!({
         "task": rec.task,
         "roles": rec.roles,
@@ -59,7 +59,7 @@ pub fn plan(model: &str, rec: &SessionRecord, feedback: Option<&str>) -> Complet
         input["previous_plan_rejected_because"] = serde_json::Value::String(f.to_owned());
     }
     CompletionRequest {
-        model: model.to_owned(),
+        model: model.clone(),
         messages: vec![
             ChatMessage::system(shared_prompt!(
                 "You are the orchestrator of a team of specialist agents. Split the user's task into \
@@ -68,7 +68,7 @@ pub fn plan(model: &str, rec: &SessionRecord, feedback: Option<&str>) -> Complet
             ChatMessage::user(input.to_string()),
         ],
         response_format: Some(ResponseFormat {
-            name: schema::PLAN.to_owned(),
+            name: schema::PLAN.into(),
             schema: plan_schema(),
         }),
         max_tokens: Some(2048),
@@ -107,7 +107,11 @@ struct SynthesisResultOwned {
 /// Asks for the final answer from the workers' results. The request carries them
 /// whole: [`sections_of`] reads them back for the answer after the call, so that one
 /// copy of the outputs, not two, lives through the model call.
-pub fn synthesis(model: &str, rec: &SessionRecord, results: &[AnswerSection]) -> CompletionRequest {
+pub fn synthesis(
+    model: &Arc<str>,
+    rec: &SessionRecord,
+    results: &[AnswerSection],
+) -> CompletionRequest {
     let input = SynthesisInput {
         task: &rec.task,
         results: results
@@ -123,7 +127,7 @@ pub fn synthesis(model: &str, rec: &SessionRecord, results: &[AnswerSection]) ->
     // (Plain data with string keys: serializing it cannot fail.)
     let input = serde_json::to_string(&input).unwrap_or_default();
     CompletionRequest {
-        model: model.to_owned(),
+        model: model.clone(),
         messages: vec![
             ChatMessage::system(shared_prompt!(
                 "You are the orchestrator of a team of specialist agents. Write the final answer to the \
@@ -132,7 +136,7 @@ pub fn synthesis(model: &str, rec: &SessionRecord, results: &[AnswerSection]) ->
             ChatMessage::user(input),
         ],
         response_format: Some(ResponseFormat {
-            name: schema::SYNTHESIS.to_owned(),
+            name: schema::SYNTHESIS.into(),
             schema: synthesis_schema(),
         }),
         max_tokens: Some(4096),
@@ -165,7 +169,7 @@ pub fn sections_of(req: &CompletionRequest) -> Option<Vec<AnswerSection>> {
 
 /// Asks the orchestrator to answer a worker's clarification question.
 pub fn clarification(
-    model: &str,
+    model: &Arc<str>,
     rec: &SessionRecord,
     instruction: &str,
     question: &str,
@@ -176,7 +180,7 @@ pub fn clarification(
         "question": question,
     });
     CompletionRequest {
-        model: model.to_owned(),
+        model: model.clone(),
         messages: vec![
             ChatMessage::system(shared_prompt!(
                 "You are the orchestrator of a team of specialist agents. A specialist asks a \
@@ -186,7 +190,7 @@ pub fn clarification(
             ChatMessage::user(input.to_string()),
         ],
         response_format: Some(ResponseFormat {
-            name: schema::CLARIFICATION.to_owned(),
+            name: schema::CLARIFICATION.into(),
             schema: clarification_schema(),
         }),
         max_tokens: Some(512),
@@ -229,7 +233,7 @@ mod tests {
             section("t1", "analysis", 0),
             section("t3", "review", 3),
         ];
-        let req = synthesis("m", &rec, &sections);
+        let req = synthesis(&"m".into(), &rec, &sections);
         assert_eq!(sections_of(&req).unwrap(), sections, "in order, each whole");
         // What the model reads: the task and every result.
         let input: serde_json::Value =
@@ -241,6 +245,6 @@ mod tests {
             "content 2 ✓"
         );
         // Not a synthesis request: nothing to read back.
-        assert!(sections_of(&plan("m", &rec, None)).is_none());
+        assert!(sections_of(&plan(&"m".into(), &rec, None)).is_none());
     }
 }

@@ -55,8 +55,9 @@ impl ChatMessage {
 /// Structured output requested from the model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ResponseFormat {
-    /// Schema name (see [`crate::schema`]).
-    pub name: String,
+    /// Schema name (see [`crate::schema`]; a constant for every request made here,
+    /// not a copy in each).
+    pub name: std::borrow::Cow<'static, str>,
     /// JSON Schema the output must follow (shared: a request in flight holds a
     /// pointer to it, not a copy).
     pub schema: std::sync::Arc<serde_json::Value>,
@@ -65,8 +66,8 @@ pub struct ResponseFormat {
 /// A completion request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CompletionRequest {
-    /// Model name.
-    pub model: String,
+    /// Model name (shared: an agent's requests in flight point to its one copy).
+    pub model: std::sync::Arc<str>,
     /// The conversation.
     pub messages: Vec<ChatMessage>,
     /// Structured output, if required.
@@ -95,10 +96,10 @@ impl CompletionRequest {
             .collect();
         let format = &body["response_format"]["json_schema"];
         Self {
-            model: body["model"].as_str().unwrap_or_default().to_owned(),
+            model: body["model"].as_str().unwrap_or_default().into(),
             messages,
             response_format: format["name"].as_str().map(|n| ResponseFormat {
-                name: n.to_owned(),
+                name: n.to_owned().into(),
                 schema: format["schema"].clone().into(),
             }),
             max_tokens: body["max_tokens"]

@@ -222,7 +222,7 @@ impl SimulatedProvider {
             .find(|m| m.role == crate::client::ChatRole::User)
             .map(|m| &*m.content)
             .ok_or_else(|| LlmError::Refused("no user message".into()))?;
-        let name = request.response_format.as_ref().map(|f| f.name.as_str());
+        let name = request.response_format.as_ref().map(|f| &*f.name);
         let bad = |e: serde_json::Error| {
             LlmError::Refused(format!("simulator cannot read its input: {e}"))
         };
@@ -371,7 +371,7 @@ mod tests {
                 ChatMessage::user(input.to_string()),
             ],
             response_format: Some(ResponseFormat {
-                name: name.into(),
+                name: name.to_owned().into(),
                 schema: serde_json::json!({}).into(),
             }),
             max_tokens: None,
