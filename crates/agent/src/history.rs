@@ -22,7 +22,8 @@ pub struct HistoryStore {
 /// from the task's ids when it is written, not held through the model calls.)
 #[derive(Debug, Clone)]
 pub struct Conversation {
-    revision: Option<u64>,
+    /// (A revision is never 0: 8 bytes, not 16, in every task's run future.)
+    revision: Option<std::num::NonZeroU64>,
     /// The conversation.
     pub history: AgentHistory,
 }
@@ -80,11 +81,11 @@ impl HistoryStore {
         };
         Ok(match stored {
             Some((h, rev)) if h.attempt == attempt => Conversation {
-                revision: Some(rev),
+                revision: std::num::NonZeroU64::new(rev),
                 history: h,
             },
             Some((_, rev)) => Conversation {
-                revision: Some(rev),
+                revision: std::num::NonZeroU64::new(rev),
                 history: fresh,
             },
             None => Conversation {
@@ -136,7 +137,7 @@ impl HistoryStore {
         }
         let records = self.bus.sessions();
         let mut res = match c.revision {
-            Some(rev) => records.update(&key, &c.history, rev).await,
+            Some(rev) => records.update(&key, &c.history, rev.get()).await,
             None => records.create(&key, &c.history).await,
         };
         if let Err(KvError::Exists { .. }) = res {
@@ -155,7 +156,7 @@ impl HistoryStore {
         }
         match res {
             Ok(rev) => {
-                c.revision = Some(rev);
+                c.revision = std::num::NonZeroU64::new(rev);
                 Ok(())
             }
             Err(KvError::Conflict { .. } | KvError::Exists { .. }) => Err(HistoryError::TakenOver),

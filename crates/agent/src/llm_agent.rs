@@ -255,7 +255,6 @@ impl LlmAgent {
     ) -> impl Future<Output = Result<String, AgentError>> + Send + 'a {
         async move {
             let estimate = self.admit(ctx, *task_spent, request)?;
-            let b = &self.budgets;
             if let Some(a) = &ctx.allowance {
                 // On an allowance, only while the claim is still ours (a holder taken
                 // over while stuck stops at its next call). (Round trips are boxed.)
@@ -267,19 +266,21 @@ impl LlmAgent {
             }
             let reservation = match &self.ledger {
                 // On an allowance, or with no session budget: nothing to reserve.
-                Some(l) if b.session_tokens > 0 && ctx.allowance.is_none() => Some(
-                    Box::pin(l.reserve(&task.session_id, estimate, b.session_tokens))
+                Some(l) if self.budgets.session_tokens > 0 && ctx.allowance.is_none() => Some(
+                    Box::pin(l.reserve(&task.session_id, estimate, self.budgets.session_tokens))
                         .await
                         .map_err(|e| AgentError::Transient(e.to_string()))??,
                 ),
                 _ => None,
             };
-            // (The timer is boxed: inline, it was a third of this future, timer or not.)
+            // (The timer is boxed: inline, it was a third of this future, timer or not.
+            // Its length is read again for the error, not held through the call.)
             let request = &*request;
             let result = match self.call_timeout {
                 Some(t) => Box::pin(tokio::time::timeout(t, self.llm.complete(request)))
                     .await
                     .unwrap_or_else(|_| {
+                        let t = self.call_timeout.unwrap_or_default();
                         Err(LlmError::Unavailable(format!("no answer within {t:?}")))
                     }),
                 None => self.llm.complete(request).await,
