@@ -1391,98 +1391,108 @@ impl Orchestrator {
     /// call answers the question of task `idx`, whose attempt reported it used the
     /// given tokens: its allowance goes back to the budget); otherwise reserved and
     /// settled on the session's ledger, switching the account over first.
-    async fn complete(
-        &self,
-        rec: &SessionRecord,
-        calls: &mut Calls,
-        req: &flotilla_llm::CompletionRequest,
+    ///
+    /// (An `async` block rather than an `async fn`, as [`Self::take`] is: the plan and
+    /// synthesis futures hold it through their model calls.)
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn keeps a second slot per argument"
+    )]
+    fn complete<'a>(
+        &'a self,
+        rec: &'a SessionRecord,
+        calls: &'a mut Calls,
+        req: &'a flotilla_llm::CompletionRequest,
         asking: Option<(usize, Option<u64>)>,
-    ) -> Result<Result<String, Halt>, VerdictError> {
-        let transient = |e: String| VerdictError::retry(Duration::from_secs(1), e);
-        let estimate = u64::from(flotilla_llm::estimate_request_tokens(req));
-        // (The ledger's round trips are boxed where they are awaited: inline, the
-        // largest of them made this future, and the plan's and the synthesis' around
-        // it, 3 KB for the whole model call.)
-        let ledger = flotilla_agent::SessionLedger::new(self.bus.clone());
-        let account = &rec.tokens;
-        if account.budget > 0 && !account.metered && calls.seeded.is_none() {
-            if calls.margin == 0 && calls.delivered > 1 {
-                // Earlier deliveries of this message may have made calls and died
-                // before recording them.
-                calls.margin = (calls.delivered - 1)
-                    .saturating_mul(PLAN_ATTEMPTS as u64)
-                    .saturating_mul(estimate);
+    ) -> impl Future<Output = Result<Result<String, Halt>, VerdictError>> + Send + 'a {
+        async move {
+            let transient = |e: String| VerdictError::retry(Duration::from_secs(1), e);
+            let estimate = u64::from(flotilla_llm::estimate_request_tokens(req));
+            // (The ledger's round trips are boxed where they are awaited: inline, the
+            // largest of them made this future, and the plan's and the synthesis' around
+            // it, 3 KB for the whole model call.)
+            let ledger = flotilla_agent::SessionLedger::new(self.bus.clone());
+            let account = &rec.tokens;
+            if account.budget > 0 && !account.metered && calls.seeded.is_none() {
+                if calls.margin == 0 && calls.delivered > 1 {
+                    // Earlier deliveries of this message may have made calls and died
+                    // before recording them.
+                    calls.margin = (calls.delivered - 1)
+                        .saturating_mul(PLAN_ATTEMPTS as u64)
+                        .saturating_mul(estimate);
+                }
+                let before = match asking {
+                    Some((idx, reported)) => machine::granted_after(rec, idx, reported),
+                    None => account.granted,
+                };
+                let granted = before + calls.used + calls.margin;
+                // Questions of several tasks may be answered at once, each on this account.
+                let at_once = if asking.is_some() {
+                    rec.tasks.len().max(1) as u64
+                } else {
+                    1
+                };
+                if granted + estimate.saturating_mul(at_once) <= account.budget {
+                    let result = self.llm.complete(req).await;
+                    calls.used += result.as_ref().map_or(0, |c| u64::from(c.usage.total()));
+                    return match result {
+                        Ok(c) => Ok(Ok(c.content)),
+                        Err(e) => halting(e).map_err(|e| transient(e.to_string())),
+                    };
+                }
+                let in_flight = rec
+                    .tasks
+                    .iter()
+                    .enumerate()
+                    .any(|(i, t)| t.allowance > 0 && asking.is_none_or(|(a, _)| a != i));
+                if in_flight {
+                    return Err(VerdictError::retry(
+                        Duration::from_secs(1),
+                        "the session's budget waits for attempts in flight to report their spend",
+                    ));
+                }
+                // Over to the ledger for good: what was granted becomes used there.
+                Box::pin(ledger.seed(&rec.session_id, granted))
+                    .await
+                    .map_err(|e| transient(e.to_string()))?;
+                calls.seeded = Some(granted);
             }
-            let before = match asking {
-                Some((idx, reported)) => machine::granted_after(rec, idx, reported),
-                None => account.granted,
-            };
-            let granted = before + calls.used + calls.margin;
-            // Questions of several tasks may be answered at once, each on this account.
-            let at_once = if asking.is_some() {
-                rec.tasks.len().max(1) as u64
-            } else {
-                1
-            };
-            if granted + estimate.saturating_mul(at_once) <= account.budget {
-                let result = self.llm.complete(req).await;
-                calls.used += result.as_ref().map_or(0, |c| u64::from(c.usage.total()));
-                return match result {
+            if account.budget == 0 && self.config.budgets.session_tokens == 0 {
+                // No session budget: nothing to reserve.
+                return match self.llm.complete(req).await {
                     Ok(c) => Ok(Ok(c.content)),
                     Err(e) => halting(e).map_err(|e| transient(e.to_string())),
                 };
             }
-            let in_flight = rec
-                .tasks
-                .iter()
-                .enumerate()
-                .any(|(i, t)| t.allowance > 0 && asking.is_none_or(|(a, _)| a != i));
-            if in_flight {
-                return Err(VerdictError::retry(
-                    Duration::from_secs(1),
-                    "the session's budget waits for attempts in flight to report their spend",
-                ));
-            }
-            // Over to the ledger for good: what was granted becomes used there.
-            Box::pin(ledger.seed(&rec.session_id, granted))
+            let reservation = match Box::pin(ledger.reserve(
+                &rec.session_id,
+                estimate,
+                self.config.budgets.session_tokens,
+            ))
+            .await
+            .map_err(|e| transient(e.to_string()))?
+            {
+                Ok(r) => r,
+                Err(e) => return Ok(Err(Halt::Budget(e))),
+            };
+            let result = self.llm.complete(req).await;
+            let used = result.as_ref().map_or(0, |c| u64::from(c.usage.total()));
+            Box::pin(ledger.settle(reservation, used))
                 .await
                 .map_err(|e| transient(e.to_string()))?;
-            calls.seeded = Some(granted);
-        }
-        if account.budget == 0 && self.config.budgets.session_tokens == 0 {
-            // No session budget: nothing to reserve.
-            return match self.llm.complete(req).await {
+            match result {
                 Ok(c) => Ok(Ok(c.content)),
                 Err(e) => halting(e).map_err(|e| transient(e.to_string())),
-            };
-        }
-        let reservation = match Box::pin(ledger.reserve(
-            &rec.session_id,
-            estimate,
-            self.config.budgets.session_tokens,
-        ))
-        .await
-        .map_err(|e| transient(e.to_string()))?
-        {
-            Ok(r) => r,
-            Err(e) => return Ok(Err(Halt::Budget(e))),
-        };
-        let result = self.llm.complete(req).await;
-        let used = result.as_ref().map_or(0, |c| u64::from(c.usage.total()));
-        Box::pin(ledger.settle(reservation, used))
-            .await
-            .map_err(|e| transient(e.to_string()))?;
-        match result {
-            Ok(c) => Ok(Ok(c.content)),
-            Err(e) => halting(e).map_err(|e| transient(e.to_string())),
+            }
         }
     }
 
     /// Asks for a plan, up to [`PLAN_ATTEMPTS`] times; `Ok(Err(why))` when every plan
     /// was invalid (the session fails), `Err` for a transient failure (redeliver).
     ///
-    /// (An `async` block rather than an `async fn`, as [`Self::take`] is: boxed with
-    /// its span, it is 448 bytes, mimalloc's 448-byte class rather than 512.)
+    /// (An `async` block rather than an `async fn`, as [`Self::take`] is, around
+    /// [`Self::complete`], which is one too: boxed with its span, it is 376 bytes,
+    /// mimalloc's 384-byte class rather than 448.)
     #[allow(clippy::type_complexity)]
     #[expect(
         clippy::manual_async_fn,
@@ -1495,10 +1505,9 @@ impl Orchestrator {
     ) -> impl Future<Output = Result<Result<Result<Plan, String>, Halt>, VerdictError>> + Send + 'a
     {
         async move {
-            let model = &self.model;
             let mut feedback: Option<String> = None;
             for _ in 0..PLAN_ATTEMPTS {
-                let req = prompts::plan(model, rec, feedback.as_deref());
+                let req = prompts::plan(&self.model, rec, feedback.as_deref());
                 let content = match self.complete(rec, calls, &req, None).await? {
                     Ok(c) => c,
                     Err(e) => return Ok(Err(e)),
@@ -1520,9 +1529,10 @@ impl Orchestrator {
         }
     }
 
-    /// (An `async` block rather than an `async fn`, as [`Self::take`] is: boxed with
-    /// its span, it is within mimalloc's 512-byte class, not 640; every session holds
-    /// it through its synthesis call.)
+    /// (An `async` block rather than an `async fn`, as [`Self::take`] is, around
+    /// [`Self::complete`], which is one too, and what the request is made from is gone
+    /// before the call: boxed with its span, it is 384 bytes, mimalloc's 384-byte class
+    /// rather than 512; every session holds it through its synthesis call.)
     #[expect(
         clippy::manual_async_fn,
         reason = "an async fn keeps a second slot per argument"
@@ -1533,31 +1543,33 @@ impl Orchestrator {
         calls: &'a mut Calls,
     ) -> impl Future<Output = Result<Result<Answer, Halt>, VerdictError>> + Send + 'a {
         async move {
-            let done: Vec<_> = rec
-                .tasks
-                .iter()
-                .filter(|t| t.state == TaskState::Done)
-                .collect();
-            // The outputs whose commits came here, when they are all here: no read. (A
-            // synthesis that fails and runs again reads them.)
-            let wanted: Vec<_> = done.iter().map(|t| (&t.task_id, t.attempt)).collect();
-            let kept = self.cache.take_outputs(&rec.session_id, &wanted);
-            let sections = match kept {
-                Some(outputs) => done
+            // (In a block of its own: nothing it makes the request from outlives it in
+            // this future, which is held through the call.)
+            let req = {
+                let done: Vec<_> = rec
+                    .tasks
                     .iter()
-                    .zip(outputs)
-                    .map(|(t, output)| AnswerSection {
-                        task_id: t.task_id.clone(),
-                        role: t.role.clone(),
-                        output,
-                    })
-                    .collect(),
-                None => Box::pin(self.read_sections(rec)).await?,
+                    .filter(|t| t.state == TaskState::Done)
+                    .collect();
+                // The outputs whose commits came here, when they are all here: no read.
+                // (A synthesis that fails and runs again reads them.)
+                let wanted: Vec<_> = done.iter().map(|t| (&t.task_id, t.attempt)).collect();
+                let sections = match self.cache.take_outputs(&rec.session_id, &wanted) {
+                    Some(outputs) => done
+                        .iter()
+                        .zip(outputs)
+                        .map(|(t, output)| AnswerSection {
+                            task_id: t.task_id.clone(),
+                            role: t.role.clone(),
+                            output,
+                        })
+                        .collect(),
+                    None => Box::pin(self.read_sections(rec)).await?,
+                };
+                // The request carries the outputs through the call: the sections are
+                // read back from it after, not kept beside it.
+                prompts::synthesis(&self.model, rec, &sections)
             };
-            let req = prompts::synthesis(&self.model, rec, &sections);
-            // The request carries the outputs through the call: the sections are read back
-            // from it after, not kept beside it.
-            drop(sections);
             let content = match self.complete(rec, calls, &req, None).await? {
                 Ok(c) => c,
                 Err(e) => return Ok(Err(e)),
