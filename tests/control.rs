@@ -80,7 +80,7 @@ async fn a_deadline_ends_the_session_keeping_finished_tasks() {
         .map(|t| t.task_id.clone())
         .collect();
     let answer = answer.as_ref().expect("partial results are kept");
-    assert_eq!(rec.answer.as_ref(), Some(answer), "in the record too");
+    assert_eq!(rec.answer.as_deref(), Some(answer), "in the record too");
     let kept: Vec<_> = answer.sections.iter().map(|s| s.task_id.clone()).collect();
     assert_eq!(kept, finished, "exactly the finished tasks, in plan order");
     assert!(

@@ -62,7 +62,7 @@ async fn one_session_completes_with_every_role() {
     .await
     .expect("the outbox drains once the effects are performed");
     assert_eq!(record.status, SessionStatus::Completed);
-    assert_eq!(record.answer.as_ref(), Some(answer));
+    assert_eq!(record.answer.as_deref(), Some(answer));
     assert_eq!(record.counters.accepted, 4);
     // Every worker shared its finding in the session's memory, exactly once.
     let findings = t

@@ -157,7 +157,7 @@ pub fn end(
     }
     rec.status = status;
     rec.failure = Some(reason.clone());
-    rec.answer = partial.clone();
+    rec.answer = partial.clone().map(Box::new);
     rec.updated_ms = now;
     emit(
         rec,
@@ -673,7 +673,7 @@ pub fn derived_effects(rec: &SessionRecord) -> Vec<Effect> {
             id: "done".into(),
             body: EventBody::Done {
                 outcome: outcome_of(rec.status),
-                answer: rec.answer.clone(),
+                answer: rec.answer.as_deref().cloned(),
                 failure: rec.failure.clone(),
                 duration_ms: rec.updated_ms.saturating_sub(rec.opened_ms),
                 budget: rec.stopped_by,
@@ -688,7 +688,7 @@ pub fn derived_effects(rec: &SessionRecord) -> Vec<Effect> {
 pub fn on_synthesized(rec: &mut SessionRecord, answer: Answer, now: u64) {
     rec.status = SessionStatus::Completed;
     rec.updated_ms = now;
-    rec.answer = Some(answer.clone());
+    rec.answer = Some(Box::new(answer.clone()));
     emit(
         rec,
         "done".into(),
