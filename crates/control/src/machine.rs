@@ -332,7 +332,7 @@ fn answered(
     rec.updated_ms = now;
     let t = &mut rec.tasks[idx];
     t.state = TaskState::Pending;
-    t.clarification = Some(answer.clone());
+    t.clarification = Some(answer.as_str().into());
     t.questions_closed = closed;
     t.question = None;
     t.input_deadline_ms = None;
@@ -370,7 +370,7 @@ pub fn on_input_requested(
     rec.updated_ms = now;
     let t = &mut rec.tasks[idx];
     t.state = TaskState::AwaitingInput;
-    t.question = Some(question);
+    t.question = Some(question.into());
     t.input_deadline_ms = Some(deadline_ms);
     let body = input_requested_event(t);
     let id = format!("input.{}.{}", t.task_id, t.attempt);
@@ -386,7 +386,7 @@ fn input_requested_event(t: &TaskEntry) -> EventBody {
         task_id: t.task_id.clone(),
         role: t.role.clone(),
         attempt: t.attempt,
-        question: t.question.clone().unwrap_or_default(),
+        question: t.question.as_deref().unwrap_or_default().to_owned(),
         deadline_ms: t.input_deadline_ms.unwrap_or_default(),
     }
 }
@@ -453,7 +453,11 @@ pub fn on_input(
         ),
     };
     rec.counters.clarifications += 1;
-    let question = rec.tasks[idx].question.clone().unwrap_or_default();
+    let question = rec.tasks[idx]
+        .question
+        .as_deref()
+        .unwrap_or_default()
+        .to_owned();
     answered(rec, idx, question, text, closed, Some(by), now);
     rec.status = SessionStatus::Running;
     fill(rec, max_in_flight);
@@ -563,7 +567,7 @@ fn apply_result(
         TaskOutcome::Stopped { budget, reason } => {
             rec.counters.rejected += 1;
             rec.tasks[idx].state = TaskState::Failed;
-            rec.tasks[idx].last_error = Some(reason.clone());
+            rec.tasks[idx].last_error = Some(reason.as_str().into());
             let entry = rec.tasks[idx].clone();
             stop(rec, *budget, Some(&entry), reason.clone(), now);
             return ResultVerdict::Failed;
@@ -591,7 +595,7 @@ fn apply_result(
                     tokens,
                 },
             );
-            rec.tasks[idx].last_error = Some(reason.clone());
+            rec.tasks[idx].last_error = Some(reason.as_str().into());
             if attempt < max_attempts {
                 rec.tasks[idx].state = TaskState::Pending;
                 ResultVerdict::Retrying

@@ -1768,8 +1768,8 @@ impl Orchestrator {
             attempt,
             instruction: entry.instruction.clone(),
             context: rec.task.clone(),
-            feedback: entry.last_error.clone(),
-            clarification: entry.clarification.clone(),
+            feedback: entry.last_error.as_deref().map(str::to_owned),
+            clarification: entry.clarification.as_deref().map(str::to_owned),
             questions_closed: entry.questions_closed,
             allowance: (entry.allowance > 0).then_some(entry.allowance),
         });
