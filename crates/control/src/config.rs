@@ -28,8 +28,9 @@ pub struct SessionConfig {
     /// `retry_after_ms` given with a "pool full" rejection before any session has
     /// ended to measure the real rate from.
     pub retry_after_ms: u64,
-    /// Model the orchestrator plans and synthesizes with.
-    pub orchestrator_model: String,
+    /// Model the orchestrator plans and synthesizes with (shared text: every plan and
+    /// synthesis request in flight points to it).
+    pub orchestrator_model: std::sync::Arc<str>,
     /// How often slots are reconciled against session records (leaks from crashes).
     #[serde(with = "humantime_serde")]
     pub reconcile_every: Duration,
@@ -78,7 +79,7 @@ impl Default for SessionConfig {
             max_task_attempts: 3,
             pool_size: 600,
             retry_after_ms: 1000,
-            orchestrator_model: "gpt-4o-mini".to_owned(),
+            orchestrator_model: "gpt-4o-mini".into(),
             reconcile_every: Duration::from_secs(30),
             slot_grace: Duration::from_secs(60),
             stop_wait: Duration::from_secs(2),

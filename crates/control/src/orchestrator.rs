@@ -494,8 +494,6 @@ pub struct Orchestrator {
     bus: Bus,
     llm: Arc<dyn LlmClient>,
     config: Arc<ControlConfig>,
-    /// `session.orchestrator_model`, shared by the requests in flight.
-    model: Arc<str>,
     tracker: flotilla_agent::Tracker,
     cache: RecordCache,
     stops: flotilla_agent::Stops,
@@ -671,7 +669,6 @@ impl Orchestrator {
         Self {
             bus,
             llm,
-            model: Arc::from(config.session.orchestrator_model.as_str()),
             config,
             tracker: flotilla_agent::Tracker::default(),
             cache,
@@ -1361,7 +1358,12 @@ impl Orchestrator {
             return Ok(Ok(String::new()));
         };
         let task = &rec.tasks[idx];
-        let req = prompts::clarification(&self.model, rec, &task.instruction, question);
+        let req = prompts::clarification(
+            &self.config.session.orchestrator_model,
+            rec,
+            &task.instruction,
+            question,
+        );
         let asking = Some((idx, r.attempt_tokens));
         let content = match self.complete(rec, calls, &req, asking).await? {
             Ok(c) => c,
@@ -1507,7 +1509,11 @@ impl Orchestrator {
         async move {
             let mut feedback: Option<String> = None;
             for _ in 0..PLAN_ATTEMPTS {
-                let req = prompts::plan(&self.model, rec, feedback.as_deref());
+                let req = prompts::plan(
+                    &self.config.session.orchestrator_model,
+                    rec,
+                    feedback.as_deref(),
+                );
                 let content = match self.complete(rec, calls, &req, None).await? {
                     Ok(c) => c,
                     Err(e) => return Ok(Err(e)),
@@ -1568,7 +1574,7 @@ impl Orchestrator {
                 };
                 // The request carries the outputs through the call: the sections are
                 // read back from it after, not kept beside it.
-                prompts::synthesis(&self.model, rec, &sections)
+                prompts::synthesis(&self.config.session.orchestrator_model, rec, &sections)
             };
             let content = match self.complete(rec, calls, &req, None).await? {
                 Ok(c) => c,
